@@ -1,0 +1,34 @@
+//! Trellis shared crate: the registry's wire types and the async registry client.
+//!
+//! Both the registry and the sidecar depend on this crate and never on each other.
+//! It holds no server runtime.
+//!
+//! - [`names`]: validated service names, instance ids, zones and addresses.
+//! - [`duration`]: durations on the wire as strings like `500ms`, `5s`, `1m`.
+//! - [`types`]: instance records, health status, service views, request bodies, limits.
+//! - [`error`]: the error body every Trellis HTTP error carries, and its codes.
+//! - [`backoff`]: capped exponential backoff with full jitter.
+//! - [`client`]: the registry client with failover between several registry URLs, and watches.
+
+pub mod backoff;
+pub mod client;
+pub mod duration;
+pub mod error;
+pub mod names;
+pub mod types;
+
+pub use client::{ClientConfig, ClientError, RegistryClient, Watch};
+pub use duration::WireDuration;
+pub use error::{ErrorBody, ErrorCode};
+pub use names::{Address, InstanceId, NameError, ServiceName, Zone};
+pub use types::{
+    HealthStatus, HeartbeatRequest, Instance, InstanceRecord, RegisterRequest, ServiceList,
+    ServiceSummary, ServiceView,
+};
+
+/// Header carrying a service view's index (also in the JSON body).
+pub const INDEX_HEADER: &str = "x-trellis-index";
+/// Header carrying the registry store's epoch (also in the JSON body).
+pub const EPOCH_HEADER: &str = "x-trellis-epoch";
+/// Header set to `true` when a registry answers from a cache it knows may be stale.
+pub const STALE_HEADER: &str = "x-trellis-stale";
