@@ -142,9 +142,7 @@ impl RegistryClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Config { url: String::new(), reason: e.to_string() })?;
-        Ok(RegistryClient {
-            inner: Arc::new(Inner { http, urls, current: AtomicUsize::new(0), config }),
-        })
+        Ok(RegistryClient { inner: Arc::new(Inner { http, urls, current: AtomicUsize::new(0), config }) })
     }
 
     /// A client for a comma-separated URL list with default settings.
@@ -169,8 +167,7 @@ impl RegistryClient {
         req: &RegisterRequest,
     ) -> Result<InstanceRecord, ClientError> {
         let path = format!("v1/services/{service}/instances/{id}");
-        self.call(Method::PUT, &path, &[], Some(req), self.inner.config.request_timeout)
-            .await
+        self.call(Method::PUT, &path, &[], Some(req), self.inner.config.request_timeout).await
     }
 
     pub async fn heartbeat(
@@ -189,8 +186,7 @@ impl RegistryClient {
     }
 
     pub async fn list_services(&self) -> Result<ServiceList, ClientError> {
-        self.call::<(), _>(Method::GET, "v1/services", &[], None, self.inner.config.request_timeout)
-            .await
+        self.call::<(), _>(Method::GET, "v1/services", &[], None, self.inner.config.request_timeout).await
     }
 
     /// The current state of a service: healthy instances, or all with `all`.
@@ -198,8 +194,7 @@ impl RegistryClient {
         let query: &[(&str, String)] = if all { &[("all", String::new())] } else { &[] };
         let query: Vec<(&str, String)> = query.iter().map(|(k, _)| (*k, "true".to_string())).collect();
         let path = format!("v1/services/{service}");
-        self.call::<(), _>(Method::GET, &path, &query, None, self.inner.config.request_timeout)
-            .await
+        self.call::<(), _>(Method::GET, &path, &query, None, self.inner.config.request_timeout).await
     }
 
     /// A blocking query: answers when the service's index exceeds `index`, or
@@ -226,10 +221,13 @@ impl RegistryClient {
         Watch::new(self.clone(), service, false)
     }
 
-    async fn call_no_body<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<(), ClientError> {
-        self.send(method, path, &[], body, self.inner.config.request_timeout)
-            .await
-            .map(|_| ())
+    async fn call_no_body<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(), ClientError> {
+        self.send(method, path, &[], body, self.inner.config.request_timeout).await.map(|_| ())
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -241,7 +239,8 @@ impl RegistryClient {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let (url, bytes) = self.send(method, path, query, body, timeout).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol { url, reason: format!("bad JSON: {e}") })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol { url, reason: format!("bad JSON: {e}") })
     }
 
     /// Sends to the current replica, moving on to the next ones on failover errors;
@@ -279,7 +278,8 @@ impl RegistryClient {
         if n > 1 {
             self.inner.current.store((start + 1) % n, Ordering::Relaxed);
         }
-        Err(last_err.unwrap_or_else(|| ClientError::Config { url: String::new(), reason: "no registry URL".into() }))
+        Err(last_err
+            .unwrap_or_else(|| ClientError::Config { url: String::new(), reason: "no registry URL".into() }))
     }
 
     async fn send_once<B: Serialize>(
@@ -309,10 +309,9 @@ impl RegistryClient {
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => Err(ClientError::Api { url, status, body }),
-            Err(_) => Err(ClientError::Protocol {
-                url,
-                reason: format!("status {status} without an error body"),
-            }),
+            Err(_) => {
+                Err(ClientError::Protocol { url, reason: format!("status {status} without an error body") })
+            }
         }
     }
 }

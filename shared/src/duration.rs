@@ -38,8 +38,11 @@ impl Serialize for WireDuration {
 impl<'de> Deserialize<'de> for WireDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        WireDuration::parse(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (examples: \"500ms\", \"5s\", \"1m\")")))
+        WireDuration::parse(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (examples: \"500ms\", \"5s\", \"1m\")"
+            ))
+        })
     }
 }
 

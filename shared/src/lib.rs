@@ -22,8 +22,8 @@ pub use duration::WireDuration;
 pub use error::{ErrorBody, ErrorCode};
 pub use names::{Address, InstanceId, NameError, ServiceName, Zone};
 pub use types::{
-    HealthStatus, HeartbeatRequest, Instance, InstanceRecord, RegisterRequest, ServiceList,
-    ServiceSummary, ServiceView,
+    HealthStatus, HeartbeatRequest, Instance, InstanceRecord, RegisterRequest, ServiceList, ServiceSummary,
+    ServiceView,
 };
 
 /// Header carrying a service view's index (also in the JSON body).

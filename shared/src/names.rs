@@ -120,11 +120,7 @@ impl InstanceId {
         }
         let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | ':' | '@' | '-');
         if !s.chars().all(ok) {
-            return Err(err(
-                "instance id",
-                &s,
-                "may contain only letters, digits and . _ ~ : @ -",
-            ));
+            return Err(err("instance id", &s, "may contain only letters, digits and . _ ~ : @ -"));
         }
         Ok(InstanceId(s))
     }
@@ -164,11 +160,7 @@ impl Address {
         }
         for label in s.trim_end_matches('.').split('.') {
             check_label("address", label, true).map_err(|_| {
-                err(
-                    "address",
-                    &s,
-                    "must be an IP address or a hostname of letters, digits, '-' and '.'",
-                )
+                err("address", &s, "must be an IP address or a hostname of letters, digits, '-' and '.'")
             })?;
         }
         Ok(Address(s))

@@ -116,9 +116,7 @@ pub fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), Stri
         total += k.len() + v.len();
     }
     if total > MAX_METADATA_BYTES {
-        return Err(format!(
-            "metadata is {total} bytes, at most {MAX_METADATA_BYTES} are allowed"
-        ));
+        return Err(format!("metadata is {total} bytes, at most {MAX_METADATA_BYTES} are allowed"));
     }
     Ok(())
 }
@@ -136,10 +134,9 @@ pub struct HeartbeatRequest {
 impl HeartbeatRequest {
     pub fn validate(&self) -> Result<(), String> {
         match &self.output {
-            Some(o) if o.len() > MAX_OUTPUT_LEN => Err(format!(
-                "output is {} bytes, at most {MAX_OUTPUT_LEN} are allowed",
-                o.len()
-            )),
+            Some(o) if o.len() > MAX_OUTPUT_LEN => {
+                Err(format!("output is {} bytes, at most {MAX_OUTPUT_LEN} are allowed", o.len()))
+            }
             _ => Ok(()),
         }
     }

@@ -1,0 +1,211 @@
+//! Upstream endpoints and the immutable snapshot of a service's endpoints that
+//! the proxy reads without locks.
+//!
+//! One discovery task per service is the only writer: it builds a new
+//! [`EndpointSet`] from each registry answer and publishes it through
+//! [`ServiceEndpoints::publish`]. Request handlers only `load()`. Per-endpoint
+//! mutable state (in-flight count, outlier state) lives in [`EndpointState`]
+//! behind an `Arc` that discovery carries over from one snapshot to the next for
+//! the same instance, so counts and ejections survive membership updates, and a
+//! snapshot never has to be swapped in two halves that could disagree.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use trellis_shared::{Address, InstanceId, ServiceName, Zone};
+
+use crate::outlier::OutlierState;
+
+/// Mutable, shared state of one endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    /// Requests (and upgraded connections) from this sidecar now in progress.
+    in_flight: AtomicUsize,
+    /// Passive health: consecutive failures, ejection, probing.
+    pub outlier: OutlierState,
+}
+
+impl EndpointState {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// One upstream instance as the proxy sees it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub id: InstanceId,
+    pub host: Address,
+    pub port: u16,
+    /// `host:port`, ready for a URI authority.
+    pub authority: String,
+    pub weight: u32,
+    pub zone: Option<Zone>,
+    pub metadata: BTreeMap<String, String>,
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    pub fn new(
+        id: InstanceId,
+        host: Address,
+        port: u16,
+        weight: u32,
+        zone: Option<Zone>,
+        metadata: BTreeMap<String, String>,
+        state: Arc<EndpointState>,
+    ) -> Self {
+        let authority = match host.ip() {
+            Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            _ => format!("{host}:{port}"),
+        };
+        Endpoint { id, host, port, authority, weight: weight.max(1), zone, metadata, state }
+    }
+
+    /// Counts a request as in flight until the returned guard drops. The proxy
+    /// moves the guard into the response body so the count falls when the last
+    /// byte has been sent, not when headers arrive.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { endpoint: Arc::clone(self) }
+    }
+
+    /// Same instance at the same place: its state can be carried over.
+    pub fn same_target(&self, id: &InstanceId, host: &Address, port: u16) -> bool {
+        &self.id == id && &self.host == host && self.port == port
+    }
+}
+
+/// RAII in-flight marker; see [`Endpoint::begin`].
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+}
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An immutable snapshot of one service's endpoints.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Registry index and epoch this snapshot reflects.
+    pub index: u64,
+    pub epoch: String,
+}
+
+/// The published endpoints of one upstream service.
+#[derive(Debug)]
+pub struct ServiceEndpoints {
+    pub name: ServiceName,
+    current: ArcSwap<EndpointSet>,
+    /// Becomes true once discovery has published its first answer.
+    resolved: watch::Sender<bool>,
+    /// Milliseconds (on the sidecar's coarse clock) when a request last used it;
+    /// the directory evicts services idle for long.
+    last_used_ms: AtomicU64,
+}
+
+impl ServiceEndpoints {
+    pub fn new(name: ServiceName) -> Self {
+        ServiceEndpoints {
+            name,
+            current: ArcSwap::from_pointee(EndpointSet::default()),
+            resolved: watch::channel(false).0,
+            last_used_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The current snapshot; lock-free.
+    pub fn load(&self) -> Arc<EndpointSet> {
+        self.current.load_full()
+    }
+
+    /// Discovery only: replaces the snapshot and marks the service resolved.
+    pub fn publish(&self, set: EndpointSet) {
+        self.current.store(Arc::new(set));
+        self.resolved.send_replace(true);
+    }
+
+    pub fn is_resolved(&self) -> bool {
+        *self.resolved.borrow()
+    }
+
+    /// Waits until the first discovery answer, at most `timeout`; true if resolved.
+    pub async fn wait_resolved(&self, timeout: Duration) -> bool {
+        let mut rx = self.resolved.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn touch(&self, now_ms: u64) {
+        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Where the proxy finds a service's endpoints. Discovery's `Directory`
+/// implements it by starting (or reusing) a watch of the service; tests use a
+/// fixed map.
+pub trait Resolve: Send + Sync + 'static {
+    /// The endpoints of `name`, starting a watch if there is none yet; `None`
+    /// when the cap on watched services is reached and nothing is idle enough
+    /// to evict (the proxy answers `overloaded`).
+    fn resolve(&self, name: &ServiceName) -> Option<Arc<ServiceEndpoints>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(id: &str) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            InstanceId::new(id).unwrap(),
+            Address::new("127.0.0.1").unwrap(),
+            80,
+            100,
+            None,
+            BTreeMap::new(),
+            Arc::default(),
+        ))
+    }
+
+    #[test]
+    fn in_flight_falls_when_guard_drops() {
+        let e = ep("a");
+        let g1 = e.begin();
+        let g2 = e.begin();
+        assert_eq!(e.state.in_flight(), 2);
+        drop(g1);
+        assert_eq!(e.state.in_flight(), 1);
+        drop(g2);
+        assert_eq!(e.state.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resolved_after_first_publish() {
+        let s = Arc::new(ServiceEndpoints::new(ServiceName::new("users").unwrap()));
+        assert!(!s.wait_resolved(Duration::from_millis(10)).await);
+        let s2 = Arc::clone(&s);
+        tokio::spawn(async move {
+            s2.publish(EndpointSet { endpoints: vec![ep("a")], index: 1, epoch: "e".into() })
+        });
+        assert!(s.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!(s.load().endpoints.len(), 1);
+    }
+}
