@@ -3,8 +3,31 @@
 //! outbound calls to healthy instances.
 //!
 //! Modules (one concept each):
-//! - [`endpoints`]: endpoint and snapshot types read lock-free by the proxy.
+//! - [`config`]: CLI flags and environment variables, mapped to the structs below.
+//! - [`health`]: checks of the local app with consecutive thresholds.
+//! - [`registration`]: registers the app once healthy and heartbeats its status.
+//! - [`discovery`]: one watch per upstream service, publishing [`endpoints::EndpointSet`]s;
+//!   the capped, idle-evicting `Directory` that implements [`endpoints::Resolve`].
+//! - [`endpoints`]: endpoint and snapshot types, read lock-free by the proxy.
+//! - [`balance`]: least-connections selection, a pure data structure.
 //! - [`outlier`]: passive ejection state machine.
+//! - [`retry`]: retry policy and retry budget.
+//! - [`proxy`]: the outbound proxy server.
+//! - [`error`]: sidecar-produced errors mapped to status and JSON in one place.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`admin`]: `/ready`, `/metrics`, `/endpoints`.
+//! - [`shutdown`]: ordered, bounded shutdown.
 
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod discovery;
 pub mod endpoints;
+pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod outlier;
+pub mod proxy;
+pub mod registration;
+pub mod retry;
+pub mod shutdown;

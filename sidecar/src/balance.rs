@@ -1,0 +1,1 @@
+//! Least-connections endpoint selection, a pure data structure.

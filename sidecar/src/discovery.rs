@@ -1,0 +1,1 @@
+//! Watches upstream services and publishes endpoint snapshots; the capped Directory.

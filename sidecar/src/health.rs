@@ -1,0 +1,1 @@
+//! Checks of the local app's health with thresholds.

@@ -1,0 +1,1 @@
+//! The outbound proxy: hyper server, routing by Host, retries, timeouts.

@@ -1,0 +1,1 @@
+//! Registers the local app and heartbeats its health.

@@ -1,0 +1,1 @@
+//! Retry policy and retry budget.
