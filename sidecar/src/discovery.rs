@@ -1,1 +1,653 @@
-//! Watches upstream services and publishes endpoint snapshots; the capped Directory.
+//! Discovery: one task per upstream service owns a blocking-query watch of the
+//! registry and publishes each new endpoint set as one immutable
+//! [`EndpointSet`]; the [`Directory`] holds those services, starts watches on
+//! first use, caps their number and evicts idle ones.
+//!
+//! Rules kept here:
+//! - An unchanged answer publishes nothing (the proxy's view and the endpoints'
+//!   in-flight counts and ejections stay exactly as they were).
+//! - Errors never empty a set: the last known endpoints keep serving while the
+//!   registry is unreachable.
+//! - After a registry restart (a new epoch) the new registry knows only the
+//!   instances that re-registered so far; the others are kept for one
+//!   `restart_retention` (the TTL) so they have time to re-register.
+//! - Host names are untrusted: at most `max_services` services are watched.
+//!   At the cap, a service that resolved to nothing is evicted first, then one
+//!   idle for at least [`MIN_IDLE_TO_MAKE_ROOM`]; a service in active use is
+//!   never evicted to make room, and a new name then gets `None` (`overloaded`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use trellis_shared::{ClientError, Instance, RegistryClient, ServiceName, ServiceView, Watch};
+
+use crate::endpoints::{Endpoint, EndpointSet, EndpointState, Resolve, ServiceEndpoints};
+
+/// A service used within this long is never evicted to make room for another.
+pub const MIN_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
+
+/// Where registry connectivity is reported (the metrics in production).
+pub trait ConnectivitySink: Send + Sync + 'static {
+    /// `true` after a successful registry call, `false` after a failed one.
+    fn report(&self, ok: bool);
+}
+
+/// One service's stream of registry states ([`Watch`] in production).
+pub trait WatchSource: Send + 'static {
+    fn next(&mut self) -> impl Future<Output = Result<ServiceView, ClientError>> + Send;
+}
+
+impl WatchSource for Watch {
+    fn next(&mut self) -> impl Future<Output = Result<ServiceView, ClientError>> + Send {
+        Watch::next(self)
+    }
+}
+
+/// Opens watches ([`RegistryClient`] in production).
+pub trait Watcher: Send + Sync + 'static {
+    type Source: WatchSource;
+    fn watch(&self, service: ServiceName) -> Self::Source;
+}
+
+impl Watcher for RegistryClient {
+    type Source = Watch;
+    fn watch(&self, service: ServiceName) -> Watch {
+        RegistryClient::watch(self, service)
+    }
+}
+
+/// Discovery settings.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Most services watched at once. Default 256.
+    pub max_services: usize,
+    /// A service not used for this long is evicted (its watch closed). Default 5m.
+    pub idle_timeout: Duration,
+    /// After a registry restart, how long instances that have not re-registered
+    /// are kept. Default: the TTL.
+    pub restart_retention: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            max_services: 256,
+            idle_timeout: Duration::from_secs(300),
+            restart_retention: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The instances one watch currently believes in: the registry's latest answer
+/// plus, after a restart, the instances it has not heard from again yet.
+#[derive(Debug)]
+struct Tracker {
+    epoch: Option<String>,
+    index: u64,
+    live: Vec<Instance>,
+    retained: Vec<(Instance, Instant)>,
+    retention: Duration,
+}
+
+impl Tracker {
+    fn new(retention: Duration) -> Self {
+        Tracker { epoch: None, index: 0, live: Vec::new(), retained: Vec::new(), retention }
+    }
+
+    fn apply(&mut self, service: &ServiceName, view: ServiceView, now: Instant) {
+        let in_view = |id: &trellis_shared::InstanceId| view.instances.iter().any(|i| &i.id == id);
+        if self.epoch.as_ref().is_some_and(|e| *e != view.epoch) {
+            for inst in std::mem::take(&mut self.live) {
+                if !in_view(&inst.id) && !self.retained.iter().any(|(r, _)| r.id == inst.id) {
+                    self.retained.push((inst, now + self.retention));
+                }
+            }
+            info!(
+                service = %service,
+                epoch = %view.epoch,
+                kept = self.retained.len(),
+                "registry restarted; keeping instances that have not re-registered yet for one TTL"
+            );
+        }
+        self.retained.retain(|(r, _)| !in_view(&r.id));
+        self.epoch = Some(view.epoch);
+        self.index = view.index;
+        self.live = view.instances;
+    }
+
+    /// Drops retained instances whose time is up; true if any was dropped.
+    fn expire(&mut self, now: Instant) -> bool {
+        let before = self.retained.len();
+        self.retained.retain(|(_, deadline)| *deadline > now);
+        before != self.retained.len()
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.retained.iter().map(|(_, d)| *d).min()
+    }
+
+    fn instances(&self) -> Vec<&Instance> {
+        let mut all: Vec<&Instance> = self.live.iter().chain(self.retained.iter().map(|(i, _)| i)).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+}
+
+/// Builds the next snapshot, carrying each endpoint's shared state over from
+/// `current`; `None` when nothing the proxy uses changed.
+fn build_set(current: &EndpointSet, instances: &[&Instance], index: u64, epoch: &str) -> Option<EndpointSet> {
+    let unchanged = current.endpoints.len() == instances.len()
+        && current.endpoints.iter().zip(instances).all(|(e, i)| {
+            e.same_target(&i.id, &i.address, i.port)
+                && e.weight == i.weight.max(1)
+                && e.zone == i.zone
+                && e.metadata == i.metadata
+        });
+    if unchanged {
+        return None;
+    }
+    let endpoints = instances
+        .iter()
+        .map(|i| {
+            let state = current
+                .endpoints
+                .iter()
+                .find(|e| e.same_target(&i.id, &i.address, i.port))
+                .map(|e| Arc::clone(&e.state))
+                .unwrap_or_else(|| Arc::new(EndpointState::default()));
+            Arc::new(Endpoint::new(
+                i.id.clone(),
+                i.address.clone(),
+                i.port,
+                i.weight,
+                i.zone.clone(),
+                i.metadata.clone(),
+                state,
+            ))
+        })
+        .collect();
+    Some(EndpointSet { endpoints, index, epoch: epoch.to_string() })
+}
+
+/// The watch task of one service: runs until `cancel`.
+async fn run_watch<S: WatchSource>(
+    mut source: S,
+    endpoints: Arc<ServiceEndpoints>,
+    retention: Duration,
+    sink: Arc<dyn ConnectivitySink>,
+    cancel: CancellationToken,
+) {
+    let name = endpoints.name.clone();
+    let mut tracker = Tracker::new(retention);
+    let mut failing = false;
+    loop {
+        let expiry = tracker.next_expiry();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                if tracker.expire(Instant::now()) {
+                    info!(service = %name, "dropping instances that did not re-register after the registry restart");
+                }
+            }
+            r = source.next() => match r {
+                Ok(view) => {
+                    sink.report(true);
+                    if std::mem::take(&mut failing) {
+                        info!(service = %name, "registry reachable again");
+                    }
+                    tracker.apply(&name, view, Instant::now());
+                }
+                Err(e) => {
+                    sink.report(false);
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(service = %name, error = %e, "watch failed; keeping the last known endpoints");
+                    } else {
+                        debug!(service = %name, error = %e, "watch failed again");
+                    }
+                    continue;
+                }
+            }
+        }
+        let current = endpoints.load();
+        let instances = tracker.instances();
+        let epoch = tracker.epoch.as_deref().unwrap_or_default();
+        match build_set(&current, &instances, tracker.index, epoch) {
+            Some(set) => {
+                info!(service = %name, endpoints = set.endpoints.len(), index = set.index, "endpoints updated");
+                endpoints.publish(set);
+            }
+            None if !endpoints.is_resolved() => {
+                // The first answer always publishes, even when empty, so waiters wake.
+                endpoints.publish(EndpointSet {
+                    endpoints: Vec::new(),
+                    index: tracker.index,
+                    epoch: epoch.to_string(),
+                });
+            }
+            None => debug!(service = %name, index = tracker.index, "unchanged update"),
+        }
+    }
+}
+
+struct Entry {
+    endpoints: Arc<ServiceEndpoints>,
+    /// Listed with `--upstream-service`: never evicted.
+    pinned: bool,
+    cancel: CancellationToken,
+}
+
+/// The services this sidecar watches. Implements [`Resolve`] for the proxy.
+pub struct Directory<W: Watcher = RegistryClient> {
+    watcher: W,
+    config: DiscoveryConfig,
+    services: Mutex<HashMap<ServiceName, Entry>>,
+    clock: Instant,
+    sink: Arc<dyn ConnectivitySink>,
+    shutdown: CancellationToken,
+}
+
+impl<W: Watcher> Directory<W> {
+    /// Watches stop when `shutdown` is cancelled.
+    pub fn new(
+        watcher: W,
+        config: DiscoveryConfig,
+        sink: Arc<dyn ConnectivitySink>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Directory {
+            watcher,
+            config,
+            services: Mutex::new(HashMap::new()),
+            clock: Instant::now(),
+            sink,
+            shutdown,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<ServiceName, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every change is a single insert or remove), so poisoning is ignored.
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts watching `name` for good (`--upstream-service`).
+    pub fn watch_pinned(&self, name: &ServiceName) -> Arc<ServiceEndpoints> {
+        let now = self.now_ms();
+        let mut map = self.lock();
+        if let Some(e) = map.get_mut(name) {
+            e.pinned = true;
+            return Arc::clone(&e.endpoints);
+        }
+        self.start(&mut map, name, true, now)
+    }
+
+    fn start(
+        &self,
+        map: &mut HashMap<ServiceName, Entry>,
+        name: &ServiceName,
+        pinned: bool,
+        now: u64,
+    ) -> Arc<ServiceEndpoints> {
+        let endpoints = Arc::new(ServiceEndpoints::new(name.clone()));
+        endpoints.touch(now);
+        let cancel = self.shutdown.child_token();
+        tokio::spawn(run_watch(
+            self.watcher.watch(name.clone()),
+            Arc::clone(&endpoints),
+            self.config.restart_retention,
+            Arc::clone(&self.sink),
+            cancel.clone(),
+        ));
+        debug!(service = %name, pinned, "watching service");
+        map.insert(name.clone(), Entry { endpoints: Arc::clone(&endpoints), pinned, cancel });
+        endpoints
+    }
+
+    /// Evicts one service to make room; false when none may go.
+    fn make_room(&self, map: &mut HashMap<ServiceName, Entry>, now: u64) -> bool {
+        let idle = |e: &Entry| now.saturating_sub(e.endpoints.last_used_ms());
+        let min_idle = u64::try_from(MIN_IDLE_TO_MAKE_ROOM.as_millis()).unwrap_or(u64::MAX);
+        let empty = map
+            .iter()
+            .filter(|(_, e)| {
+                !e.pinned && e.endpoints.is_resolved() && e.endpoints.load().endpoints.is_empty()
+            })
+            .max_by_key(|(_, e)| idle(e));
+        let victim = empty.or_else(|| {
+            map.iter().filter(|(_, e)| !e.pinned && idle(e) >= min_idle).max_by_key(|(_, e)| idle(e))
+        });
+        let Some(name) = victim.map(|(n, _)| n.clone()) else {
+            return false;
+        };
+        if let Some(e) = map.remove(&name) {
+            e.cancel.cancel();
+            debug!(service = %name, "evicted to make room for another service");
+        }
+        true
+    }
+
+    /// Evicts services unused for `idle_timeout`; returns how many.
+    pub fn evict_idle(&self) -> usize {
+        let now = self.now_ms();
+        let limit = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|name, e| {
+            let keep = e.pinned || now.saturating_sub(e.endpoints.last_used_ms()) < limit;
+            if !keep {
+                e.cancel.cancel();
+                debug!(service = %name, "evicted idle service");
+            }
+            keep
+        });
+        before - map.len()
+    }
+
+    /// Evicts idle services periodically until shutdown.
+    pub async fn run_sweeper(self: Arc<Self>) {
+        let period =
+            (self.config.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            self.evict_idle();
+        }
+    }
+
+    /// Every watched service, sorted by name.
+    pub fn services(&self) -> Vec<Arc<ServiceEndpoints>> {
+        let mut all: Vec<_> = self.lock().values().map(|e| Arc::clone(&e.endpoints)).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<W: Watcher> Resolve for Directory<W> {
+    fn resolve(&self, name: &ServiceName) -> Option<Arc<ServiceEndpoints>> {
+        let now = self.now_ms();
+        let mut map = self.lock();
+        if let Some(e) = map.get(name) {
+            e.endpoints.touch(now);
+            return Some(Arc::clone(&e.endpoints));
+        }
+        if map.len() >= self.config.max_services && !self.make_room(&mut map, now) {
+            return None;
+        }
+        Some(self.start(&mut map, name, false, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tokio::sync::mpsc;
+    use trellis_shared::{Address, HealthStatus, InstanceId};
+
+    fn inst(id: &str, port: u16) -> Instance {
+        Instance {
+            id: InstanceId::new(id).unwrap(),
+            address: Address::new("127.0.0.1").unwrap(),
+            port,
+            zone: None,
+            weight: 100,
+            metadata: BTreeMap::new(),
+            status: HealthStatus::Passing,
+            output: String::new(),
+        }
+    }
+
+    fn view(index: u64, epoch: &str, instances: Vec<Instance>) -> ServiceView {
+        ServiceView {
+            service: ServiceName::new("users").unwrap(),
+            index,
+            epoch: epoch.into(),
+            instances,
+            protected: false,
+        }
+    }
+
+    /// A watch fed by a channel; a closed channel means "registry down" forever.
+    struct ChanSource(mpsc::UnboundedReceiver<Result<ServiceView, String>>);
+
+    impl WatchSource for ChanSource {
+        async fn next(&mut self) -> Result<ServiceView, ClientError> {
+            match self.0.recv().await {
+                Some(Ok(v)) => Ok(v),
+                Some(Err(reason)) => {
+                    Err(ClientError::Protocol { url: reqwest::Url::parse("http://r:1").unwrap(), reason })
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    type Feed = mpsc::UnboundedSender<Result<ServiceView, String>>;
+
+    /// Hands out channel-fed watches and keeps the senders, by service name.
+    #[derive(Default, Clone)]
+    struct ChanWatcher {
+        senders: Arc<Mutex<HashMap<String, Feed>>>,
+        opened: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Watcher for ChanWatcher {
+        type Source = ChanSource;
+        fn watch(&self, service: ServiceName) -> ChanSource {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.senders.lock().unwrap().insert(service.to_string(), tx);
+            self.opened.lock().unwrap().push(service.to_string());
+            ChanSource(rx)
+        }
+    }
+
+    impl ChanWatcher {
+        fn send(&self, service: &str, v: Result<ServiceView, String>) {
+            let _ = self.senders.lock().unwrap()[service].send(v);
+        }
+    }
+
+    #[derive(Default)]
+    struct CountSink(Mutex<Vec<bool>>);
+    impl ConnectivitySink for CountSink {
+        fn report(&self, ok: bool) {
+            self.0.lock().unwrap().push(ok);
+        }
+    }
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn ids(set: &EndpointSet) -> Vec<String> {
+        set.endpoints.iter().map(|e| e.id.to_string()).collect()
+    }
+
+    /// Lets spawned tasks run until they block (paused clock: no time passes).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn directory(config: DiscoveryConfig) -> (Directory<ChanWatcher>, ChanWatcher, Arc<CountSink>) {
+        let w = ChanWatcher::default();
+        let sink = Arc::new(CountSink::default());
+        let d = Directory::new(w.clone(), config, sink.clone(), CancellationToken::new());
+        (d, w, sink)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_changes_and_skips_no_op_updates() {
+        let (d, w, _) = directory(DiscoveryConfig::default());
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![inst("a", 1), inst("b", 2)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        let first = users.load();
+        assert_eq!(ids(&first), vec!["a", "b"]);
+        let guard = first.endpoints[0].begin();
+
+        // Same membership at a new index (only output changed): nothing published.
+        let mut same = vec![inst("b", 2), inst("a", 1)];
+        same[0].output = "fine".into();
+        w.send("users", Ok(view(2, "e1", same)));
+        settle().await;
+        assert!(Arc::ptr_eq(&first, &users.load()), "a no-op update replaced the snapshot");
+
+        // A real change publishes, carrying the state of the endpoints that stayed.
+        w.send("users", Ok(view(3, "e1", vec![inst("a", 1), inst("c", 3)])));
+        settle().await;
+        let second = users.load();
+        assert_eq!(ids(&second), vec!["a", "c"]);
+        assert_eq!(second.index, 3);
+        assert!(Arc::ptr_eq(&first.endpoints[0].state, &second.endpoints[0].state));
+        assert_eq!(second.endpoints[0].state.in_flight(), 1);
+        drop(guard);
+        assert_eq!(second.endpoints[0].state.in_flight(), 0);
+
+        // Same id at a new port is a new target with fresh state.
+        w.send("users", Ok(view(4, "e1", vec![inst("a", 9), inst("c", 3)])));
+        settle().await;
+        assert!(!Arc::ptr_eq(&second.endpoints[0].state, &users.load().endpoints[0].state));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_keep_the_last_endpoints() {
+        let (d, w, sink) = directory(DiscoveryConfig::default());
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![inst("a", 1)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        for _ in 0..5 {
+            w.send("users", Err("connection refused".into()));
+        }
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a"]);
+        assert_eq!(sink.0.lock().unwrap().as_slice(), &[true, false, false, false, false, false]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_empty_answer_resolves() {
+        let (d, w, _) = directory(DiscoveryConfig::default());
+        let ghost = d.resolve(&name("ghost")).unwrap();
+        w.send("ghost", Ok(view(0, "e1", vec![])));
+        assert!(ghost.wait_resolved(Duration::from_secs(1)).await);
+        assert!(ghost.load().endpoints.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_registry_restart_missing_instances_are_kept_for_one_ttl() {
+        let config = DiscoveryConfig { restart_retention: Duration::from_secs(5), ..Default::default() };
+        let (d, w, _) = directory(config);
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(7, "old", vec![inst("a", 1), inst("b", 2), inst("c", 3)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        let state_b = Arc::clone(&users.load().endpoints[1].state);
+
+        // The restarted registry knows nobody yet: everyone is kept.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        w.send("users", Ok(view(0, "new", vec![])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b", "c"]);
+
+        // b re-registers at t=2s; a and c are still retained.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        w.send("users", Ok(view(1, "new", vec![inst("b", 2)])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b", "c"]);
+        assert!(Arc::ptr_eq(&state_b, &users.load().endpoints[1].state));
+
+        // a re-registers at t=4s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.send("users", Ok(view(2, "new", vec![inst("a", 1), inst("b", 2)])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b", "c"]);
+
+        // c never does: just before 1s + 5s it is still there, just after it is gone.
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert_eq!(ids(&users.load()), vec!["a", "b", "c"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordinary_removal_is_immediate() {
+        let (d, w, _) = directory(DiscoveryConfig::default());
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![inst("a", 1), inst("b", 2)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        w.send("users", Ok(view(2, "e1", vec![inst("b", 2)])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_holds_and_evicts_empty_then_idle_services() {
+        let config = DiscoveryConfig { max_services: 3, ..Default::default() };
+        let (d, w, _) = directory(config);
+        d.watch_pinned(&name("pinned"));
+        let busy = d.resolve(&name("busy")).unwrap();
+        w.send("busy", Ok(view(1, "e", vec![inst("a", 1)])));
+        let junk = d.resolve(&name("junk-1")).unwrap();
+        assert!(busy.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!(d.len(), 3);
+
+        // junk-1 is not resolved yet and busy is in use: no room.
+        assert!(d.resolve(&name("junk-2")).is_none());
+        // Once junk-1 resolves to nothing, it makes room at once.
+        w.send("junk-1", Ok(view(0, "e", vec![])));
+        assert!(junk.wait_resolved(Duration::from_secs(1)).await);
+        assert!(d.resolve(&name("junk-2")).is_some());
+        assert_eq!(d.len(), 3);
+        let names: Vec<String> = d.services().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, vec!["busy", "junk-2", "pinned"]);
+
+        // An unresolved or busy service goes only after MIN_IDLE_TO_MAKE_ROOM idle.
+        tokio::time::sleep(MIN_IDLE_TO_MAKE_ROOM - Duration::from_secs(1)).await;
+        d.resolve(&name("busy"));
+        assert!(d.resolve(&name("junk-3")).is_none());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(d.resolve(&name("junk-3")).is_some(), "idle junk-2 should have been evicted");
+        let names: Vec<String> = d.services().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, vec!["busy", "junk-3", "pinned"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_services_are_evicted_but_pinned_ones_stay() {
+        let config = DiscoveryConfig { idle_timeout: Duration::from_secs(60), ..Default::default() };
+        let (d, w, _) = directory(config);
+        let d = Arc::new(d);
+        tokio::spawn(Arc::clone(&d).run_sweeper());
+        d.watch_pinned(&name("pinned"));
+        d.resolve(&name("used"));
+        d.resolve(&name("idle"));
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            d.resolve(&name("used"));
+        }
+        let names: Vec<String> = d.services().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, vec!["pinned", "used"]);
+        // The evicted service's watch was closed: a new use opens a fresh one.
+        d.resolve(&name("idle"));
+        assert_eq!(w.opened.lock().unwrap().iter().filter(|n| *n == "idle").count(), 2);
+    }
+}
