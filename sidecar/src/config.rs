@@ -1,1 +1,567 @@
 //! Command-line and environment configuration.
+//!
+//! Every flag has an environment variable `TRELLIS_<FLAG>` and a documented
+//! default; `docs/sidecar.md` explains each default. [`RunArgs::settings`]
+//! checks everything once and turns the flags into the per-concern structs the
+//! modules take, so a bad value stops the sidecar at start with a clear message.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use reqwest::Url;
+use trellis_shared::types::{validate_metadata, DEFAULT_WEIGHT, WEIGHT_RANGE};
+use trellis_shared::{
+    Address, ClientConfig, HealthStatus, InstanceId, RegisterRequest, ServiceName, WireDuration, Zone,
+};
+
+use crate::discovery::DiscoveryConfig;
+use crate::health::{HealthCheck, HealthConfig};
+use crate::registration::RegistrationConfig;
+use crate::shutdown::ShutdownConfig;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 500ms, 5s, 1m)"))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sidecar",
+    version,
+    about = "The Trellis sidecar: registers the local app, checks its health, and proxies its outbound HTTP calls.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exit 0 when the local sidecar's admin `/ready` answers 200, 1 otherwise
+    /// (for container healthchecks in images without a shell).
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Admin address of the sidecar to probe (0.0.0.0 means this host's loopback).
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// How long to wait for the answer.
+    #[arg(long, env = "TRELLIS_PROBE_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+/// Flags of the sidecar itself.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Registry base URLs, comma-separated; requests fail over between them. Required.
+    #[arg(long, env = "TRELLIS_REGISTRY", value_name = "URL[,URL...]")]
+    pub registry: Option<String>,
+
+    // ---- The local app (all optional: without --service the sidecar only proxies).
+    /// Service name to register the local app under.
+    #[arg(long, env = "TRELLIS_SERVICE")]
+    pub service: Option<ServiceName>,
+    /// Where the local app listens, HOST:PORT (checked and, by default, advertised with this port).
+    #[arg(long, env = "TRELLIS_APP", value_name = "HOST:PORT")]
+    pub app: Option<String>,
+    /// Instance id. Default: this host's name and the app's port (`web-1-8080`), stable across restarts.
+    #[arg(long, env = "TRELLIS_INSTANCE_ID")]
+    pub instance_id: Option<InstanceId>,
+    /// Address peers use to reach the app, HOST:PORT (HOST may be a hostname).
+    /// Default: this host's first non-loopback address and the app's port.
+    #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Zone (failure domain) of this instance.
+    #[arg(long, env = "TRELLIS_ZONE")]
+    pub zone: Option<Zone>,
+    /// Load-balancing weight of this instance (1-10000).
+    #[arg(long, env = "TRELLIS_WEIGHT", default_value_t = DEFAULT_WEIGHT)]
+    pub weight: u32,
+    /// Metadata key=value; repeat the flag, or comma-separate in the environment variable.
+    #[arg(long = "metadata", env = "TRELLIS_METADATA", value_name = "K=V", value_delimiter = ',')]
+    pub metadata: Vec<String>,
+
+    // ---- Health and registration.
+    /// App health check: `tcp` (connect to the app port) or `http:/path` (GET, 2xx passes).
+    #[arg(long, env = "TRELLIS_HEALTH", default_value = "tcp", value_name = "tcp|http:/PATH")]
+    pub health: String,
+    /// Time between health checks.
+    #[arg(long, env = "TRELLIS_HEALTH_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub health_interval: Duration,
+    /// Timeout of one health check; must be shorter than the interval.
+    #[arg(long, env = "TRELLIS_HEALTH_TIMEOUT", default_value = "500ms", value_parser = duration)]
+    pub health_timeout: Duration,
+    /// Consecutive passing checks that make an unhealthy app healthy again.
+    #[arg(long, env = "TRELLIS_HEALTHY_THRESHOLD", default_value_t = 2)]
+    pub healthy_threshold: u32,
+    /// Consecutive failing checks that make a healthy app unhealthy (hidden).
+    #[arg(long, env = "TRELLIS_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
+    /// Time between heartbeats; also the ceiling of every registry retry delay.
+    #[arg(long, env = "TRELLIS_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+    /// Lease TTL asked of the registry: the instance is removed this long after its last heartbeat.
+    /// Also how long instances are kept after a registry restart while they re-register.
+    #[arg(long, env = "TRELLIS_TTL", default_value = "5s", value_parser = duration)]
+    pub ttl: Duration,
+
+    // ---- Listeners and runtime.
+    /// Outbound proxy listener (the app sends its calls here).
+    #[arg(long, env = "TRELLIS_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// Admin listener (/ready, /metrics, /endpoints).
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Tokio worker threads.
+    #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    // ---- Discovery.
+    /// An upstream service to watch from the start (never evicted); repeat, or comma-separate.
+    #[arg(long = "upstream-service", env = "TRELLIS_UPSTREAM_SERVICE", value_delimiter = ',')]
+    pub upstream_services: Vec<ServiceName>,
+    /// Most upstream services watched at once (caps what arbitrary Host headers can cost).
+    #[arg(long, env = "TRELLIS_MAX_UPSTREAM_SERVICES", default_value_t = 256)]
+    pub max_upstream_services: usize,
+    /// A service not called for this long stops being watched.
+    #[arg(long, env = "TRELLIS_UPSTREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub upstream_idle_timeout: Duration,
+
+    // ---- Proxy.
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    // ---- Shutdown.
+    /// After deregistering, keep proxying this long so peers' watches catch up.
+    #[arg(long, env = "TRELLIS_DRAIN", default_value = "2s", value_parser = duration)]
+    pub drain: Duration,
+    /// After the drain, how long in-flight requests get to finish before the sidecar exits.
+    #[arg(long, env = "TRELLIS_GRACE", default_value = "5s", value_parser = duration)]
+    pub grace: Duration,
+}
+
+/// Outbound proxy flags (timeouts, retries, ejection, limits).
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Timeout of one TCP connect to an endpoint.
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// Timeout of one attempt, until response headers (idempotent requests are retried after it).
+    #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub try_timeout: Duration,
+    /// Timeout of a whole request with its retries, until response headers; answers 504.
+    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Most attempts per request, the first included.
+    #[arg(long, env = "TRELLIS_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Retries allowed as a share of recent requests.
+    #[arg(long, env = "TRELLIS_RETRY_BUDGET", default_value_t = 0.2)]
+    pub retry_budget: f64,
+    /// Retries per second always allowed, whatever the budget.
+    #[arg(long, env = "TRELLIS_RETRY_MIN_PER_SECOND", default_value_t = 10)]
+    pub retry_min_per_second: u32,
+    /// Largest request body buffered so it can be replayed on a retry, in bytes.
+    #[arg(long, env = "TRELLIS_MAX_REPLAY_BODY", default_value_t = 64 * 1024)]
+    pub max_replay_body: usize,
+    /// Consecutive failures (timeouts, resets, 502/503/504) that eject an endpoint; refused connects eject at once.
+    #[arg(long, env = "TRELLIS_EJECTION_FAILURES", default_value_t = 3)]
+    pub ejection_failures: u32,
+    /// Length of a first ejection; it doubles with each repeated ejection.
+    #[arg(long, env = "TRELLIS_EJECTION_BASE", default_value = "5s", value_parser = duration)]
+    pub ejection_base: Duration,
+    /// Longest ejection.
+    #[arg(long, env = "TRELLIS_EJECTION_MAX", default_value = "2m", value_parser = duration)]
+    pub ejection_max: Duration,
+    /// Largest share of a service's endpoints ejected at once, in percent (one may always be).
+    #[arg(long, env = "TRELLIS_EJECTION_MAX_PERCENT", default_value_t = 50)]
+    pub ejection_max_percent: u8,
+    /// Most concurrent client connections to the outbound listener.
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most requests in progress at once; more are answered 503 overloaded.
+    #[arg(long, env = "TRELLIS_MAX_PENDING", default_value_t = 10_000)]
+    pub max_pending: usize,
+}
+
+/// A configuration error, printed as is before exiting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// What registering the local app needs.
+#[derive(Debug, Clone)]
+pub struct AppSettings {
+    pub registration: RegistrationConfig,
+    pub health: HealthConfig,
+}
+
+/// Everything the sidecar runs with, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub registry: Vec<Url>,
+    pub client: ClientConfig,
+    /// `None` without `--service`: nothing is registered.
+    pub app: Option<AppSettings>,
+    pub discovery: DiscoveryConfig,
+    pub upstream_services: Vec<ServiceName>,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub workers: usize,
+    pub shutdown: ShutdownConfig,
+    pub log_level: String,
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6); the host may be a hostname.
+pub fn parse_host_port(s: &str, what: &str) -> Result<(Address, u16), ConfigError> {
+    let err = || bad(format!("{what} {s:?} is invalid: expected HOST:PORT (e.g. 10.0.0.5:8080 or app:8080)"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let port: u16 = port.parse().map_err(|_| err())?;
+    if port == 0 {
+        return Err(bad(format!("{what} {s:?} is invalid: port must be between 1 and 65535")));
+    }
+    let host = Address::new(host).map_err(|e| bad(format!("{what} {s:?} is invalid: {e}")))?;
+    Ok((host, port))
+}
+
+/// Default instance id: host name and app port, stable across restarts.
+fn default_instance_id(port: u16) -> Result<InstanceId, ConfigError> {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let mut clean: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .collect();
+    if clean.is_empty() {
+        clean = "sidecar".into();
+    }
+    clean.truncate(trellis_shared::names::MAX_INSTANCE_ID_LEN - 6);
+    InstanceId::new(format!("{clean}-{port}"))
+        .map_err(|e| bad(format!("cannot derive an instance id: {e}; set --instance-id")))
+}
+
+/// Default advertised host: the app's own IP when it is a specific
+/// non-loopback one, else this host's first non-loopback address (IPv4 first).
+fn default_advertise_host(app_host: &Address) -> Address {
+    if let Some(ip) = app_host.ip() {
+        if !ip.is_loopback() && !ip.is_unspecified() {
+            return app_host.clone();
+        }
+    }
+    let addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .map(|ifs| {
+            ifs.into_iter().filter(|i| !i.is_loopback() && !i.is_link_local()).map(|i| i.ip()).collect()
+        })
+        .unwrap_or_default();
+    let pick = addrs.iter().find(|ip| ip.is_ipv4()).or_else(|| addrs.first()).copied();
+    let ip = pick.unwrap_or_else(|| {
+        tracing::warn!("no non-loopback address found; advertising 127.0.0.1 (set --advertise)");
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    });
+    // An IpAddr always makes a valid Address.
+    Address::new(ip.to_string()).unwrap_or_else(|_| app_host.clone())
+}
+
+fn parse_metadata(items: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--metadata {item:?} is invalid: expected KEY=VALUE")))?;
+        map.insert(k.trim().to_string(), v.to_string());
+    }
+    validate_metadata(&map).map_err(|e| bad(format!("--metadata: {e}")))?;
+    Ok(map)
+}
+
+impl RunArgs {
+    /// Checks every flag and builds the settings.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let list = self.registry.as_deref().ok_or_else(|| {
+            bad("--registry (or TRELLIS_REGISTRY) is required: the registry URL(s), e.g. http://registry:7600")
+        })?;
+        let registry =
+            trellis_shared::client::parse_urls(list).map_err(|e| bad(format!("--registry: {e}")))?;
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.ttl {
+            return Err(bad(format!(
+                "--heartbeat-interval ({}) must be above zero and shorter than --ttl ({})",
+                WireDuration(self.heartbeat_interval),
+                WireDuration(self.ttl)
+            )));
+        }
+        let client = ClientConfig { backoff_cap: self.heartbeat_interval, ..ClientConfig::default() };
+
+        let app = match (&self.service, &self.app) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(bad("--app needs --service (the name to register the app under)")),
+            (Some(_), None) => return Err(bad("--service needs --app HOST:PORT (where the app listens)")),
+            (Some(service), Some(app)) => Some(self.app_settings(service, app)?),
+        };
+
+        if self.workers == 0 {
+            return Err(bad("--workers must be at least 1"));
+        }
+        if self.max_upstream_services == 0 {
+            return Err(bad("--max-upstream-services must be at least 1"));
+        }
+        let mut upstream_services = self.upstream_services.clone();
+        upstream_services.sort();
+        upstream_services.dedup();
+        if upstream_services.len() > self.max_upstream_services {
+            return Err(bad(format!(
+                "{} --upstream-service names exceed --max-upstream-services ({})",
+                upstream_services.len(),
+                self.max_upstream_services
+            )));
+        }
+        if self.upstream_idle_timeout.is_zero() {
+            return Err(bad("--upstream-idle-timeout must be above zero"));
+        }
+        self.proxy.check()?;
+
+        Ok(Settings {
+            registry,
+            client,
+            app,
+            discovery: DiscoveryConfig {
+                max_services: self.max_upstream_services,
+                idle_timeout: self.upstream_idle_timeout,
+                restart_retention: self.ttl,
+            },
+            upstream_services,
+            outbound: self.outbound,
+            admin: self.admin,
+            workers: self.workers,
+            shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
+            log_level: self.log_level.clone(),
+        })
+    }
+
+    fn app_settings(&self, service: &ServiceName, app: &str) -> Result<AppSettings, ConfigError> {
+        let (app_host, app_port) = parse_host_port(app, "--app")?;
+        let (address, port) = match &self.advertise {
+            Some(a) => parse_host_port(a, "--advertise")?,
+            None => (default_advertise_host(&app_host), app_port),
+        };
+        let id = match &self.instance_id {
+            Some(id) => id.clone(),
+            None => default_instance_id(app_port)?,
+        };
+        if !WEIGHT_RANGE.contains(&self.weight) {
+            return Err(bad(format!(
+                "--weight must be between {} and {}, got {}",
+                WEIGHT_RANGE.start(),
+                WEIGHT_RANGE.end(),
+                self.weight
+            )));
+        }
+        let check: HealthCheck = self.health.parse().map_err(|e| bad(format!("--health: {e}")))?;
+        if self.health_interval.is_zero()
+            || self.health_timeout.is_zero()
+            || self.health_timeout >= self.health_interval
+        {
+            return Err(bad(format!(
+                "--health-timeout ({}) must be above zero and shorter than --health-interval ({})",
+                WireDuration(self.health_timeout),
+                WireDuration(self.health_interval)
+            )));
+        }
+        if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
+            return Err(bad("--healthy-threshold and --unhealthy-threshold must be at least 1"));
+        }
+        // The app is checked where it listens; an unspecified bind address means this host.
+        let target_host = match app_host.ip() {
+            Some(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+            Some(IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => app_host.to_string(),
+        };
+        let mut request = RegisterRequest::new(address, port);
+        request.ttl = Some(WireDuration(self.ttl));
+        request.zone = self.zone.clone();
+        request.weight = Some(self.weight);
+        request.metadata = parse_metadata(&self.metadata)?;
+        request.status = Some(HealthStatus::Passing);
+        request.validate().map_err(bad)?;
+        Ok(AppSettings {
+            registration: RegistrationConfig {
+                service: service.clone(),
+                id,
+                request,
+                heartbeat_interval: self.heartbeat_interval,
+                backoff_base: Duration::from_millis(100).min(self.heartbeat_interval),
+            },
+            health: HealthConfig {
+                check,
+                target: format!("{target_host}:{app_port}"),
+                interval: self.health_interval,
+                timeout: self.health_timeout,
+                healthy_threshold: self.healthy_threshold,
+                unhealthy_threshold: self.unhealthy_threshold,
+            },
+        })
+    }
+}
+
+impl ProxyArgs {
+    fn check(&self) -> Result<(), ConfigError> {
+        for (flag, d) in [
+            ("--connect-timeout", self.connect_timeout),
+            ("--try-timeout", self.try_timeout),
+            ("--request-timeout", self.request_timeout),
+            ("--ejection-base", self.ejection_base),
+        ] {
+            if d.is_zero() {
+                return Err(bad(format!("{flag} must be above zero")));
+            }
+        }
+        if self.max_attempts == 0 {
+            return Err(bad("--max-attempts must be at least 1"));
+        }
+        if !self.retry_budget.is_finite() || !(0.0..=10.0).contains(&self.retry_budget) {
+            return Err(bad(format!("--retry-budget must be between 0 and 10, got {}", self.retry_budget)));
+        }
+        if self.ejection_max < self.ejection_base {
+            return Err(bad("--ejection-max must not be shorter than --ejection-base"));
+        }
+        if self.ejection_max_percent > 100 {
+            return Err(bad("--ejection-max-percent must be between 0 and 100"));
+        }
+        if self.ejection_failures == 0 {
+            return Err(bad("--ejection-failures must be at least 1"));
+        }
+        if self.max_connections == 0 || self.max_pending == 0 {
+            return Err(bad("--max-connections and --max-pending must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let mut all = vec!["sidecar"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        cli.run.settings().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_proxy_only() {
+        let s = parse(&["--registry", "http://127.0.0.1:7600"]).unwrap();
+        assert!(s.app.is_none());
+        assert_eq!(s.outbound, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(s.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(s.discovery.max_services, 256);
+        assert_eq!(s.client.backoff_cap, Duration::from_secs(1));
+        assert_eq!(s.shutdown.drain, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn full_app_settings() {
+        let s = parse(&[
+            "--registry",
+            "http://r1:7600,http://r2:7600",
+            "--service",
+            "users",
+            "--app",
+            "127.0.0.1:8080",
+            "--advertise",
+            "users-1:8080",
+            "--zone",
+            "a",
+            "--metadata",
+            "version=2",
+            "--metadata",
+            "track=canary",
+            "--health",
+            "http:/health",
+            "--upstream-service",
+            "orders",
+        ])
+        .unwrap();
+        assert_eq!(s.registry.len(), 2);
+        let app = s.app.unwrap();
+        assert_eq!(app.registration.request.address.as_str(), "users-1");
+        assert_eq!(app.registration.request.port, 8080);
+        assert_eq!(app.registration.request.metadata.len(), 2);
+        assert_eq!(app.registration.request.ttl, Some(WireDuration(Duration::from_secs(5))));
+        assert!(app.registration.id.as_str().ends_with("-8080"));
+        assert_eq!(app.health.target, "127.0.0.1:8080");
+        assert_eq!(app.health.check, HealthCheck::Http { path: "/health".into() });
+        assert_eq!(s.upstream_services, vec![ServiceName::new("orders").unwrap()]);
+    }
+
+    #[test]
+    fn default_advertise_is_not_loopback_when_an_interface_exists() {
+        let s = parse(&["--registry", "http://r:1", "--service", "users", "--app", "0.0.0.0:8080"]).unwrap();
+        let app = s.app.unwrap();
+        assert_eq!(app.registration.request.port, 8080);
+        assert_eq!(app.health.target, "127.0.0.1:8080");
+        // On a host with only loopback the fallback is 127.0.0.1; either way an IP.
+        assert!(app.registration.request.address.ip().is_some());
+    }
+
+    #[test]
+    fn bad_config_is_refused_with_a_clear_message() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--registry"),
+            (&["--registry", "ftp://x"], "scheme"),
+            (&["--registry", "http://r", "--service", "users"], "--app"),
+            (&["--registry", "http://r", "--app", "127.0.0.1:1"], "--service"),
+            (&["--registry", "http://r", "--service", "Users", "--app", "a:1"], "service name"),
+            (&["--registry", "http://r", "--service", "u", "--app", "a"], "HOST:PORT"),
+            (&["--registry", "http://r", "--service", "u", "--app", "a:0"], "port"),
+            (&["--registry", "http://r", "--service", "u", "--app", "a:1", "--health", "udp"], "--health"),
+            (
+                &["--registry", "http://r", "--service", "u", "--app", "a:1", "--metadata", "novalue"],
+                "KEY=VALUE",
+            ),
+            (&["--registry", "http://r", "--service", "u", "--app", "a:1", "--weight", "0"], "--weight"),
+            (
+                &["--registry", "http://r", "--service", "u", "--app", "a:1", "--health-timeout", "2s"],
+                "--health-timeout",
+            ),
+            (&["--registry", "http://r", "--heartbeat-interval", "10s"], "--heartbeat-interval"),
+            (&["--registry", "http://r", "--health-interval", "soon"], "examples"),
+            (&["--registry", "http://r", "--workers", "0"], "--workers"),
+            (&["--registry", "http://r", "--max-attempts", "0"], "--max-attempts"),
+            (&["--registry", "http://r", "--outbound", "nowhere"], "--outbound"),
+        ];
+        for (args, needle) in cases {
+            let e = parse(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(e.contains(needle), "{args:?}: {e:?} does not mention {needle}");
+        }
+    }
+
+    #[test]
+    fn probe_subcommand_parses_without_registry() {
+        let cli = Cli::try_parse_from(["sidecar", "probe", "--admin", "127.0.0.1:9"]).unwrap();
+        match cli.command {
+            Some(Command::Probe(p)) => assert_eq!(p.admin.port(), 9),
+            None => panic!("probe not parsed"),
+        }
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(parse_host_port("[::1]:80", "x").unwrap().0.as_str(), "::1");
+        assert_eq!(parse_host_port("app-1:80", "x").unwrap().1, 80);
+        assert!(parse_host_port("app_1:80", "x").is_err());
+        assert!(parse_host_port(":80", "x").is_err());
+    }
+}
