@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -117,6 +117,9 @@ pub struct ServiceEndpoints {
     /// Milliseconds (on the sidecar's coarse clock) when a request last used it;
     /// the directory evicts services idle for long.
     last_used_ms: AtomicU64,
+    /// The proxy's per-service state (retry budget, metric handles), created
+    /// on the first request that finds endpoints.
+    pub proxy: OnceLock<crate::proxy::ServiceState>,
 }
 
 impl ServiceEndpoints {
@@ -126,6 +129,7 @@ impl ServiceEndpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
             resolved: watch::channel(false).0,
             last_used_ms: AtomicU64::new(0),
+            proxy: OnceLock::new(),
         }
     }
 

@@ -1,5 +1,353 @@
-//! Passive outlier detection (placeholder until the data-plane work lands).
+//! Passive outlier detection: a per-endpoint state machine fed by the outcome
+//! of each proxied attempt.
+//!
+//! `active` -> `ejected` when a connection is refused (at once) or after
+//! `consecutive_failures` other failures in a row (timeouts, resets, 502/503/504).
+//! An ejection lasts `base_ejection * 2^level` (capped at `max_ejection`), where
+//! the level grows with each ejection and resets once the endpoint has stayed
+//! healthy for `max_ejection`. When the time is up the endpoint is `probing`:
+//! exactly one request is let through, and its outcome decides between
+//! `active` and a longer ejection. The share of a service's endpoints ejected at
+//! once is bounded by [`may_eject`]; when every endpoint is ejected the proxy
+//! ignores ejection altogether (panic mode), see `proxy`.
+//!
+//! The request path reads one atomic when the endpoint is active and healthy;
+//! the mutex is taken only on failures and while ejected, and never across an
+//! `.await`.
 
-/// Per-endpoint outlier state.
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Ejection settings.
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    /// Consecutive failures (timeouts, resets, 502/503/504) that eject an
+    /// endpoint. A refused connection ejects at once. Default 3.
+    pub consecutive_failures: u32,
+    /// Duration of a first ejection. Default 5s.
+    pub base_ejection: Duration,
+    /// Longest ejection, however often an endpoint was ejected; also how long an
+    /// endpoint must stay healthy before its ejection time shrinks back to the
+    /// base. Default 2m.
+    pub max_ejection: Duration,
+    /// Largest share of a service's endpoints ejected at once, in percent; at
+    /// least one endpoint can always be ejected. Default 50.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(120),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Whether one more endpoint out of `total` may be ejected while `ejected`
+/// already are: the bound is `max_percent` of `total`, but never below one.
+pub fn may_eject(total: usize, ejected: usize, max_percent: u8) -> bool {
+    let allowed = (total.saturating_mul(usize::from(max_percent.min(100))) / 100).max(1);
+    ejected < allowed
+}
+
+/// What an attempt on an endpoint found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer other than 502/503/504.
+    Success,
+    /// The connection was refused: the endpoint is not listening.
+    Refused,
+    /// A timeout, reset, failed connect or gateway error.
+    Failure,
+}
+
+/// Whether the balancer may send a request to an endpoint now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Active: any number of requests.
+    Open,
+    /// Its ejection is over and this request is the one probe; the caller must
+    /// report the outcome with `probe = true` or call [`OutlierState::release_probe`].
+    Probe,
+    /// Ejected, or probing with the probe already out.
+    Closed,
+}
+
+const ACTIVE: u8 = 0;
+const EJECTED: u8 = 1;
+const PROBING: u8 = 2;
+
 #[derive(Debug, Default)]
-pub struct OutlierState {}
+struct Inner {
+    /// Ejections so far (reported by `/endpoints`).
+    ejections: u32,
+    /// Exponent of the next ejection's duration.
+    level: u32,
+    until: Option<Instant>,
+    probe_out: bool,
+    recovered_at: Option<Instant>,
+}
+
+/// Per-endpoint outlier state, shared by every request to the endpoint.
+#[derive(Debug, Default)]
+pub struct OutlierState {
+    /// Mirror of the state for the lock-free fast path.
+    mode: AtomicU8,
+    consecutive: AtomicU32,
+    inner: Mutex<Inner>,
+}
+
+impl OutlierState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // The state stays consistent across a panic in another holder: every
+        // critical section only assigns fields.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `("active" | "ejected" | "probing", times ejected)`.
+    pub fn describe(&self) -> (&'static str, u32) {
+        let ejections = self.lock().ejections;
+        let name = match self.mode.load(Ordering::Acquire) {
+            ACTIVE => "active",
+            EJECTED => "ejected",
+            _ => "probing",
+        };
+        (name, ejections)
+    }
+
+    /// Not active: ejected or probing. Counts against the ejected share.
+    pub fn is_ejected(&self) -> bool {
+        self.mode.load(Ordering::Acquire) != ACTIVE
+    }
+
+    /// Whether a request may go to this endpoint now; may start the probe.
+    pub fn admit(&self, now: Instant) -> Admission {
+        if self.mode.load(Ordering::Acquire) == ACTIVE {
+            return Admission::Open;
+        }
+        let mut inner = self.lock();
+        match self.mode.load(Ordering::Acquire) {
+            ACTIVE => Admission::Open,
+            EJECTED if inner.until.is_some_and(|u| now >= u) => {
+                inner.probe_out = true;
+                self.mode.store(PROBING, Ordering::Release);
+                Admission::Probe
+            }
+            PROBING if !inner.probe_out => {
+                inner.probe_out = true;
+                Admission::Probe
+            }
+            _ => Admission::Closed,
+        }
+    }
+
+    /// The probe request ended without an outcome (the client went away); the
+    /// next request may probe.
+    pub fn release_probe(&self) {
+        let mut inner = self.lock();
+        if self.mode.load(Ordering::Acquire) == PROBING {
+            inner.probe_out = false;
+        }
+    }
+
+    /// Records the outcome of an attempt. `probe` says the attempt was the one
+    /// admitted with [`Admission::Probe`]. `may_eject` is asked (only when an
+    /// ejection is due) whether the ejected-share bound allows one more.
+    /// Returns the ejection's duration when this outcome ejected the endpoint.
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        probe: bool,
+        config: &OutlierConfig,
+        now: Instant,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        let mode = self.mode.load(Ordering::Acquire);
+        if outcome == Outcome::Success {
+            if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            if mode != ACTIVE {
+                // A probe, or a panic-mode request, found it healthy.
+                let mut inner = self.lock();
+                inner.until = None;
+                inner.probe_out = false;
+                inner.recovered_at = Some(now);
+                self.mode.store(ACTIVE, Ordering::Release);
+            }
+            return None;
+        }
+        match mode {
+            ACTIVE => {
+                let n = self.consecutive.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                if (outcome == Outcome::Refused || n >= config.consecutive_failures.max(1)) && may_eject() {
+                    let mut inner = self.lock();
+                    if self.mode.load(Ordering::Acquire) == ACTIVE {
+                        return Some(self.eject(&mut inner, config, now));
+                    }
+                }
+                None
+            }
+            PROBING if probe => {
+                let mut inner = self.lock();
+                Some(self.eject(&mut inner, config, now))
+            }
+            // Panic-mode traffic to an ejected endpoint says nothing new.
+            _ => None,
+        }
+    }
+
+    fn eject(&self, inner: &mut Inner, config: &OutlierConfig, now: Instant) -> Duration {
+        if inner.recovered_at.is_some_and(|r| now.saturating_duration_since(r) >= config.max_ejection) {
+            inner.level = 0;
+        }
+        let factor = 1u32 << inner.level.min(20);
+        let duration =
+            config.base_ejection.saturating_mul(factor).min(config.max_ejection.max(config.base_ejection));
+        inner.level = inner.level.saturating_add(1).min(21);
+        inner.ejections = inner.ejections.saturating_add(1);
+        inner.until = Some(now + duration);
+        inner.probe_out = false;
+        inner.recovered_at = None;
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.mode.store(EJECTED, Ordering::Release);
+        duration
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        }
+    }
+
+    fn fail(s: &OutlierState, o: Outcome, probe: bool) -> Option<Duration> {
+        s.record(o, probe, &cfg(), Instant::now(), || true)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_at_threshold() {
+        let s = OutlierState::default();
+        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        // A success in between starts the count again.
+        fail(&s, Outcome::Success, false);
+        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        assert_eq!(s.describe(), ("active", 0));
+        assert_eq!(fail(&s, Outcome::Failure, false), Some(Duration::from_secs(10)));
+        assert_eq!(s.describe(), ("ejected", 1));
+        assert_eq!(s.admit(Instant::now()), Admission::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_ejects_at_once() {
+        let s = OutlierState::default();
+        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+        assert!(s.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn share_bound_can_refuse_an_ejection() {
+        let s = OutlierState::default();
+        assert_eq!(s.record(Outcome::Refused, false, &cfg(), Instant::now(), || false), None);
+        assert_eq!(s.describe(), ("active", 0));
+        // The next failure tries again.
+        assert!(fail(&s, Outcome::Refused, false).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_decides_and_ejections_grow() {
+        let s = OutlierState::default();
+        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Closed);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        assert_eq!(s.describe().0, "probing");
+        // Only one probe at a time.
+        assert_eq!(s.admit(Instant::now()), Admission::Closed);
+        // Another (panic-mode) request's failure does not re-eject.
+        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        // The probe fails: ejected again, for twice as long.
+        assert_eq!(fail(&s, Outcome::Failure, true), Some(Duration::from_secs(20)));
+        assert_eq!(s.describe(), ("ejected", 2));
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Closed);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        assert_eq!(fail(&s, Outcome::Refused, true), Some(Duration::from_secs(40)));
+        tokio::time::advance(Duration::from_secs(40)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        // Capped at max_ejection.
+        assert_eq!(fail(&s, Outcome::Refused, true), Some(Duration::from_secs(60)));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        assert_eq!(fail(&s, Outcome::Success, true), None);
+        assert_eq!(s.describe(), ("active", 4));
+        assert_eq!(s.admit(Instant::now()), Admission::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_probe_lets_the_next_request_probe() {
+        let s = OutlierState::default();
+        fail(&s, Outcome::Refused, false);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        assert_eq!(s.admit(Instant::now()), Admission::Closed);
+        s.release_probe();
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn growth_resets_after_staying_healthy() {
+        let s = OutlierState::default();
+        fail(&s, Outcome::Refused, false);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        fail(&s, Outcome::Success, true);
+        // Soon after recovering, the next ejection is longer.
+        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(20)));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        fail(&s, Outcome::Success, true);
+        // Healthy for max_ejection: back to the base time.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_success_restores() {
+        let s = OutlierState::default();
+        fail(&s, Outcome::Refused, false);
+        // Still ejected, but a request sent anyway (panic mode) succeeded.
+        fail(&s, Outcome::Success, false);
+        assert_eq!(s.describe(), ("active", 1));
+    }
+
+    #[test]
+    fn share_bound_allows_at_least_one() {
+        assert!(may_eject(1, 0, 50));
+        assert!(!may_eject(1, 1, 50));
+        assert!(may_eject(2, 0, 10));
+        assert!(!may_eject(2, 1, 10));
+        assert!(may_eject(4, 1, 50));
+        assert!(!may_eject(4, 2, 50));
+        assert!(may_eject(3, 2, 100));
+        assert!(!may_eject(3, 3, 100));
+        assert!(!may_eject(10, 5, 50));
+    }
+}

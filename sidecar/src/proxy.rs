@@ -1,1 +1,559 @@
-//! The outbound proxy: hyper server, routing by Host, retries, timeouts.
+//! The outbound proxy: a hyper server on the outbound port that routes each
+//! request by its Host (or absolute-form URI host) to an endpoint of that
+//! service, picked by least-connections, through hyper-util's pooled
+//! keep-alive client, with retries, timeouts and passive outlier detection.
+//!
+//! Submodules: [`body`] (the replayable request body and the response body that
+//! carries the in-flight guard), [`headers`] (target service, hop-by-hop headers).
+//!
+//! The server is hyper-util's `auto` builder so HTTP/2 prior knowledge can be
+//! served on the same port later; the request path is written against
+//! `http_body::Body` rather than a concrete body type.
+//!
+//! What happens to a request:
+//! 1. Limits: past `max_pending_requests` it is answered `overloaded`.
+//! 2. Target: `headers::target_service` or `bad_request`.
+//! 3. Endpoints: `Resolve`, waiting up to `discovery_wait` for a service never
+//!    seen before; none -> `no_endpoints`.
+//! 4. Attempts, all within `overall_timeout` (-> `timeout`): pick (probe an
+//!    endpoint whose ejection ended, else least-connections over untried
+//!    admitted endpoints, else tried ones, else everything: panic mode), send
+//!    with `per_try_timeout`, record the outcome for outlier detection, and
+//!    retry when `retry::may_retry`, the attempt count and the budget allow.
+
+mod body;
+mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use trellis_shared::backoff::Backoff;
+use trellis_shared::ErrorCode;
+
+pub use body::{BoxError, ReplayBody, ResponseBody};
+
+use crate::balance::least_loaded;
+use crate::endpoints::{Endpoint, EndpointSet, Resolve, ServiceEndpoints};
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, ServiceMetrics};
+use crate::outlier::{may_eject, Admission, Outcome, OutlierConfig};
+use crate::retry::{is_idempotent, may_retry, Failure, RetryBudget, RetryConfig};
+
+/// Settings of the outbound proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Longest wait for a TCP connection to an endpoint. Default 1s.
+    pub connect_timeout: Duration,
+    /// Longest wait for one attempt's response headers; an idempotent request
+    /// is then retried. Default 10s.
+    pub per_try_timeout: Duration,
+    /// Longest wait for response headers over all attempts and backoffs;
+    /// answered `504 timeout`. Does not bound a response body once it streams.
+    /// Default 30s.
+    pub overall_timeout: Duration,
+    /// Attempts per request, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Request body bytes kept for replay; a larger body streams and is not
+    /// retried once any of it was sent. Default 64 KiB.
+    pub replay_buffer_bytes: usize,
+    /// Open inbound connections; more are answered `503 overloaded` and closed.
+    /// Default 4096.
+    pub max_connections: usize,
+    /// Requests waiting for response headers; more are answered `503 overloaded`.
+    /// Default 4096.
+    pub max_pending_requests: usize,
+    /// Largest request head (request line and headers) in bytes; larger gets
+    /// `431` (HTTP/1.1, at least 8 KiB). Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Longest wait for a request head once a connection is open or idle
+    /// between requests. Default 10s.
+    pub header_read_timeout: Duration,
+    /// How long a request for a service never seen before waits for the first
+    /// discovery answer before `503 no_endpoints`. Default 2s.
+    pub discovery_wait: Duration,
+    /// Idle pooled upstream connections are closed after this. Default 30s.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per endpoint. Default 128.
+    pub pool_max_idle_per_endpoint: usize,
+    pub retry: RetryConfig,
+    pub outlier: OutlierConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(1),
+            per_try_timeout: Duration::from_secs(10),
+            overall_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            replay_buffer_bytes: 64 * 1024,
+            max_connections: 4096,
+            max_pending_requests: 4096,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            discovery_wait: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_endpoint: 128,
+            retry: RetryConfig::default(),
+            outlier: OutlierConfig::default(),
+        }
+    }
+}
+
+/// Per upstream service: its retry budget and metric handles (kept in
+/// [`ServiceEndpoints::proxy`]).
+#[derive(Debug)]
+pub struct ServiceState {
+    pub budget: RetryBudget,
+    pub metrics: ServiceMetrics,
+}
+
+/// Connections over `max_connections` that may be answered `overloaded` at
+/// once; beyond this they are closed without an answer.
+const REJECT_SLOTS: usize = 64;
+
+type UpstreamClient = Client<HttpConnector, ReplayBody<Incoming>>;
+type ProxyResponse = Response<ResponseBody<Incoming>>;
+
+struct Shared {
+    resolver: Arc<dyn Resolve>,
+    config: ProxyConfig,
+    metrics: Arc<Metrics>,
+    client: UpstreamClient,
+    pending: AtomicUsize,
+}
+
+/// Serves the outbound port until `shutdown` is cancelled, then stops
+/// accepting, lets open connections finish their requests (idle keep-alive
+/// connections are closed) and returns. The caller bounds the wait.
+pub async fn serve(
+    listener: TcpListener,
+    resolver: Arc<dyn Resolve>,
+    config: ProxyConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // hyper refuses buffers under 8 KiB.
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+
+    let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let rejections = Arc::new(Semaphore::new(REJECT_SLOTS));
+    let shared = Arc::new(Shared { resolver, config, metrics, client, pending: AtomicUsize::new(0) });
+    let tracker = TaskTracker::new();
+    let local = listener.local_addr()?;
+    info!(addr = %local, "outbound proxy listening");
+
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: pause instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(&connections).try_acquire_owned() {
+            Ok(permit) => {
+                tracker.spawn(serve_connection(
+                    Arc::clone(&builder),
+                    stream,
+                    peer,
+                    Arc::clone(&shared),
+                    shutdown.clone(),
+                    permit,
+                ));
+            }
+            Err(_) => {
+                shared.metrics.proxy_error(ErrorCode::Overloaded);
+                if let Ok(permit) = Arc::clone(&rejections).try_acquire_owned() {
+                    tracker.spawn(reject_connection(stream, shared.config.header_read_timeout, permit));
+                }
+            }
+        }
+    }
+    drop(listener);
+    info!(addr = %local, open = tracker.len(), "outbound proxy stopped accepting; draining connections");
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn serve_connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let gauge = shared.metrics.connections().clone();
+    gauge.inc();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+    gauge.dec();
+}
+
+/// Answers one request on an over-limit connection with `overloaded`, then closes it.
+async fn reject_connection(stream: TcpStream, read_timeout: Duration, _permit: OwnedSemaphorePermit) {
+    let service = service_fn(|_req: Request<Incoming>| async {
+        let err = ProxyError::Overloaded("too many connections");
+        Ok::<_, Infallible>(err.to_response(http_body_util::Full::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(read_timeout.saturating_mul(2), conn).await;
+}
+
+/// Counts a request as pending until dropped.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> ProxyResponse {
+    let start = Instant::now();
+    if shared.pending.fetch_add(1, Ordering::Relaxed) >= shared.config.max_pending_requests {
+        shared.pending.fetch_sub(1, Ordering::Relaxed);
+        return shared.error(&ProxyError::Overloaded("too many pending requests"));
+    }
+    let _pending = Pending(&shared.pending);
+    match route(&shared, req, start).await {
+        Ok(resp) => resp,
+        Err(e) => shared.error(&e),
+    }
+}
+
+impl Shared {
+    fn error(&self, e: &ProxyError) -> ProxyResponse {
+        self.metrics.proxy_error(e.code());
+        debug!(error = %e, "answered with a sidecar error");
+        e.to_response(ResponseBody::full)
+    }
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>, start: Instant) -> Result<ProxyResponse, ProxyError> {
+    let name = headers::target_service(&req)?;
+    let svc = shared
+        .resolver
+        .resolve(&name)
+        .ok_or(ProxyError::Overloaded("too many upstream services are watched"))?;
+    if !svc.is_resolved() && !svc.wait_resolved(shared.config.discovery_wait).await {
+        return Err(ProxyError::NoEndpoints(name));
+    }
+    let set = svc.load();
+    if set.endpoints.is_empty() {
+        return Err(ProxyError::NoEndpoints(name));
+    }
+    let state = service_state(shared, &svc);
+    let result = forward(shared, &svc, state, &set, req, start).await;
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    };
+    state.metrics.request(status.as_u16(), start.elapsed().as_secs_f64());
+    result
+}
+
+fn service_state<'a>(shared: &Shared, svc: &'a ServiceEndpoints) -> &'a ServiceState {
+    svc.proxy.get_or_init(|| ServiceState {
+        budget: RetryBudget::new(&shared.config.retry),
+        metrics: shared.metrics.service(svc.name.as_str()),
+    })
+}
+
+/// Releases an endpoint's probe if the probing attempt ends without an outcome.
+struct ProbeGuard<'a> {
+    endpoint: Option<&'a Endpoint>,
+}
+
+impl ProbeGuard<'_> {
+    fn disarm(&mut self) {
+        self.endpoint = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(ep) = self.endpoint {
+            ep.state.outlier.release_probe();
+        }
+    }
+}
+
+/// The endpoint for the next attempt and whether it is that endpoint's probe.
+fn choose(set: &EndpointSet, tried: &[usize], now: Instant) -> Option<(usize, bool)> {
+    let eps = &set.endpoints;
+    let untried = |i: usize| !tried.contains(&i);
+    // An endpoint whose ejection has ended gets its one probe right away.
+    for (i, ep) in eps.iter().enumerate() {
+        if ep.state.outlier.is_ejected() && untried(i) && ep.state.outlier.admit(now) == Admission::Probe {
+            return Some((i, true));
+        }
+    }
+    let pick = least_loaded(eps, |i, ep| untried(i) && !ep.state.outlier.is_ejected())
+        .or_else(|| least_loaded(eps, |_, ep| !ep.state.outlier.is_ejected()))
+        // Panic mode: every endpoint is ejected; trying them beats failing everything.
+        .or_else(|| least_loaded(eps, |i, _| untried(i)))
+        .or_else(|| least_loaded(eps, |_, _| true));
+    pick.map(|i| (i, false))
+}
+
+fn upstream_uri(authority: &str, path: Option<&PathAndQuery>) -> Option<Uri> {
+    let authority = Authority::try_from(authority).ok()?;
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).ok()
+}
+
+fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Result of one attempt.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed { failure: Failure, cause: String },
+}
+
+async fn forward(
+    shared: &Shared,
+    svc: &ServiceEndpoints,
+    state: &ServiceState,
+    set: &EndpointSet,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Result<ProxyResponse, ProxyError> {
+    let config = &shared.config;
+    let deadline = start + config.overall_timeout;
+    state.budget.deposit(start);
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let idempotent = is_idempotent(&parts.method);
+    let body = ReplayBody::new(body, config.replay_buffer_bytes);
+    let path = parts.uri.path_and_query().cloned();
+    let max_attempts = config.max_attempts.max(1);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut backoff: Option<Backoff> = None;
+    let mut attempt = 0u32;
+
+    let overall = async {
+        loop {
+            attempt += 1;
+            let now = Instant::now();
+            let (idx, probe) =
+                choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
+            let ep = &set.endpoints[idx];
+            let mut probe_guard = ProbeGuard { endpoint: probe.then_some(&**ep) };
+            let guard = ep.begin();
+            let uri =
+                upstream_uri(&ep.authority, path.as_ref()).ok_or_else(|| ProxyError::UpstreamFailed {
+                    service: svc.name.clone(),
+                    attempts: attempt,
+                    cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
+                })?;
+            let mut up = Request::new(body.retry());
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            // The last possible attempt takes the headers; earlier ones copy them.
+            *up.headers_mut() = if attempt >= max_attempts {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+
+            let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
+            let result = match tokio::time::timeout(per_try, shared.client.request(up)).await {
+                Ok(Ok(resp)) => match resp.status() {
+                    StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT => Attempt::Response(resp),
+                    _ => {
+                        ep.state.outlier.record(Outcome::Success, probe, &config.outlier, now, || true);
+                        probe_guard.disarm();
+                        let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
+                        headers::strip_hop_by_hop(resp.headers_mut());
+                        debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt, "proxied");
+                        return Ok(resp);
+                    }
+                },
+                Ok(Err(e)) if e.is_connect() => {
+                    let outcome = if is_refused(&e) { Outcome::Refused } else { Outcome::Failure };
+                    record_failure(shared, svc, state, set, ep, outcome, probe, now);
+                    probe_guard.disarm();
+                    Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
+                }
+                Ok(Err(e)) => {
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    probe_guard.disarm();
+                    Attempt::Failed { failure: Failure::Reset, cause: error_chain(&e) }
+                }
+                Err(_) => {
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    probe_guard.disarm();
+                    Attempt::Failed {
+                        failure: Failure::PerTryTimeout,
+                        cause: format!("no response headers within {per_try:?}"),
+                    }
+                }
+            };
+            let failure = match &result {
+                Attempt::Response(_) => {
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    probe_guard.disarm();
+                    Failure::GatewayStatus
+                }
+                Attempt::Failed { failure, .. } => *failure,
+            };
+            drop(probe_guard);
+
+            let mut retry = attempt < max_attempts
+                && may_retry(failure, idempotent, body.is_replayable())
+                && Instant::now() < deadline;
+            if retry && !state.budget.try_withdraw(Instant::now()) {
+                state.metrics.retries_refused.inc();
+                debug!(service = %svc.name, "retry refused by the budget");
+                retry = false;
+            }
+            if !retry {
+                return match result {
+                    Attempt::Response(resp) => {
+                        let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
+                        headers::strip_hop_by_hop(resp.headers_mut());
+                        Ok(resp)
+                    }
+                    Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
+                        Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() })
+                    }
+                    Attempt::Failed { cause, .. } => Err(ProxyError::UpstreamFailed {
+                        service: svc.name.clone(),
+                        attempts: attempt,
+                        cause,
+                    }),
+                };
+            }
+            drop(result);
+            drop(guard);
+            state.metrics.retries.inc();
+            debug!(service = %svc.name, instance = %ep.id, ?failure, attempt, "retrying");
+            tried.push(idx);
+            let delay = backoff
+                .get_or_insert_with(|| Backoff::new(config.retry.backoff_base, config.retry.backoff_cap))
+                .next_delay();
+            tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+        }
+    };
+    match tokio::time::timeout_at(deadline, overall).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: config.overall_timeout }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_failure(
+    shared: &Shared,
+    svc: &ServiceEndpoints,
+    state: &ServiceState,
+    set: &EndpointSet,
+    ep: &Endpoint,
+    outcome: Outcome,
+    probe: bool,
+    now: Instant,
+) {
+    let config = &shared.config.outlier;
+    let may = || {
+        let ejected = set.endpoints.iter().filter(|e| e.state.outlier.is_ejected()).count();
+        may_eject(set.endpoints.len(), ejected, config.max_ejected_percent)
+    };
+    if let Some(duration) = ep.state.outlier.record(outcome, probe, config, now, may) {
+        state.metrics.ejections.inc();
+        info!(service = %svc.name, instance = %ep.id, authority = %ep.authority, ?outcome, ejection = ?duration, "endpoint ejected");
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
