@@ -18,7 +18,10 @@ use trellis_shared::{
 
 use crate::discovery::DiscoveryConfig;
 use crate::health::{HealthCheck, HealthConfig};
+use crate::outlier::OutlierConfig;
+use crate::proxy::ProxyConfig;
 use crate::registration::RegistrationConfig;
+use crate::retry::RetryConfig;
 use crate::shutdown::ShutdownConfig;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -149,17 +152,18 @@ pub struct RunArgs {
     pub grace: Duration,
 }
 
-/// Outbound proxy flags (timeouts, retries, ejection, limits).
+/// Outbound proxy flags (timeouts, retries, ejection, limits). Defaults match
+/// [`ProxyConfig::default`].
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
     /// Timeout of one TCP connect to an endpoint.
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub connect_timeout: Duration,
     /// Timeout of one attempt, until response headers (idempotent requests are retried after it).
-    #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub try_timeout: Duration,
     /// Timeout of a whole request with its retries, until response headers; answers 504.
-    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration)]
+    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub request_timeout: Duration,
     /// Most attempts per request, the first included.
     #[arg(long, env = "TRELLIS_MAX_ATTEMPTS", default_value_t = 3)]
@@ -170,13 +174,22 @@ pub struct ProxyArgs {
     /// Retries per second always allowed, whatever the budget.
     #[arg(long, env = "TRELLIS_RETRY_MIN_PER_SECOND", default_value_t = 10)]
     pub retry_min_per_second: u32,
+    /// How far back the retry budget looks.
+    #[arg(long, env = "TRELLIS_RETRY_WINDOW", default_value = "10s", value_parser = duration)]
+    pub retry_window: Duration,
+    /// Ceiling of the first retry's full-jitter backoff; doubles per retry.
+    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_BASE", default_value = "10ms", value_parser = duration)]
+    pub retry_backoff_base: Duration,
+    /// Largest retry backoff ceiling.
+    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_CAP", default_value = "250ms", value_parser = duration)]
+    pub retry_backoff_cap: Duration,
     /// Largest request body buffered so it can be replayed on a retry, in bytes.
     #[arg(long, env = "TRELLIS_MAX_REPLAY_BODY", default_value_t = 64 * 1024)]
     pub max_replay_body: usize,
     /// Consecutive failures (timeouts, resets, 502/503/504) that eject an endpoint; refused connects eject at once.
     #[arg(long, env = "TRELLIS_EJECTION_FAILURES", default_value_t = 3)]
     pub ejection_failures: u32,
-    /// Length of a first ejection; it doubles with each repeated ejection.
+    /// Length of a first ejection; it grows with each repeated ejection.
     #[arg(long, env = "TRELLIS_EJECTION_BASE", default_value = "5s", value_parser = duration)]
     pub ejection_base: Duration,
     /// Longest ejection.
@@ -185,12 +198,60 @@ pub struct ProxyArgs {
     /// Largest share of a service's endpoints ejected at once, in percent (one may always be).
     #[arg(long, env = "TRELLIS_EJECTION_MAX_PERCENT", default_value_t = 50)]
     pub ejection_max_percent: u8,
-    /// Most concurrent client connections to the outbound listener.
-    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    /// Most open client connections on the outbound port; more are answered 503 overloaded.
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// Most requests in progress at once; more are answered 503 overloaded.
-    #[arg(long, env = "TRELLIS_MAX_PENDING", default_value_t = 10_000)]
+    /// Most requests waiting for response headers; more are answered 503 overloaded.
+    #[arg(long, env = "TRELLIS_MAX_PENDING", default_value_t = 4096)]
     pub max_pending: usize,
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Longest wait for a request head on an open or idle client connection.
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// How long a request for a service never seen before waits for its first discovery answer.
+    #[arg(long, env = "TRELLIS_DISCOVERY_WAIT", default_value = "2s", value_parser = duration)]
+    pub discovery_wait: Duration,
+    /// Idle pooled connections to endpoints are closed after this.
+    #[arg(long, env = "TRELLIS_POOL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per endpoint.
+    #[arg(long, env = "TRELLIS_POOL_MAX_IDLE", default_value_t = 128)]
+    pub pool_max_idle: usize,
+}
+
+impl ProxyArgs {
+    /// The proxy's settings (checked by [`RunArgs::settings`]).
+    pub fn proxy_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            connect_timeout: self.connect_timeout,
+            per_try_timeout: self.try_timeout,
+            overall_timeout: self.request_timeout,
+            max_attempts: self.max_attempts,
+            replay_buffer_bytes: self.max_replay_body,
+            max_connections: self.max_connections,
+            max_pending_requests: self.max_pending,
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: self.header_read_timeout,
+            discovery_wait: self.discovery_wait,
+            pool_idle_timeout: self.pool_idle_timeout,
+            pool_max_idle_per_endpoint: self.pool_max_idle,
+            retry: RetryConfig {
+                budget_ratio: self.retry_budget,
+                min_retries_per_second: self.retry_min_per_second,
+                window: self.retry_window,
+                backoff_base: self.retry_backoff_base,
+                backoff_cap: self.retry_backoff_cap,
+            },
+            outlier: OutlierConfig {
+                consecutive_failures: self.ejection_failures,
+                base_ejection: self.ejection_base,
+                max_ejection: self.ejection_max,
+                max_ejected_percent: self.ejection_max_percent,
+            },
+        }
+    }
 }
 
 /// A configuration error, printed as is before exiting.
@@ -422,6 +483,8 @@ impl ProxyArgs {
             ("--try-timeout", self.try_timeout),
             ("--request-timeout", self.request_timeout),
             ("--ejection-base", self.ejection_base),
+            ("--retry-window", self.retry_window),
+            ("--header-read-timeout", self.header_read_timeout),
         ] {
             if d.is_zero() {
                 return Err(bad(format!("{flag} must be above zero")));
@@ -441,6 +504,12 @@ impl ProxyArgs {
         }
         if self.ejection_failures == 0 {
             return Err(bad("--ejection-failures must be at least 1"));
+        }
+        if self.retry_backoff_cap < self.retry_backoff_base {
+            return Err(bad("--retry-backoff-cap must not be shorter than --retry-backoff-base"));
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(bad("--max-header-bytes must be at least 8192"));
         }
         if self.max_connections == 0 || self.max_pending == 0 {
             return Err(bad("--max-connections and --max-pending must be at least 1"));
@@ -469,6 +538,14 @@ mod tests {
         assert_eq!(s.discovery.max_services, 256);
         assert_eq!(s.client.backoff_cap, Duration::from_secs(1));
         assert_eq!(s.shutdown.drain, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn proxy_defaults_match_the_data_plane_defaults() {
+        let cli = Cli::try_parse_from(["sidecar", "--registry", "http://r:1"]).unwrap();
+        let ours = cli.run.proxy.proxy_config();
+        let theirs = ProxyConfig::default();
+        assert_eq!(format!("{ours:?}"), format!("{theirs:?}"));
     }
 
     #[test]
