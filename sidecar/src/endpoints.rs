@@ -47,6 +47,8 @@ pub struct Endpoint {
     pub zone: Option<Zone>,
     pub metadata: BTreeMap<String, String>,
     pub state: Arc<EndpointState>,
+    /// `authority` parsed once for request URIs (cloning it is a reference-count increment).
+    pub(crate) uri_authority: Option<http::uri::Authority>,
 }
 
 impl Endpoint {
@@ -63,7 +65,8 @@ impl Endpoint {
             Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
             _ => format!("{host}:{port}"),
         };
-        Endpoint { id, host, port, authority, weight: weight.max(1), zone, metadata, state }
+        let uri_authority = http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority.clone())).ok();
+        Endpoint { id, host, port, authority, weight: weight.max(1), zone, metadata, state, uri_authority }
     }
 
     /// Counts a request as in flight until the returned guard drops. The proxy

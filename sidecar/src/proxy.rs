@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -363,11 +363,10 @@ fn choose(set: &EndpointSet, tried: &[usize], now: Instant) -> Option<(usize, bo
     pick.map(|i| (i, false))
 }
 
-fn upstream_uri(authority: &str, path: Option<&PathAndQuery>) -> Option<Uri> {
-    let authority = Authority::try_from(authority).ok()?;
+fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
+    parts.authority = Some(ep.uri_authority.clone()?);
     parts.path_and_query = Some(path.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
     Uri::from_parts(parts).ok()
 }
@@ -404,6 +403,15 @@ async fn forward(
     state.budget.deposit(start);
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(http::header::HOST) {
+        // Absolute-form or HTTP/2 without Host: the upstream sees the service
+        // name it was addressed by, not the endpoint's address.
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+    }
     let idempotent = is_idempotent(&parts.method);
     let body = ReplayBody::new(body, config.replay_buffer_bytes);
     let path = parts.uri.path_and_query().cloned();
@@ -421,12 +429,11 @@ async fn forward(
             let ep = &set.endpoints[idx];
             let mut probe_guard = ProbeGuard { endpoint: probe.then_some(&**ep) };
             let guard = ep.begin();
-            let uri =
-                upstream_uri(&ep.authority, path.as_ref()).ok_or_else(|| ProxyError::UpstreamFailed {
-                    service: svc.name.clone(),
-                    attempts: attempt,
-                    cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
-                })?;
+            let uri = upstream_uri(ep, path.as_ref()).ok_or_else(|| ProxyError::UpstreamFailed {
+                service: svc.name.clone(),
+                attempts: attempt,
+                cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
+            })?;
             let mut up = Request::new(body.retry());
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
@@ -445,7 +452,11 @@ async fn forward(
                     | StatusCode::SERVICE_UNAVAILABLE
                     | StatusCode::GATEWAY_TIMEOUT => Attempt::Response(resp),
                     _ => {
+                        let was_ejected = ep.state.outlier.is_ejected();
                         ep.state.outlier.record(Outcome::Success, probe, &config.outlier, now, || true);
+                        if was_ejected && !ep.state.outlier.is_ejected() {
+                            info!(service = %svc.name, instance = %ep.id, probe, "endpoint restored");
+                        }
                         probe_guard.disarm();
                         let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
                         headers::strip_hop_by_hop(resp.headers_mut());

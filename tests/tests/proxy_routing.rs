@@ -60,6 +60,10 @@ async fn routes_by_host_and_absolute_uri_and_keeps_end_to_end_headers() {
         raw(proxy.addr, b"GET http://orders/y HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("other"), "{text}");
+    // Absolute form without a Host header: the upstream still sees the service name.
+    let text = raw(proxy.addr, b"GET http://orders:15001/z HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(other.seen.lock().unwrap().last().unwrap().headers["host"], "orders:15001");
 
     // In-flight counts fall once the responses are read.
     for e in users.load().endpoints.iter() {
