@@ -65,7 +65,8 @@ impl Endpoint {
             Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
             _ => format!("{host}:{port}"),
         };
-        let uri_authority = http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority.clone())).ok();
+        let uri_authority =
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority.clone())).ok();
         Endpoint { id, host, port, authority, weight: weight.max(1), zone, metadata, state, uri_authority }
     }
 
