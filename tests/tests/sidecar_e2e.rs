@@ -1,0 +1,664 @@
+//! End-to-end tests of the sidecar with the real binaries on loopback: a
+//! registry, backend `demo-app`s each with its own sidecar, and a client
+//! sidecar the load goes through.
+//!
+//! Build first: `cargo build -p trellis-registry -p trellis-sidecar -p trellis-tests --bins`.
+//!
+//! The load client counts every non-2xx answer and every error or timeout as a
+//! failure and never retries. Tests run one at a time (each starts up to eight
+//! processes, and the machine may have two cores).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_shared::{RegistryClient, ServiceName};
+use trellis_tests::{bin, free_addr, wait_for, wait_http_ok, Proc};
+
+/// Held for a whole test; tokio's mutex works across the tests' runtimes and
+/// is not poisoned by a failing test.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SERVICE: &str = "api";
+/// The sidecar's default TTL and heartbeat interval.
+const TTL: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+async fn start_registry(addr: SocketAddr) -> Proc {
+    let p = Proc::spawn("registry", "registry", &strings(&["--listen", &addr.to_string()]), &[]);
+    wait_http_ok(&format!("http://{addr}/health"), Duration::from_secs(20)).await;
+    p
+}
+
+struct Sidecar {
+    proc: Proc,
+    admin: SocketAddr,
+    outbound: SocketAddr,
+}
+
+impl Sidecar {
+    async fn start(name: &str, registry: &str, extra: &[String]) -> Sidecar {
+        let (admin, outbound) = (free_addr(), free_addr());
+        let mut args = strings(&[
+            "--registry",
+            registry,
+            "--admin",
+            &admin.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+        ]);
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(name, "sidecar", &args, &[]);
+        let s = Sidecar { proc, admin, outbound };
+        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(30)).await;
+        s
+    }
+
+    async fn endpoints(&self) -> Value {
+        let url = format!("http://{}/endpoints", self.admin);
+        match reqwest::get(&url).await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// The endpoints of `service` as (id, state, ejections).
+    async fn endpoints_of(&self, service: &str) -> Vec<(String, String, u64)> {
+        let all = self.endpoints().await;
+        let Some(services) = all["services"].as_array() else { return vec![] };
+        services
+            .iter()
+            .filter(|s| s["service"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or_default().to_string(),
+                    e["state"].as_str().unwrap_or_default().to_string(),
+                    e["ejections"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_endpoints(&self, service: &str, n: usize, timeout: Duration) {
+        wait_for(&format!("{} to see {n} endpoints of {service}", self.proc.name), timeout, || async {
+            (self.endpoints_of(service).await.len() == n).then_some(())
+        })
+        .await
+    }
+
+    /// The `trellis_sidecar_registry_up` gauge.
+    async fn registry_up(&self) -> Option<i64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin)).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("trellis_sidecar_registry_up "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+struct Backend {
+    name: String,
+    app: Proc,
+    app_addr: SocketAddr,
+    sidecar: Sidecar,
+}
+
+impl Backend {
+    async fn start(name: &str, registry: &str, app_extra: &[&str], sidecar_extra: &[&str]) -> Backend {
+        let app_addr = free_addr();
+        let mut args = strings(&["--listen", &app_addr.to_string(), "--name", name]);
+        args.extend(strings(app_extra));
+        let app = Proc::spawn(&format!("{name}-app"), "demo-app", &args, &[]);
+        wait_for(&format!("{name} app to listen"), Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(app_addr).await.ok().map(|_| ())
+        })
+        .await;
+        let mut extra = strings(&[
+            "--service",
+            SERVICE,
+            "--app",
+            &app_addr.to_string(),
+            "--advertise",
+            &app_addr.to_string(),
+            "--instance-id",
+            name,
+        ]);
+        extra.extend(strings(sidecar_extra));
+        let sidecar = Sidecar::start(&format!("{name}-sidecar"), registry, &extra).await;
+        Backend { name: name.to_string(), app, app_addr, sidecar }
+    }
+
+    async fn control(&self, path_and_query: &str) {
+        let url = format!("http://{}{path_and_query}", self.app_addr);
+        let r = reqwest::Client::new().put(&url).send().await.expect("control request");
+        assert!(r.status().is_success(), "PUT {url}: {}", r.status());
+    }
+}
+
+/// Instance ids the registry lists for the service (`all` includes critical ones).
+async fn registry_ids(client: &RegistryClient, all: bool) -> Option<Vec<String>> {
+    let view = client.get(&ServiceName::new(SERVICE).unwrap(), all).await.ok()?;
+    let mut ids: Vec<String> = view.instances.iter().map(|i| i.id.to_string()).collect();
+    ids.sort();
+    Some(ids)
+}
+
+async fn wait_registry_ids(client: &RegistryClient, all: bool, want: &[&str], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    wait_for(&format!("registry to list {want:?}"), timeout, || async {
+        (registry_ids(client, all).await.as_ref() == Some(&want)).then_some(())
+    })
+    .await;
+    start.elapsed()
+}
+
+/// How requests reach the client sidecar.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `GET http://<outbound>/path` with `Host: api`.
+    HostHeader,
+    /// `GET http://api/path` through the outbound port as an HTTP proxy.
+    AbsoluteForm,
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    by_instance: Mutex<HashMap<String, u64>>,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn total(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    fn by_instance(&self) -> HashMap<String, u64> {
+        self.by_instance.lock().unwrap().clone()
+    }
+    fn fail(&self, why: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.failures.lock().unwrap();
+        if f.len() < 20 {
+            f.push(why);
+        }
+    }
+}
+
+fn http_client(outbound: SocketAddr, mode: Mode) -> reqwest::Client {
+    let b = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    let b = match mode {
+        Mode::HostHeader => b.no_proxy(),
+        Mode::AbsoluteForm => b.proxy(reqwest::Proxy::http(format!("http://{outbound}")).expect("proxy URL")),
+    };
+    b.build().expect("client")
+}
+
+/// One request through the client sidecar; never retried.
+async fn one(client: &reqwest::Client, outbound: SocketAddr, mode: Mode, host: &str, tally: &Tally) {
+    let req = match mode {
+        Mode::HostHeader => client.get(format!("http://{outbound}/work")).header("host", host),
+        Mode::AbsoluteForm => client.get(format!("http://{host}/work")),
+    };
+    match req.send().await {
+        Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+            Ok(v) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                let inst = v["instance"].as_str().unwrap_or("?").to_string();
+                *tally.by_instance.lock().unwrap().entry(inst).or_insert(0) += 1;
+            }
+            Err(e) => tally.fail(format!("body: {e}")),
+        },
+        Ok(r) => {
+            let code =
+                r.headers().get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            tally.fail(format!("status {status} {code} {body}"));
+        }
+        Err(e) => tally.fail(format!("error: {e}")),
+    }
+}
+
+/// Steady load from `workers` concurrent loops until stopped.
+struct Load {
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(outbound: SocketAddr, mode: Mode, workers: usize, pause: Duration) -> Load {
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = http_client(outbound, mode);
+        let tasks = (0..workers)
+            .map(|_| {
+                let (tally, stop, client) = (Arc::clone(&tally), Arc::clone(&stop), client.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        one(&client, outbound, mode, SERVICE, &tally).await;
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { tally, stop, tasks }
+    }
+
+    async fn wait_total(&self, n: u64, timeout: Duration) {
+        wait_for(&format!("{n} requests"), timeout, || async { (self.tally.total() >= n).then_some(()) })
+            .await
+    }
+
+    async fn stop(self) -> Arc<Tally> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.tally
+    }
+}
+
+fn assert_no_failures(what: &str, tally: &Tally) {
+    let failures = tally.failures.lock().unwrap().clone();
+    assert_eq!(
+        tally.failed(),
+        0,
+        "{what}: {} of {} requests failed; first failures: {failures:#?}",
+        tally.failed(),
+        tally.total()
+    );
+}
+
+struct Cluster {
+    registry: Proc,
+    registry_addr: SocketAddr,
+    backends: Vec<Backend>,
+    client: Sidecar,
+    api: RegistryClient,
+}
+
+impl Cluster {
+    /// A registry, `n` backends and a client sidecar watching `api` from the start.
+    async fn start(n: usize) -> Cluster {
+        let registry_addr = free_addr();
+        let registry = start_registry(registry_addr).await;
+        let registry_url = format!("http://{registry_addr}");
+        let mut backends = Vec::new();
+        for i in 0..n {
+            backends.push(Backend::start(&format!("api-{i}"), &registry_url, &[], &[]).await);
+        }
+        let api = RegistryClient::from_list(&registry_url).unwrap();
+        let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        wait_registry_ids(&api, false, &names, Duration::from_secs(20)).await;
+        let client =
+            Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
+        client.wait_endpoints(SERVICE, n, Duration::from_secs(20)).await;
+        Cluster { registry, registry_addr, backends, client, api }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 1: a client sidecar spreads requests across three instances,
+// by Host header and by absolute-form URI; the watch starts on first use.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_requests_across_three_instances_by_host_and_absolute_uri() {
+    let _serial = SERIAL.lock().await;
+    let registry_addr = free_addr();
+    let _registry = start_registry(registry_addr).await;
+    let registry_url = format!("http://{registry_addr}");
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        backends.push(Backend::start(&format!("api-{i}"), &registry_url, &[], &[]).await);
+    }
+    let api = RegistryClient::from_list(&registry_url).unwrap();
+    wait_registry_ids(&api, false, &["api-0", "api-1", "api-2"], Duration::from_secs(20)).await;
+    // No --upstream-service: the first request starts the watch.
+    let client = Sidecar::start("client-sidecar", &registry_url, &[]).await;
+
+    for mode in [Mode::HostHeader, Mode::AbsoluteForm] {
+        let http = http_client(client.outbound, mode);
+        let tally = Tally::default();
+        for _ in 0..300 {
+            one(&http, client.outbound, mode, SERVICE, &tally).await;
+        }
+        assert_no_failures(&format!("{mode:?}"), &tally);
+        let spread = tally.by_instance();
+        println!("{mode:?}: 300 sequential requests spread as {spread:?}");
+        for b in &backends {
+            let n = spread.get(&b.name).copied().unwrap_or(0);
+            // Sequential requests tie at zero in flight; random tie-breaking gives ~100 each.
+            assert!(n >= 40, "{mode:?}: {} got only {n} of 300 requests: {spread:?}", b.name);
+        }
+    }
+    // Each backend app saw requests (the sidecar proxied to the apps, not elsewhere).
+    for b in &backends {
+        let stats: Value =
+            reqwest::get(format!("http://{}/control/stats", b.app_addr)).await.unwrap().json().await.unwrap();
+        assert!(stats["requests"].as_u64().unwrap_or(0) >= 80, "{}: {stats}", b.name);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 2: least-connections sends markedly fewer requests to a slow instance.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_sends_fewer_requests_to_a_slow_instance() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start(3).await;
+    c.backends[0].control("/control/delay?d=200ms").await;
+
+    let load = Load::start(c.client.outbound, Mode::HostHeader, 8, Duration::ZERO);
+    load.wait_total(3000, Duration::from_secs(120)).await;
+    let tally = load.stop().await;
+    assert_no_failures("least-connections load", &tally);
+    let spread = tally.by_instance();
+    let slow = spread.get("api-0").copied().unwrap_or(0);
+    let fast = spread.get("api-1").copied().unwrap_or(0).min(spread.get("api-2").copied().unwrap_or(0));
+    println!("8 concurrent loops, api-0 answering in 200ms: spread {spread:?}");
+    assert!(slow * 5 < fast, "slow instance got {slow}, the slower fast one {fast}: {spread:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 3: kill -9 one backend (app and sidecar) during a steady stream.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_backend_fails_no_request_ejects_it_and_it_expires() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(3).await;
+    let load = Load::start(c.client.outbound, Mode::HostHeader, 4, Duration::ZERO);
+    load.wait_total(500, Duration::from_secs(60)).await;
+
+    let victim = c.backends.remove(1);
+    let (mut app, mut sidecar) = (victim.app, victim.sidecar.proc);
+    let killed = Instant::now();
+    app.kill9();
+    sidecar.kill9();
+
+    // Ejected at once: the first refused connect ejects it.
+    let ejected_after = {
+        wait_for("api-1 to be ejected", Duration::from_secs(10), || async {
+            let eps = c.client.endpoints_of(SERVICE).await;
+            eps.iter().any(|(id, state, ej)| id == "api-1" && (state != "active" || *ej >= 1)).then_some(())
+        })
+        .await;
+        killed.elapsed()
+    };
+
+    // Gone from the registry within its TTL.
+    let gone_after = {
+        wait_registry_ids(&c.api, true, &["api-0", "api-2"], TTL * 4).await;
+        killed.elapsed()
+    };
+    load.wait_total(2500, Duration::from_secs(120)).await;
+    let tally = load.stop().await;
+    println!(
+        "kill -9: {} requests, {} failed; ejected after {ejected_after:?}; gone from the registry after {gone_after:?} (TTL {TTL:?})",
+        tally.total(),
+        tally.failed()
+    );
+    assert_no_failures("kill -9", &tally);
+    assert!(tally.total() >= 2000);
+    assert!(ejected_after < Duration::from_secs(5), "ejection took {ejected_after:?}");
+    assert!(gone_after <= TTL * 3, "expiry took {gone_after:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 7: the registry stops during traffic, then comes back empty.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_restart_drops_no_request_and_instances_come_back() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(3).await;
+    let load = Load::start(c.client.outbound, Mode::HostHeader, 4, Duration::from_millis(2));
+    load.wait_total(300, Duration::from_secs(60)).await;
+
+    c.registry.kill9();
+    // While it is down (longer than a TTL), the client keeps every endpoint and keeps serving.
+    let down_since = Instant::now();
+    while down_since.elapsed() < TTL + HEARTBEAT {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(c.client.endpoints_of(SERVICE).await.len(), 3, "the registry being down emptied the set");
+    }
+    let during_outage = load.tally.total();
+    assert_eq!(c.client.registry_up().await, Some(0), "registry_up while the registry is down");
+    assert_no_failures("registry down", &load.tally);
+
+    c.registry = start_registry(c.registry_addr).await;
+    let restarted = Instant::now();
+    let back_after =
+        wait_registry_ids(&c.api, false, &["api-0", "api-1", "api-2"], (HEARTBEAT + TTL) * 3).await;
+    // Watches recover too: the client's endpoints follow the new registry.
+    c.client.wait_endpoints(SERVICE, 3, Duration::from_secs(20)).await;
+    wait_for("registry_up to be 1 again", Duration::from_secs(20), || async {
+        (c.client.registry_up().await == Some(1)).then_some(())
+    })
+    .await;
+    let before_end = load.tally.total();
+    load.wait_total(before_end + 300, Duration::from_secs(60)).await;
+    let tally = load.stop().await;
+    println!(
+        "registry restart: {} requests ({during_outage} by the end of the outage), {} failed; all 3 instances back {back_after:?} after the restart (bound: heartbeat {HEARTBEAT:?} + TTL {TTL:?}); total {:?}",
+        tally.total(),
+        tally.failed(),
+        restarted.elapsed()
+    );
+    assert_no_failures("registry restart", &tally);
+    assert!(back_after <= (HEARTBEAT + TTL) * 3, "{back_after:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 8: SIGTERM a backend's sidecar under traffic.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(3).await;
+    let load = Load::start(c.client.outbound, Mode::HostHeader, 4, Duration::from_millis(1));
+    load.wait_total(300, Duration::from_secs(60)).await;
+
+    let signalled = Instant::now();
+    c.backends[2].sidecar.proc.sigterm();
+    // The app behind the terminating sidecar makes a slow call through it during
+    // the drain; it must complete although the listener closes meanwhile.
+    let outbound = c.backends[2].sidecar.outbound;
+    let in_flight = tokio::spawn(async move {
+        let http = http_client(outbound, Mode::HostHeader);
+        let r = http.get(format!("http://{outbound}/slow?delay=2500ms")).header("host", SERVICE).send().await;
+        (r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()), signalled.elapsed())
+    });
+    let gone_after = wait_registry_ids(&c.api, true, &["api-0", "api-1"], TTL * 3).await;
+    // Not ready any more while draining.
+    let ready = reqwest::get(format!("http://{}/ready", c.backends[2].sidecar.admin)).await;
+    if let Ok(r) = ready {
+        assert_ne!(r.status(), reqwest::StatusCode::OK, "still ready while shutting down");
+    }
+    let status = c.backends[2].sidecar.proc.wait_exit(Duration::from_secs(30)).expect("sidecar did not exit");
+    let exited_after = signalled.elapsed();
+    let (slow_call, slow_took) = in_flight.await.unwrap();
+    assert_eq!(slow_call, Ok(200), "a call in flight during the drain failed");
+    assert!(slow_took >= Duration::from_millis(2500) && slow_took <= exited_after, "{slow_took:?}");
+    c.client.wait_endpoints(SERVICE, 2, Duration::from_secs(10)).await;
+    let before_end = load.tally.total();
+    load.wait_total(before_end + 300, Duration::from_secs(60)).await;
+    let tally = load.stop().await;
+    println!(
+        "SIGTERM: deregistered after {gone_after:?}, exited {status} after {exited_after:?} (a 2.5s call made during the drain took {slow_took:?}); {} requests, {} failed",
+        tally.total(),
+        tally.failed()
+    );
+    assert!(status.success(), "exit status {status}");
+    // Deregistered explicitly, not by lease expiry.
+    assert!(gone_after < TTL - Duration::from_secs(1), "deregistration took {gone_after:?}");
+    // Default drain 2s + grace 5s + deregistration, generously.
+    assert!(exited_after < Duration::from_secs(20), "{exited_after:?}");
+    let log = c.backends[2].sidecar.proc.log_text();
+    assert!(log.contains("deregistered"), "no deregistration in the log");
+    assert_no_failures("SIGTERM", &tally);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 9: an app that turns unhealthy is hidden, then returns.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_app_is_hidden_then_returns() {
+    let _serial = SERIAL.lock().await;
+    let registry_addr = free_addr();
+    let _registry = start_registry(registry_addr).await;
+    let registry_url = format!("http://{registry_addr}");
+    let mut backends = Vec::new();
+    for i in 0..2 {
+        backends.push(
+            Backend::start(&format!("api-{i}"), &registry_url, &[], &["--health", "http:/health"]).await,
+        );
+    }
+    let api = RegistryClient::from_list(&registry_url).unwrap();
+    wait_registry_ids(&api, false, &["api-0", "api-1"], Duration::from_secs(20)).await;
+    let client =
+        Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
+    client.wait_endpoints(SERVICE, 2, Duration::from_secs(20)).await;
+    let load = Load::start(client.outbound, Mode::HostHeader, 2, Duration::from_millis(5));
+
+    // Default checks: every 1s, unhealthy after 2 failures, healthy after 2 passes.
+    let flipped = Instant::now();
+    backends[0].control("/control/health?ok=false").await;
+    client.wait_endpoints(SERVICE, 1, Duration::from_secs(20)).await;
+    let hidden_after = flipped.elapsed();
+    assert_eq!(registry_ids(&api, false).await, Some(vec!["api-1".to_string()]));
+    assert_eq!(registry_ids(&api, true).await.map(|v| v.len()), Some(2), "hidden, not removed");
+
+    let flipped = Instant::now();
+    backends[0].control("/control/health?ok=true").await;
+    client.wait_endpoints(SERVICE, 2, Duration::from_secs(20)).await;
+    let back_after = flipped.elapsed();
+    let tally = load.stop().await;
+    println!(
+        "unhealthy app hidden after {hidden_after:?}, back after {back_after:?} (thresholds 2 x 1s plus watch delay); {} requests, {} failed",
+        tally.total(),
+        tally.failed()
+    );
+    assert_no_failures("health flip", &tally);
+    assert!(hidden_after >= Duration::from_millis(900), "hidden before two failed checks: {hidden_after:?}");
+    assert!(hidden_after < Duration::from_secs(10), "{hidden_after:?}");
+    assert!(back_after < Duration::from_secs(10), "{back_after:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 3, test 10 (part): thousands of distinct Host names.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start(1).await;
+    let http = http_client(c.client.outbound, Mode::HostHeader);
+    let tally = Tally::default();
+    one(&http, c.client.outbound, Mode::HostHeader, SERVICE, &tally).await;
+    assert_no_failures("warm-up", &tally);
+    let rss_before = c.client.rss_kib();
+
+    let codes: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let started = Instant::now();
+    let n = 3000;
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let (http, codes, outbound) = (http.clone(), Arc::clone(&codes), c.client.outbound);
+            tokio::spawn(async move {
+                for i in (w..n).step_by(8) {
+                    let host = format!("no-such-service-{i}");
+                    let key = match http.get(format!("http://{outbound}/x")).header("host", host).send().await
+                    {
+                        Ok(r) => format!(
+                            "{} {}",
+                            r.status().as_u16(),
+                            r.headers().get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or("-")
+                        ),
+                        Err(e) => format!("error {e}"),
+                    };
+                    *codes.lock().unwrap().entry(key).or_insert(0) += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    let codes = codes.lock().unwrap().clone();
+    let rss_after = c.client.rss_kib();
+    let watched = c.client.endpoints().await["services"].as_array().map(|a| a.len()).unwrap_or(0);
+    println!(
+        "{n} distinct Host names in {took:?}: answers {codes:?}; services watched after: {watched}; RSS {rss_before} KiB -> {rss_after} KiB"
+    );
+    for (k, v) in &codes {
+        assert!(k == "503 no_endpoints" || k == "503 overloaded", "{v} answers were {k:?}");
+    }
+    assert!(watched <= 256, "{watched} services watched, the cap is 256");
+    assert!(rss_after < rss_before + 64 * 1024, "RSS grew from {rss_before} KiB to {rss_after} KiB");
+
+    // The real service still works, and the sidecar is still healthy.
+    let tally = Tally::default();
+    for _ in 0..50 {
+        one(&http, c.client.outbound, Mode::HostHeader, SERVICE, &tally).await;
+    }
+    assert_no_failures("after the flood", &tally);
+    wait_http_ok(&format!("http://{}/ready", c.client.admin), Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------
+// The probe subcommand and bad configuration.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_subcommand_and_bad_config_exit_codes() {
+    let _serial = SERIAL.lock().await;
+    let registry_addr = free_addr();
+    let _registry = start_registry(registry_addr).await;
+    let client = Sidecar::start("probe-sidecar", &format!("http://{registry_addr}"), &[]).await;
+
+    let probe = |admin: SocketAddr| {
+        std::process::Command::new(bin("sidecar"))
+            .args(["probe", "--admin", &admin.to_string()])
+            .output()
+            .expect("run sidecar probe")
+    };
+    let ok = probe(client.admin);
+    assert!(ok.status.success(), "probe of a ready sidecar: {ok:?}");
+    let dead = probe(free_addr());
+    assert_eq!(dead.status.code(), Some(1), "probe of nothing: {dead:?}");
+
+    let bad = std::process::Command::new(bin("sidecar"))
+        .args(["--registry", "http://127.0.0.1:1", "--service", "Bad_Name", "--app", "127.0.0.1:1"])
+        .output()
+        .expect("run sidecar");
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("service name"), "{bad:?}");
+    let missing =
+        std::process::Command::new(bin("sidecar")).env_remove("TRELLIS_REGISTRY").output().expect("run");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--registry"), "{missing:?}");
+}
