@@ -157,8 +157,9 @@ pub async fn check_once(
 
 /// Checks the app every `config.interval` until `shutdown`, publishing verdicts.
 pub async fn run(config: HealthConfig, tx: watch::Sender<HealthReport>, shutdown: CancellationToken) {
-    // No pooling: a pooled connection the app closed would fail a check for no reason.
-    let http = match reqwest::Client::builder().pool_max_idle_per_host(0).build() {
+    // No pooling: a pooled connection the app closed would fail a check for no
+    // reason. No proxy from the environment: HTTP_PROXY may point at this very sidecar.
+    let http = match reqwest::Client::builder().pool_max_idle_per_host(0).no_proxy().build() {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot build the health check HTTP client; using a default one");

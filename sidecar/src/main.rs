@@ -94,7 +94,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
         }
     };
     let answer = runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(args.timeout).build()?;
+        let client = reqwest::Client::builder().timeout(args.timeout).no_proxy().build()?;
         client.get(&url).send().await.map(|r| r.status())
     });
     match answer {
