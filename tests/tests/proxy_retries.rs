@@ -197,3 +197,28 @@ async fn per_try_timeout_retries_an_idempotent_request_elsewhere() {
     assert_eq!(r.error_code(), Some("timeout"));
     assert_eq!(slow.hits() - before, 1);
 }
+
+#[tokio::test]
+async fn a_body_larger_than_the_replay_buffer_is_not_resent() {
+    let (reset_addr, count, _task) = resetting_backend().await;
+    let good = backend(|_| Reply::ok("ok")).await;
+    let cfg = ProxyConfig { replay_buffer_bytes: 1024, retry: generous_budget(), ..ProxyConfig::default() };
+    let proxy =
+        start_proxy(FixedResolver::default().with(service("users", &[reset_addr])), cfg.clone()).await;
+    let client = client();
+    // PUT is idempotent, but 200 KB streamed past the 1 KB buffer cannot be replayed.
+    let big = Bytes::from(vec![b'x'; 200 * 1024]);
+    let r = call(&client, proxy.addr, "PUT", "users", big.clone()).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    // A small PUT is replayed on the healthy endpoint.
+    let proxy =
+        start_proxy(FixedResolver::default().with(service("users", &[reset_addr, good.addr])), cfg).await;
+    for _ in 0..10 {
+        let r = call(&client, proxy.addr, "PUT", "users", Bytes::from_static(b"small")).await;
+        assert_eq!(r.status, 200);
+    }
+    for s in good.seen.lock().unwrap().iter() {
+        assert_eq!(s.body, "small");
+    }
+}

@@ -260,3 +260,57 @@ async fn wait_for_hits(b: &Backend, n: usize) {
     })
     .await;
 }
+
+#[tokio::test]
+async fn in_flight_count_falls_when_the_response_body_ends() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use tokio::sync::mpsc;
+
+    // A backend whose response body the test feeds chunk by chunk.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |_req| {
+            let rx = Arc::clone(&rx);
+            async move {
+                let rx = rx.lock().await.take().unwrap();
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+                });
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(stream)))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    let svc = service("stream", &[addr]);
+    let proxy = start_proxy(FixedResolver::default().with(svc.clone()), config()).await;
+    let client = client();
+    let req = Request::builder()
+        .uri(format!("http://{}/", proxy.addr))
+        .header("host", "stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let ep = Arc::clone(&svc.load().endpoints[0]);
+    // Headers arrived, the body has not ended: still in flight.
+    assert_eq!(ep.state.in_flight(), 1);
+    let mut body = resp.into_body();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let f = body.frame().await.unwrap().unwrap();
+    assert_eq!(f.into_data().unwrap(), "first");
+    assert_eq!(ep.state.in_flight(), 1);
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    trellis_tests::wait_for("in-flight count to fall", Duration::from_secs(5), || async {
+        (ep.state.in_flight() == 0).then_some(())
+    })
+    .await;
+    server.abort();
+}
