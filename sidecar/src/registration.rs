@@ -208,7 +208,11 @@ impl<R: RegistryApi> Registration<R> {
                 status: Some(status_of(report.health)),
                 output: Some(bounded_output(&report.output)),
             };
-            let r = self.api.heartbeat(&self.config.service, &self.config.id, &req).await;
+            // A heartbeat stuck on a hung registry must not delay deregistration.
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.api.heartbeat(&self.config.service, &self.config.id, &req) => r,
+            };
             next = match r {
                 Ok(()) => {
                     self.succeeded();

@@ -37,6 +37,31 @@ async fn start_registry(addr: SocketAddr) -> Proc {
     p
 }
 
+async fn endpoints_json(admin: SocketAddr) -> Value {
+    match reqwest::get(format!("http://{admin}/endpoints")).await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// A sidecar's endpoints of `service` as (id, state, ejections).
+async fn endpoints_at(admin: SocketAddr, service: &str) -> Vec<(String, String, u64)> {
+    let all = endpoints_json(admin).await;
+    let Some(services) = all["services"].as_array() else { return vec![] };
+    services
+        .iter()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["state"].as_str().unwrap_or_default().to_string(),
+                e["ejections"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
 struct Sidecar {
     proc: Proc,
     admin: SocketAddr,
@@ -62,29 +87,12 @@ impl Sidecar {
     }
 
     async fn endpoints(&self) -> Value {
-        let url = format!("http://{}/endpoints", self.admin);
-        match reqwest::get(&url).await {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        }
+        endpoints_json(self.admin).await
     }
 
     /// The endpoints of `service` as (id, state, ejections).
     async fn endpoints_of(&self, service: &str) -> Vec<(String, String, u64)> {
-        let all = self.endpoints().await;
-        let Some(services) = all["services"].as_array() else { return vec![] };
-        services
-            .iter()
-            .filter(|s| s["service"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .map(|e| {
-                (
-                    e["id"].as_str().unwrap_or_default().to_string(),
-                    e["state"].as_str().unwrap_or_default().to_string(),
-                    e["ejections"].as_u64().unwrap_or_default(),
-                )
-            })
-            .collect()
+        endpoints_at(self.admin, service).await
     }
 
     async fn wait_endpoints(&self, service: &str, n: usize, timeout: Duration) {
@@ -450,12 +458,31 @@ async fn registry_restart_drops_no_request_and_instances_come_back() {
     assert_eq!(c.client.registry_up().await, Some(0), "registry_up while the registry is down");
     assert_no_failures("registry down", &load.tally);
 
+    // From the restart on, watch the client's endpoint count: instances that have
+    // not re-registered yet are kept, so it never drops.
+    let watching = Arc::new(AtomicBool::new(true));
+    let min_seen = {
+        let (watching, admin) = (Arc::clone(&watching), c.client.admin);
+        tokio::spawn(async move {
+            let mut min = usize::MAX;
+            while watching.load(Ordering::Relaxed) {
+                min = min.min(endpoints_at(admin, SERVICE).await.len());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            min
+        })
+    };
     c.registry = start_registry(c.registry_addr).await;
     let restarted = Instant::now();
     let back_after =
         wait_registry_ids(&c.api, false, &["api-0", "api-1", "api-2"], (HEARTBEAT + TTL) * 3).await;
     // Watches recover too: the client's endpoints follow the new registry.
     c.client.wait_endpoints(SERVICE, 3, Duration::from_secs(20)).await;
+    // One TTL past the restart, every kept instance has re-registered or been dropped.
+    tokio::time::sleep(TTL.saturating_sub(restarted.elapsed()) + HEARTBEAT).await;
+    watching.store(false, Ordering::Relaxed);
+    let min_seen = min_seen.await.unwrap();
+    assert_eq!(min_seen, 3, "the client's endpoints dropped to {min_seen} across the registry restart");
     wait_for("registry_up to be 1 again", Duration::from_secs(20), || async {
         (c.client.registry_up().await == Some(1)).then_some(())
     })
@@ -661,4 +688,65 @@ async fn probe_subcommand_and_bad_config_exit_codes() {
         std::process::Command::new(bin("sidecar")).env_remove("TRELLIS_REGISTRY").output().expect("run");
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--registry"), "{missing:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The registry unreachable at start: the sidecar keeps trying and registers
+// within about a heartbeat interval of the registry appearing.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_before_its_registry_registers_once_it_appears() {
+    let _serial = SERIAL.lock().await;
+    let registry_addr = free_addr();
+    let registry_url = format!("http://{registry_addr}");
+    let app_addr = free_addr();
+    let _app = Proc::spawn(
+        "early-app",
+        "demo-app",
+        &strings(&["--listen", &app_addr.to_string(), "--name", "api-0"]),
+        &[],
+    );
+    let admin = free_addr();
+    let mut sidecar = Proc::spawn(
+        "early-sidecar",
+        "sidecar",
+        &strings(&[
+            "--registry",
+            &registry_url,
+            "--service",
+            SERVICE,
+            "--app",
+            &app_addr.to_string(),
+            "--advertise",
+            &app_addr.to_string(),
+            "--instance-id",
+            "api-0",
+            "--admin",
+            &admin.to_string(),
+            "--outbound",
+            &free_addr().to_string(),
+        ]),
+        &[],
+    );
+    // Up, but not ready: nothing to register with.
+    let ready_url = format!("http://{admin}/ready");
+    let status = wait_for("the admin port", Duration::from_secs(20), || async {
+        reqwest::get(&ready_url).await.ok().map(|r| r.status())
+    })
+    .await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    // Several retries' worth of an outage.
+    tokio::time::sleep(3 * HEARTBEAT).await;
+    assert!(sidecar.wait_exit(Duration::ZERO).is_none(), "the sidecar exited while the registry was down");
+
+    let _registry = start_registry(registry_addr).await;
+    let started = Instant::now();
+    let api = RegistryClient::from_list(&registry_url).unwrap();
+    let registered_after = wait_registry_ids(&api, false, &["api-0"], Duration::from_secs(20)).await;
+    wait_http_ok(&ready_url, Duration::from_secs(10)).await;
+    println!(
+        "registry appeared after the sidecar: registered {registered_after:?} later, ready {:?} later (retry cap: heartbeat {HEARTBEAT:?})",
+        started.elapsed()
+    );
+    assert!(registered_after <= HEARTBEAT * 4, "{registered_after:?}");
 }
