@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use trellis_shared::backoff::Backoff;
 use trellis_shared::{
     ClientError, HealthStatus, HeartbeatRequest, InstanceId, RegisterRequest, RegistryClient, ServiceName,
@@ -136,7 +136,13 @@ impl<R: RegistryApi> Registration<R> {
 
     fn failed(&mut self, what: &str, e: &ClientError) -> Duration {
         self.sink.report(false);
-        if !std::mem::replace(&mut self.failing, true) {
+        let refused = matches!(e, ClientError::Api { status, .. } if status.is_client_error());
+        if refused {
+            // The registry answered but refused what we sent (a TTL outside its
+            // bounds, say): retrying will not help until someone fixes the flags,
+            // so say it loudly every time, at the capped retry pace.
+            error!(service = %self.config.service, instance = %self.config.id, error = %e, "{what} refused by the registry; check the sidecar's flags");
+        } else if !std::mem::replace(&mut self.failing, true) {
             warn!(service = %self.config.service, instance = %self.config.id, error = %e, "{what} failed; retrying");
         } else {
             debug!(service = %self.config.service, instance = %self.config.id, error = %e, "{what} failed again");
