@@ -67,13 +67,24 @@ pub enum Outcome {
     Failure,
 }
 
+/// How the attempt that produced an outcome was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The endpoint was active.
+    Normal,
+    /// It was the endpoint's one probe ([`Admission::Probe`]).
+    Probe,
+    /// Panic mode: every endpoint was ejected and this one was tried anyway.
+    Panic,
+}
+
 /// Whether the balancer may send a request to an endpoint now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Active: any number of requests.
     Open,
     /// Its ejection is over and this request is the one probe; the caller must
-    /// report the outcome with `probe = true` or call [`OutlierState::release_probe`].
+    /// report the outcome with [`Via::Probe`] or call [`OutlierState::release_probe`].
     Probe,
     /// Ejected, or probing with the probe already out.
     Closed,
@@ -156,14 +167,16 @@ impl OutlierState {
         }
     }
 
-    /// Records the outcome of an attempt. `probe` says the attempt was the one
-    /// admitted with [`Admission::Probe`]. `may_eject` is asked (only when an
-    /// ejection is due) whether the ejected-share bound allows one more.
-    /// Returns the ejection's duration when this outcome ejected the endpoint.
+    /// Records the outcome of an attempt let through `via`. `may_eject` is
+    /// asked (only when an ejection is due) whether the ejected-share bound
+    /// allows one more. Returns the ejection's duration when this outcome
+    /// ejected the endpoint. Outcomes of requests that were already under way
+    /// when the endpoint was ejected change nothing: only its probe, or a
+    /// panic-mode request, ends an ejection.
     pub fn record(
         &self,
         outcome: Outcome,
-        probe: bool,
+        via: Via,
         config: &OutlierConfig,
         now: Instant,
         may_eject: impl FnOnce() -> bool,
@@ -173,7 +186,7 @@ impl OutlierState {
             if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
-            if mode != ACTIVE {
+            if mode != ACTIVE && via != Via::Normal {
                 // A probe, or a panic-mode request, found it healthy.
                 let mut inner = self.lock();
                 inner.until = None;
@@ -194,11 +207,12 @@ impl OutlierState {
                 }
                 None
             }
-            PROBING if probe => {
+            PROBING if via == Via::Probe => {
                 let mut inner = self.lock();
                 Some(self.eject(&mut inner, config, now))
             }
-            // Panic-mode traffic to an ejected endpoint says nothing new.
+            // Panic-mode traffic to an ejected endpoint, or a request from
+            // before the ejection, says nothing new.
             _ => None,
         }
     }
@@ -234,21 +248,21 @@ mod tests {
         }
     }
 
-    fn fail(s: &OutlierState, o: Outcome, probe: bool) -> Option<Duration> {
-        s.record(o, probe, &cfg(), Instant::now(), || true)
+    fn fail(s: &OutlierState, o: Outcome, via: Via) -> Option<Duration> {
+        s.record(o, via, &cfg(), Instant::now(), || true)
     }
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_eject_at_threshold() {
         let s = OutlierState::default();
-        assert_eq!(fail(&s, Outcome::Failure, false), None);
-        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), None);
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), None);
         // A success in between starts the count again.
-        fail(&s, Outcome::Success, false);
-        assert_eq!(fail(&s, Outcome::Failure, false), None);
-        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        fail(&s, Outcome::Success, Via::Normal);
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), None);
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), None);
         assert_eq!(s.describe(), ("active", 0));
-        assert_eq!(fail(&s, Outcome::Failure, false), Some(Duration::from_secs(10)));
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), Some(Duration::from_secs(10)));
         assert_eq!(s.describe(), ("ejected", 1));
         assert_eq!(s.admit(Instant::now()), Admission::Closed);
     }
@@ -256,23 +270,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refused_ejects_at_once() {
         let s = OutlierState::default();
-        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Normal), Some(Duration::from_secs(10)));
         assert!(s.is_ejected());
     }
 
     #[tokio::test(start_paused = true)]
     async fn share_bound_can_refuse_an_ejection() {
         let s = OutlierState::default();
-        assert_eq!(s.record(Outcome::Refused, false, &cfg(), Instant::now(), || false), None);
+        assert_eq!(s.record(Outcome::Refused, Via::Normal, &cfg(), Instant::now(), || false), None);
         assert_eq!(s.describe(), ("active", 0));
         // The next failure tries again.
-        assert!(fail(&s, Outcome::Refused, false).is_some());
+        assert!(fail(&s, Outcome::Refused, Via::Normal).is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn one_probe_decides_and_ejections_grow() {
         let s = OutlierState::default();
-        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Normal), Some(Duration::from_secs(10)));
         tokio::time::advance(Duration::from_millis(9_999)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Closed);
         tokio::time::advance(Duration::from_millis(1)).await;
@@ -281,22 +295,22 @@ mod tests {
         // Only one probe at a time.
         assert_eq!(s.admit(Instant::now()), Admission::Closed);
         // Another (panic-mode) request's failure does not re-eject.
-        assert_eq!(fail(&s, Outcome::Failure, false), None);
+        assert_eq!(fail(&s, Outcome::Failure, Via::Normal), None);
         // The probe fails: ejected again, for twice as long.
-        assert_eq!(fail(&s, Outcome::Failure, true), Some(Duration::from_secs(20)));
+        assert_eq!(fail(&s, Outcome::Failure, Via::Probe), Some(Duration::from_secs(20)));
         assert_eq!(s.describe(), ("ejected", 2));
         tokio::time::advance(Duration::from_secs(19)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Closed);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
-        assert_eq!(fail(&s, Outcome::Refused, true), Some(Duration::from_secs(40)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Probe), Some(Duration::from_secs(40)));
         tokio::time::advance(Duration::from_secs(40)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
         // Capped at max_ejection.
-        assert_eq!(fail(&s, Outcome::Refused, true), Some(Duration::from_secs(60)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Probe), Some(Duration::from_secs(60)));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
-        assert_eq!(fail(&s, Outcome::Success, true), None);
+        assert_eq!(fail(&s, Outcome::Success, Via::Probe), None);
         assert_eq!(s.describe(), ("active", 4));
         assert_eq!(s.admit(Instant::now()), Admission::Open);
     }
@@ -304,7 +318,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn released_probe_lets_the_next_request_probe() {
         let s = OutlierState::default();
-        fail(&s, Outcome::Refused, false);
+        fail(&s, Outcome::Refused, Via::Normal);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
         assert_eq!(s.admit(Instant::now()), Admission::Closed);
@@ -315,26 +329,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn growth_resets_after_staying_healthy() {
         let s = OutlierState::default();
-        fail(&s, Outcome::Refused, false);
+        fail(&s, Outcome::Refused, Via::Normal);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
-        fail(&s, Outcome::Success, true);
+        fail(&s, Outcome::Success, Via::Probe);
         // Soon after recovering, the next ejection is longer.
-        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(20)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Normal), Some(Duration::from_secs(20)));
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(s.admit(Instant::now()), Admission::Probe);
-        fail(&s, Outcome::Success, true);
+        fail(&s, Outcome::Success, Via::Probe);
         // Healthy for max_ejection: back to the base time.
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(fail(&s, Outcome::Refused, false), Some(Duration::from_secs(10)));
+        assert_eq!(fail(&s, Outcome::Refused, Via::Normal), Some(Duration::from_secs(10)));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn panic_mode_success_restores() {
+    async fn panic_mode_success_restores_but_an_older_request_does_not() {
         let s = OutlierState::default();
-        fail(&s, Outcome::Refused, false);
-        // Still ejected, but a request sent anyway (panic mode) succeeded.
-        fail(&s, Outcome::Success, false);
+        fail(&s, Outcome::Refused, Via::Normal);
+        // A request sent before the ejection succeeds: still ejected.
+        fail(&s, Outcome::Success, Via::Normal);
+        assert_eq!(s.describe(), ("ejected", 1));
+        // A panic-mode failure changes nothing either.
+        assert_eq!(fail(&s, Outcome::Failure, Via::Panic), None);
+        assert_eq!(s.describe(), ("ejected", 1));
+        // A request sent anyway (panic mode) succeeded.
+        fail(&s, Outcome::Success, Via::Panic);
         assert_eq!(s.describe(), ("active", 1));
     }
 

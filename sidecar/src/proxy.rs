@@ -53,7 +53,7 @@ use crate::balance::least_loaded;
 use crate::endpoints::{Endpoint, EndpointSet, Resolve, ServiceEndpoints};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, ServiceMetrics};
-use crate::outlier::{may_eject, Admission, Outcome, OutlierConfig};
+use crate::outlier::{may_eject, Admission, Outcome, OutlierConfig, Via};
 use crate::retry::{is_idempotent, may_retry, Failure, RetryBudget, RetryConfig};
 
 /// Settings of the outbound proxy.
@@ -345,22 +345,24 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-/// The endpoint for the next attempt and whether it is that endpoint's probe.
-fn choose(set: &EndpointSet, tried: &[usize], now: Instant) -> Option<(usize, bool)> {
+/// The endpoint for the next attempt and how it was let through.
+fn choose(set: &EndpointSet, tried: &[usize], now: Instant) -> Option<(usize, Via)> {
     let eps = &set.endpoints;
     let untried = |i: usize| !tried.contains(&i);
     // An endpoint whose ejection has ended gets its one probe right away.
     for (i, ep) in eps.iter().enumerate() {
         if ep.state.outlier.is_ejected() && untried(i) && ep.state.outlier.admit(now) == Admission::Probe {
-            return Some((i, true));
+            return Some((i, Via::Probe));
         }
     }
-    let pick = least_loaded(eps, |i, ep| untried(i) && !ep.state.outlier.is_ejected())
+    if let Some(i) = least_loaded(eps, |i, ep| untried(i) && !ep.state.outlier.is_ejected())
         .or_else(|| least_loaded(eps, |_, ep| !ep.state.outlier.is_ejected()))
-        // Panic mode: every endpoint is ejected; trying them beats failing everything.
-        .or_else(|| least_loaded(eps, |i, _| untried(i)))
-        .or_else(|| least_loaded(eps, |_, _| true));
-    pick.map(|i| (i, false))
+    {
+        return Some((i, Via::Normal));
+    }
+    // Panic mode: every endpoint is ejected; trying them beats failing everything.
+    let i = least_loaded(eps, |i, _| untried(i)).or_else(|| least_loaded(eps, |_, _| true))?;
+    Some((i, Via::Panic))
 }
 
 fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
@@ -424,10 +426,10 @@ async fn forward(
         loop {
             attempt += 1;
             let now = Instant::now();
-            let (idx, probe) =
+            let (idx, via) =
                 choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
             let ep = &set.endpoints[idx];
-            let mut probe_guard = ProbeGuard { endpoint: probe.then_some(&**ep) };
+            let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
             let guard = ep.begin();
             let uri = upstream_uri(ep, path.as_ref()).ok_or_else(|| ProxyError::UpstreamFailed {
                 service: svc.name.clone(),
@@ -453,9 +455,9 @@ async fn forward(
                     | StatusCode::GATEWAY_TIMEOUT => Attempt::Response(resp),
                     _ => {
                         let was_ejected = ep.state.outlier.is_ejected();
-                        ep.state.outlier.record(Outcome::Success, probe, &config.outlier, now, || true);
+                        ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
                         if was_ejected && !ep.state.outlier.is_ejected() {
-                            info!(service = %svc.name, instance = %ep.id, probe, "endpoint restored");
+                            info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
                         }
                         probe_guard.disarm();
                         let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
@@ -466,17 +468,17 @@ async fn forward(
                 },
                 Ok(Err(e)) if e.is_connect() => {
                     let outcome = if is_refused(&e) { Outcome::Refused } else { Outcome::Failure };
-                    record_failure(shared, svc, state, set, ep, outcome, probe, now);
+                    record_failure(shared, svc, state, set, ep, outcome, via, now);
                     probe_guard.disarm();
                     Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
                 }
                 Ok(Err(e)) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
                     Attempt::Failed { failure: Failure::Reset, cause: error_chain(&e) }
                 }
                 Err(_) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
                     Attempt::Failed {
                         failure: Failure::PerTryTimeout,
@@ -486,7 +488,7 @@ async fn forward(
             };
             let failure = match &result {
                 Attempt::Response(_) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, probe, now);
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
                     Failure::GatewayStatus
                 }
@@ -544,7 +546,7 @@ fn record_failure(
     set: &EndpointSet,
     ep: &Endpoint,
     outcome: Outcome,
-    probe: bool,
+    via: Via,
     now: Instant,
 ) {
     let config = &shared.config.outlier;
@@ -552,7 +554,7 @@ fn record_failure(
         let ejected = set.endpoints.iter().filter(|e| e.state.outlier.is_ejected()).count();
         may_eject(set.endpoints.len(), ejected, config.max_ejected_percent)
     };
-    if let Some(duration) = ep.state.outlier.record(outcome, probe, config, now, may) {
+    if let Some(duration) = ep.state.outlier.record(outcome, via, config, now, may) {
         state.metrics.ejections.inc();
         info!(service = %svc.name, instance = %ep.id, authority = %ep.authority, ?outcome, ejection = ?duration, "endpoint ejected");
     }
