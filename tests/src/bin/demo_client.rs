@@ -56,6 +56,10 @@ struct Args {
     /// How long to run; 0 runs until SIGTERM/SIGINT.
     #[arg(long, env = "DEMO_CLIENT_DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Before sending anything, wait until a GET of this URL answers 2xx (e.g. the sidecar's
+    /// admin `/ready`). Default: start at once.
+    #[arg(long, env = "DEMO_CLIENT_WAIT_FOR")]
+    wait_for: Option<String>,
     /// Requests in flight at most; a tick that finds them all busy counts a failure (`overrun`).
     #[arg(long, env = "DEMO_CLIENT_MAX_IN_FLIGHT", default_value_t = 1000)]
     max_in_flight: usize,
@@ -214,6 +218,24 @@ async fn one_request(client: reqwest::Client, url: String, host: String, timeout
     }
 }
 
+/// Polls `url` until it answers 2xx; says so on stderr every few seconds.
+async fn wait_ready(client: &reqwest::Client, url: &str) {
+    let started = Instant::now();
+    let mut last_note = started;
+    loop {
+        let probe = client.get(url).timeout(Duration::from_secs(1)).send().await;
+        if matches!(&probe, Ok(r) if r.status().is_success()) {
+            eprintln!("demo-client: {url} is ready after {:?}", started.elapsed());
+            return;
+        }
+        if last_note.elapsed() >= Duration::from_secs(5) {
+            eprintln!("demo-client: still waiting for {url}");
+            last_note = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -239,6 +261,15 @@ async fn run(args: Args) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let url = format!("{}{}", args.target.trim_end_matches('/'), args.path);
+    // Installed first: as PID 1 in a container, an unhandled SIGTERM would be ignored.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    if let Some(ready) = &args.wait_for {
+        tokio::select! {
+            _ = wait_ready(&client, ready) => {}
+            _ = &mut signal => return Ok(()),
+        }
+    }
     let counts = Arc::new(Mutex::new(Counts::default()));
     let in_flight = Arc::new(Semaphore::new(args.max_in_flight.max(1)));
     let start = Instant::now();
@@ -258,8 +289,6 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     tokio::pin!(stop);
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
