@@ -76,8 +76,9 @@ pub struct RunArgs {
     /// Instance id. Default: this host's name and the app's port (`web-1-8080`), stable across restarts.
     #[arg(long, env = "TRELLIS_INSTANCE_ID")]
     pub instance_id: Option<InstanceId>,
-    /// Address peers use to reach the app, HOST:PORT (HOST may be a hostname).
-    /// Default: this host's first non-loopback address and the app's port.
+    /// Address peers use to reach the app, HOST:PORT (HOST may be a hostname). Default: the app's
+    /// host when it is a non-loopback IP or a hostname, else this host's first non-loopback address;
+    /// with the app's port.
     #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
     /// Zone (failure domain) of this instance.
@@ -314,13 +315,17 @@ fn default_instance_id(port: u16) -> Result<InstanceId, ConfigError> {
         .map_err(|e| bad(format!("cannot derive an instance id: {e}; set --instance-id")))
 }
 
-/// Default advertised host: the app's own IP when it is a specific
-/// non-loopback one, else this host's first non-loopback address (IPv4 first).
+/// Default advertised host: the app's own host when peers can use it (a
+/// specific non-loopback IP, or a hostname other than `localhost`, as when the
+/// sidecar runs in its own container and reaches the app as `app:8080`), else
+/// this host's first non-loopback address (IPv4 first).
 fn default_advertise_host(app_host: &Address) -> Address {
-    if let Some(ip) = app_host.ip() {
-        if !ip.is_loopback() && !ip.is_unspecified() {
-            return app_host.clone();
+    match app_host.ip() {
+        Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => return app_host.clone(),
+        None if !app_host.as_str().trim_end_matches('.').eq_ignore_ascii_case("localhost") => {
+            return app_host.clone()
         }
+        _ => {}
     }
     let addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
         .map(|ifs| {
@@ -632,6 +637,19 @@ mod tests {
             Some(Command::Probe(p)) => assert_eq!(p.admin.port(), 9),
             None => panic!("probe not parsed"),
         }
+    }
+
+    #[test]
+    fn default_advertise_keeps_a_usable_app_host() {
+        let host = |app: &str| {
+            let s = parse(&["--registry", "http://r:1", "--service", "users", "--app", app]).unwrap();
+            s.app.unwrap().registration.request.address.to_string()
+        };
+        assert_eq!(host("users-app:8080"), "users-app");
+        assert_eq!(host("10.1.2.3:8080"), "10.1.2.3");
+        // Loopback apps advertise an interface address (127.0.0.1 only on a host without one).
+        assert!(host("localhost:8080").parse::<IpAddr>().is_ok());
+        assert!(host("127.0.0.1:8080").parse::<IpAddr>().is_ok());
     }
 
     #[test]
