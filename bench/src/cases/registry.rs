@@ -1,0 +1,734 @@
+//! Case 4: the registry at scale over HTTP, as sidecars drive it, and the same
+//! workload shape against etcd (leases with keep-alive, prefix watches).
+//!
+//! etcd is driven through its v3 JSON gateway (`/v3/lease/grant`,
+//! `/v3/kv/put`, `/v3/lease/keepalive`, `/v3/watch`) on its client port: plain
+//! HTTP/1.1 like the registry's API, so the same generator drives both, and no
+//! protoc or gRPC stack is needed. The gateway adds a hop inside etcd (it
+//! calls etcd's gRPC server in-process), which is part of what a client using
+//! it pays; the report says so.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::{us, Sizes};
+use crate::http1::{request, Conn};
+use crate::load::new_histogram;
+use crate::peers::Env;
+use crate::procs::{free_addr, wait_http_ok, Proc};
+use crate::procstat;
+use crate::report::Section;
+
+/// The sidecar's default heartbeat interval and TTL.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TTL_SECS: u64 = 5;
+/// Bulk instances get a longer TTL so the registration burst itself cannot
+/// expire the first instances before their first heartbeat.
+const BULK_TTL_SECS: u64 = 30;
+/// Connections carrying the heartbeats (100,000 sidecars would hold one each;
+/// the file-descriptor limit here does not allow that).
+const HEARTBEAT_CONNS: usize = 256;
+const PROBES: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Trellis,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Trellis => "Trellis registry",
+            System::Etcd => "etcd",
+        }
+    }
+}
+
+struct Figures {
+    system: System,
+    instances: usize,
+    services: usize,
+    register_secs: f64,
+    hb_target_rate: f64,
+    hb_ok: u64,
+    hb_failed: u64,
+    hb_window: Duration,
+    hb_hist: Histogram<u64>,
+    cpu_per_1k_ms: f64,
+    busy: Vec<f64>,
+    idle_kib: u64,
+    loaded_kib: u64,
+    prop_hist: Histogram<u64>,
+    prop_expected: usize,
+    expiry_late_ms: Vec<f64>,
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn service(k: usize, services: usize) -> String {
+    format!("svc-{:04}", k % services)
+}
+
+fn etcd_key(svc: &str, id: &str) -> String {
+    format!("/trellis/{svc}/{id}")
+}
+
+/// `"ID":"123"` (or a bare number) from an etcd gateway answer.
+fn lease_id(body: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(body).ok()?;
+    let rest = &s[s.find("\"ID\":")? + 5..];
+    let id: String = rest.trim_start_matches('"').chars().take_while(|c| c.is_ascii_digit()).collect();
+    (!id.is_empty()).then_some(id)
+}
+
+fn trellis_register(svc: &str, id: &str, ttl: u64) -> Vec<u8> {
+    let body = format!(r#"{{"address":"127.0.0.1","port":{},"ttl":"{ttl}s"}}"#, 10_000 + id.len());
+    request("PUT", &format!("/v1/services/{svc}/instances/{id}"), &body)
+}
+
+fn etcd_put(svc: &str, id: &str, lease: Option<&str>) -> Vec<u8> {
+    let value = b64(br#"{"address":"127.0.0.1","port":10000}"#);
+    let lease = lease.map(|l| format!(r#","lease":"{l}""#)).unwrap_or_default();
+    let body = format!(r#"{{"key":"{}","value":"{value}"{lease}}}"#, b64(etcd_key(svc, id).as_bytes()));
+    request("POST", "/v3/kv/put", &body)
+}
+
+fn etcd_grant(ttl: u64) -> Vec<u8> {
+    request("POST", "/v3/lease/grant", &format!(r#"{{"TTL":{ttl}}}"#))
+}
+
+fn etcd_watch(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let body =
+        format!(r#"{{"create_request":{{"key":"{}","range_end":"{}"}}}}"#, b64(prefix.as_bytes()), b64(&end));
+    request("POST", "/v3/watch", &body)
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Registers every bulk instance; for etcd returns the lease of each.
+async fn register_all(
+    sys: System,
+    addr: SocketAddr,
+    n: usize,
+    services: usize,
+) -> std::io::Result<Vec<String>> {
+    let conns = 64.min(n.max(1));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(addr).await?;
+            let mut leases = Vec::new();
+            for k in (c..n).step_by(conns) {
+                let (svc, id) = (service(k, services), format!("i-{k}"));
+                match sys {
+                    System::Trellis => {
+                        let st = conn.roundtrip(&trellis_register(&svc, &id, BULK_TTL_SECS)).await?;
+                        if !(200..300).contains(&st) {
+                            return Err(io_err(format!("register answered {st}")));
+                        }
+                    }
+                    System::Etcd => {
+                        conn.roundtrip(&etcd_grant(BULK_TTL_SECS)).await?;
+                        let lease = lease_id(conn.body()).ok_or_else(|| io_err("lease grant without ID"))?;
+                        let st = conn.roundtrip(&etcd_put(&svc, &id, Some(&lease))).await?;
+                        if !(200..300).contains(&st) {
+                            return Err(io_err(format!("put answered {st}")));
+                        }
+                        leases.push((k, lease));
+                    }
+                }
+            }
+            Ok::<_, std::io::Error>(leases)
+        }));
+    }
+    let mut leases = vec![String::new(); if sys == System::Etcd { n } else { 0 }];
+    for t in tasks {
+        for (k, l) in t.await.map_err(io_err)?? {
+            leases[k] = l;
+        }
+    }
+    Ok(leases)
+}
+
+struct HbStats {
+    ok: u64,
+    failed: u64,
+    hist: Histogram<u64>,
+}
+
+/// Heartbeats (or keep-alives) on a fixed schedule: instance k's are due at
+/// t0 + k/rate + m × interval; latency runs from the due time.
+async fn heartbeats(
+    sys: System,
+    addr: SocketAddr,
+    n: usize,
+    services: usize,
+    leases: Arc<Vec<String>>,
+    (from, to, stop): (Instant, Instant, Instant),
+) -> HbStats {
+    let rate = n as f64 / HEARTBEAT_INTERVAL.as_secs_f64();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..HEARTBEAT_CONNS.min(n) {
+        let leases = leases.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut st = HbStats { ok: 0, failed: 0, hist: new_histogram() };
+            let mut conn = Conn::connect(addr).await.ok();
+            let mut j = c as u64;
+            loop {
+                let due = t0 + Duration::from_secs_f64(j as f64 / rate);
+                if due >= stop {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let k = (j % n as u64) as usize;
+                let req = match sys {
+                    System::Trellis => request(
+                        "PUT",
+                        &format!("/v1/services/{}/instances/i-{k}/heartbeat", service(k, services)),
+                        r#"{"status":"passing"}"#,
+                    ),
+                    System::Etcd => {
+                        request("POST", "/v3/lease/keepalive", &format!(r#"{{"ID":"{}"}}"#, leases[k]))
+                    }
+                };
+                let counted = due >= from && due < to;
+                let res = match conn.as_mut() {
+                    Some(cn) => tokio::time::timeout(Duration::from_secs(5), cn.roundtrip(&req)).await.ok(),
+                    None => None,
+                };
+                match res {
+                    Some(Ok(s)) if (200..300).contains(&s) => {
+                        if counted {
+                            st.ok += 1;
+                            let _ = st.hist.record(due.elapsed().as_nanos() as u64);
+                        }
+                    }
+                    Some(Ok(_)) => st.failed += counted as u64,
+                    _ => {
+                        st.failed += counted as u64;
+                        conn = Conn::connect(addr).await.ok();
+                    }
+                }
+                j += HEARTBEAT_CONNS.min(n) as u64;
+            }
+            st
+        }));
+    }
+    let mut out = HbStats { ok: 0, failed: 0, hist: new_histogram() };
+    for t in tasks {
+        if let Ok(s) = t.await {
+            out.ok += s.ok;
+            out.failed += s.failed;
+            let _ = out.hist.add(&s.hist);
+        }
+    }
+    out
+}
+
+fn json_index(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body).ok()?.get("index")?.as_u64()
+}
+
+/// One change to a service, `rounds` times, heard by `watchers` blocking
+/// watchers: the time from sending the change until each watcher has it.
+async fn propagation(
+    sys: System,
+    addr: SocketAddr,
+    watchers: usize,
+    rounds: usize,
+) -> std::io::Result<Histogram<u64>> {
+    let svc = "svc-0000";
+    let armed = Arc::new(AtomicUsize::new(0));
+    let heard: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let (armed, heard) = (armed.clone(), heard.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(addr).await?;
+            match sys {
+                System::Trellis => {
+                    for r in 0..rounds {
+                        conn.roundtrip(&request("GET", &format!("/v1/services/{svc}"), "")).await?;
+                        let index = json_index(conn.body()).ok_or_else(|| io_err("view without index"))?;
+                        conn.send(&request("GET", &format!("/v1/services/{svc}?index={index}&wait=30s"), ""))
+                            .await?;
+                        armed.fetch_add(1, Ordering::Relaxed);
+                        conn.recv().await?;
+                        if let Ok(mut h) = heard.lock() {
+                            h.push((r, Instant::now()));
+                        }
+                    }
+                }
+                System::Etcd => {
+                    conn.send(&etcd_watch(&format!("/trellis/{svc}/"))).await?;
+                    conn.read_until(b"\"created\":true").await?;
+                    for r in 0..rounds {
+                        armed.fetch_add(1, Ordering::Relaxed);
+                        conn.read_until(b"\"events\"").await?;
+                        if let Ok(mut h) = heard.lock() {
+                            h.push((r, Instant::now()));
+                        }
+                    }
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        }));
+    }
+    let mut hist = new_histogram();
+    let mut trigger = Conn::connect(addr).await?;
+    for r in 0..rounds {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while armed.load(Ordering::Relaxed) < watchers * (r + 1) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the last blocking queries reach the server and park.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = Instant::now();
+        let id = "prop-watch";
+        let req = match (sys, r % 2) {
+            (System::Trellis, 0) => trellis_register(svc, id, BULK_TTL_SECS),
+            (System::Trellis, _) => request("DELETE", &format!("/v1/services/{svc}/instances/{id}"), ""),
+            (System::Etcd, 0) => etcd_put(svc, id, None),
+            (System::Etcd, _) => request(
+                "POST",
+                "/v3/kv/deleterange",
+                &format!(r#"{{"key":"{}"}}"#, b64(etcd_key(svc, id).as_bytes())),
+            ),
+        };
+        trigger.roundtrip(&req).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = heard.lock().map(|h| h.iter().filter(|(rr, _)| *rr == r).count()).unwrap_or(0);
+            if n >= watchers || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Ok(h) = heard.lock() {
+            for (_, t) in h.iter().filter(|(rr, _)| *rr == r) {
+                let _ = hist.record(t.saturating_duration_since(sent).as_nanos().max(1) as u64);
+            }
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(hist)
+}
+
+/// Registers `PROBES` instances with the default TTL, never heartbeats them,
+/// and measures how long past the TTL their watchers hear of their expiry.
+async fn expiry(sys: System, addr: SocketAddr) -> Vec<f64> {
+    let mut tasks = Vec::new();
+    for p in 0..PROBES {
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(97 * p as u64)).await;
+            let svc = format!("exp-{p}");
+            let id = format!("probe-{p}");
+            let mut conn = Conn::connect(addr).await?;
+            let ttl = Duration::from_secs(PROBE_TTL_SECS);
+            match sys {
+                System::Trellis => {
+                    // Counted from before the registration was sent: the
+                    // registry's deadline can only be later, so this never
+                    // understates lateness.
+                    let sent = Instant::now();
+                    conn.roundtrip(&trellis_register(&svc, &id, PROBE_TTL_SECS)).await?;
+                    conn.roundtrip(&request("GET", &format!("/v1/services/{svc}"), "")).await?;
+                    let mut index = json_index(conn.body()).ok_or_else(|| io_err("no index"))?;
+                    let give_up = Instant::now() + ttl * 4;
+                    while Instant::now() < give_up {
+                        let path = format!("/v1/services/{svc}?index={index}&wait=30s");
+                        conn.roundtrip(&request("GET", &path, "")).await?;
+                        let body = conn.body().to_vec();
+                        if !body.windows(id.len()).any(|w| w == id.as_bytes()) {
+                            let late = Instant::now().saturating_duration_since(sent + ttl);
+                            return Ok(late.as_secs_f64() * 1000.0);
+                        }
+                        index = json_index(&body).unwrap_or(index);
+                    }
+                    Err(io_err("expiry never heard"))
+                }
+                System::Etcd => {
+                    let mut watch = Conn::connect(addr).await?;
+                    watch.send(&etcd_watch(&format!("/trellis/{svc}/"))).await?;
+                    watch.read_until(b"\"created\":true").await?;
+                    let sent = Instant::now();
+                    conn.roundtrip(&etcd_grant(PROBE_TTL_SECS)).await?;
+                    let lease = lease_id(conn.body()).ok_or_else(|| io_err("lease grant without ID"))?;
+                    conn.roundtrip(&etcd_put(&svc, &id, Some(&lease))).await?;
+                    tokio::time::timeout(ttl * 4, watch.read_until(b"\"DELETE\""))
+                        .await
+                        .map_err(io_err)??;
+                    let late = Instant::now().saturating_duration_since(sent + ttl);
+                    Ok(late.as_secs_f64() * 1000.0)
+                }
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(ms)) = t.await {
+            out.push(ms);
+        }
+    }
+    out
+}
+
+pub fn etcd_command_example() -> String {
+    etcd_args(
+        SocketAddr::from(([127, 0, 0, 1], 2379)),
+        SocketAddr::from(([127, 0, 0, 1], 2380)),
+        Path::new("/dev/shm/DIR"),
+    )
+    .iter()
+    .fold("etcd".to_string(), |s, a| s + " " + a)
+}
+
+fn etcd_args(client: SocketAddr, peer: SocketAddr, dir: &Path) -> Vec<String> {
+    [
+        "--name",
+        "bench",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--listen-client-urls",
+        &format!("http://{client}"),
+        "--advertise-client-urls",
+        &format!("http://{client}"),
+        "--listen-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-cluster",
+        &format!("bench=http://{peer}"),
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn measure(sys: System, env: &Env, sizes: &Sizes) -> Result<Figures, String> {
+    let (n, services) = match sys {
+        System::Trellis => (sizes.registry_instances, sizes.registry_services),
+        System::Etcd => (sizes.etcd_instances, (sizes.etcd_instances / 100).max(1)),
+    };
+    let addr = free_addr().map_err(|e| e.to_string())?;
+    let mut _data_dir_guard = None;
+    let server = match sys {
+        System::Trellis => {
+            let args = vec!["--listen".into(), addr.to_string()];
+            Proc::spawn("reg-registry", &env.bin("registry"), &args, env.proxy_core, &env.work)
+        }
+        System::Etcd => {
+            // etcd's data on tmpfs: fsync costs it nothing, its best case.
+            let base =
+                if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { env.work.clone() };
+            let dir = base.join(format!("trellis-bench-etcd-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            _data_dir_guard = Some(DirGuard(dir.clone()));
+            let peer = free_addr().map_err(|e| e.to_string())?;
+            Proc::spawn(
+                "reg-etcd",
+                Path::new("etcd"),
+                &etcd_args(addr, peer, &dir),
+                env.proxy_core,
+                &env.work,
+            )
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let ready_path = if sys == System::Etcd { "/health" } else { "/v1/services" };
+    wait_http_ok(sys.name(), addr, "bench", ready_path, Duration::from_secs(30))
+        .map_err(|e| format!("{e}; log:\n{}", server.log_tail()))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.pid();
+    let idle_kib = procstat::rss_kib(pid);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let watchers = sizes.watchers;
+    let rounds = if sizes.quick { 1 } else { 3 };
+    let window = sizes.registry_duration;
+    rt.block_on(async move {
+        let t = Instant::now();
+        let leases = register_all(sys, addr, n, services).await.map_err(|e| format!("registering: {e}"))?;
+        let register_secs = t.elapsed().as_secs_f64();
+        let from = Instant::now() + Duration::from_secs(2);
+        let to = from + window;
+        let stop = to + Duration::from_secs(if sizes.quick { 12 } else { 20 });
+        let hb = tokio::spawn(heartbeats(sys, addr, n, services, Arc::new(leases), (from, to, stop)));
+        tokio::time::sleep_until(from.into()).await;
+        let cpu0 = procstat::cpu_time(pid);
+        let j0 = procstat::cpu_jiffies();
+        tokio::time::sleep_until(to.into()).await;
+        let cpu1 = procstat::cpu_time(pid);
+        let j1 = procstat::cpu_jiffies();
+        let loaded_kib = procstat::rss_kib(pid);
+        let prop_hist =
+            propagation(sys, addr, watchers, rounds).await.map_err(|e| format!("propagation: {e}"))?;
+        let expiry_late_ms = expiry(sys, addr).await;
+        let hb = hb.await.map_err(|e| e.to_string())?;
+        let cpu_per_1k_ms = (cpu1 - cpu0).as_secs_f64() * 1000.0 / (hb.ok.max(1) as f64 / 1000.0);
+        Ok(Figures {
+            system: sys,
+            instances: n,
+            services,
+            register_secs,
+            hb_target_rate: n as f64 / HEARTBEAT_INTERVAL.as_secs_f64(),
+            hb_ok: hb.ok,
+            hb_failed: hb.failed,
+            hb_window: window,
+            hb_hist: hb.hist,
+            cpu_per_1k_ms,
+            busy: procstat::busy_percent(&j0, &j1),
+            idle_kib,
+            loaded_kib,
+            prop_hist,
+            prop_expected: watchers * rounds,
+            expiry_late_ms,
+        })
+    })
+}
+
+use std::path::PathBuf;
+
+/// Removes etcd's data directory when the case ends.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
+}
+
+pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section {
+    let title = "Case 4: registry scale, against etcd";
+    let mut b = String::new();
+    let mut figs = Vec::new();
+    for sys in [System::Trellis, System::Etcd] {
+        eprintln!("  case 4: {}", sys.name());
+        match measure(sys, env, sizes) {
+            Ok(f) => figs.push(f),
+            Err(e) => {
+                let _ = writeln!(b, "- **{}** did not complete: {e}\n", sys.name());
+            }
+        }
+    }
+    let _ = writeln!(
+        b,
+        "Each system runs alone on core 0; one generator process on core 1 drives it over HTTP/1.1 keep-alive \
+         connections. Instances are registered (Trellis: `PUT /v1/services/{{s}}/instances/{{id}}`; etcd: a lease \
+         grant and a put of `/trellis/{{s}}/{{id}}` under it) with a {BULK_TTL_SECS} s TTL, then every instance \
+         heartbeats (etcd: one lease keep-alive) once per {} s, the sidecar's default interval, on a fixed \
+         schedule over {HEARTBEAT_CONNS} connections; latency runs from when each heartbeat was due. \
+         CPU is the server's user + system time over a {:.0} s window of heartbeats only. \
+         Propagation: {} watchers of one service with 100 instances (Trellis: blocking queries; etcd: prefix \
+         watches through the JSON gateway) while heartbeats go on; one change (alternately an added and a \
+         removed instance), {} rounds; time from sending the change until each watcher has read the new state. \
+         Expiry lateness: {PROBES} instances registered with the default {PROBE_TTL_SECS} s TTL and never renewed, \
+         each with a watcher; time past the TTL (counted from before the registration was sent) until the watcher \
+         hears. etcd runs at {} instances (its data directory on tmpfs, so fsync is nearly free: its best case) — \
+         the size its gateway sustains in the time of the run.\n",
+        HEARTBEAT_INTERVAL.as_secs(),
+        sizes.registry_duration.as_secs_f64(),
+        sizes.watchers,
+        if sizes.quick { 1 } else { 3 },
+        sizes.etcd_instances,
+    );
+    let _ = writeln!(
+        b,
+        "| system | instances / services | register time | heartbeats/s due → done | failed | p50 / p99 / p99.9 heartbeat | server CPU per 1k heartbeats | instances one core carries at 1 s | RSS idle → loaded | per instance | core 0 / core 1 busy |"
+    );
+    let _ = writeln!(b, "|---|---|---:|---:|---:|---|---:|---:|---|---:|---|");
+    for f in &figs {
+        let done = f.hb_ok as f64 / f.hb_window.as_secs_f64();
+        let per_inst = (f.loaded_kib.saturating_sub(f.idle_kib)) as f64 * 1024.0 / f.instances as f64;
+        let capacity = if f.cpu_per_1k_ms > 0.0 { 1_000_000.0 / f.cpu_per_1k_ms } else { f64::NAN };
+        let _ = writeln!(
+            b,
+            "| {} | {} / {} | {:.1} s | {:.0} → {:.0} | {} | {} / {} / {} | {:.2} ms | {:.0} | {:.1} → {:.1} MiB | {:.0} B | {} |",
+            f.system.name(),
+            f.instances,
+            f.services,
+            f.register_secs,
+            f.hb_target_rate,
+            done,
+            f.hb_failed,
+            us(f.hb_hist.value_at_percentile(50.0) as f64 / 1000.0),
+            us(f.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
+            us(f.hb_hist.value_at_percentile(99.9) as f64 / 1000.0),
+            f.cpu_per_1k_ms,
+            capacity,
+            f.idle_kib as f64 / 1024.0,
+            f.loaded_kib as f64 / 1024.0,
+            per_inst,
+            f.busy.iter().map(|v| format!("{v:.0}%")).collect::<Vec<_>>().join(" / "),
+        );
+    }
+    let _ = writeln!(b, "\n| system | watchers × rounds heard | propagation p50 | p99 | max | expiry lateness p50 | max | probes heard |");
+    let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for f in &figs {
+        let p = |q: f64| us(f.prop_hist.value_at_percentile(q) as f64 / 1000.0);
+        let _ = writeln!(
+            b,
+            "| {} | {} of {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} of {PROBES} |",
+            f.system.name(),
+            f.prop_hist.len(),
+            f.prop_expected,
+            p(50.0),
+            p(99.0),
+            p(100.0),
+            pct(&f.expiry_late_ms, 50.0),
+            pct(&f.expiry_late_ms, 100.0),
+            f.expiry_late_ms.len(),
+        );
+    }
+    if let Some(t) = figs.iter().find(|f| f.system == System::Trellis) {
+        let done = t.hb_ok as f64 / t.hb_window.as_secs_f64();
+        let gen_limited = done < 0.97 * t.hb_target_rate && t.busy.get(1).is_some_and(|v| *v > 90.0);
+        let _ = writeln!(b);
+        if gen_limited {
+            let _ = writeln!(
+                b,
+                "**The generator is the limit here, not the registry:** {done:.0} of {:.0} heartbeats/s due were \
+                 completed while the generator's core was {:.0}% busy and the registry's {:.0}%. The registry's \
+                 CPU per heartbeat above is measured at the rate reached.\n",
+                t.hb_target_rate,
+                t.busy.get(1).copied().unwrap_or(0.0),
+                t.busy.first().copied().unwrap_or(0.0)
+            );
+        }
+        let e = figs.iter().find(|f| f.system == System::Etcd);
+        let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
+        let per_inst = (t.loaded_kib.saturating_sub(t.idle_kib)) as f64 * 1024.0 / t.instances as f64;
+        let p99_hb = t.hb_hist.value_at_percentile(99.0) as f64 / 1e6;
+        let p99_prop = t.prop_hist.value_at_percentile(99.0) as f64 / 1e6;
+        let late = pct(&t.expiry_late_ms, 100.0);
+        let _ = writeln!(b, "Targets:\n");
+        let _ = writeln!(
+            b,
+            "- {} CPU per heartbeat low enough for 100,000 instances at 1 s on one core ({:.1} µs per heartbeat; one core carries {:.0})",
+            mark(t.cpu_per_1k_ms <= 10.0),
+            t.cpu_per_1k_ms,
+            1_000_000.0 / t.cpu_per_1k_ms.max(1e-9)
+        );
+        let _ = writeln!(b, "- {} p99 heartbeat ≤ 10 ms ({p99_hb:.2} ms)", mark(p99_hb <= 10.0));
+        let _ = writeln!(b, "- {} ≤ 1 KiB per instance ({per_inst:.0} B)", mark(per_inst <= 1024.0));
+        let _ = writeln!(
+            b,
+            "- {} propagation p99 ≤ 50 ms to {} watchers ({p99_prop:.1} ms)",
+            mark(p99_prop <= 50.0 && t.prop_hist.len() as usize == t.prop_expected),
+            sizes.watchers
+        );
+        let _ = writeln!(
+            b,
+            "- {} expiry lateness ≤ 100 ms (worst of {} probes: {late:.0} ms)",
+            mark(late <= 100.0 && t.expiry_late_ms.len() == PROBES),
+            t.expiry_late_ms.len()
+        );
+        if let Some(e) = e {
+            let e_inst = (e.loaded_kib.saturating_sub(e.idle_kib)) as f64 * 1024.0 / e.instances as f64;
+            let better = t.cpu_per_1k_ms < e.cpu_per_1k_ms
+                && t.hb_hist.value_at_percentile(99.0) < e.hb_hist.value_at_percentile(99.0)
+                && per_inst < e_inst
+                && t.prop_hist.value_at_percentile(99.0) < e.prop_hist.value_at_percentile(99.0)
+                && late < pct(&e.expiry_late_ms, 100.0);
+            let _ = writeln!(
+                b,
+                "- {} better than etcd on each figure (CPU per heartbeat {:.3} vs {:.3} ms per 1k; p99 heartbeat {} vs {}; \
+                 {per_inst:.0} vs {e_inst:.0} B per instance; propagation p99 {} vs {}; worst expiry lateness {late:.0} vs {:.0} ms)",
+                mark(better),
+                t.cpu_per_1k_ms,
+                e.cpu_per_1k_ms,
+                us(t.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                us(e.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                us(t.prop_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                us(e.prop_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                pct(&e.expiry_late_ms, 100.0),
+            );
+        }
+    }
+    for (what, file, pick) in [
+        ("heartbeat latency", "case4-heartbeat.svg", 0),
+        ("propagation to watchers", "case4-propagation.svg", 1),
+    ] {
+        let series: Vec<(String, &Histogram<u64>)> = figs
+            .iter()
+            .map(|f| {
+                (
+                    format!("{} ({} instances)", f.system.name(), f.instances),
+                    if pick == 0 { &f.hb_hist } else { &f.prop_hist },
+                )
+            })
+            .collect();
+        match crate::chart::percentiles(&charts.join(file), &format!("Case 4: {what}"), &series) {
+            Ok(()) => {
+                let _ = writeln!(b, "\n![Case 4 {what}]({charts_rel}/{file})\n");
+            }
+            Err(e) => {
+                let _ = writeln!(b, "\n(chart not drawn: {e})\n");
+            }
+        }
+    }
+    Section { title: title.into(), body: b }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        assert_eq!(b64(b""), "");
+        assert_eq!(b64(b"f"), "Zg==");
+        assert_eq!(b64(b"fo"), "Zm8=");
+        assert_eq!(b64(b"foo"), "Zm9v");
+        assert_eq!(b64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn reads_lease_ids() {
+        assert_eq!(lease_id(br#"{"header":{},"ID":"7587869","TTL":"5"}"#).as_deref(), Some("7587869"));
+        assert_eq!(lease_id(br#"{"ID":42}"#).as_deref(), Some("42"));
+        assert_eq!(lease_id(b"{}"), None);
+    }
+}

@@ -1,0 +1,321 @@
+//! The targets under test and their full configurations: direct to the
+//! backends (the ceiling), the Trellis sidecar, HAProxy and nginx. Each proxy
+//! runs alone on the proxy core with one worker; the backends, their sidecars,
+//! the registry and the load generator share the other core.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::procs::{free_addr, wait_http_ok, wait_listening, wait_until, Proc};
+
+/// The service name the backends register under and clients put in Host.
+pub const SERVICE: &str = "bench-backend";
+
+/// Where the harness runs things.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Scratch directory for configurations, logs and data.
+    pub work: PathBuf,
+    /// Directory holding `registry` and `sidecar`.
+    pub bin_dir: PathBuf,
+    /// This executable (it is also the backend).
+    pub self_exe: PathBuf,
+    /// Core for the proxy or registry under test; `None` when not pinning.
+    pub proxy_core: Option<usize>,
+    /// Core for backends, their sidecars and the load generator.
+    pub load_core: Option<usize>,
+}
+
+impl Env {
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// The three backend instances.
+pub struct Backends {
+    pub procs: Vec<Proc>,
+    /// Where requests go.
+    pub traffic: Vec<SocketAddr>,
+    /// Where health checks go: a second port of the same process, so the
+    /// failover case can tell requests from checks by port.
+    pub health: Vec<SocketAddr>,
+}
+
+pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
+    let mut b = Backends { procs: Vec::new(), traffic: Vec::new(), health: Vec::new() };
+    for i in 0..3 {
+        let (t, h) = (free_addr()?, free_addr()?);
+        let name = format!("b{}", i + 1);
+        let args = vec![
+            "backend".into(),
+            "--listen".into(),
+            t.to_string(),
+            "--listen".into(),
+            h.to_string(),
+            "--name".into(),
+            name.clone(),
+        ];
+        b.procs.push(Proc::spawn(
+            &format!("{tag}-backend-{name}"),
+            &env.self_exe,
+            &args,
+            env.load_core,
+            &env.work,
+        )?);
+        b.traffic.push(t);
+        b.health.push(h);
+    }
+    for (i, t) in b.traffic.iter().enumerate() {
+        wait_http_ok(&format!("backend {}", i + 1), *t, SERVICE, "/", Duration::from_secs(10))?;
+    }
+    Ok(b)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Trellis,
+    Haproxy,
+    Nginx,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Trellis => "trellis",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+
+    pub const PROXIES: [Kind; 3] = [Kind::Trellis, Kind::Haproxy, Kind::Nginx];
+    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Trellis, Kind::Haproxy, Kind::Nginx];
+}
+
+/// A running target.
+pub struct Target {
+    /// The measured process (`None` for direct).
+    pub main: Option<Proc>,
+    /// Supporting processes (registry, the backends' sidecars), held so they
+    /// live as long as the target.
+    pub _support: Vec<Proc>,
+    /// Where the load goes.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Target {
+    pub fn pid(&self) -> Option<i32> {
+        self.main.as_ref().map(Proc::pid)
+    }
+
+    pub fn load_target(&self) -> crate::load::Target {
+        crate::load::Target { addrs: self.addrs.clone(), host: SERVICE.into(), path: "/".into() }
+    }
+}
+
+pub fn haproxy_config(listen: SocketAddr, b: &Backends) -> String {
+    let mut servers = String::new();
+    for (i, (t, h)) in b.traffic.iter().zip(&b.health).enumerate() {
+        servers.push_str(&format!(
+            "    server b{} {t} check port {} inter 1s fall 2 rise 2\n",
+            i + 1,
+            h.port()
+        ));
+    }
+    format!(
+        "global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    option http-keep-alive
+    http-reuse safe
+    retries 3
+    option redispatch 1
+    retry-on all-retryable-errors
+
+frontend fe
+    bind {listen}
+    default_backend be
+
+backend be
+    balance leastconn
+    option httpchk GET /health
+{servers}"
+    )
+}
+
+pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path) -> String {
+    let mut servers = String::new();
+    for t in &b.traffic {
+        servers.push_str(&format!("        server {t} max_fails=1 fail_timeout=10s;\n"));
+    }
+    let d = dir.display();
+    format!(
+        "worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+
+events {{
+    worker_connections 20000;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+
+    upstream be {{
+        least_conn;
+{servers}        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://be;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_connect_timeout 1s;
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream_tries 3;
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// The client sidecar's command line: its defaults, one worker.
+pub fn sidecar_client_args(registry: SocketAddr, outbound: SocketAddr, admin: SocketAddr) -> Vec<String> {
+    vec![
+        "--registry".into(),
+        format!("http://{registry}"),
+        "--outbound".into(),
+        outbound.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--workers".into(),
+        "1".into(),
+    ]
+}
+
+/// A backend's sidecar: registers the backend's traffic port, checks its health port.
+pub fn sidecar_backend_args(
+    registry: SocketAddr,
+    traffic: SocketAddr,
+    health: SocketAddr,
+) -> std::io::Result<Vec<String>> {
+    Ok(vec![
+        "--registry".into(),
+        format!("http://{registry}"),
+        "--service".into(),
+        SERVICE.into(),
+        "--app".into(),
+        health.to_string(),
+        "--advertise".into(),
+        traffic.to_string(),
+        "--instance-id".into(),
+        format!("backend-{}", traffic.port()),
+        "--outbound".into(),
+        free_addr()?.to_string(),
+        "--admin".into(),
+        free_addr()?.to_string(),
+        "--workers".into(),
+        "1".into(),
+    ])
+}
+
+fn registered_count(registry: SocketAddr) -> usize {
+    let path = format!("/v1/services/{SERVICE}");
+    match crate::procs::http_get(registry, "registry", &path, Duration::from_millis(500)) {
+        Ok((200, body)) => serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("instances").and_then(|i| i.as_array()).map(Vec::len))
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Starts a target in front of the backends and waits until it proxies.
+pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<Target> {
+    let listen = free_addr()?;
+    let ready = Duration::from_secs(30);
+    let target = match kind {
+        Kind::Direct => Target { main: None, _support: Vec::new(), addrs: b.traffic.clone() },
+        Kind::Haproxy => {
+            let cfg = env.work.join(format!("{tag}-haproxy.cfg"));
+            std::fs::write(&cfg, haproxy_config(listen, b))?;
+            let args = vec!["-db".into(), "-f".into(), cfg.display().to_string()];
+            let p = Proc::spawn(
+                &format!("{tag}-haproxy"),
+                Path::new("haproxy"),
+                &args,
+                env.proxy_core,
+                &env.work,
+            )?;
+            Target { main: Some(p), _support: Vec::new(), addrs: vec![listen] }
+        }
+        Kind::Nginx => {
+            let dir = env.work.join(format!("{tag}-nginx"));
+            std::fs::create_dir_all(&dir)?;
+            let cfg = dir.join("nginx.conf");
+            std::fs::write(&cfg, nginx_config(listen, b, &dir))?;
+            let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), cfg.display().to_string()];
+            let p =
+                Proc::spawn(&format!("{tag}-nginx"), Path::new("nginx"), &args, env.proxy_core, &env.work)?;
+            Target { main: Some(p), _support: Vec::new(), addrs: vec![listen] }
+        }
+        Kind::Trellis => {
+            let mut support = Vec::new();
+            let reg = free_addr()?;
+            let args = vec!["--listen".into(), reg.to_string()];
+            support.push(Proc::spawn(
+                &format!("{tag}-registry"),
+                &env.bin("registry"),
+                &args,
+                env.load_core,
+                &env.work,
+            )?);
+            wait_listening("registry", reg, ready)?;
+            for (i, (t, h)) in b.traffic.iter().zip(&b.health).enumerate() {
+                let args = sidecar_backend_args(reg, *t, *h)?;
+                let name = format!("{tag}-sidecar-b{}", i + 1);
+                support.push(Proc::spawn(&name, &env.bin("sidecar"), &args, env.load_core, &env.work)?);
+            }
+            wait_until("three backends registered", ready, || registered_count(reg) == 3)?;
+            let admin = free_addr()?;
+            let args = sidecar_client_args(reg, listen, admin);
+            let p = Proc::spawn(
+                &format!("{tag}-sidecar"),
+                &env.bin("sidecar"),
+                &args,
+                env.proxy_core,
+                &env.work,
+            )?;
+            Target { main: Some(p), _support: support, addrs: vec![listen] }
+        }
+    };
+    for a in &target.addrs {
+        if let Err(e) = wait_http_ok(kind.name(), *a, SERVICE, "/", ready) {
+            let tail = target.main.as_ref().map(Proc::log_tail).unwrap_or_default();
+            return Err(std::io::Error::new(e.kind(), format!("{e}; log:\n{tail}")));
+        }
+    }
+    Ok(target)
+}

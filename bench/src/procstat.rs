@@ -1,0 +1,114 @@
+//! CPU time and memory of a process tree, read from /proc.
+//!
+//! A tree because nginx does its work in a child of the process the harness
+//! starts; for the others the tree is the one process.
+
+use std::time::Duration;
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// (ppid, utime + stime in ticks) from /proc/<pid>/stat.
+fn stat(pid: i32) -> Option<(i32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = f.get(1)?.parse().ok()?;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// `pid` and every descendant alive now.
+pub fn tree(pid: i32) -> Vec<i32> {
+    let mut all = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                if let Some((ppid, _)) = stat(p) {
+                    all.push((p, ppid));
+                }
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    out
+}
+
+/// CPU time (user + system) used so far by the tree of `pid`.
+pub fn cpu_time(pid: i32) -> Duration {
+    let ticks: u64 = tree(pid).iter().filter_map(|p| stat(*p)).map(|(_, t)| t).sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+}
+
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Resident memory now, KiB, summed over the tree.
+pub fn rss_kib(pid: i32) -> u64 {
+    tree(pid).iter().filter_map(|p| status_kib(*p, "VmRSS:")).sum()
+}
+
+/// Peak resident memory (VmHWM), KiB, summed over the tree.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    tree(pid).iter().filter_map(|p| status_kib(*p, "VmHWM:")).sum()
+}
+
+/// Busy and total jiffies per CPU, from /proc/stat.
+pub fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return Vec::new() };
+    s.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(|b| b.is_ascii_digit()))
+        .map(|l| {
+            let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// Busy share of each CPU between two [`cpu_jiffies`] readings, in percent.
+pub fn busy_percent(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((b0, t0), (b1, t1))| {
+            let dt = t1.saturating_sub(*t0).max(1) as f64;
+            100.0 * b1.saturating_sub(*b0) as f64 / dt
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id() as i32;
+        assert!(rss_kib(me) > 0);
+        assert!(peak_rss_kib(me) >= rss_kib(me));
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        assert!(cpu_time(me) > Duration::ZERO);
+        assert!(!cpu_jiffies().is_empty());
+    }
+}
