@@ -314,3 +314,25 @@ async fn in_flight_count_falls_when_the_response_body_ends() {
     .await;
     server.abort();
 }
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served_on_the_same_port() {
+    let b = backend(|s| Reply::ok(format!("host={}", s.headers["host"].to_str().unwrap()))).await;
+    let proxy = start_proxy(FixedResolver::default().with(service("users", &[b.addr])), config()).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        // The target comes from :authority; the HTTP/1.1 upstream gets it as Host.
+        let req = Request::builder().uri("http://users/x").body(Full::new(Bytes::new())).unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        assert_eq!(body, "host=users");
+    }
+}
