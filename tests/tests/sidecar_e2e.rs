@@ -14,6 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use trellis_shared::{RegistryClient, ServiceName};
 use trellis_tests::{bin, free_addr, wait_for, wait_http_ok, Proc};
@@ -214,38 +219,83 @@ impl Tally {
     }
 }
 
-fn http_client(outbound: SocketAddr, mode: Mode) -> reqwest::Client {
-    let b = reqwest::Client::builder().timeout(Duration::from_secs(10));
-    let b = match mode {
-        Mode::HostHeader => b.no_proxy(),
-        Mode::AbsoluteForm => b.proxy(reqwest::Proxy::http(format!("http://{outbound}")).expect("proxy URL")),
-    };
-    b.build().expect("client")
+/// A load client on one keep-alive connection to the client sidecar, with raw
+/// hyper so that nothing retries behind the test's back (pooled clients
+/// transparently resend requests on connections closed under them). Any error
+/// drops the connection; the next request opens a new one.
+struct Caller {
+    outbound: SocketAddr,
+    mode: Mode,
+    conn: Option<SendRequest<Empty<Bytes>>>,
 }
 
-/// One request through the client sidecar; never retried.
-async fn one(client: &reqwest::Client, outbound: SocketAddr, mode: Mode, host: &str, tally: &Tally) {
-    let req = match mode {
-        Mode::HostHeader => client.get(format!("http://{outbound}/work")).header("host", host),
-        Mode::AbsoluteForm => client.get(format!("http://{host}/work")),
-    };
-    match req.send().await {
-        Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-            Ok(v) => {
-                tally.ok.fetch_add(1, Ordering::Relaxed);
-                let inst = v["instance"].as_str().unwrap_or("?").to_string();
-                *tally.by_instance.lock().unwrap().entry(inst).or_insert(0) += 1;
-            }
-            Err(e) => tally.fail(format!("body: {e}")),
-        },
-        Ok(r) => {
-            let code =
-                r.headers().get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let status = r.status();
-            let body = r.text().await.unwrap_or_default();
-            tally.fail(format!("status {status} {code} {body}"));
+/// Per-request bound; a request taking longer counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Caller {
+    fn new(outbound: SocketAddr, mode: Mode) -> Caller {
+        Caller { outbound, mode, conn: None }
+    }
+
+    async fn sender(&mut self) -> Result<&mut SendRequest<Empty<Bytes>>, String> {
+        let usable = match self.conn.as_mut() {
+            // Waiting for readiness sends nothing: it only learns whether the
+            // connection is still open before the request is written.
+            Some(c) => c.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            let stream =
+                tokio::net::TcpStream::connect(self.outbound).await.map_err(|e| format!("connect: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            self.conn = Some(sender);
         }
-        Err(e) => tally.fail(format!("error: {e}")),
+        self.conn.as_mut().ok_or_else(|| "no connection".to_string())
+    }
+
+    /// `GET path` for `host`: status, headers and the whole body.
+    async fn call(&mut self, host: &str, path: &str) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+        let uri = match self.mode {
+            Mode::HostHeader => path.to_string(),
+            Mode::AbsoluteForm => format!("http://{host}{path}"),
+        };
+        let req = Request::get(uri).header("host", host).body(Empty::new()).map_err(|e| e.to_string())?;
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let resp = self.sender().await?.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+            Ok::<_, String>((parts.status, parts.headers, body))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("timed out after {REQUEST_TIMEOUT:?}")));
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// One request to the test service, tallied; never retried.
+    async fn one(&mut self, host: &str, tally: &Tally) {
+        match self.call(host, "/work").await {
+            Ok((status, _, body)) if status.is_success() => match serde_json::from_slice::<Value>(&body) {
+                Ok(v) => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                    let inst = v["instance"].as_str().unwrap_or("?").to_string();
+                    *tally.by_instance.lock().unwrap().entry(inst).or_insert(0) += 1;
+                }
+                Err(e) => tally.fail(format!("body: {e}")),
+            },
+            Ok((status, headers, body)) => {
+                let code =
+                    headers.get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                tally.fail(format!("status {status} {code} {}", String::from_utf8_lossy(&body)));
+            }
+            Err(e) => tally.fail(e),
+        }
     }
 }
 
@@ -260,13 +310,13 @@ impl Load {
     fn start(outbound: SocketAddr, mode: Mode, workers: usize, pause: Duration) -> Load {
         let tally = Arc::new(Tally::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let client = http_client(outbound, mode);
         let tasks = (0..workers)
             .map(|_| {
-                let (tally, stop, client) = (Arc::clone(&tally), Arc::clone(&stop), client.clone());
+                let (tally, stop) = (Arc::clone(&tally), Arc::clone(&stop));
                 tokio::spawn(async move {
+                    let mut caller = Caller::new(outbound, mode);
                     while !stop.load(Ordering::Relaxed) {
-                        one(&client, outbound, mode, SERVICE, &tally).await;
+                        caller.one(SERVICE, &tally).await;
                         if !pause.is_zero() {
                             tokio::time::sleep(pause).await;
                         }
@@ -351,10 +401,10 @@ async fn spreads_requests_across_three_instances_by_host_and_absolute_uri() {
     let client = Sidecar::start("client-sidecar", &registry_url, &[]).await;
 
     for mode in [Mode::HostHeader, Mode::AbsoluteForm] {
-        let http = http_client(client.outbound, mode);
+        let mut caller = Caller::new(client.outbound, mode);
         let tally = Tally::default();
         for _ in 0..300 {
-            one(&http, client.outbound, mode, SERVICE, &tally).await;
+            caller.one(SERVICE, &tally).await;
         }
         assert_no_failures(&format!("{mode:?}"), &tally);
         let spread = tally.by_instance();
@@ -516,9 +566,8 @@ async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
     // the drain; it must complete although the listener closes meanwhile.
     let outbound = c.backends[2].sidecar.outbound;
     let in_flight = tokio::spawn(async move {
-        let http = http_client(outbound, Mode::HostHeader);
-        let r = http.get(format!("http://{outbound}/slow?delay=2500ms")).header("host", SERVICE).send().await;
-        (r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()), signalled.elapsed())
+        let r = Caller::new(outbound, Mode::HostHeader).call(SERVICE, "/slow?delay=2500ms").await;
+        (r.map(|(status, _, _)| status.as_u16()), signalled.elapsed())
     });
     let gone_after = wait_registry_ids(&c.api, true, &["api-0", "api-1"], TTL * 3).await;
     // Not ready any more while draining.
@@ -603,9 +652,11 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start(1).await;
-    let http = http_client(c.client.outbound, Mode::HostHeader);
+    // The flood expects error answers only, so a plain client is fine here.
+    let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).no_proxy().build().unwrap();
+    let mut caller = Caller::new(c.client.outbound, Mode::HostHeader);
     let tally = Tally::default();
-    one(&http, c.client.outbound, Mode::HostHeader, SERVICE, &tally).await;
+    caller.one(SERVICE, &tally).await;
     assert_no_failures("warm-up", &tally);
     let rss_before = c.client.rss_kib();
 
@@ -651,7 +702,7 @@ async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
     // The real service still works, and the sidecar is still healthy.
     let tally = Tally::default();
     for _ in 0..50 {
-        one(&http, c.client.outbound, Mode::HostHeader, SERVICE, &tally).await;
+        caller.one(SERVICE, &tally).await;
     }
     assert_no_failures("after the flood", &tally);
     wait_http_ok(&format!("http://{}/ready", c.client.admin), Duration::from_secs(5)).await;
