@@ -570,3 +570,82 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, InstanceId};
+
+    use super::*;
+
+    fn set(n: usize) -> EndpointSet {
+        let endpoints = (0..n)
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    InstanceId::new(format!("e{i}")).unwrap(),
+                    Address::new("127.0.0.1").unwrap(),
+                    1000 + i as u16,
+                    1,
+                    None,
+                    BTreeMap::new(),
+                    Arc::default(),
+                ))
+            })
+            .collect();
+        EndpointSet { endpoints, index: 1, epoch: "e".into() }
+    }
+
+    fn eject(set: &EndpointSet, i: usize) {
+        let cfg = OutlierConfig { base_ejection: Duration::from_secs(10), ..OutlierConfig::default() };
+        let out = set.endpoints[i].state.outlier.record(
+            Outcome::Refused,
+            Via::Normal,
+            &cfg,
+            Instant::now(),
+            || true,
+        );
+        assert!(out.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_prefer_untried_then_tried_active_endpoints() {
+        let s = set(3);
+        for _ in 0..50 {
+            let (i, via) = choose(&s, &[0, 2], Instant::now()).unwrap();
+            assert_eq!((i, via), (1, Via::Normal));
+        }
+        // Everything tried: any active endpoint, still not ejected ones.
+        eject(&s, 1);
+        for _ in 0..50 {
+            let (i, via) = choose(&s, &[0, 1, 2], Instant::now()).unwrap();
+            assert!(i != 1 && via == Via::Normal);
+        }
+        // An active tried endpoint beats an untried ejected one.
+        assert_eq!(choose(&s, &[0, 2], Instant::now()).unwrap().1, Via::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_ejection_gets_its_probe_first_then_panic_mode_when_all_are_ejected() {
+        let s = set(2);
+        eject(&s, 0);
+        assert_eq!(choose(&s, &[], Instant::now()), Some((1, Via::Normal)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(choose(&s, &[], Instant::now()), Some((0, Via::Probe)));
+        // The probe is out: others go elsewhere.
+        assert_eq!(choose(&s, &[], Instant::now()), Some((1, Via::Normal)));
+        s.endpoints[0].state.outlier.release_probe();
+        assert_eq!(choose(&s, &[], Instant::now()), Some((0, Via::Probe)));
+        // Both ejected: panic mode, untried first.
+        let s = set(2);
+        eject(&s, 0);
+        eject(&s, 1);
+        assert_eq!(choose(&s, &[0], Instant::now()), Some((1, Via::Panic)));
+        assert!(matches!(choose(&s, &[0, 1], Instant::now()), Some((_, Via::Panic))));
+    }
+
+    #[test]
+    fn no_endpoint_no_choice() {
+        assert_eq!(choose(&set(0), &[], Instant::now()), None);
+    }
+}
