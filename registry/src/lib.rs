@@ -1,1 +1,25 @@
-//! placeholder
+//! The Trellis registry: leases, healthy discovery and blocking watches over
+//! HTTP/JSON (`docs/api.md`), as a library so tests can run it in-process.
+//!
+//! - [`config`]: clap CLI and environment variables.
+//! - [`server`]: the accept loop, connection cap and graceful shutdown; [`run`].
+//! - [`api`]: axum routes and handlers.
+//! - [`error`]: API errors and their mapping to status and JSON body.
+//! - [`store`]: the `Store` trait, service snapshots, the memory store.
+//! - [`expiry`]: lease deadlines kept in order.
+//! - [`watch`]: blocking queries: parameters, cap, wait and jitter.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`probe`]: the `registry probe` healthcheck.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod expiry;
+pub mod metrics;
+pub mod probe;
+pub mod server;
+pub mod store;
+pub mod watch;
+
+pub use config::Config;
+pub use server::{run, serve, ServerError};

@@ -1,1 +1,72 @@
-fn main() {}
+//! The `registry` binary: parse the CLI, set up logging, run until a signal.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use trellis_registry::config::{Cli, Command};
+use trellis_registry::probe::{local_addr_for, probe};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("registry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Probe { addr, timeout }) = cli.command {
+        let addr = addr.unwrap_or_else(|| local_addr_for(cli.config.listen));
+        return match runtime.block_on(probe(addr, timeout)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("registry probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.config.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    if let Err(e) = cli.config.validate() {
+        eprintln!("registry: {e}");
+        return ExitCode::from(2);
+    }
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(cli.config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("registry: cannot listen on {}: {e}", cli.config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        match trellis_registry::run(listener, cli.config, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("registry: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,138 @@
+//! Command line and environment configuration of the registry.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
+
+#[derive(Debug, Parser)]
+#[command(name = "registry", version, about = "The Trellis service registry")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exit 0 when the registry on this host answers `GET /health`, 1 otherwise
+    /// (for healthchecks in images without a shell).
+    Probe {
+        /// Address to probe. Default: 127.0.0.1 at the port of `--listen`.
+        #[arg(long, env = "TRELLIS_PROBE_ADDR")]
+        addr: Option<SocketAddr>,
+        /// How long to wait for the answer.
+        #[arg(long, env = "TRELLIS_PROBE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Everything the server needs. Every field has a flag and a `TRELLIS_<FLAG>`
+/// environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address and port to listen on.
+    #[arg(long, env = "TRELLIS_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Lease length of a registration that does not name one.
+    #[arg(long, env = "TRELLIS_DEFAULT_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub default_ttl: Duration,
+    /// Shortest lease a registration may ask for.
+    #[arg(long, env = "TRELLIS_MIN_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_ttl: Duration,
+    /// Longest lease a registration may ask for.
+    #[arg(long, env = "TRELLIS_MAX_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_ttl: Duration,
+    /// Longest a blocking query is held; larger `wait` values are capped to it.
+    #[arg(long, env = "TRELLIS_MAX_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Most blocking queries held open at once; past it they answer at once.
+    #[arg(long, env = "TRELLIS_MAX_WATCHES", default_value_t = 16_384)]
+    pub max_watches: usize,
+    /// Most client connections open at once; past it new connections get `503 overloaded`.
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Largest request body accepted, in bytes; larger ones get `413 payload_too_large`.
+    #[arg(long, env = "TRELLIS_MAX_BODY", default_value_t = 65_536)]
+    pub max_body: usize,
+    /// How long a shutdown waits for open requests to finish before exiting anyway.
+    #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it when set.
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7600))),
+            default_ttl: Duration::from_secs(5),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+            max_wait: Duration::from_secs(300),
+            max_watches: 16_384,
+            max_connections: 20_000,
+            max_body: 65_536,
+            shutdown_grace: Duration::from_secs(5),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot work; `main` prints it and exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Checks relations between flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_ttl.is_zero() {
+            return Err(ConfigError("--min-ttl must be above zero".into()));
+        }
+        if self.min_ttl > self.max_ttl {
+            return Err(ConfigError("--min-ttl must not exceed --max-ttl".into()));
+        }
+        if self.default_ttl < self.min_ttl || self.default_ttl > self.max_ttl {
+            return Err(ConfigError("--default-ttl must lie between --min-ttl and --max-ttl".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError("--max-connections must be at least 1".into()));
+        }
+        if self.max_body < 1024 {
+            return Err(ConfigError("--max-body must be at least 1024 bytes".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_flags() {
+        let cli = Cli::try_parse_from(["registry"]).unwrap();
+        let d = Config::default();
+        assert_eq!(cli.config.listen, d.listen);
+        assert_eq!(cli.config.default_ttl, d.default_ttl);
+        assert_eq!(cli.config.max_wait, d.max_wait);
+        assert_eq!(cli.config.max_watches, d.max_watches);
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn flags_parse_durations_and_reject_bad_relations() {
+        let cli = Cli::try_parse_from(["registry", "--min-ttl", "10s", "--default-ttl", "500ms"]).unwrap();
+        assert_eq!(cli.config.default_ttl, Duration::from_millis(500));
+        assert!(cli.config.validate().is_err());
+        assert!(Cli::try_parse_from(["registry", "--max-wait", "soon"]).is_err());
+        let cli = Cli::try_parse_from(["registry", "probe", "--addr", "127.0.0.1:1"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Probe { .. })));
+    }
+}

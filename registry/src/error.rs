@@ -1,0 +1,93 @@
+//! API errors and the one place they become an HTTP status and a JSON body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use trellis_shared::{ErrorBody, ErrorCode, NameError};
+
+use crate::store::StoreError;
+
+/// Everything a request can fail with. `docs/api.md` lists each code and status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidField(String),
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// Splits serde's errors: broken JSON versus well-formed JSON with bad content.
+    pub fn from_json(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::InvalidField(e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(e.to_string()),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::InvalidJson(_) => ErrorCode::InvalidJson,
+            ApiError::InvalidField(_) => ErrorCode::InvalidField,
+            ApiError::InvalidName(_) => ErrorCode::InvalidName,
+            ApiError::InvalidQuery(_) => ErrorCode::InvalidQuery,
+            ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            ApiError::Store(StoreError::UnknownInstance { .. }) => ErrorCode::UnknownInstance,
+            ApiError::Store(StoreError::Unavailable(_)) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// The HTTP status of each error code the registry produces.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidJson
+        | ErrorCode::InvalidField
+        | ErrorCode::InvalidName
+        | ErrorCode::InvalidQuery
+        | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::UnknownInstance | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::NoEndpoints => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::Internal | ErrorCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A JSON error response for `code`.
+pub fn error_response(code: ErrorCode, message: String) -> Response {
+    let body = serde_json::to_vec(&ErrorBody::new(code, message)).unwrap_or_default();
+    let mut resp = (status_of(code), body).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        tracing::debug!(error = %code, message = %self, "request refused");
+        error_response(code, self.to_string())
+    }
+}

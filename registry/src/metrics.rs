@@ -1,0 +1,152 @@
+//! Prometheus metrics (`GET /metrics`), all prefixed `trellis_registry_`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use trellis_shared::ServiceSummary;
+
+use crate::store::memory::StoreMetrics;
+
+/// Which API operation a request was, as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Route {
+    Register,
+    Heartbeat,
+    Deregister,
+    List,
+    Get,
+    /// A blocking query (`?index=`): its latency is mostly the wait.
+    Watch,
+    Health,
+    Metrics,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub registrations: Counter,
+    pub heartbeats: Counter,
+    pub deregistrations: Counter,
+    pub store: StoreMetrics,
+    pub open_watches: Gauge,
+    pub watches_refused: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
+    pub requests: Family<RequestLabels, Histogram>,
+    instances: Family<ServiceLabels, Gauge>,
+    healthy: Family<ServiceLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis_registry");
+        let m = Metrics {
+            registrations: Counter::default(),
+            heartbeats: Counter::default(),
+            deregistrations: Counter::default(),
+            store: StoreMetrics::default(),
+            open_watches: Gauge::default(),
+            watches_refused: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.5, 16))),
+            instances: Family::default(),
+            healthy: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("instances", "Registered instances per service", m.instances.clone());
+        registry.register(
+            "healthy_instances",
+            "Instances per service that discovery shows (passing or warning)",
+            m.healthy.clone(),
+        );
+        registry.register(
+            "registrations",
+            "Successful registrations and re-registrations",
+            m.registrations.clone(),
+        );
+        registry.register("heartbeats", "Heartbeats accepted", m.heartbeats.clone());
+        registry.register("deregistrations", "Instances removed by a DELETE", m.deregistrations.clone());
+        registry.register(
+            "expirations",
+            "Instances removed because their lease ran out",
+            m.store.expirations.clone(),
+        );
+        registry.register("open_watches", "Blocking queries being held", m.open_watches.clone());
+        registry.register(
+            "watches_refused",
+            "Blocking queries answered at once because the open-watch cap was reached",
+            m.watches_refused.clone(),
+        );
+        registry.register("connections", "Open client connections", m.connections.clone());
+        registry.register(
+            "connections_refused",
+            "Connections refused because the connection cap was reached",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response, by route and status",
+            m.requests.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Renders the text exposition, refreshing per-service gauges from `services`.
+    pub fn render(&self, services: &[ServiceSummary]) -> String {
+        // Rebuilt at scrape time so services that emptied disappear.
+        self.instances.clear();
+        self.healthy.clear();
+        for s in services {
+            let labels = ServiceLabels { service: s.name.to_string() };
+            self.instances.get_or_create(&labels).set(s.instances as i64);
+            self.healthy.get_or_create(&labels).set(s.healthy as i64);
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_shared::ServiceName;
+
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_metrics() {
+        let m = Metrics::new();
+        m.heartbeats.inc();
+        m.requests.get_or_create(&RequestLabels { route: Route::Heartbeat, status: 204 }).observe(0.001);
+        let s = ServiceSummary { name: ServiceName::new("users").unwrap(), instances: 3, healthy: 2 };
+        let text = m.render(&[s]);
+        assert!(text.contains("trellis_registry_heartbeats_total 1"), "{text}");
+        assert!(text.contains("trellis_registry_instances{service=\"users\"} 3"), "{text}");
+        assert!(text.contains("trellis_registry_healthy_instances{service=\"users\"} 2"), "{text}");
+        assert!(text.contains("trellis_registry_request_duration_seconds_bucket{"), "{text}");
+        assert!(text.contains("route=\"Heartbeat\""), "{text}");
+    }
+}

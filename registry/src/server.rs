@@ -1,0 +1,114 @@
+//! The accept loop: connection cap, HTTP serving, graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::api::{router, AppState};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::store::{MemoryStore, Store};
+use crate::watch::Watches;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read the listener's address: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Answer for a connection past the cap: the client learns why and fails over.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 70\r\nconnection: close\r\n\r\n{\"error\":\"overloaded\",\"message\":\"too many connections to the registry\"}";
+
+/// Runs the registry with the embedded memory store until `shutdown` resolves,
+/// then stops accepting, answers open blocking queries and returns within the
+/// configured grace.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(MemoryStore::new(metrics.store.clone()));
+    serve(listener, config, store, metrics, shutdown).await
+}
+
+/// Runs the registry over any store.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    config: Config,
+    store: Arc<S>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let background = tokio::spawn(store.clone().background(stop.child_token()));
+    let watches = Arc::new(Watches::new(config.max_watches, stop.clone(), metrics.clone()));
+    let grace = config.shutdown_grace;
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let state =
+        AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
+    let app = router(state);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    info!(%addr, epoch = store.epoch(), "registry listening");
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            debug!(%peer, "connection refused: connection cap reached");
+            let _ = stream.try_write(OVERLOADED);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let gauge = metrics.connections.clone();
+        gauge.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+            gauge.dec();
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    info!("shutting down: answering open queries");
+    stop.cancel();
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        warn!(grace = ?grace, "connections still open after the grace period; exiting anyway");
+    }
+    let _ = background.await;
+    info!("registry stopped");
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Blocking queries: the query string, the cap on open ones, wait and jitter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use trellis_shared::ServiceName;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{ServiceSnapshot, Store};
+
+/// How long a blocking query waits when it gives an index but no `wait`.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// A blocking query is held up to `wait + wait / JITTER_DIVISOR`, so watchers
+/// started together do not all come back in the same instant.
+pub const JITTER_DIVISOR: u32 = 16;
+
+/// The query string of `GET /v1/services/{service}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GetQuery {
+    pub all: bool,
+    pub index: Option<u64>,
+    /// Already capped at `--max-wait`.
+    pub wait: Option<Duration>,
+}
+
+/// Parses `all`, `index` and `wait`. Unknown or repeated parameters are
+/// refused, so a typo (`?indx=5`) does not silently turn a watch into a poll.
+pub fn parse_query(raw: Option<&str>, max_wait: Duration) -> Result<GetQuery, ApiError> {
+    let mut q = GetQuery::default();
+    let (mut seen_all, mut seen_wait) = (false, false);
+    let dup = |k: &str| ApiError::InvalidQuery(format!("parameter {k:?} is given more than once"));
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match &*k {
+            "all" => {
+                if std::mem::replace(&mut seen_all, true) {
+                    return Err(dup("all"));
+                }
+                q.all = match &*v {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::InvalidQuery(format!(
+                            "all must be true or false, got {:?}",
+                            clip(&v)
+                        )))
+                    }
+                };
+            }
+            "index" => {
+                if q.index.is_some() {
+                    return Err(dup("index"));
+                }
+                let i = v.parse::<u64>().map_err(|_| {
+                    ApiError::InvalidQuery(format!(
+                        "index must be a non-negative integer, got {:?}",
+                        clip(&v)
+                    ))
+                })?;
+                q.index = Some(i);
+            }
+            "wait" => {
+                if std::mem::replace(&mut seen_wait, true) {
+                    return Err(dup("wait"));
+                }
+                q.wait = Some(parse_wait(&v, max_wait)?);
+            }
+            other => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown parameter {:?} (known: all, index, wait)",
+                    clip(other)
+                )))
+            }
+        }
+    }
+    if q.wait.is_some() && q.index.is_none() {
+        return Err(ApiError::InvalidQuery(
+            "wait needs index (a blocking query waits for a change after an index)".into(),
+        ));
+    }
+    Ok(q)
+}
+
+/// Parses a wait like `30s`; absurd values (overflowing ones included) are
+/// capped at `max_wait` rather than refused.
+fn parse_wait(v: &str, max_wait: Duration) -> Result<Duration, ApiError> {
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) => Ok(d.min(max_wait)),
+        Err(humantime::DurationError::NumberOverflow) => Ok(max_wait),
+        Err(e) => Err(ApiError::InvalidQuery(format!(
+            "wait must be a duration like \"30s\" or \"500ms\", got {:?}: {e}",
+            clip(v)
+        ))),
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// `wait` plus up to `wait / 16` of random jitter.
+pub fn jittered(wait: Duration) -> Duration {
+    let max = (wait / JITTER_DIVISOR).as_millis() as u64;
+    if max == 0 {
+        return wait;
+    }
+    wait + Duration::from_millis(rand::rng().random_range(0..=max))
+}
+
+/// Holds blocking queries within the cap and releases them on shutdown.
+pub struct Watches {
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+struct OpenWatch(Gauge);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Watches {
+    pub fn new(max: usize, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
+        Watches { slots: Arc::new(Semaphore::new(max)), shutdown, metrics }
+    }
+
+    /// Answers when the service's index differs from `index` or after `wait`
+    /// (plus jitter); at once when the cap is reached or the server is stopping.
+    pub async fn wait<S: Store>(
+        &self,
+        store: &S,
+        service: &ServiceName,
+        index: u64,
+        wait: Duration,
+    ) -> Arc<ServiceSnapshot> {
+        let current = store.snapshot(service);
+        if current.index() != index || wait.is_zero() || self.shutdown.is_cancelled() {
+            return current;
+        }
+        let Ok(_permit) = self.slots.try_acquire() else {
+            self.metrics.watches_refused.inc();
+            return current;
+        };
+        self.metrics.open_watches.inc();
+        let _open = OpenWatch(self.metrics.open_watches.clone());
+        tokio::select! {
+            snap = store.watch_from(service, index) => snap,
+            _ = tokio::time::sleep(jittered(wait)) => store.snapshot(service),
+            _ = self.shutdown.cancelled() => store.snapshot(service),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ApiError;
+
+    const MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn parses_blocking_queries() {
+        let q = parse_query(Some("index=42&wait=10s&all=true"), MAX).unwrap();
+        assert_eq!(q, GetQuery { all: true, index: Some(42), wait: Some(Duration::from_secs(10)) });
+        assert_eq!(parse_query(None, MAX).unwrap(), GetQuery::default());
+        assert!(parse_query(Some("all"), MAX).unwrap().all);
+        assert_eq!(parse_query(Some("index=1&wait=99999h"), MAX).unwrap().wait, Some(MAX));
+        assert_eq!(parse_query(Some("index=1&wait=99999999999999999999999s"), MAX).unwrap().wait, Some(MAX));
+    }
+
+    #[test]
+    fn refuses_malformed_queries() {
+        for bad in
+            ["index=-1", "index=x", "index=1&index=2", "wait=5s", "index=1&wait=soon", "all=maybe", "indx=3"]
+        {
+            assert!(matches!(parse_query(Some(bad), MAX), Err(ApiError::InvalidQuery(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_a_sixteenth() {
+        let w = Duration::from_secs(16);
+        for _ in 0..100 {
+            let j = jittered(w);
+            assert!(j >= w && j <= w + Duration::from_secs(1), "{j:?}");
+        }
+        assert_eq!(jittered(Duration::from_millis(10)), Duration::from_millis(10));
+    }
+}
