@@ -296,6 +296,12 @@ pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Answer {
 /// a complete response (by Content-Length) has arrived.
 pub async fn raw(proxy: SocketAddr, raw: &[u8]) -> String {
     let mut s = TcpStream::connect(proxy).await.unwrap();
+    raw_on(&mut s, raw).await
+}
+
+/// Like [`raw`], on an existing connection (which stays open when the answer
+/// keeps it alive).
+pub async fn raw_on(s: &mut TcpStream, raw: &[u8]) -> String {
     // The server may answer and close before reading everything.
     let _ = s.write_all(raw).await;
     let mut buf = Vec::new();
