@@ -93,6 +93,11 @@ impl Report {
             _ => "not pinned (fewer than two cores, or --no-pin)".into(),
         };
         let _ = writeln!(h, "| pinning | {pin} |");
+        let before = crate::procstat::cpu_jiffies();
+        std::thread::sleep(Duration::from_secs(1));
+        let busy = crate::procstat::busy_percent(&before, &crate::procstat::cpu_jiffies());
+        let busy: Vec<String> = busy.iter().map(|b| format!("{b:.0}%")).collect();
+        let _ = writeln!(h, "| other load before the run (busy per core, 1 s) | {} |", busy.join(" / "));
         let _ = writeln!(h, "| Trellis build profile | `{}` |", args.profile);
         let _ = writeln!(
             h,

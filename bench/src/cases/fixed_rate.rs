@@ -15,6 +15,7 @@ struct Row {
     rate: f64,
     load: LoadResult,
     cpu_per_1k_ms: Option<f64>,
+    cpu_share: Option<f64>,
     busy: Vec<f64>,
 }
 
@@ -36,7 +37,11 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes) -> Result<Vec<Row>, String> {
             }
             _ => None,
         };
-        rows.push(Row { kind, rate, load, cpu_per_1k_ms, busy: procstat::busy_percent(&j0, &j1) });
+        let cpu_share = match (cpu0, cpu) {
+            (Some(a), Some(b)) => Some(100.0 * (b - a).as_secs_f64() / sizes.rate_duration.as_secs_f64()),
+            _ => None,
+        };
+        rows.push(Row { kind, rate, load, cpu_per_1k_ms, cpu_share, busy: procstat::busy_percent(&j0, &j1) });
     }
     Ok(rows)
 }
@@ -70,9 +75,9 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         let _ = writeln!(b, "### {rate:.0} requests/s\n");
         let _ = writeln!(
             b,
-            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req | core 0 busy |"
+            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req | proxy CPU (% of a core) | core 0 busy |"
         );
-        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &at {
             let added = |p: f64| match direct {
                 Some(d) if r.kind != Kind::Direct => us(r.load.pct_us(p) - d.load.pct_us(p)),
@@ -80,7 +85,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             };
             let _ = writeln!(
                 b,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.kind.name(),
                 r.load.rps(),
                 us(r.load.pct_us(50.0)),
@@ -90,6 +95,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
                 added(99.0),
                 r.load.failed,
                 r.cpu_per_1k_ms.map_or("—".into(), |v| format!("{v:.1} ms")),
+                r.cpu_share.map_or("—".into(), |v| format!("{v:.0}%")),
                 r.busy.first().map_or("—".into(), |v| format!("{v:.0}%")),
             );
         }

@@ -30,7 +30,7 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TTL_SECS: u64 = 5;
 /// Bulk instances get a longer TTL so the registration burst itself cannot
 /// expire the first instances before their first heartbeat.
-const BULK_TTL_SECS: u64 = 30;
+const BULK_TTL_SECS: u64 = 120;
 /// Connections carrying the heartbeats (100,000 sidecars would hold one each;
 /// the file-descriptor limit here does not allow that).
 const HEARTBEAT_CONNS: usize = 256;

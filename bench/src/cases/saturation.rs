@@ -14,6 +14,8 @@ pub struct Row {
     pub kind: Kind,
     pub load: LoadResult,
     pub cpu_per_1k_ms: Option<f64>,
+    /// Proxy CPU time over the window as a share of one core, percent.
+    pub cpu_share: Option<f64>,
     pub peak_rss_kib: Option<u64>,
     pub idle_rss_kib: Option<u64>,
     pub busy: Vec<f64>,
@@ -37,9 +39,14 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes) -> Result<Row, String> {
         (Some(a), Some(b)) if load.ok > 0 => Some((b - a).as_secs_f64() * 1000.0 / (load.ok as f64 / 1000.0)),
         _ => None,
     };
+    let cpu_share = match (cpu0, cpu) {
+        (Some(a), Some(b)) => Some(100.0 * (b - a).as_secs_f64() / sizes.saturation.as_secs_f64()),
+        _ => None,
+    };
     Ok(Row {
         kind,
         cpu_per_1k_ms,
+        cpu_share,
         peak_rss_kib: target.pid().map(procstat::peak_rss_kib),
         idle_rss_kib: idle,
         busy: procstat::busy_percent(&j0, &j1),
@@ -70,18 +77,19 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         "Closed loop: {} keep-alive connections, each sending its next GET as soon as the previous answer \
          arrived, for {:.0} s after a {:.1} s warm-up; response body 17 bytes. Proxy CPU is user + system time \
          of the proxy's processes over the measured window (from /proc/<pid>/stat). Core busy figures show \
-         whether the load side (core 1: generator + backends) saturated before the proxy (core 0).\n",
+         whether the load side (core 1: generator + backends) saturated before the proxy (core 0); core 0 busy \
+         above the proxy's own share is other work on the machine.\n",
         sizes.connections,
         sizes.saturation.as_secs_f64(),
         sizes.warmup.as_secs_f64()
     );
-    let _ = writeln!(b, "| target | req/s | p50 | p99 | p99.9 | failed | proxy CPU per 1k req | peak RSS | idle RSS | core 0 busy | core 1 busy |");
-    let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(b, "| target | req/s | p50 | p99 | p99.9 | failed | proxy CPU per 1k req | proxy CPU (% of a core) | peak RSS | idle RSS | core 0 busy | core 1 busy |");
+    let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let busy = |i: usize| r.busy.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
         let _ = writeln!(
             b,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.kind.name(),
             r.load.rps(),
             us(r.load.pct_us(50.0)),
@@ -89,6 +97,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             us(r.load.pct_us(99.9)),
             r.load.failed,
             r.cpu_per_1k_ms.map_or("—".into(), |v| format!("{v:.1} ms")),
+            r.cpu_share.map_or("—".into(), |v| format!("{v:.0}%")),
             mib(r.peak_rss_kib),
             mib(r.idle_rss_kib),
             busy(0),
