@@ -1,6 +1,6 @@
 //! Prometheus metrics (`GET /metrics`), all prefixed `trellis_registry_`.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,7 +11,7 @@ use trellis_shared::ServiceSummary;
 use crate::store::memory::StoreMetrics;
 
 /// Which API operation a request was, as a bounded label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
     Register,
     Heartbeat,
@@ -23,6 +23,28 @@ pub enum Route {
     Health,
     Metrics,
     Other,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Register => "register",
+            Route::Heartbeat => "heartbeat",
+            Route::Deregister => "deregister",
+            Route::List => "list",
+            Route::Get => "get",
+            Route::Watch => "watch",
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -147,6 +169,6 @@ mod tests {
         assert!(text.contains("trellis_registry_instances{service=\"users\"} 3"), "{text}");
         assert!(text.contains("trellis_registry_healthy_instances{service=\"users\"} 2"), "{text}");
         assert!(text.contains("trellis_registry_request_duration_seconds_bucket{"), "{text}");
-        assert!(text.contains("route=\"Heartbeat\""), "{text}");
+        assert!(text.contains("route=\"heartbeat\""), "{text}");
     }
 }

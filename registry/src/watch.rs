@@ -193,4 +193,86 @@ mod tests {
         }
         assert_eq!(jittered(Duration::from_millis(10)), Duration::from_millis(10));
     }
+
+    mod held {
+        use std::collections::BTreeMap;
+
+        use tokio::time::Instant;
+        use trellis_shared::{Address, HealthStatus, Instance, InstanceId};
+
+        use super::*;
+        use crate::store::memory::StoreMetrics;
+        use crate::store::{MemoryStore, Registration};
+
+        async fn setup(max: usize) -> (Arc<MemoryStore>, Arc<Watches>, CancellationToken, ServiceName, u64) {
+            let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
+            let stop = CancellationToken::new();
+            tokio::spawn(store.clone().background(stop.child_token()));
+            let watches = Arc::new(Watches::new(max, stop.clone(), Arc::new(Metrics::new())));
+            let users = ServiceName::new("users").unwrap();
+            let instance = Instance {
+                id: InstanceId::new("a").unwrap(),
+                address: Address::new("10.0.0.1").unwrap(),
+                port: 1,
+                zone: None,
+                weight: 100,
+                metadata: BTreeMap::new(),
+                status: HealthStatus::Passing,
+                output: String::new(),
+            };
+            let w = store
+                .register(&users, Registration { instance, ttl: Duration::from_secs(600) })
+                .await
+                .unwrap();
+            (store, watches, stop, users, w.index)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_held_query_ends_after_wait_plus_at_most_a_sixteenth() {
+            let (store, watches, _stop, users, index) = setup(10).await;
+            let t = Instant::now();
+            let snap = watches.wait(&*store, &users, index, Duration::from_secs(16)).await;
+            assert_eq!(snap.index(), index);
+            let e = t.elapsed();
+            assert!(e >= Duration::from_secs(16) && e <= Duration::from_secs(17), "{e:?}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn past_the_cap_queries_answer_at_once() {
+            let (store, watches, _stop, users, index) = setup(1).await;
+            let held = {
+                let (store, watches, users) = (store.clone(), watches.clone(), users.clone());
+                tokio::spawn(
+                    async move { watches.wait(&*store, &users, index, Duration::from_secs(30)).await },
+                )
+            };
+            tokio::task::yield_now().await;
+            assert_eq!(watches.metrics.open_watches.get(), 1);
+            let t = Instant::now();
+            watches.wait(&*store, &users, index, Duration::from_secs(30)).await;
+            assert_eq!(t.elapsed(), Duration::ZERO);
+            assert_eq!(watches.metrics.watches_refused.get(), 1);
+            held.await.unwrap();
+            assert_eq!(watches.metrics.open_watches.get(), 0);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn shutdown_answers_held_queries_at_once() {
+            let (store, watches, stop, users, index) = setup(10).await;
+            let held = {
+                let (store, watches, users) = (store.clone(), watches.clone(), users.clone());
+                tokio::spawn(
+                    async move { watches.wait(&*store, &users, index, Duration::from_secs(30)).await },
+                )
+            };
+            tokio::task::yield_now().await;
+            let t = Instant::now();
+            stop.cancel();
+            let snap = held.await.unwrap();
+            assert_eq!((t.elapsed(), snap.index()), (Duration::ZERO, index));
+            // And new ones do not wait either.
+            watches.wait(&*store, &users, index, Duration::from_secs(30)).await;
+            assert_eq!(t.elapsed(), Duration::ZERO);
+        }
+    }
 }

@@ -319,3 +319,222 @@ impl Store for MemoryStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn id(s: &str) -> InstanceId {
+        InstanceId::new(s).unwrap()
+    }
+
+    fn reg(i: &str, ttl_ms: u64) -> Registration {
+        Registration {
+            instance: Instance {
+                id: id(i),
+                address: Address::new("10.0.0.1").unwrap(),
+                port: 8080,
+                zone: None,
+                weight: 100,
+                metadata: BTreeMap::new(),
+                status: HealthStatus::Passing,
+                output: String::new(),
+            },
+            ttl: Duration::from_millis(ttl_ms),
+        }
+    }
+
+    fn started() -> (Arc<MemoryStore>, CancellationToken) {
+        let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
+        let stop = CancellationToken::new();
+        tokio::spawn(store.clone().background(stop.clone()));
+        (store, stop)
+    }
+
+    fn hb(status: Option<HealthStatus>, output: Option<&str>) -> Heartbeat {
+        Heartbeat { status, output: output.map(str::to_string) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_exactly_at_the_deadline_and_wakes_watchers() {
+        let (store, _stop) = started();
+        let users = name("users");
+        let t0 = Instant::now();
+        let w = store.register(&users, reg("a", 5_000)).await.unwrap();
+        assert_eq!(w.change, Change::Added);
+        let snap = store.watch_from(&users, w.index).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        assert!(snap.instances().is_empty());
+        assert!(snap.index() > w.index);
+        assert_eq!(store.metrics.expirations.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn still_present_just_before_the_deadline() {
+        let (store, _stop) = started();
+        let users = name("users");
+        store.register(&users, reg("a", 5_000)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(4_999)).await;
+        assert_eq!(store.snapshot(&users).instances().len(), 1);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(store.snapshot(&users).instances().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_push_the_deadline_without_moving_the_index() {
+        let (store, _stop) = started();
+        let users = name("users");
+        let t0 = Instant::now();
+        let w = store.register(&users, reg("a", 5_000)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let h = store.heartbeat(&users, &id("a"), Heartbeat::default()).await.unwrap();
+        assert_eq!(h.change, Change::Renewed);
+        assert_eq!(h.index, w.index);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let h = store.heartbeat(&users, &id("a"), Heartbeat::default()).await.unwrap();
+        assert_eq!(h.index, w.index);
+        // Last renewal at t0+6s: the lease ends at t0+11s, not before.
+        let snap = store.watch_from(&users, w.index).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(11));
+        assert!(snap.instances().is_empty());
+        // About one queue operation per TTL, not one per heartbeat.
+        assert_eq!(store.queued_leases(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_ttl_on_re_registration_takes_effect() {
+        let (store, _stop) = started();
+        let users = name("users");
+        let t0 = Instant::now();
+        store.register(&users, reg("a", 60_000)).await.unwrap();
+        let w = store.register(&users, reg("a", 2_000)).await.unwrap();
+        assert_eq!(w.change, Change::Renewed);
+        store.watch_from(&users, w.index).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_in_deadline_order() {
+        let (store, _stop) = started();
+        let users = name("users");
+        let t0 = Instant::now();
+        for (i, ttl) in [("c", 3_000), ("a", 1_000), ("b", 2_000)] {
+            store.register(&users, reg(i, ttl)).await.unwrap();
+        }
+        let mut index = store.snapshot(&users).index();
+        let mut seen = Vec::new();
+        while !store.snapshot(&users).instances().is_empty() {
+            let snap = store.watch_from(&users, index).await;
+            index = snap.index();
+            let left: Vec<&str> = snap.instances().iter().map(|i| i.id.as_str()).collect();
+            seen.push((t0.elapsed().as_millis(), left.join(",")));
+        }
+        assert_eq!(seen, [(1000, "b,c".to_string()), (2000, "c".to_string()), (3000, String::new())]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_wake_only_for_their_service_and_real_changes() {
+        let (store, _stop) = started();
+        let (users, orders) = (name("users"), name("orders"));
+        let w = store.register(&users, reg("u1", 60_000)).await.unwrap();
+        store.register(&orders, reg("o1", 60_000)).await.unwrap();
+        let watcher = {
+            let store = store.clone();
+            let users = users.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(10), store.watch_from(&users, w.index)).await
+            })
+        };
+        tokio::task::yield_now().await;
+        // Another service changes; this one is renewed, re-registered unchanged,
+        // and its output text changes: none of it moves users' index.
+        store.register(&orders, reg("o2", 60_000)).await.unwrap();
+        store.heartbeat(&orders, &id("o1"), hb(Some(HealthStatus::Critical), None)).await.unwrap();
+        store.heartbeat(&users, &id("u1"), Heartbeat::default()).await.unwrap();
+        store.register(&users, reg("u1", 60_000)).await.unwrap();
+        let out =
+            store.heartbeat(&users, &id("u1"), hb(Some(HealthStatus::Passing), Some("ok"))).await.unwrap();
+        assert_eq!(out.index, w.index);
+        assert_eq!(store.snapshot(&users).instances()[0].output, "ok", "output is visible to reads");
+        assert!(watcher.await.unwrap().is_err(), "the watcher must sleep through all of that");
+
+        // A status change wakes it at once.
+        let watcher = {
+            let store = store.clone();
+            let users = users.clone();
+            tokio::spawn(async move { store.watch_from(&users, w.index).await })
+        };
+        tokio::task::yield_now().await;
+        let t = Instant::now();
+        let out = store.heartbeat(&users, &id("u1"), hb(Some(HealthStatus::Warning), None)).await.unwrap();
+        assert_eq!(out.change, Change::Updated);
+        let snap = watcher.await.unwrap();
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(snap.index(), out.index);
+        assert_eq!(snap.instances()[0].status, HealthStatus::Warning);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn index_rules() {
+        let (store, _stop) = started();
+        let users = name("users");
+        // Never registered: index 0, no instances; a watch on it waits for the first.
+        assert_eq!(store.snapshot(&users).index(), 0);
+        let first = {
+            let store = store.clone();
+            let users = users.clone();
+            tokio::spawn(async move { store.watch_from(&users, 0).await })
+        };
+        tokio::task::yield_now().await;
+        let w = store.register(&users, reg("a", 60_000)).await.unwrap();
+        assert_eq!(first.await.unwrap().index(), w.index);
+        // An index from the future (a client of a previous history) answers at once.
+        let t = Instant::now();
+        let snap = store.watch_from(&users, w.index + 1000).await;
+        assert_eq!((t.elapsed(), snap.index()), (Duration::ZERO, w.index));
+        // Membership changes move it; indexes are unique across services.
+        let mut changed = reg("a", 60_000);
+        changed.instance.port = 9090;
+        let w2 = store.register(&users, changed).await.unwrap();
+        assert_eq!(w2.change, Change::Updated);
+        assert!(w2.index > w.index);
+        let o = store.register(&name("orders"), reg("o", 60_000)).await.unwrap();
+        assert!(o.index > w2.index);
+        let d = store.deregister(&users, &id("a")).await.unwrap();
+        assert!(d > o.index);
+        assert!(matches!(store.deregister(&users, &id("a")).await, Err(StoreError::UnknownInstance { .. })));
+        assert!(matches!(
+            store.heartbeat(&name("nope"), &id("a"), Heartbeat::default()).await,
+            Err(StoreError::UnknownInstance { .. })
+        ));
+        // The emptied service keeps its index (it must not go backwards) and leaves the list.
+        assert_eq!(store.snapshot(&users).index(), d);
+        let list = store.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name.as_str(), "orders");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deregistered_leases_leave_no_work_behind() {
+        let (store, _stop) = started();
+        let users = name("users");
+        store.register(&users, reg("a", 1_000)).await.unwrap();
+        store.deregister(&users, &id("a")).await.unwrap();
+        store.register(&users, reg("a", 5_000)).await.unwrap();
+        // The stale entry at 1s must not expire the new registration.
+        tokio::time::sleep(Duration::from_millis(4_999)).await;
+        assert_eq!(store.snapshot(&users).instances().len(), 1);
+        assert_eq!(store.metrics.expirations.get(), 0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(store.metrics.expirations.get(), 1);
+    }
+}
