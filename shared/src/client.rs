@@ -138,6 +138,8 @@ impl RegistryClient {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // The sidecar sets HTTP_PROXY for its app; its own registry calls must not follow it.
+            .no_proxy()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
