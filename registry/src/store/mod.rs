@@ -15,6 +15,7 @@
 //! - [`snapshot`]: the immutable per-service snapshot and its pre-rendered JSON.
 //! - [`memory`]: the in-memory store with ordered lease expiry.
 
+pub mod etcd;
 pub mod memory;
 pub mod snapshot;
 

@@ -1,0 +1,504 @@
+//! The etcd store: registry replicas share their state through an etcd cluster.
+//!
+//! Mapping: each instance is the key `<prefix>/instances/<service>/<id>`, whose
+//! value is its registration record (JSON), attached to an etcd lease of its
+//! TTL. etcd grants leases in whole seconds and raises TTLs below its minimum
+//! (`ceil(1.5 * election timeout)`, 2 s with etcd's defaults), so that is the
+//! effective shortest lease. A heartbeat is a lease keep-alive (no consensus
+//! write), plus a put only when the reported health changes. Each replica
+//! follows the prefix with a require-leader watch from the revision of its
+//! initial read and serves every read and blocking query from its [`cache`];
+//! indexes are etcd revisions and the epoch is the cluster id, so replicas agree
+//! on both and a client failing over between them sees no restart.
+//!
+//! Without quorum a watch goes silent rather than failing, so a health loop also
+//! makes a linearizable read every `--etcd-check-interval`; two failures in a
+//! row (or a watch that stays down) mark the store stale: reads keep coming from
+//! the cache (the API flags them), writes answer `unavailable` at once. The flag
+//! clears, and the watch resumes from its last revision, when etcd answers again.
+//!
+//! - [`client`]: etcd's v3 JSON gateway over reqwest.
+//! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
+
+pub mod cache;
+pub mod client;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use trellis_shared::backoff::Backoff;
+use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
+use url::Url;
+
+use self::cache::{encode, Cache, Cached};
+use self::client::{EtcdClient, EtcdError, EventType};
+use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+
+/// Prefix used when `--store etcd://...` names none.
+pub const DEFAULT_PREFIX: &str = "/trellis";
+
+/// Which store a registry runs on (`--store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// The embedded in-memory store (one registry, state lost on restart).
+    Memory,
+    /// An etcd cluster: client URLs of its members and the key prefix.
+    Etcd { endpoints: Vec<Url>, prefix: String },
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+
+    /// `memory`, or `etcd://host:2379,host:2379[/prefix]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "memory" {
+            return Ok(StoreSpec::Memory);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(format!("expected \"memory\" or \"etcd://host:port,...[/prefix]\", got {s:?}"));
+        };
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let prefix = if prefix.is_empty() { DEFAULT_PREFIX.to_string() } else { prefix.to_string() };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let url =
+                Url::parse(&format!("http://{h}/")).map_err(|e| format!("bad etcd member {h:?}: {e}"))?;
+            if url.port().is_none() {
+                return Err(format!("etcd member {h:?} needs a port (etcd's client port is 2379)"));
+            }
+            endpoints.push(url);
+        }
+        if endpoints.is_empty() {
+            return Err("etcd:// needs at least one host:port".into());
+        }
+        Ok(StoreSpec::Etcd { endpoints, prefix })
+    }
+}
+
+impl std::fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Etcd { endpoints, prefix } => {
+                let hosts: Vec<String> = endpoints
+                    .iter()
+                    .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port().unwrap_or(2379)))
+                    .collect();
+                write!(f, "etcd://{}{}", hosts.join(","), prefix)
+            }
+        }
+    }
+}
+
+/// Tunables of the etcd store.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<Url>,
+    /// Key prefix, without a trailing slash.
+    pub prefix: String,
+    /// Bound of one request to one etcd member.
+    pub timeout: Duration,
+    /// Period of the linearizable read that detects a lost quorum.
+    pub check_interval: Duration,
+}
+
+/// Metrics the etcd store feeds; clones share the values with `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdMetrics {
+    /// 1 while the store cannot reach a quorum and answers from its cache.
+    pub stale: Gauge,
+    /// Discovery answers served flagged stale.
+    pub stale_answers: Counter,
+}
+
+/// Failed health checks in a row that mark the store stale: one slow read on a
+/// busy machine is not an outage.
+const STALE_AFTER: u32 = 2;
+
+pub struct EtcdStore {
+    client: EtcdClient,
+    cache: Cache,
+    /// `<prefix>/instances/`.
+    instances: Vec<u8>,
+    epoch: String,
+    settings: EtcdSettings,
+    stale: AtomicBool,
+    watch_up: AtomicBool,
+    failed_checks: AtomicU32,
+    metrics: EtcdMetrics,
+}
+
+fn unavailable(e: EtcdError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// etcd leases are whole seconds: round up so an instance never lives shorter than asked.
+fn lease_secs(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+}
+
+impl EtcdStore {
+    /// Reads the prefix once (which also learns the cluster id, the epoch) and
+    /// fills the cache; [`Store::background`] then follows it from there.
+    pub async fn connect(settings: EtcdSettings, metrics: EtcdMetrics) -> Result<Self, EtcdError> {
+        let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout)?;
+        let instances = format!("{}/instances/", settings.prefix).into_bytes();
+        let (header, kvs) = client.range_prefix(&instances).await?;
+        let cache = Cache::new(instances.clone());
+        cache.reset(header.revision, &kvs);
+        let epoch = format!("etcd-{:016x}", header.cluster_id as u64);
+        info!(epoch = %epoch, revision = header.revision, instances = kvs.len(), prefix = %settings.prefix, "etcd store connected");
+        Ok(EtcdStore {
+            client,
+            cache,
+            instances,
+            epoch,
+            settings,
+            stale: AtomicBool::new(false),
+            watch_up: AtomicBool::new(false),
+            failed_checks: AtomicU32::new(0),
+            metrics,
+        })
+    }
+
+    /// Like [`EtcdStore::connect`], retrying with backoff until etcd answers.
+    pub async fn connect_retrying(settings: EtcdSettings, metrics: EtcdMetrics) -> Self {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match Self::connect(settings.clone(), metrics.clone()).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    warn!(error = %e, "cannot reach etcd yet; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    /// Whether the store answers from a cache it cannot currently refresh.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    pub fn metrics(&self) -> &EtcdMetrics {
+        &self.metrics
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.is_stale() {
+            return Err(StoreError::Unavailable(
+                "etcd has no quorum; the registry serves from its cache".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits (briefly) for our own write to come back through the watch, so a
+    /// read on this replica right after a write sees it.
+    async fn settle(&self, revision: i64) {
+        let r = u64::try_from(revision).unwrap_or(0);
+        if tokio::time::timeout(self.settings.timeout, self.cache.reach(r)).await.is_err() {
+            debug!(revision, "write not yet seen by the watch");
+        }
+    }
+
+    /// The cached instance, or etcd's copy when the cache has not seen it yet
+    /// (a registration made through another replica a moment ago).
+    async fn find(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Option<(Cached, u64)>, StoreError> {
+        if let Some(found) = self.cache.lookup(service, id) {
+            return Ok(Some(found));
+        }
+        let (_, kv) = self.client.get(&self.cache.key(service, id)).await.map_err(unavailable)?;
+        Ok(kv.and_then(|kv| {
+            self.cache.decode(&kv).map(|(_, c)| (c, u64::try_from(kv.mod_revision).unwrap_or(0)))
+        }))
+    }
+
+    /// Writes the instance under a lease; an unknown lease gets a new one.
+    async fn put(&self, service: &ServiceName, cached: &mut Cached) -> Result<i64, StoreError> {
+        let key = self.cache.key(service, &cached.instance.id);
+        if cached.lease != 0 {
+            match self.client.put(&key, &encode(service, cached), cached.lease).await {
+                Ok(h) => return Ok(h.revision),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        let (lease, granted) = self.client.grant(lease_secs(cached.ttl)).await.map_err(unavailable)?;
+        debug!(service = %service, instance = %cached.instance.id, lease, ttl_secs = granted, "lease granted");
+        cached.lease = lease;
+        let h = self.client.put(&key, &encode(service, cached), lease).await.map_err(unavailable)?;
+        Ok(h.revision)
+    }
+
+    async fn revoke(&self, lease: i64) {
+        if let Err(e) = self.client.revoke(lease).await {
+            debug!(lease, error = %e, "cannot revoke a replaced lease; it will expire");
+        }
+    }
+
+    /// Follows the prefix until `shutdown`, reconnecting (to another member when
+    /// one fails) from the revision after the last one applied.
+    async fn follow(&self, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let from = i64::try_from(self.cache.revision()).unwrap_or(i64::MAX - 1) + 1;
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                w = self.client.watch(&self.instances, from) => w,
+            };
+            match opened {
+                Ok(mut stream) => loop {
+                    let msg = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        m = stream.next() => m,
+                    };
+                    match msg {
+                        Ok(Some(r)) if r.compact_revision > 0 => {
+                            warn!(
+                                compacted = r.compact_revision,
+                                from, "watch fell behind a compaction; re-reading the prefix"
+                            );
+                            match self.client.range_prefix(&self.instances).await {
+                                Ok((h, kvs)) => self.cache.reset(h.revision, &kvs),
+                                Err(e) => warn!(error = %e, "cannot re-read the prefix"),
+                            }
+                            break;
+                        }
+                        Ok(Some(r)) if r.canceled => {
+                            warn!(reason = %r.cancel_reason, endpoint = %stream.endpoint, "etcd cancelled the watch");
+                            self.client.avoid(&stream.endpoint);
+                            break;
+                        }
+                        Ok(Some(r)) => {
+                            if r.created {
+                                backoff.reset();
+                                if !self.watch_up.swap(true, Ordering::Relaxed) {
+                                    info!(endpoint = %stream.endpoint, from, "watching etcd");
+                                }
+                            }
+                            let mut last = 0;
+                            for ev in &r.events {
+                                match ev.kind {
+                                    EventType::Put => self.cache.apply_put(&ev.kv),
+                                    EventType::Delete => self.cache.apply_delete(&ev.kv),
+                                }
+                                last = last.max(ev.kv.mod_revision);
+                            }
+                            if last > 0 {
+                                self.cache.advance(last);
+                            } else if !r.created {
+                                // A progress notification: nothing is pending up to here.
+                                self.cache.advance(r.header.revision);
+                            }
+                        }
+                        Ok(None) => {
+                            warn!(endpoint = %stream.endpoint, "etcd closed the watch");
+                            self.client.avoid(&stream.endpoint);
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(endpoint = %stream.endpoint, error = %e, "etcd watch failed");
+                            self.client.avoid(&stream.endpoint);
+                            break;
+                        }
+                    }
+                },
+                Err(e) => debug!(error = %e, "cannot open the etcd watch"),
+            }
+            self.watch_up.store(false, Ordering::Relaxed);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// Marks the store stale or fresh from a linearizable read every
+    /// `check_interval` and the state of the watch.
+    async fn check_quorum(&self, shutdown: &CancellationToken) {
+        let mut watch_down = 0u32;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.check_interval) => {}
+            }
+            let read = self.client.check(&self.instances).await;
+            let failed = match &read {
+                Ok(_) => {
+                    self.failed_checks.store(0, Ordering::Relaxed);
+                    0
+                }
+                Err(e) => {
+                    debug!(error = %e, "etcd health read failed");
+                    self.failed_checks.fetch_add(1, Ordering::Relaxed) + 1
+                }
+            };
+            watch_down = if self.watch_up.load(Ordering::Relaxed) { 0 } else { watch_down + 1 };
+            let stale = failed >= STALE_AFTER || watch_down >= STALE_AFTER;
+            if self.stale.swap(stale, Ordering::Relaxed) != stale {
+                self.metrics.stale.set(i64::from(stale));
+                if stale {
+                    let error = read.err().map(|e| e.to_string()).unwrap_or_else(|| "watch down".into());
+                    warn!(%error, "etcd unavailable: serving discovery from the cache, refusing writes");
+                } else {
+                    info!(revision = self.cache.revision(), "etcd available again");
+                }
+            }
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
+        self.check_writable()?;
+        let id = reg.instance.id.clone();
+        let existing = self.find(service, &id).await?;
+        if let Some((old, index)) = &existing {
+            let unchanged = old.instance.same_membership(&reg.instance)
+                && old.instance.output == reg.instance.output
+                && old.ttl == reg.ttl;
+            // A repeated registration is a renewal: keep-alive, no write.
+            if unchanged && self.client.keep_alive(old.lease).await.map_err(unavailable)?.is_some() {
+                debug!(service = %service, instance = %id, "instance re-registered");
+                let previous_status = Some(old.instance.status);
+                return Ok(WriteOutcome { change: Change::Renewed, index: *index, previous_status });
+            }
+        }
+        let old_lease = existing.as_ref().map(|(c, _)| c.lease);
+        // A new TTL needs a new lease; otherwise the existing one carries on.
+        let lease = match &existing {
+            Some((old, _)) if old.ttl == reg.ttl => old.lease,
+            _ => 0,
+        };
+        let moved = existing.as_ref().is_none_or(|(old, _)| !old.instance.same_membership(&reg.instance));
+        let mut cached = Cached { instance: Arc::new(reg.instance), lease, ttl: reg.ttl };
+        let revision = self.put(service, &mut cached).await?;
+        if let Some(old) = old_lease.filter(|l| *l != 0 && *l != cached.lease) {
+            self.revoke(old).await;
+        }
+        self.settle(revision).await;
+        let (change, index) = match &existing {
+            None => (Change::Added, u64::try_from(revision).unwrap_or(0)),
+            Some(_) if moved => (Change::Updated, u64::try_from(revision).unwrap_or(0)),
+            Some(_) => (Change::Renewed, self.cache.index(service)),
+        };
+        Ok(WriteOutcome { change, index, previous_status: existing.map(|(c, _)| c.instance.status) })
+    }
+
+    async fn heartbeat(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        hb: Heartbeat,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.check_writable()?;
+        let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
+        let (cached, index) = self.find(service, id).await?.ok_or_else(unknown)?;
+        if self.client.keep_alive(cached.lease).await.map_err(unavailable)?.is_none() {
+            return Err(unknown());
+        }
+        let previous = cached.instance.status;
+        let Some(status) = hb.status.filter(|s| *s != previous) else {
+            // Output text alone is not worth a consensus write (issue 7): it
+            // travels with the next health change.
+            return Ok(WriteOutcome { change: Change::Renewed, index, previous_status: Some(previous) });
+        };
+        let mut updated: Instance = (*cached.instance).clone();
+        updated.status = status;
+        if let Some(o) = hb.output {
+            updated.output = o;
+        }
+        let lease = cached.lease;
+        let mut next = Cached { instance: Arc::new(updated), ..cached };
+        let revision = self.put(service, &mut next).await?;
+        if next.lease != lease {
+            // The lease ran out between the keep-alive and the put.
+            let _ = self.client.delete(&self.cache.key(service, id)).await;
+            return Err(unknown());
+        }
+        self.settle(revision).await;
+        let index = u64::try_from(revision).unwrap_or(0);
+        Ok(WriteOutcome { change: Change::Updated, index, previous_status: Some(previous) })
+    }
+
+    async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, StoreError> {
+        self.check_writable()?;
+        let lease = self.cache.lookup(service, id).map(|(c, _)| c.lease);
+        let (header, deleted) =
+            self.client.delete(&self.cache.key(service, id)).await.map_err(unavailable)?;
+        if deleted == 0 {
+            return Err(StoreError::UnknownInstance { service: service.clone(), id: id.clone() });
+        }
+        if let Some(l) = lease.filter(|l| *l != 0) {
+            self.revoke(l).await;
+        }
+        self.settle(header.revision).await;
+        Ok(u64::try_from(header.revision).unwrap_or(0))
+    }
+
+    fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
+        self.cache.snapshot(service)
+    }
+
+    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        self.cache.watch_from(service, index).await
+    }
+
+    fn list(&self) -> Vec<ServiceSummary> {
+        self.cache.list()
+    }
+
+    async fn background(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_specs() {
+        assert_eq!("memory".parse::<StoreSpec>().unwrap(), StoreSpec::Memory);
+        let StoreSpec::Etcd { endpoints, prefix } = "etcd://10.0.0.1:2379,etcd-2:2379/reg".parse().unwrap()
+        else {
+            panic!("not etcd")
+        };
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(endpoints[1].as_str(), "http://etcd-2:2379/");
+        assert_eq!(prefix, "/reg");
+        let StoreSpec::Etcd { prefix, .. } = "etcd://a:1".parse().unwrap() else { panic!("not etcd") };
+        assert_eq!(prefix, DEFAULT_PREFIX);
+        for bad in ["", "etcd://", "etcd://host", "consul://a:1", "etcd://a:b"] {
+            assert!(bad.parse::<StoreSpec>().is_err(), "{bad}");
+        }
+        let spec: StoreSpec = "etcd://a:1,b:2/x".parse().unwrap();
+        assert_eq!(spec.to_string(), "etcd://a:1,b:2/x");
+    }
+
+    #[test]
+    fn leases_round_up_to_whole_seconds() {
+        assert_eq!(lease_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_secs(Duration::from_secs(5)), 5);
+        assert_eq!(lease_secs(Duration::from_millis(10)), 1);
+    }
+}

@@ -1,0 +1,383 @@
+//! A replica's local copy of the instances under the etcd prefix.
+//!
+//! One writer (the watch task) applies etcd's events in revision order; readers
+//! load per-service snapshots without locking, as with the memory store. A
+//! service's index is the etcd revision of the last change that moved it, so
+//! replicas that saw the same events agree on every index. The highest revision
+//! applied is published too, so a blocking query that names an index this
+//! replica has not reached yet can wait for the cache to catch up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use trellis_shared::{Instance, InstanceId, InstanceRecord, ServiceName, ServiceSummary};
+
+use super::client::KeyValue;
+use crate::store::ServiceSnapshot;
+
+/// What the cache knows of one instance besides what discovery shows.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub instance: Arc<Instance>,
+    pub lease: i64,
+    pub ttl: Duration,
+}
+
+pub struct Cache {
+    /// Keys are `<prefix><service>/<id>`.
+    prefix: Vec<u8>,
+    services: RwLock<HashMap<ServiceName, Arc<Entry>>>,
+    revision: watch::Sender<u64>,
+}
+
+struct Entry {
+    name: ServiceName,
+    state: Mutex<State>,
+    snapshot: ArcSwap<ServiceSnapshot>,
+    index_tx: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    index: u64,
+    instances: BTreeMap<InstanceId, Cached>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn rev(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+/// The stored form of an instance: the registration record as JSON.
+pub fn encode(service: &ServiceName, cached: &Cached) -> Vec<u8> {
+    let record = InstanceRecord {
+        service: service.clone(),
+        instance: (*cached.instance).clone(),
+        ttl: cached.ttl.into(),
+    };
+    serde_json::to_vec(&record).unwrap_or_default()
+}
+
+impl Cache {
+    pub fn new(prefix: Vec<u8>) -> Self {
+        let (revision, _) = watch::channel(0);
+        Cache { prefix, services: RwLock::new(HashMap::new()), revision }
+    }
+
+    pub fn key(&self, service: &ServiceName, id: &InstanceId) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(service.as_str().as_bytes());
+        k.push(b'/');
+        k.extend_from_slice(id.as_str().as_bytes());
+        k
+    }
+
+    fn parse_key(&self, key: &[u8]) -> Option<(ServiceName, InstanceId)> {
+        let rest = std::str::from_utf8(key.strip_prefix(self.prefix.as_slice())?).ok()?;
+        let (service, id) = rest.split_once('/')?;
+        Some((ServiceName::new(service).ok()?, InstanceId::new(id).ok()?))
+    }
+
+    /// Decodes a stored instance; `None` (with a warning) for foreign or broken values.
+    pub fn decode(&self, kv: &KeyValue) -> Option<(ServiceName, Cached)> {
+        let (service, id) = self.parse_key(&kv.key)?;
+        let record: InstanceRecord = match serde_json::from_slice(&kv.value) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(service = %service, instance = %id, error = %e, "ignoring an undecodable instance in etcd");
+                return None;
+            }
+        };
+        if record.service != service || record.instance.id != id {
+            warn!(service = %service, instance = %id, "ignoring an instance stored under another's key");
+            return None;
+        }
+        let cached = Cached { instance: Arc::new(record.instance), lease: kv.lease, ttl: record.ttl.0 };
+        Some((service, cached))
+    }
+
+    fn get(&self, service: &ServiceName) -> Option<Arc<Entry>> {
+        self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
+    }
+
+    fn entry(&self, service: &ServiceName) -> Arc<Entry> {
+        if let Some(e) = self.get(service) {
+            return e;
+        }
+        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(service.clone())
+            .or_insert_with(|| {
+                let (index_tx, _) = watch::channel(0);
+                Arc::new(Entry {
+                    name: service.clone(),
+                    state: Mutex::new(State::default()),
+                    snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
+                    index_tx,
+                })
+            })
+            .clone()
+    }
+
+    /// Publishes the state; with `index` the service's index moves there and
+    /// its watchers wake, otherwise (output text, lease) readers just see it.
+    fn publish(entry: &Entry, state: &mut State, index: Option<u64>) {
+        if let Some(i) = index {
+            state.index = i;
+        }
+        let instances = state.instances.values().map(|c| c.instance.clone()).collect();
+        entry.snapshot.store(Arc::new(ServiceSnapshot::new(
+            entry.name.clone(),
+            state.index,
+            instances,
+            false,
+        )));
+        if index.is_some() {
+            entry.index_tx.send_replace(state.index);
+        }
+    }
+
+    /// Applies a put event.
+    pub fn apply_put(&self, kv: &KeyValue) {
+        let Some((service, cached)) = self.decode(kv) else { return };
+        let entry = self.entry(&service);
+        let mut state = lock(&entry.state);
+        let id = cached.instance.id.clone();
+        let status = cached.instance.status;
+        let index = rev(kv.mod_revision);
+        match state.instances.insert(id.clone(), cached) {
+            None => {
+                Self::publish(&entry, &mut state, Some(index));
+                info!(service = %service, instance = %id, status = status.as_str(), index, "instance registered");
+            }
+            Some(old) => {
+                let new = &state.instances[&id].instance;
+                if !old.instance.same_membership(new) {
+                    let from = old.instance.status;
+                    Self::publish(&entry, &mut state, Some(index));
+                    if from != status {
+                        info!(service = %service, instance = %id, from = from.as_str(), to = status.as_str(), index, "instance health changed");
+                    } else {
+                        info!(service = %service, instance = %id, index, "instance re-registered with changes");
+                    }
+                } else if old.instance.output != new.output {
+                    Self::publish(&entry, &mut state, None);
+                }
+            }
+        }
+    }
+
+    /// Applies a delete event (deregistration or lease expiry).
+    pub fn apply_delete(&self, kv: &KeyValue) {
+        let Some((service, id)) = self.parse_key(&kv.key) else { return };
+        let Some(entry) = self.get(&service) else { return };
+        let mut state = lock(&entry.state);
+        if state.instances.remove(&id).is_some() {
+            let index = rev(kv.mod_revision);
+            Self::publish(&entry, &mut state, Some(index));
+            info!(service = %service, instance = %id, index, "instance removed");
+        }
+    }
+
+    /// Records that every event up to `revision` is applied.
+    pub fn advance(&self, revision: i64) {
+        let r = rev(revision);
+        self.revision.send_if_modified(|cur| {
+            let moved = r > *cur;
+            if moved {
+                *cur = r;
+            }
+            moved
+        });
+    }
+
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// Replaces the whole cache with a range read at `revision` (start-up, or
+    /// after the watch fell behind a compaction). A service seen for the first
+    /// time takes the newest revision among its keys; one whose instances
+    /// changed while we were not watching takes `revision` itself, so its index
+    /// moves past anything its watchers saw.
+    pub fn reset(&self, revision: i64, kvs: &[KeyValue]) {
+        let mut fresh: HashMap<ServiceName, (BTreeMap<InstanceId, Cached>, i64)> = HashMap::new();
+        for kv in kvs {
+            if let Some((service, cached)) = self.decode(kv) {
+                let slot = fresh.entry(service).or_default();
+                slot.1 = slot.1.max(kv.mod_revision);
+                slot.0.insert(cached.instance.id.clone(), cached);
+            }
+        }
+        let known: Vec<ServiceName> =
+            self.services.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for service in known {
+            fresh.entry(service).or_default();
+        }
+        for (service, (instances, newest)) in fresh {
+            let entry = self.entry(&service);
+            let mut state = lock(&entry.state);
+            let same = state.instances.len() == instances.len()
+                && state
+                    .instances
+                    .iter()
+                    .zip(instances.iter())
+                    .all(|((a, x), (b, y))| a == b && x.instance.same_membership(&y.instance));
+            let index = if state.index == 0 { rev(newest) } else { rev(revision) };
+            state.instances = instances;
+            Self::publish(&entry, &mut state, (!same).then_some(index));
+        }
+        self.advance(revision);
+    }
+
+    pub fn lookup(&self, service: &ServiceName, id: &InstanceId) -> Option<(Cached, u64)> {
+        let entry = self.get(service)?;
+        let state = lock(&entry.state);
+        state.instances.get(id).map(|c| (c.clone(), state.index))
+    }
+
+    pub fn index(&self, service: &ServiceName) -> u64 {
+        self.get(service).map(|e| lock(&e.state).index).unwrap_or(0)
+    }
+
+    pub fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
+        match self.get(service) {
+            Some(e) => e.snapshot.load_full(),
+            None => Arc::new(ServiceSnapshot::empty(service.clone())),
+        }
+    }
+
+    /// Resolves once every event up to `revision` is applied.
+    pub async fn reach(&self, revision: u64) {
+        let mut rx = self.revision.subscribe();
+        // The sender lives in `self`, which the caller borrows, so this cannot fail.
+        let _ = rx.wait_for(|r| *r >= revision).await;
+    }
+
+    /// The service's state once the cache has reached `index` and the
+    /// service's index differs from it.
+    pub async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        self.reach(index).await;
+        let entry = self.entry(service);
+        let mut rx = entry.index_tx.subscribe();
+        let _ = rx.wait_for(|current| *current != index).await;
+        entry.snapshot.load_full()
+    }
+
+    pub fn list(&self) -> Vec<ServiceSummary> {
+        let entries: Vec<Arc<Entry>> =
+            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out: Vec<ServiceSummary> = entries
+            .iter()
+            .map(|e| e.snapshot.load())
+            .filter(|s| !s.instances().is_empty())
+            .map(|s| s.summary())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+
+    fn kv(cache: &Cache, service: &str, id: &str, status: HealthStatus, rev: i64) -> KeyValue {
+        let service = ServiceName::new(service).unwrap();
+        let id = InstanceId::new(id).unwrap();
+        let instance = Instance {
+            id: id.clone(),
+            address: Address::new("10.0.0.1").unwrap(),
+            port: 80,
+            zone: None,
+            weight: 100,
+            metadata: BTreeMap::new(),
+            status,
+            output: String::new(),
+        };
+        let cached = Cached { instance: Arc::new(instance), lease: 7, ttl: Duration::from_secs(5) };
+        KeyValue {
+            key: cache.key(&service, &id),
+            value: encode(&service, &cached),
+            mod_revision: rev,
+            lease: 7,
+        }
+    }
+
+    #[tokio::test]
+    async fn indexes_follow_the_revisions_of_changes() {
+        let c = Cache::new(b"/t/instances/".to_vec());
+        let users = ServiceName::new("users").unwrap();
+        c.apply_put(&kv(&c, "users", "a", HealthStatus::Passing, 5));
+        c.apply_put(&kv(&c, "orders", "x", HealthStatus::Passing, 6));
+        c.advance(6);
+        assert_eq!(c.snapshot(&users).index(), 5);
+        // The same instance written again (a new lease) does not move the index.
+        c.apply_put(&kv(&c, "users", "a", HealthStatus::Passing, 7));
+        assert_eq!(c.snapshot(&users).index(), 5);
+        c.apply_put(&kv(&c, "users", "a", HealthStatus::Critical, 8));
+        assert_eq!(c.snapshot(&users).index(), 8);
+        assert_eq!(c.snapshot(&users).healthy(), 0);
+        let mut del = kv(&c, "users", "a", HealthStatus::Critical, 9);
+        del.value.clear();
+        c.apply_delete(&del);
+        assert_eq!(c.snapshot(&users).index(), 9);
+        assert!(c.snapshot(&users).instances().is_empty());
+        assert_eq!(c.list().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lagging_replica_waits_for_the_index_it_has_not_reached() {
+        let c = Arc::new(Cache::new(b"/t/instances/".to_vec()));
+        let users = ServiceName::new("users").unwrap();
+        c.apply_put(&kv(&c, "users", "a", HealthStatus::Passing, 5));
+        c.advance(5);
+        // A client saw index 9 on another replica: wait, do not answer with 5.
+        let waiter = {
+            let c = c.clone();
+            let users = users.clone();
+            tokio::spawn(async move { c.watch_from(&users, 9).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        c.apply_put(&kv(&c, "users", "b", HealthStatus::Passing, 9));
+        c.advance(9);
+        // Reached 9, and the service's index is 9: still nothing new to tell.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        c.apply_put(&kv(&c, "users", "c", HealthStatus::Passing, 10));
+        c.advance(10);
+        let snap = waiter.await.unwrap();
+        assert_eq!(snap.index(), 10);
+        assert_eq!(snap.instances().len(), 3);
+    }
+
+    #[test]
+    fn reset_moves_only_changed_services() {
+        let c = Cache::new(b"/t/instances/".to_vec());
+        let users = ServiceName::new("users").unwrap();
+        let orders = ServiceName::new("orders").unwrap();
+        let a = kv(&c, "users", "a", HealthStatus::Passing, 3);
+        let x = kv(&c, "orders", "x", HealthStatus::Passing, 4);
+        c.reset(10, &[a.clone(), x.clone()]);
+        assert_eq!(c.snapshot(&users).index(), 3);
+        assert_eq!(c.snapshot(&orders).index(), 4);
+        assert_eq!(c.revision(), 10);
+        // After a compaction: orders lost x, users unchanged.
+        c.reset(20, &[a]);
+        assert_eq!(c.snapshot(&users).index(), 3);
+        assert_eq!(c.snapshot(&orders).index(), 20);
+        assert!(c.snapshot(&orders).instances().is_empty());
+        assert_eq!(c.revision(), 20);
+    }
+}
