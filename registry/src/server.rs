@@ -8,7 +8,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -27,8 +28,34 @@ pub enum ServerError {
     Listener(#[from] std::io::Error),
 }
 
-/// Answer for a connection past the cap: the client learns why and fails over.
-const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 70\r\nconnection: close\r\n\r\n{\"error\":\"overloaded\",\"message\":\"too many connections to the registry\"}";
+/// Body of the answer to a connection past the cap: the client learns why and fails over.
+const OVERLOADED_BODY: &str = r#"{"error":"overloaded","message":"too many connections to the registry"}"#;
+
+/// Refused connections being answered at once; past this they are just closed.
+const MAX_REFUSERS: usize = 64;
+
+/// Answers a connection past the cap with `503 overloaded`. The request is read
+/// and discarded briefly so that closing does not reset the connection before
+/// the client has read the answer.
+fn refuse(stream: TcpStream, refusers: &Arc<Semaphore>) {
+    let Ok(permit) = refusers.clone().try_acquire_owned() else { return };
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let linger = async {
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{OVERLOADED_BODY}",
+                OVERLOADED_BODY.len()
+            );
+            stream.write_all(resp.as_bytes()).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+        drop(permit);
+    });
+}
 
 /// Runs the registry with the embedded memory store until `shutdown` resolves,
 /// then stops accepting, answers open blocking queries and returns within the
@@ -59,6 +86,7 @@ pub async fn serve<S: Store>(
     let watches = Arc::new(Watches::new(config.max_watches, stop.clone(), metrics.clone()));
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
+    let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
     let state =
         AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
     let app = router(state);
@@ -85,7 +113,7 @@ pub async fn serve<S: Store>(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             debug!(%peer, "connection refused: connection cap reached");
-            let _ = stream.try_write(OVERLOADED);
+            refuse(stream, &refusers);
             continue;
         };
         let _ = stream.set_nodelay(true);
