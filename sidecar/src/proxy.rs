@@ -386,6 +386,20 @@ fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether sending failed because reading the client's request body failed.
+fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Result of one attempt.
 enum Attempt {
     Response(Response<Incoming>),
@@ -471,6 +485,14 @@ async fn forward(
                     record_failure(shared, svc, state, set, ep, outcome, via, now);
                     probe_guard.disarm();
                     Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
+                }
+                Ok(Err(e)) if is_client_body_error(&e) => {
+                    // The client's own body failed (it went away mid-upload):
+                    // not the endpoint's fault, and nothing left to send.
+                    return Err(ProxyError::BadRequest(format!(
+                        "the request body could not be read: {}",
+                        error_chain(&e)
+                    )));
                 }
                 Ok(Err(e)) => {
                     record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);

@@ -222,3 +222,34 @@ async fn a_body_larger_than_the_replay_buffer_is_not_resent() {
         assert_eq!(s.body, "small");
     }
 }
+
+#[tokio::test]
+async fn a_client_abandoning_its_upload_does_not_count_against_the_endpoint() {
+    let b = backend(|_| Reply::ok("ok")).await;
+    let svc = service("users", &[b.addr]);
+    let outlier = trellis_sidecar::outlier::OutlierConfig { consecutive_failures: 2, ..Default::default() };
+    let proxy = start_proxy(
+        FixedResolver::default().with(svc.clone()),
+        ProxyConfig { outlier, ..ProxyConfig::default() },
+    )
+    .await;
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(b"POST / HTTP/1.1\r\nHost: users\r\nContent-Length: 100000\r\n\r\nonly a little")
+            .await
+            .unwrap();
+        // Wait until the proxy is streaming it upstream, then give up.
+        trellis_tests::wait_for("the upload to reach the endpoint", Duration::from_secs(5), || async {
+            (svc.load().endpoints[0].state.in_flight() == 1).then_some(())
+        })
+        .await;
+        drop(s);
+        trellis_tests::wait_for("the attempt to end", Duration::from_secs(5), || async {
+            (svc.load().endpoints[0].state.in_flight() == 0).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(states(&svc), vec![("active", 0)]);
+    assert_eq!(call(&client(), proxy.addr, "GET", "users", Bytes::new()).await.status, 200);
+}
