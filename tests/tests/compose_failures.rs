@@ -1,0 +1,700 @@
+//! Failure tests across containers: the docker-compose demo (docker-compose.yml)
+//! started for real, faults injected with the Docker CLI, and the demo client's
+//! own counts asserted on (it never retries, so `failed=` is what the mesh let
+//! through).
+//!
+//! Each test takes a process-wide lock (they run one after another), starts its
+//! own compose project (`trt<pid><test>`, registry published on a free loopback
+//! port), waits until the registry shows three healthy replicas and the client
+//! has been answered by all three, injects its fault, stops the client (which
+//! prints its summary after its in-flight requests end), and asserts. A `Stack`
+//! guard tears the project down when the test ends, also when it fails.
+//!
+//! Without a Docker engine the tests print `SKIPPED: <reason>` and pass, except
+//! with `CI=true`, where a missing engine fails them. Images are built once per
+//! run from the binaries beside the test executable (`scripts/images.sh`, tag
+//! `test`). `TRELLIS_COMPOSE` overrides the compose command (default:
+//! `docker-compose`, else `docker compose`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use trellis_tests::{bin_dir, free_port};
+
+/// The service the demo replicas register as.
+const SERVICE: &str = "demo";
+/// Sidecar defaults the demo runs with (docker-compose.yml does not change them).
+const TTL: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// The client's rate in these tests (requests per second).
+const RATE: u32 = 50;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static IMAGES: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command to completion with a time limit; `Err` carries its output.
+fn run(program: &str, args: &[&str], envs: &[(&str, String)], limit: Duration) -> Result<String, String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let what = format!("{program} {}", args.join(" "));
+    let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
+    // Drain both pipes on threads so a chatty command cannot block on a full pipe.
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    match status {
+        Some(st) if st.success() => Ok(stdout),
+        Some(st) => Err(format!("{what}: {st}\n{stdout}{stderr}")),
+        None => Err(format!("{what}: still running after {limit:?}, killed\n{stdout}{stderr}")),
+    }
+}
+
+/// The compose command: `docker-compose` (1.29 here) or the `docker compose` plugin.
+fn compose_command() -> Result<Vec<String>, String> {
+    if let Ok(c) = std::env::var("TRELLIS_COMPOSE") {
+        return Ok(c.split_whitespace().map(String::from).collect());
+    }
+    if run("docker-compose", &["version"], &[], Duration::from_secs(30)).is_ok() {
+        return Ok(vec!["docker-compose".into()]);
+    }
+    if run("docker", &["compose", "version"], &[], Duration::from_secs(30)).is_ok() {
+        return Ok(vec!["docker".into(), "compose".into()]);
+    }
+    Err("neither docker-compose nor the docker compose plugin is installed".into())
+}
+
+/// Takes the serial lock and checks for an engine; `None` means skipped.
+fn setup(test: &str) -> Option<(MutexGuard<'static, ()>, Vec<String>)> {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let available = run("docker", &["info", "--format", "{{.ServerVersion}}"], &[], Duration::from_secs(30))
+        .map_err(|e| format!("no Docker engine answers ({})", e.lines().next().unwrap_or("")))
+        .and_then(|_| compose_command());
+    let compose = match available {
+        Ok(c) => c,
+        Err(reason) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{test}: CI=true and {reason}");
+            }
+            println!("SKIPPED: {test}: {reason}");
+            return None;
+        }
+    };
+    let images = IMAGES.get_or_init(|| {
+        let started = Instant::now();
+        let script = root().join("scripts/images.sh");
+        let envs =
+            [("TRELLIS_TAG", "test".to_string()), ("TRELLIS_BIN_DIR", bin_dir().display().to_string())];
+        let out = run(&script.display().to_string(), &[], &envs, Duration::from_secs(600))?;
+        print!("{out}");
+        println!("images built in {:.1}s", started.elapsed().as_secs_f64());
+        Ok(())
+    });
+    if let Err(e) = images {
+        panic!("building the images failed: {e}");
+    }
+    Some((guard, compose))
+}
+
+/// One `stats` or `summary` record of the client.
+#[derive(Debug, Clone, Default)]
+struct Counts {
+    sent: u64,
+    ok: u64,
+    failed: u64,
+    served: BTreeMap<String, u64>,
+    errors: String,
+}
+
+impl Counts {
+    fn parse(line: &str) -> Option<Counts> {
+        let mut words = line.split_whitespace();
+        if !matches!(words.next(), Some("stats") | Some("summary")) {
+            return None;
+        }
+        let mut c = Counts::default();
+        for w in words {
+            let (k, v) = w.split_once('=')?;
+            match k {
+                "sent" => c.sent = v.parse().ok()?,
+                "ok" => c.ok = v.parse().ok()?,
+                "failed" => c.failed = v.parse().ok()?,
+                "served" if v != "-" => {
+                    for pair in v.split(',') {
+                        let (name, n) = pair.split_once(':')?;
+                        c.served.insert(name.to_string(), n.parse().ok()?);
+                    }
+                }
+                "errors" => c.errors = v.to_string(),
+                _ => {}
+            }
+        }
+        Some(c)
+    }
+
+    fn served(&self, instance: &str) -> u64 {
+        self.served.get(instance).copied().unwrap_or(0)
+    }
+
+    /// What happened between `earlier` and `self`.
+    fn since(&self, earlier: &Counts) -> Counts {
+        let mut served = BTreeMap::new();
+        for (k, v) in &self.served {
+            served.insert(k.clone(), v.saturating_sub(earlier.served(k)));
+        }
+        Counts {
+            sent: self.sent.saturating_sub(earlier.sent),
+            ok: self.ok.saturating_sub(earlier.ok),
+            failed: self.failed.saturating_sub(earlier.failed),
+            served,
+            errors: self.errors.clone(),
+        }
+    }
+}
+
+/// A line of the client's output and when the test read it.
+#[derive(Clone)]
+struct Line {
+    at: Instant,
+    text: String,
+}
+
+/// A compose project; torn down on drop.
+struct Stack {
+    test: String,
+    project: String,
+    compose: Vec<String>,
+    envs: Vec<(&'static str, String)>,
+    registry_port: u16,
+    client_logs: Option<Child>,
+    lines: Arc<Mutex<Vec<Line>>>,
+    started: Instant,
+}
+
+impl Stack {
+    /// Starts the demo and waits until the registry shows the three replicas healthy and
+    /// the client has been answered by each.
+    fn up(test: &str, compose: Vec<String>) -> Stack {
+        let registry_port = free_port();
+        let mut stack = Stack {
+            test: test.to_string(),
+            project: format!("trt{}{}", std::process::id(), test.replace('_', "")),
+            compose,
+            envs: vec![
+                ("TRELLIS_TAG", "test".to_string()),
+                ("TRELLIS_REGISTRY_PORT", registry_port.to_string()),
+                ("TRELLIS_CLIENT_RATE", RATE.to_string()),
+            ],
+            registry_port,
+            client_logs: None,
+            lines: Arc::new(Mutex::new(Vec::new())),
+            started: Instant::now(),
+        };
+        stack.compose_ok(&["up", "-d"], Duration::from_secs(180));
+        stack.wait_healthy(&["app1", "app2", "app3"], Duration::from_secs(90));
+        let ready = stack.started.elapsed();
+        stack.follow_client();
+        for app in ["app1", "app2", "app3"] {
+            stack.wait_seen(app, 0, Duration::from_secs(30));
+        }
+        println!(
+            "[{test}] stack {} up: 3 replicas healthy after {:.1}s, client answered by all after {:.1}s",
+            stack.project,
+            ready.as_secs_f64(),
+            stack.started.elapsed().as_secs_f64()
+        );
+        stack
+    }
+
+    fn compose_args<'a>(&'a self, args: &[&'a str]) -> (String, Vec<String>) {
+        let file = root().join("docker-compose.yml").display().to_string();
+        let mut all: Vec<String> = self.compose[1..].to_vec();
+        all.extend(["-p".to_string(), self.project.clone(), "-f".to_string(), file]);
+        all.extend(args.iter().map(|s| s.to_string()));
+        (self.compose[0].clone(), all)
+    }
+
+    fn compose(&self, args: &[&str], limit: Duration) -> Result<String, String> {
+        let (prog, all) = self.compose_args(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(&prog, &refs, &self.envs, limit)
+    }
+
+    fn compose_ok(&self, args: &[&str], limit: Duration) -> String {
+        self.compose(args, limit).unwrap_or_else(|e| panic!("[{}] {e}", self.test))
+    }
+
+    /// The container id of a service (found with `ps -q`, never by name).
+    fn container(&self, service: &str) -> String {
+        let id = self.compose_ok(&["ps", "-q", service], Duration::from_secs(60)).trim().to_string();
+        assert!(!id.is_empty(), "[{}] no container for {service}", self.test);
+        id
+    }
+
+    fn docker(&self, args: &[&str]) -> String {
+        run("docker", args, &[], Duration::from_secs(120)).unwrap_or_else(|e| panic!("[{}] {e}", self.test))
+    }
+
+    /// Healthy instance ids of the demo service, or `None` when the registry does not answer.
+    fn healthy(&self) -> Option<Vec<String>> {
+        let body = http_get(self.registry_port, &format!("/v1/services/{SERVICE}"))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let mut ids: Vec<String> = v["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["status"] == "passing")
+            .filter_map(|i| i["id"].as_str().map(String::from))
+            .collect();
+        ids.sort();
+        Some(ids)
+    }
+
+    /// Polls the registry until `pred` holds of the healthy ids; returns how long it took.
+    fn wait_registry(&self, what: &str, limit: Duration, pred: impl Fn(&[String]) -> bool) -> Duration {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            let ids = self.healthy();
+            if let Some(ids) = &ids {
+                if pred(ids) {
+                    return start.elapsed();
+                }
+            }
+            last = ids.or(last);
+            if start.elapsed() > limit {
+                panic!(
+                    "[{}] timed out after {limit:?} waiting for {what}; registry last showed {last:?}",
+                    self.test
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_healthy(&self, apps: &[&str], limit: Duration) -> Duration {
+        self.wait_registry(&format!("{apps:?} healthy"), limit, |ids| {
+            apps.iter().all(|a| ids.iter().any(|i| i == a))
+        })
+    }
+
+    /// Streams the client's stdout (`docker logs -f`) into `lines`.
+    fn follow_client(&mut self) {
+        let id = self.container("client");
+        let mut child = Command::new("docker")
+            .args(["logs", "-f", &id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("[{}] docker logs: {e}", self.test));
+        let stdout = child.stdout.take();
+        let lines = self.lines.clone();
+        std::thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
+            for line in BufReader::new(stdout).lines() {
+                let Ok(text) = line else { break };
+                if let Ok(mut l) = lines.lock() {
+                    l.push(Line { at: Instant::now(), text });
+                }
+            }
+        });
+        self.client_logs = Some(child);
+    }
+
+    fn lines(&self) -> Vec<Line> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a client line matching `pred`, among those read after `after` lines.
+    fn wait_line(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> Line {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| pred(&l.text)) {
+                return l;
+            }
+            if start.elapsed() > limit {
+                let tail: Vec<String> = self.lines().iter().rev().take(5).map(|l| l.text.clone()).collect();
+                panic!(
+                    "[{}] timed out after {limit:?} waiting for the client to print {what}; last: {tail:?}",
+                    self.test
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the client reports `instance` answering at or after `since_ms` (Unix ms);
+    /// returns when it did (Unix ms).
+    fn wait_seen(&self, instance: &str, since_ms: u128, limit: Duration) -> u128 {
+        let prefix = format!("seen instance={instance} ");
+        let line = self.wait_line(&format!("{instance} answering"), limit, |t| {
+            t.starts_with(&prefix) && seen_at(t).is_some_and(|at| at >= since_ms)
+        });
+        seen_at(&line.text).unwrap_or(0)
+    }
+
+    /// The client's latest cumulative counts.
+    fn counts(&self) -> Counts {
+        self.lines().iter().rev().find_map(|l| Counts::parse(&l.text)).unwrap_or_default()
+    }
+
+    /// Waits until the client has completed `n` more requests than `base`.
+    fn wait_traffic(&self, base: &Counts, n: u64) -> Counts {
+        let limit = Duration::from_secs(n / u64::from(RATE) * 4 + 30);
+        let line = self.wait_line(&format!("{n} more requests"), limit, |t| {
+            Counts::parse(t).is_some_and(|c| c.sent >= base.sent + n)
+        });
+        Counts::parse(&line.text).unwrap_or_default()
+    }
+
+    /// Stops the client (SIGTERM: it finishes its in-flight requests and prints its summary)
+    /// and returns the summary.
+    fn stop_client(&self) -> Counts {
+        let id = self.container("client");
+        self.docker(&["stop", "-t", "20", &id]);
+        let line = self.wait_line("its summary", Duration::from_secs(30), |t| t.starts_with("summary "));
+        println!("[{}] client: {}", self.test, line.text);
+        Counts::parse(&line.text).unwrap_or_default()
+    }
+
+    /// When the client's cumulative count for `instance` last grew (per-second resolution):
+    /// a rough view of when traffic moved off it.
+    fn last_served_line(&self, instance: &str) -> Option<Instant> {
+        let lines = self.lines();
+        let mut last_change = None;
+        let mut prev = 0;
+        for l in &lines {
+            if let Some(c) = Counts::parse(&l.text) {
+                if c.served(instance) != prev {
+                    prev = c.served(instance);
+                    last_change = Some(l.at);
+                }
+            }
+        }
+        last_change
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(logs) = self.compose(&["logs", "--no-color", "--tail=25"], Duration::from_secs(60)) {
+                eprintln!("----- [{}] compose logs (tail) -----\n{logs}", self.test);
+            }
+        }
+        if let Some(mut c) = self.client_logs.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Err(e) = self.compose(
+            &["--profile", "scale", "down", "-v", "--remove-orphans", "-t", "3"],
+            Duration::from_secs(180),
+        ) {
+            eprintln!("[{}] teardown failed: {e}", self.test);
+        }
+    }
+}
+
+fn seen_at(line: &str) -> Option<u128> {
+    line.split_whitespace().find_map(|w| w.strip_prefix("at_ms=")).and_then(|v| v.parse().ok())
+}
+
+/// A plain HTTP/1.0 GET on loopback; `None` unless it answers 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    // The status line's version echoes the request's (HTTP/1.0).
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
+}
+
+fn assert_no_failures(test: &str, window: &Counts) {
+    assert_eq!(
+        window.failed, 0,
+        "[{test}] the client saw {} failed requests out of {} (errors: {})",
+        window.failed, window.sent, window.errors
+    );
+    assert!(window.sent > 0, "[{test}] the client sent nothing");
+}
+
+/// Test 1: All three replicas serve a share of the traffic.
+#[test]
+fn compose_spread() {
+    let test = "compose_spread";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    stack.wait_traffic(&base, 20 * u64::from(RATE) / 4);
+    let window = stack.stop_client().since(&base);
+    println!("[{test}] window: sent={} failed={} served={:?}", window.sent, window.failed, window.served);
+    assert_no_failures(test, &window);
+    for app in ["app1", "app2", "app3"] {
+        let share = window.served(app) as f64 / window.ok as f64;
+        println!("[{test}] {app} served {:.0}%", share * 100.0);
+        assert!(share >= 0.15, "[{test}] {app} served only {:.1}% of {}", share * 100.0, window.ok);
+    }
+}
+
+/// Test 2: `docker kill` one replica: zero failed requests; it leaves discovery within its TTL.
+#[test]
+fn compose_kill_replica() {
+    let test = "compose_kill_replica";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    let app2 = stack.container("app2");
+    let killed = Instant::now();
+    stack.docker(&["kill", &app2]);
+    let gone =
+        stack.wait_registry("app2 to leave discovery", TTL * 4, |ids| !ids.iter().any(|i| i == "app2"));
+    let after = stack.counts();
+    stack.wait_traffic(&after, 3 * u64::from(RATE));
+    let last_app2 = stack.last_served_line("app2");
+    let total = stack.stop_client();
+    let window = total.since(&base);
+    println!(
+        "[{test}] app2 left discovery {:.2}s after the kill (TTL {TTL:?}); client: sent={} failed={} after the kill; \
+         the client last reported a new answer from app2 {:?} after the kill (1s resolution)",
+        gone.as_secs_f64(),
+        window.sent,
+        window.failed,
+        last_app2.map(|t| t.saturating_duration_since(killed))
+    );
+    assert_no_failures(test, &window);
+    // Generous: TTL plus a heartbeat interval plus scheduling slack on a loaded machine.
+    assert!(gone <= TTL + HEARTBEAT + Duration::from_secs(4), "[{test}] app2 stayed in discovery {gone:?}");
+    let after_window = total.since(&after);
+    assert_eq!(after_window.served("app2"), 0, "[{test}] a dead replica answered");
+}
+
+/// Test 3: `docker pause` one replica: its sidecar's timed-out checks hide it; traffic moves off
+/// it with zero failures (per-try timeouts and retries); unpause brings it back.
+#[test]
+fn compose_pause_replica() {
+    let test = "compose_pause_replica";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    let app2 = stack.container("app2");
+    stack.docker(&["pause", &app2]);
+    let hidden = stack
+        .wait_registry("app2 to be hidden", Duration::from_secs(30), |ids| !ids.iter().any(|i| i == "app2"));
+    // Traffic has moved off once the client completes a second of requests with none from app2.
+    let mark = stack.counts();
+    let moved = stack.wait_traffic(&mark, u64::from(RATE));
+    let unpaused_ms = unix_ms();
+    stack.docker(&["unpause", &app2]);
+    let back = stack
+        .wait_registry("app2 to come back", Duration::from_secs(30), |ids| ids.iter().any(|i| i == "app2"));
+    let seen_ms = stack.wait_seen("app2", unpaused_ms, Duration::from_secs(30));
+    let window = stack.stop_client().since(&base);
+    println!(
+        "[{test}] app2 hidden {:.2}s after the pause; healthy again {:.2}s after unpause, serving {}ms after; \
+         client sent={} failed={}",
+        hidden.as_secs_f64(),
+        back.as_secs_f64(),
+        seen_ms.saturating_sub(unpaused_ms),
+        window.sent,
+        window.failed
+    );
+    assert_no_failures(test, &window);
+    // Check interval 1s, timeout 500ms, 2 failures to flip, then a heartbeat and the watch:
+    // about 3.5s; allow several times that.
+    assert!(hidden <= Duration::from_secs(15), "[{test}] a frozen replica stayed visible {hidden:?}");
+    assert_eq!(moved.since(&mark).served("app2"), 0, "[{test}] a paused replica answered");
+}
+
+/// Test 4: A partition: one replica disconnected from the network the client uses. Zero failed
+/// requests; it returns when reconnected.
+#[test]
+fn compose_partition_replica() {
+    let test = "compose_partition_replica";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    let app2 = stack.container("app2");
+    let client = stack.container("client");
+    let nets = stack.docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+        &client,
+    ]);
+    let network = nets.split_whitespace().next().unwrap_or_default().to_string();
+    assert!(!network.is_empty(), "[{test}] the client has no network");
+    stack.docker(&["network", "disconnect", &network, &app2]);
+    let gone =
+        stack.wait_registry("app2 to leave discovery", TTL * 4, |ids| !ids.iter().any(|i| i == "app2"));
+    let mark = stack.counts();
+    let cut_off = stack.wait_traffic(&mark, u64::from(RATE));
+    let reconnected_ms = unix_ms();
+    stack.docker(&["network", "connect", &network, &app2]);
+    let back = stack
+        .wait_registry("app2 to come back", Duration::from_secs(30), |ids| ids.iter().any(|i| i == "app2"));
+    let seen_ms = stack.wait_seen("app2", reconnected_ms, Duration::from_secs(30));
+    let window = stack.stop_client().since(&base);
+    println!(
+        "[{test}] app2 left discovery {:.2}s after the disconnect; back {:.2}s after reconnecting, serving {}ms \
+         after; client sent={} failed={}",
+        gone.as_secs_f64(),
+        back.as_secs_f64(),
+        seen_ms.saturating_sub(reconnected_ms),
+        window.sent,
+        window.failed
+    );
+    assert_no_failures(test, &window);
+    assert_eq!(cut_off.since(&mark).served("app2"), 0, "[{test}] a cut-off replica answered");
+}
+
+/// Test 5: Stop the registry: traffic continues with zero failures; start it: every replica is
+/// registered again within one heartbeat plus TTL.
+#[test]
+fn compose_registry_restart() {
+    let test = "compose_registry_restart";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    let registry = stack.container("registry");
+    stack.docker(&["stop", "-t", "5", &registry]);
+    // Longer than a TTL without the registry: sidecars must keep their last known endpoints.
+    let mark = stack.counts();
+    let during = stack.wait_traffic(&mark, (TTL.as_secs() + 2) * u64::from(RATE));
+    stack.docker(&["start", &registry]);
+    let answering = stack.wait_registry("the registry to answer", Duration::from_secs(60), |_| true);
+    let all_back = stack.wait_registry("every replica to re-register", TTL * 4, |ids| ids.len() == 3);
+    let mark2 = stack.counts();
+    stack.wait_traffic(&mark2, u64::from(RATE));
+    let window = stack.stop_client().since(&base);
+    let during = during.since(&mark);
+    println!(
+        "[{test}] without a registry: sent={} failed={} served={:?}; restarted registry answered after {:.2}s, \
+         all 3 replicas back {:.2}s later; whole run sent={} failed={}",
+        during.sent,
+        during.failed,
+        during.served,
+        answering.as_secs_f64(),
+        all_back.as_secs_f64(),
+        window.sent,
+        window.failed
+    );
+    assert_no_failures(test, &window);
+    for app in ["app1", "app2", "app3"] {
+        assert!(during.served(app) > 0, "[{test}] {app} got no traffic while the registry was down");
+    }
+    assert!(
+        all_back <= HEARTBEAT + TTL + Duration::from_secs(4),
+        "[{test}] replicas took {all_back:?} to re-register"
+    );
+}
+
+/// Test 6: Rolling restart of the three replicas, one at a time, in deploy order: stop the
+/// sidecar (it deregisters and drains), restart the app (the namespace owner), start the
+/// sidecar, wait until the client is served by the replica again. Zero failed requests.
+#[test]
+fn compose_rolling_restart() {
+    let test = "compose_rolling_restart";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    for n in 1..=3 {
+        let (app, sidecar) = (format!("app{n}"), format!("sidecar{n}"));
+        let (app_id, sidecar_id) = (stack.container(&app), stack.container(&sidecar));
+        let step = Instant::now();
+        stack.docker(&["stop", "-t", "15", &sidecar_id]);
+        let drained = step.elapsed();
+        stack.docker(&["restart", "-t", "5", &app_id]);
+        let restarted_ms = unix_ms();
+        stack.docker(&["start", &sidecar_id]);
+        stack.wait_healthy(&["app1", "app2", "app3"], Duration::from_secs(60));
+        let seen_ms = stack.wait_seen(&app, restarted_ms, Duration::from_secs(30));
+        println!(
+            "[{test}] {app}: sidecar drained and stopped in {:.2}s; serving again {:.2}s after the step began \
+             ({}ms after the app restarted)",
+            drained.as_secs_f64(),
+            step.elapsed().as_secs_f64(),
+            seen_ms.saturating_sub(restarted_ms)
+        );
+    }
+    let window = stack.stop_client().since(&base);
+    println!("[{test}] client during the rolling restart: sent={} failed={}", window.sent, window.failed);
+    assert_no_failures(test, &window);
+}
+
+/// Test 7: Start the fourth pair while traffic runs: it is served within a second of turning
+/// healthy in the registry.
+#[test]
+fn compose_scale_up() {
+    let test = "compose_scale_up";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let base = stack.counts();
+    stack.compose_ok(
+        &["--profile", "scale", "up", "-d", "--no-deps", "app4", "sidecar4"],
+        Duration::from_secs(120),
+    );
+    stack.wait_registry("app4 healthy", Duration::from_secs(60), |ids| ids.iter().any(|i| i == "app4"));
+    let healthy_ms = unix_ms();
+    let seen_ms = stack.wait_seen("app4", 0, Duration::from_secs(30));
+    let mark = stack.counts();
+    stack.wait_traffic(&mark, 2 * u64::from(RATE));
+    let window = stack.stop_client().since(&base);
+    let delay = seen_ms.saturating_sub(healthy_ms);
+    println!(
+        "[{test}] app4 first served {}ms after the registry showed it healthy (polled every 20ms); \
+         client sent={} failed={} served={:?}",
+        seen_ms as i128 - healthy_ms as i128,
+        window.sent,
+        window.failed,
+        window.served
+    );
+    assert_no_failures(test, &window);
+    assert!(window.served("app4") > 0, "[{test}] app4 got no traffic");
+    // Within a second, plus half a second for this test's own polling on a loaded machine.
+    assert!(delay <= 1500, "[{test}] app4 was first served {delay}ms after turning healthy");
+}
