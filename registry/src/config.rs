@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::etcd::StoreSpec;
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
 
@@ -65,6 +67,19 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it when set.
     #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Where registrations live: `memory` (embedded, one registry) or
+    /// `etcd://host:2379,host:2379[/prefix]` (replicas sharing an etcd cluster;
+    /// prefix default `/trellis`). See docs/ha.md.
+    #[arg(long, env = "TRELLIS_STORE", default_value = "memory")]
+    pub store: StoreSpec,
+    /// etcd store: how long one request to one etcd member may take before the
+    /// registry tries the next member.
+    #[arg(long, env = "TRELLIS_ETCD_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub etcd_timeout: Duration,
+    /// etcd store: period of the linearizable read that detects a lost quorum;
+    /// two failures in a row mark discovery stale and refuse writes.
+    #[arg(long, env = "TRELLIS_ETCD_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub etcd_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -80,6 +95,9 @@ impl Default for Config {
             max_body: 65_536,
             shutdown_grace: Duration::from_secs(5),
             log_level: "info".into(),
+            store: StoreSpec::Memory,
+            etcd_timeout: Duration::from_secs(1),
+            etcd_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -103,6 +121,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError("--max-connections must be at least 1".into()));
+        }
+        if self.etcd_timeout.is_zero() || self.etcd_check_interval.is_zero() {
+            return Err(ConfigError("--etcd-timeout and --etcd-check-interval must be above zero".into()));
         }
         if self.max_body < 1024 {
             return Err(ConfigError("--max-body must be at least 1024 bytes".into()));

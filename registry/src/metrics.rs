@@ -8,6 +8,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use trellis_shared::ServiceSummary;
 
+use crate::store::etcd::EtcdMetrics;
 use crate::store::memory::StoreMetrics;
 
 /// Which API operation a request was, as a bounded label.
@@ -64,6 +65,7 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub deregistrations: Counter,
     pub store: StoreMetrics,
+    pub etcd: EtcdMetrics,
     pub open_watches: Gauge,
     pub watches_refused: Counter,
     pub connections: Gauge,
@@ -87,6 +89,7 @@ impl Metrics {
             heartbeats: Counter::default(),
             deregistrations: Counter::default(),
             store: StoreMetrics::default(),
+            etcd: EtcdMetrics::default(),
             open_watches: Gauge::default(),
             watches_refused: Counter::default(),
             connections: Gauge::default(),
@@ -113,6 +116,16 @@ impl Metrics {
             "expirations",
             "Instances removed because their lease ran out",
             m.store.expirations.clone(),
+        );
+        registry.register(
+            "store_stale",
+            "1 while the etcd store has no quorum and discovery answers from the cache",
+            m.etcd.stale.clone(),
+        );
+        registry.register(
+            "stale_answers",
+            "Discovery answers flagged X-Trellis-Stale because etcd had no quorum",
+            m.etcd.stale_answers.clone(),
         );
         registry.register("open_watches", "Blocking queries being held", m.open_watches.clone());
         registry.register(

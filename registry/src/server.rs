@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::api::{router, AppState};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::store::etcd::{EtcdSettings, EtcdStore, StoreSpec};
 use crate::store::{MemoryStore, Store};
 use crate::watch::Watches;
 
@@ -67,8 +68,43 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(MemoryStore::new(metrics.store.clone()));
-    serve(listener, config, store, metrics, shutdown).await
+    match config.store.clone() {
+        StoreSpec::Memory => {
+            let store = Arc::new(MemoryStore::new(metrics.store.clone()));
+            serve(listener, config, store, metrics, shutdown).await
+        }
+        StoreSpec::Etcd { endpoints, prefix } => {
+            let settings = EtcdSettings {
+                endpoints,
+                prefix,
+                timeout: config.etcd_timeout,
+                check_interval: config.etcd_check_interval,
+            };
+            tokio::pin!(shutdown);
+            let store = tokio::select! {
+                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone()) => Arc::new(s),
+                _ = &mut shutdown => return Ok(()),
+            };
+            serve(listener, config, store, metrics, shutdown).await
+        }
+    }
+}
+
+/// Flags discovery answers `X-Trellis-Stale: true` while the store serves
+/// them from a copy it cannot refresh (an etcd cluster without quorum).
+fn flag_stale<S: Store>(app: axum::Router, store: Arc<S>, metrics: Arc<Metrics>) -> axum::Router {
+    app.layer(axum::middleware::map_response(move |mut resp: axum::response::Response| {
+        let stale = store.stale() && resp.status().is_success();
+        let metrics = metrics.clone();
+        async move {
+            if stale {
+                resp.headers_mut()
+                    .insert(trellis_shared::STALE_HEADER, axum::http::HeaderValue::from_static("true"));
+                metrics.etcd.stale_answers.inc();
+            }
+            resp
+        }
+    }))
 }
 
 /// Runs the registry over any store.
@@ -89,7 +125,7 @@ pub async fn serve<S: Store>(
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
     let state =
         AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
-    let app = router(state);
+    let app = flag_stale(router(state), store.clone(), metrics.clone());
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));

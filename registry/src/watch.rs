@@ -141,7 +141,8 @@ impl Watches {
         wait: Duration,
     ) -> Arc<ServiceSnapshot> {
         let current = store.snapshot(service);
-        if current.index() != index || wait.is_zero() || self.shutdown.is_cancelled() {
+        let changed = current.index() != index && store.reached(index);
+        if changed || wait.is_zero() || self.shutdown.is_cancelled() {
             return current;
         }
         let Ok(_permit) = self.slots.try_acquire() else {

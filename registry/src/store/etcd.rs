@@ -467,6 +467,14 @@ impl Store for EtcdStore {
         self.cache.list()
     }
 
+    fn stale(&self) -> bool {
+        self.is_stale()
+    }
+
+    fn reached(&self, index: u64) -> bool {
+        self.cache.revision() >= index
+    }
+
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
         tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown));
     }

@@ -119,6 +119,19 @@ pub trait Store: Send + Sync + 'static {
     /// Every service with at least one instance, sorted by name.
     fn list(&self) -> Vec<ServiceSummary>;
 
+    /// Whether reads come from a copy the store cannot refresh right now (an
+    /// etcd store without quorum); the API flags such answers.
+    fn stale(&self) -> bool {
+        false
+    }
+
+    /// Whether the store has applied its history up to `index`. A replica that
+    /// lags behind the one a client last saw has not: a blocking query then
+    /// waits for it instead of answering at once with older state.
+    fn reached(&self, _index: u64) -> bool {
+        true
+    }
+
     /// Work the store does in the background (lease expiry, following a remote
     /// store); returns when `shutdown` is cancelled.
     fn background(self: Arc<Self>, shutdown: CancellationToken) -> impl Future<Output = ()> + Send;
