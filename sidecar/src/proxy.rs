@@ -26,7 +26,7 @@ mod headers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,17 +233,37 @@ async fn serve_connection(
 ) {
     let gauge = shared.metrics.connections().clone();
     gauge.inc();
+    // hyper's header read timeout starts only once the protocol is known, so
+    // a connection that never sends a first request head is timed out here.
+    let head_timeout = shared.config.header_read_timeout;
+    let seen = Arc::new(AtomicBool::new(false));
+    let seen_in_service = Arc::clone(&seen);
     let service = service_fn(move |req: Request<Incoming>| {
+        if !seen_in_service.load(Ordering::Relaxed) {
+            seen_in_service.store(true, Ordering::Relaxed);
+        }
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(handle(shared, req).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let first_head = tokio::time::sleep(head_timeout);
+    tokio::pin!(first_head);
+    let (mut waiting_first, mut draining) = (true, false);
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = &mut first_head, if waiting_first => {
+                if !seen.load(Ordering::Relaxed) {
+                    debug!(%peer, "no request head within the header read timeout; closing");
+                    break Ok(());
+                }
+                waiting_first = false;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
         }
     };
     if let Err(e) = result {

@@ -339,3 +339,21 @@ async fn http2_prior_knowledge_is_served_on_the_same_port() {
         assert_eq!(body, "host=users");
     }
 }
+
+#[tokio::test]
+async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ok = backend(|_| Reply::ok("ok")).await;
+    let cfg =
+        trellis_sidecar::proxy::ProxyConfig { header_read_timeout: Duration::from_millis(200), ..config() };
+    let proxy = start_proxy(FixedResolver::default().with(service("users", &[ok.addr])), cfg).await;
+    for opening in [&b""[..], b"P", b"GET / HTTP/1.1\r\nHost: us"] {
+        let started = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(opening).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        println!("opening {:?}: closed after {:?}", String::from_utf8_lossy(opening), started.elapsed());
+        assert!(closed.is_ok(), "opening {opening:?} kept the connection open");
+    }
+}
