@@ -6,20 +6,63 @@
 //! Submodules: [`body`] (the replayable request body and the response body that
 //! carries the in-flight guard), [`headers`] (target service, hop-by-hop headers).
 //!
-//! The server is hyper-util's `auto` builder so HTTP/2 prior knowledge can be
-//! served on the same port later; the request path is written against
-//! `http_body::Body` rather than a concrete body type.
+//! # The rules
 //!
-//! What happens to a request:
-//! 1. Limits: past `max_pending_requests` it is answered `overloaded`.
-//! 2. Target: `headers::target_service` or `bad_request`.
-//! 3. Endpoints: `Resolve`, waiting up to `discovery_wait` for a service never
-//!    seen before; none -> `no_endpoints`.
-//! 4. Attempts, all within `overall_timeout` (-> `timeout`): pick (probe an
-//!    endpoint whose ejection ended, else least-connections over untried
-//!    admitted endpoints, else tried ones, else everything: panic mode), send
-//!    with `per_try_timeout`, record the outcome for outlier detection, and
-//!    retry when `retry::may_retry`, the attempt count and the budget allow.
+//! - **Connections**: HTTP/1.1, and HTTP/2 with prior knowledge on the same port
+//!   (hyper-util's `auto` builder detects it per connection). At most
+//!   `max_connections` are open; one more is answered `503 overloaded` and
+//!   closed. A connection that sends no request head within
+//!   `header_read_timeout` (first request, or idle between requests) is closed.
+//! - **Target**: the host of an absolute-form URI (`HTTP_PROXY` clients) or of
+//!   HTTP/2's `:authority`, else the Host header; the port and a trailing dot
+//!   are dropped, letters are lowercased, and the result must be a valid
+//!   service name, else `400 bad_request`. The upstream sees the same Host.
+//! - **Malformed requests** are answered by hyper's parser before routing: a bad
+//!   request line or header `400`, a request head over `max_header_bytes`
+//!   `431`; neither carries a JSON body. The connection is closed, the proxy
+//!   keeps serving.
+//! - **Headers**: hop-by-hop headers (`Connection` and those it names,
+//!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`)
+//!   are dropped both ways; everything else (`x-request-id`, `traceparent`)
+//!   passes untouched. Bodies stream both ways.
+//! - **Endpoints**: from [`Resolve`]; a service seen for the first time waits
+//!   up to `discovery_wait` for discovery's first answer. No endpoints:
+//!   `503 no_endpoints`. No room to watch another service: `503 overloaded`.
+//! - **Choice**: an endpoint whose ejection has ended gets the request as its
+//!   probe; else least-connections (in-flight / weight, random tie-break) over
+//!   active endpoints not tried yet by this request, else over active ones
+//!   tried already, else (every endpoint ejected) over all of them: panic mode.
+//!   The in-flight count falls when the response body ends.
+//! - **Retries** (at most `max_attempts` attempts, full-jitter backoff, each
+//!   one taken from the service's retry budget): any method when the attempt
+//!   could not connect; idempotent methods also after a reset, a per-try
+//!   timeout or a 502/503/504 answer, and only if the body is still
+//!   replayable (it fit `replay_buffer_bytes`). A POST that may have reached
+//!   an endpoint is never sent again. When no retry is allowed the last
+//!   upstream answer is relayed as is; if there is none, `502 upstream_failed`
+//!   (or `504 timeout` after a per-try timeout).
+//! - **Timeouts**: `connect_timeout` per connection, `per_try_timeout` per
+//!   attempt until response headers, `overall_timeout` for everything until
+//!   response headers (`504 timeout`). A response body, once it streams, is
+//!   not timed out.
+//! - **Outlier detection**: see [`crate::outlier`]; outcomes are recorded per
+//!   attempt (a refused connect ejects at once; timeouts, resets and
+//!   502/503/504 count as consecutive failures; a client abandoning its own
+//!   upload does not count).
+//! - **Pending requests**: at most `max_pending_requests` wait for response
+//!   headers at once; more are answered `503 overloaded`.
+//!
+//! Every sidecar-made answer comes from [`crate::error`]: JSON
+//! `{"error","message"}` and `x-trellis-error: <code>`.
+//!
+//! # Later protocols
+//!
+//! The request path works on `hyper::body::Incoming`, which hyper uses for
+//! HTTP/1.1, HTTP/2 and upgraded requests alike, and the body wrappers are
+//! generic over the body type. Upstream requests are sent as HTTP/1.1 for now
+//! (`forward` sets the version). An HTTP/2 pool per endpoint, `TE: trailers`
+//! towards HTTP/2 upstreams and `REFUSED_STREAM` as a not-sent failure belong
+//! in `forward`; upgrades in `serve_connection` (`serve_connection_with_upgrades`).
 
 mod body;
 mod headers;
@@ -473,6 +516,7 @@ async fn forward(
             let mut up = Request::new(body.retry());
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
+            // HTTP/2 upstreams (issue 4) will choose the version per endpoint here.
             *up.version_mut() = Version::HTTP_11;
             // The last possible attempt takes the headers; earlier ones copy them.
             *up.headers_mut() = if attempt >= max_attempts {
