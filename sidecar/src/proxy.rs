@@ -16,7 +16,8 @@
 //! - **Target**: the host of an absolute-form URI (`HTTP_PROXY` clients) or of
 //!   HTTP/2's `:authority`, else the Host header; the port and a trailing dot
 //!   are dropped, letters are lowercased, and the result must be a valid
-//!   service name, else `400 bad_request`. The upstream sees the same Host.
+//!   service name, else `400 bad_request` (as is `CONNECT`). The upstream sees
+//!   the same Host.
 //! - **Malformed requests** are answered by hyper's parser before routing: a bad
 //!   request line or header `400`, a request head over `max_header_bytes`
 //!   `431`; neither carries a JSON body. The connection is closed, the proxy
@@ -360,6 +361,11 @@ impl Shared {
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>, start: Instant) -> Result<ProxyResponse, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest(
+            "CONNECT is not supported: send plain HTTP through the sidecar".into(),
+        ));
+    }
     let name = headers::target_service(&req)?;
     let svc = shared
         .resolver

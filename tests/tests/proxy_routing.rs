@@ -142,6 +142,12 @@ async fn bad_input_gets_documented_errors_and_the_proxy_keeps_serving() {
             "400",
             Some("bad_request"),
         ),
+        (
+            "CONNECT",
+            b"CONNECT users:443 HTTP/1.1\r\nHost: users:443\r\n\r\n".to_vec(),
+            "400",
+            Some("bad_request"),
+        ),
         ("malformed request line", b"GARBAGE\r\n\r\n".to_vec(), "400", None),
         (
             "unknown service",
@@ -187,7 +193,7 @@ async fn bad_input_gets_documented_errors_and_the_proxy_keeps_serving() {
     }
     assert_eq!(call(&client, proxy.addr, "GET", "users", Bytes::new()).await.status, 200);
     let m = proxy.metrics.encode();
-    assert!(m.contains(r#"trellis_sidecar_proxy_errors_total{code="bad_request"} 3"#), "{m}");
+    assert!(m.contains(r#"trellis_sidecar_proxy_errors_total{code="bad_request"} 4"#), "{m}");
     assert!(!m.contains("svc-1"), "unknown services create no label sets");
 }
 
