@@ -279,16 +279,7 @@ impl Stack {
 
     /// Healthy instance ids of the demo service, or `None` when the registry does not answer.
     fn healthy(&self) -> Option<Vec<String>> {
-        let body = http_get(self.registry_port, &format!("/v1/services/{SERVICE}"))?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let mut ids: Vec<String> = v["instances"]
-            .as_array()?
-            .iter()
-            .filter(|i| i["status"] == "passing")
-            .filter_map(|i| i["id"].as_str().map(String::from))
-            .collect();
-        ids.sort();
-        Some(ids)
+        healthy_ids(self.registry_port)
     }
 
     /// Polls the registry until `pred` holds of the healthy ids; returns how long it took.
@@ -435,6 +426,20 @@ impl Drop for Stack {
             eprintln!("[{}] teardown failed: {e}", self.test);
         }
     }
+}
+
+/// Healthy (passing) instance ids of the demo service, or `None` when the registry does not answer.
+fn healthy_ids(port: u16) -> Option<Vec<String>> {
+    let body = http_get(port, &format!("/v1/services/{SERVICE}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let mut ids: Vec<String> = v["instances"]
+        .as_array()?
+        .iter()
+        .filter(|i| i["status"] == "passing")
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect();
+    ids.sort();
+    Some(ids)
 }
 
 fn seen_at(line: &str) -> Option<u128> {
@@ -674,19 +679,31 @@ fn compose_scale_up() {
     let Some((_serial, compose)) = setup(test) else { return };
     let stack = Stack::up(test, compose);
     let base = stack.counts();
+    // `up` may return after the new sidecar registered: watch the registry meanwhile.
+    let port = stack.registry_port;
+    let watcher = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if healthy_ids(port).is_some_and(|ids| ids.iter().any(|i| i == "app4")) {
+                return Some(unix_ms());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    });
     stack.compose_ok(
         &["--profile", "scale", "up", "-d", "--no-deps", "app4", "sidecar4"],
         Duration::from_secs(120),
     );
-    stack.wait_registry("app4 healthy", Duration::from_secs(60), |ids| ids.iter().any(|i| i == "app4"));
-    let healthy_ms = unix_ms();
+    let healthy_ms = watcher.join().ok().flatten();
+    let healthy_ms = healthy_ms.unwrap_or_else(|| panic!("[{test}] app4 never turned healthy"));
     let seen_ms = stack.wait_seen("app4", 0, Duration::from_secs(30));
     let mark = stack.counts();
     stack.wait_traffic(&mark, 2 * u64::from(RATE));
     let window = stack.stop_client().since(&base);
     let delay = seen_ms.saturating_sub(healthy_ms);
     println!(
-        "[{test}] app4 first served {}ms after the registry showed it healthy (polled every 20ms); \
+        "[{test}] app4 first served {}ms after the registry showed it healthy (polled every 10ms); \
          client sent={} failed={} served={:?}",
         seen_ms as i128 - healthy_ms as i128,
         window.sent,

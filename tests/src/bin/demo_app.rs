@@ -6,6 +6,9 @@
 //! ```text
 //! demo-app [--listen ADDR] [--name NAME] [--delay DUR] [--fail-rate F] [--unhealthy]
 //! demo-app probe [--listen ADDR]      # exit 0 when the local /health answers 200
+//! demo-app control health|delay|fail-rate VALUE [--listen ADDR]
+//!                                     # PUT /control/... on the local app (images have no curl:
+//!                                     # `docker exec <app> demo-app control delay 300ms`)
 //! ```
 //!
 //! Routes:
@@ -95,6 +98,35 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Change the local app's behaviour: `health true|false`, `delay 300ms`, `fail-rate 0.5`.
+    Control {
+        /// What to change.
+        #[arg(value_enum)]
+        what: Knob,
+        /// The new value.
+        value: String,
+        /// The app's listen address; an unspecified IP is reached on 127.0.0.1.
+        #[arg(long, env = "DEMO_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Knob {
+    Health,
+    Delay,
+    FailRate,
+}
+
+impl Knob {
+    /// The control path and its query parameter.
+    fn route(self) -> (&'static str, &'static str) {
+        match self {
+            Knob::Health => ("/control/health", "ok"),
+            Knob::Delay => ("/control/delay", "d"),
+            Knob::FailRate => ("/control/fail-rate", "r"),
+        }
+    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -441,14 +473,38 @@ async fn shutdown_signal() {
     }
 }
 
-async fn probe(listen: SocketAddr, timeout: Duration) -> bool {
+fn local(listen: SocketAddr) -> SocketAddr {
     let ip = if listen.ip().is_unspecified() { [127, 0, 0, 1].into() } else { listen.ip() };
-    let url = format!("http://{}/health", SocketAddr::new(ip, listen.port()));
+    SocketAddr::new(ip, listen.port())
+}
+
+async fn probe(listen: SocketAddr, timeout: Duration) -> bool {
+    let url = format!("http://{}/health", local(listen));
     let client = match reqwest::Client::builder().timeout(timeout).no_proxy().build() {
         Ok(c) => c,
         Err(_) => return false,
     };
     matches!(client.get(&url).send().await, Ok(r) if r.status() == StatusCode::OK)
+}
+
+/// Sends one control request to the local app and prints its answer.
+async fn control(what: Knob, value: &str, listen: SocketAddr) -> Result<(), String> {
+    let (path, key) = what.route();
+    let url = format!("http://{}{path}?{key}={value}", local(listen));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client.put(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    println!("{body}");
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {status}"))
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -476,6 +532,13 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         }
+        Some(Command::Control { what, value, listen }) => match rt.block_on(control(what, &value, listen)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo-app control: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         None => match rt.block_on(serve(cli.serve)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what CI needs and a fresh machine may lack, from Debian's packages
+# (as root, which CI is); idempotent: installs nothing when all is present.
+# Needed: rustfmt and clippy (rustup components), strip (binutils, for the
+# images), the docker CLI and docker-compose (the compose failure tests; the
+# engine itself is the machine's).
+set -euo pipefail
+
+if command -v rustup >/dev/null 2>&1; then
+  cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+missing=()
+command -v strip >/dev/null 2>&1 || missing+=(binutils)
+command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  missing+=(docker-compose)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "ci-deps: missing ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "ci-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "ci-deps: ok"
