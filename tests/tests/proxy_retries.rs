@@ -253,3 +253,18 @@ async fn a_client_abandoning_its_upload_does_not_count_against_the_endpoint() {
     assert_eq!(states(&svc), vec![("active", 0)]);
     assert_eq!(call(&client(), proxy.addr, "GET", "users", Bytes::new()).await.status, 200);
 }
+
+#[tokio::test]
+async fn every_endpoint_refusing_answers_upstream_failed() {
+    let svc = service("users", &[refused_addr(), refused_addr()]);
+    let cfg = ProxyConfig { retry: generous_budget(), ..ProxyConfig::default() };
+    let proxy = start_proxy(FixedResolver::default().with(svc.clone()), cfg).await;
+    let r = call(&client(), proxy.addr, "POST", "users", Bytes::from_static(b"x")).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_code(), Some("upstream_failed"));
+    let body: trellis_shared::ErrorBody = serde_json::from_slice(&r.body).unwrap();
+    assert!(body.message.contains("3 attempts"), "{}", body.message);
+    // Both refused, but the share bound (50% of 2) allowed only one ejection.
+    let st = states(&svc);
+    assert_eq!(st.iter().filter(|s| s.0 == "ejected").count(), 1, "{st:?}");
+}
