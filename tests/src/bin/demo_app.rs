@@ -15,7 +15,7 @@
 //! - `GET /health`: 200 `{"status":"ok"}`, or 503 `{"status":"unhealthy"}` when unhealthy.
 //! - `PUT /control/health?ok=false|true`, `PUT /control/delay?d=200ms`, `PUT /control/fail-rate?r=0.5`.
 //! - `GET /control/stats`: `{"requests":N,"by_method":{"GET":n,...}}`, counting ordinary requests only
-//!   (everything but `/health` and `/control/*`).
+//!   (everything but `/health` and `/control/*`, and not those rejected with 400 for a bad knob).
 //! - `GET /sse?n=5&interval=100ms`: `text/event-stream`, one event per interval, each flushed as produced.
 //! - `GET /download?bytes=N`: N bytes streamed in 16 KiB chunks, never held whole.
 //! - anything else: the whole request body is read, then 200
@@ -149,6 +149,17 @@ struct State {
 }
 
 impl State {
+    fn new(name: String, healthy: bool, delay: Duration, fail_rate: f64) -> State {
+        State {
+            name,
+            healthy: AtomicBool::new(healthy),
+            delay_ms: AtomicU64::new(delay.as_millis().min(u64::MAX as u128) as u64),
+            fail_rate: AtomicU64::new(fail_rate.to_bits()),
+            requests: AtomicU64::new(0),
+            by_method: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     fn delay(&self) -> Duration {
         Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))
     }
@@ -401,21 +412,19 @@ async fn serve(args: ServeArgs) -> std::io::Result<()> {
         Some(n) => n,
         None => gethostname::gethostname().to_string_lossy().into_owned(),
     };
-    let state = Arc::new(State {
-        name: name.clone(),
-        healthy: AtomicBool::new(!args.unhealthy),
-        delay_ms: AtomicU64::new(args.delay.unwrap_or_default().as_millis().min(u64::MAX as u128) as u64),
-        fail_rate: AtomicU64::new(args.fail_rate.to_bits()),
-        requests: AtomicU64::new(0),
-        by_method: Mutex::new(BTreeMap::new()),
-    });
+    let state =
+        Arc::new(State::new(name.clone(), !args.unhealthy, args.delay.unwrap_or_default(), args.fail_rate));
     let listener = TcpListener::bind(args.listen).await?;
     info!(addr = %listener.local_addr()?, instance = %name, "demo-app listening");
+    run(listener, state, shutdown_signal()).await;
+    Ok(())
+}
 
+/// Serves `listener` until `shutdown` resolves, then lets open connections finish for a grace period.
+async fn run(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -454,7 +463,6 @@ async fn serve(args: ServeArgs) -> std::io::Result<()> {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => warn!("grace period over, exiting with connections open"),
     }
-    Ok(())
 }
 
 /// SIGTERM or SIGINT. As PID 1 in a container nothing else would stop us.
@@ -546,5 +554,110 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Starts the app on a loopback port; it stops when the returned sender is dropped.
+    async fn start() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let state = Arc::new(State::new("t1".into(), true, Duration::ZERO, 0.0));
+        tokio::spawn(run(listener, state, async move {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().expect("client")
+    }
+
+    async fn json_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.expect("body");
+        (status, serde_json::from_slice(&body).expect("json"))
+    }
+
+    #[tokio::test]
+    async fn answers_with_instance_counts_and_obeys_knobs() {
+        let (addr, _stop) = start().await;
+        let c = client();
+        let base = format!("http://{addr}");
+        let (st, v) = json_of(c.post(format!("{base}/a/b")).body("hello").send().await.expect("post")).await;
+        assert_eq!(st, 200);
+        assert_eq!(v, serde_json::json!({"instance":"t1","method":"POST","path":"/a/b","body_bytes":5}));
+        let (st, v) = json_of(c.get(format!("{base}/x?status=503")).send().await.expect("get")).await;
+        assert_eq!((st, v["instance"].as_str()), (503, Some("t1")));
+        let (st, _) = json_of(c.get(format!("{base}/x?delay=bogus")).send().await.expect("get")).await;
+        assert_eq!(st, 400);
+
+        assert_eq!(c.get(format!("{base}/health")).send().await.expect("health").status(), 200);
+        let r = c.put(format!("{base}/control/health?ok=false")).send().await.expect("control");
+        assert_eq!(r.status(), 200);
+        assert_eq!(c.get(format!("{base}/health")).send().await.expect("health").status(), 503);
+
+        c.put(format!("{base}/control/fail-rate?r=1")).send().await.expect("control");
+        assert_eq!(c.get(format!("{base}/y")).send().await.expect("get").status(), 503);
+        c.put(format!("{base}/control/fail-rate?r=0")).send().await.expect("control");
+        assert_eq!(
+            c.put(format!("{base}/control/fail-rate?r=7")).send().await.expect("control").status(),
+            400
+        );
+
+        c.put(format!("{base}/control/delay?d=150ms")).send().await.expect("control");
+        let t = std::time::Instant::now();
+        assert_eq!(c.get(format!("{base}/slow")).send().await.expect("get").status(), 200);
+        println!("delayed answer took {:?}", t.elapsed());
+        assert!(t.elapsed() >= Duration::from_millis(150));
+
+        // Health, control and rejected (400) requests are not counted: POST /a/b, /x?status, /y, /slow.
+        let (_, v) = json_of(c.get(format!("{base}/control/stats")).send().await.expect("stats")).await;
+        assert_eq!(v, serde_json::json!({"requests":4,"by_method":{"GET":3,"POST":1}}));
+    }
+
+    #[tokio::test]
+    async fn reset_reads_the_body_counts_and_answers_nothing() {
+        let (addr, _stop) = start().await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"POST /r?reset=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        assert!(n.is_err() || got.is_empty(), "expected no answer, got {:?}", String::from_utf8_lossy(&got));
+        let (_, v) =
+            json_of(client().get(format!("http://{addr}/control/stats")).send().await.expect("stats")).await;
+        assert_eq!(v["requests"], 1);
+    }
+
+    #[tokio::test]
+    async fn h2c_sse_and_download_stream() {
+        let (addr, _stop) = start().await;
+        let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().expect("client");
+        let r = h2.get(format!("http://{addr}/hello")).send().await.expect("h2c");
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+
+        let mut r = client().get(format!("http://{addr}/sse?n=3&interval=50ms")).send().await.expect("sse");
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/event-stream");
+        let mut events = 0;
+        while let Some(chunk) = r.chunk().await.expect("chunk") {
+            events += String::from_utf8_lossy(&chunk).matches("data: ").count();
+        }
+        assert_eq!(events, 3);
+
+        let r = client().get(format!("http://{addr}/download?bytes=100001")).send().await.expect("download");
+        assert_eq!(r.content_length(), Some(100_001));
+        assert_eq!(r.bytes().await.expect("bytes").len(), 100_001);
+        let r = client().get(format!("http://{addr}/download")).send().await.expect("download");
+        assert_eq!(r.status(), 400);
     }
 }

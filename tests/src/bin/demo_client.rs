@@ -337,3 +337,51 @@ async fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(instance: &str) -> Outcome {
+        Outcome::Ok { instance: instance.into(), latency: Duration::from_millis(3) }
+    }
+
+    #[test]
+    fn stats_and_summary_lines_keep_their_documented_format() {
+        let mut c = Counts::default();
+        for _ in 0..3 {
+            c.record(ok("app1"));
+        }
+        c.record(ok("app2"));
+        c.record(Outcome::Failed("status_503".into()));
+        let line = c.stats_line(Duration::from_millis(1000));
+        assert_eq!(
+            line,
+            "stats t=1.0s sent=5 ok=4 failed=1 last_sent=5 last_failed=1 share=app1:75%,app2:25% \
+             served=app1:3,app2:1 errors=status_503:1"
+        );
+        // The window restarts after each line; cumulative counts do not.
+        c.record(ok("app2"));
+        let line = c.stats_line(Duration::from_millis(2000));
+        assert_eq!(
+            line,
+            "stats t=2.0s sent=6 ok=5 failed=1 last_sent=1 last_failed=0 share=app2:100% \
+             served=app1:3,app2:2 errors=status_503:1"
+        );
+        let line = c.stats_line(Duration::from_millis(3000));
+        assert!(line.contains(" last_sent=0 last_failed=0 share=- "), "{line}");
+        let summary = c.summary_line(Duration::from_millis(3000));
+        assert!(
+            summary.starts_with("summary duration=3.0s sent=6 ok=5 failed=1 served=app1:3,app2:2 "),
+            "{summary}"
+        );
+        assert!(summary.ends_with("p50_ms=3 p99_ms=3 max_ms=3"), "{summary}");
+    }
+
+    #[test]
+    fn instance_names_cannot_break_the_format() {
+        assert_eq!(sanitize("app 1=x,y:z"), "app_1_x_y_z");
+        assert_eq!(sanitize(""), "unnamed");
+        assert_eq!(sanitize(&"a".repeat(200)).len(), 64);
+    }
+}
