@@ -50,6 +50,30 @@ enum Command {
         #[arg(long, env = "TRELLIS_NAME", default_value = "backend")]
         name: String,
     },
+    /// Start three backends and one target in front of them, print where it
+    /// listens and keep it running until Enter or EOF on stdin (for profiling).
+    Serve {
+        /// direct, trellis, haproxy or nginx.
+        #[arg(long, env = "TRELLIS_TARGET", default_value = "trellis")]
+        target: String,
+        /// Directory holding `registry` and `sidecar` [default: next to this binary].
+        #[arg(long, env = "TRELLIS_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Closed-loop load against an address, printing requests/s and percentiles.
+    Load {
+        #[arg(long, env = "TRELLIS_ADDR")]
+        addr: SocketAddr,
+        /// Connections.
+        #[arg(long, env = "TRELLIS_CONNECTIONS", default_value_t = 64)]
+        connections: usize,
+        /// How long, e.g. `10s`.
+        #[arg(long, env = "TRELLIS_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Requests/s for an open loop; closed loop when absent.
+        #[arg(long, env = "TRELLIS_RATE")]
+        rate: Option<f64>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +81,25 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Backend { listen, name } => backend::run(&listen, &name).map_err(|e| e.to_string()),
         Command::Run(args) => cases::run(args),
+        Command::Serve { target, bin_dir } => serve(&target, bin_dir),
+        Command::Load { addr, connections, duration, rate } => {
+            let t = load::Target { addrs: vec![addr], host: peers::SERVICE.into(), path: "/".into() };
+            let r = match rate {
+                Some(rate) => Ok(load::open_loop(&t, rate, connections, std::time::Duration::ZERO, duration)),
+                None => load::closed_loop(&t, connections, std::time::Duration::ZERO, duration),
+            };
+            r.map(|r| {
+                println!(
+                    "{:.0} req/s, {} failed, p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs",
+                    r.rps(),
+                    r.failed,
+                    r.pct_us(50.0),
+                    r.pct_us(99.0),
+                    r.pct_us(99.9)
+                )
+            })
+            .map_err(|e| e.to_string())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -65,6 +108,28 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn serve(target: &str, bin_dir: Option<PathBuf>) -> Result<(), String> {
+    let kind = peers::Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == target)
+        .ok_or_else(|| format!("unknown target {target}"))?;
+    let work = std::env::temp_dir().join(format!("trellis-bench-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let env = peers::Env {
+        work,
+        bin_dir: bin_dir.unwrap_or_else(default_bin_dir),
+        self_exe: std::env::current_exe().map_err(|e| e.to_string())?,
+        proxy_core: None,
+        load_core: None,
+    };
+    let backends = peers::start_backends(&env, "serve").map_err(|e| e.to_string())?;
+    let t = peers::start(kind, &env, &backends, "serve").map_err(|e| e.to_string())?;
+    println!("{} listening on {:?} pid {:?}", kind.name(), t.addrs, t.pid());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    Ok(())
 }
 
 /// Where the workspace's other binaries are: next to this one.

@@ -106,7 +106,7 @@ impl Sizes {
                 registry_instances: 100_000,
                 registry_services: 1_000,
                 registry_duration: Duration::from_secs(20),
-                etcd_instances: 10_000,
+                etcd_instances: 2_000,
                 watchers: 1_000,
             }
         }
@@ -159,6 +159,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         };
         eprintln!("trellis-bench: case {case} done in {:.1}s", t.elapsed().as_secs_f64());
         report.sections.push(section);
+        // Written after every case, so an interrupted run still leaves its figures.
+        report.elapsed = started.elapsed();
+        std::fs::write(&args.out, report.render()).map_err(|e| format!("{}: {e}", args.out.display()))?;
     }
     report.elapsed = started.elapsed();
     std::fs::write(&args.out, report.render()).map_err(|e| format!("{}: {e}", args.out.display()))?;

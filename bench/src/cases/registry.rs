@@ -204,7 +204,8 @@ async fn heartbeats(
             let mut j = c as u64;
             loop {
                 let due = t0 + Duration::from_secs_f64(j as f64 / rate);
-                if due >= stop {
+                // A generator behind schedule stops on time too.
+                if due >= stop || Instant::now() >= stop {
                     break;
                 }
                 tokio::time::sleep_until(due.into()).await;
