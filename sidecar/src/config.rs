@@ -133,6 +133,10 @@ pub struct RunArgs {
     /// An upstream service to watch from the start (never evicted); repeat, or comma-separate.
     #[arg(long = "upstream-service", env = "TRELLIS_UPSTREAM_SERVICE", value_delimiter = ',')]
     pub upstream_services: Vec<ServiceName>,
+    /// A dedicated local port for one upstream service, NAME=127.0.0.1:PORT: every request on it
+    /// (HTTP/1.1 or HTTP/2) goes to NAME whatever its Host. Repeat, or comma-separate. Default: none.
+    #[arg(long = "upstream", env = "TRELLIS_UPSTREAM", value_delimiter = ',', value_name = "NAME=ADDR")]
+    pub upstreams: Vec<String>,
     /// Most upstream services watched at once (caps what arbitrary Host headers can cost).
     #[arg(long, env = "TRELLIS_MAX_UPSTREAM_SERVICES", default_value_t = 256)]
     pub max_upstream_services: usize,
@@ -280,6 +284,8 @@ pub struct Settings {
     pub app: Option<AppSettings>,
     pub discovery: DiscoveryConfig,
     pub upstream_services: Vec<ServiceName>,
+    /// Dedicated upstream ports: the service and where to listen for it.
+    pub upstream_ports: Vec<(ServiceName, SocketAddr)>,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub workers: usize,
@@ -341,6 +347,29 @@ fn default_advertise_host(app_host: &Address) -> Address {
     Address::new(ip.to_string()).unwrap_or_else(|_| app_host.clone())
 }
 
+/// `--upstream NAME=ADDR` values, checked: valid names, distinct addresses
+/// that are not the outbound or admin listener.
+fn parse_upstream_ports(
+    items: &[String],
+    outbound: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Vec<(ServiceName, SocketAddr)>, ConfigError> {
+    let mut out: Vec<(ServiceName, SocketAddr)> = Vec::new();
+    for item in items {
+        let err = |why: String| bad(format!("--upstream {item:?} is invalid: {why}"));
+        let (name, addr) = item
+            .split_once('=')
+            .ok_or_else(|| err("expected NAME=ADDR, e.g. users=127.0.0.1:16001".into()))?;
+        let name = ServiceName::new(name.trim()).map_err(|e| err(e.to_string()))?;
+        let addr: SocketAddr = addr.trim().parse().map_err(|e| err(format!("{e} (expected IP:PORT)")))?;
+        if addr == outbound || addr == admin || out.iter().any(|(_, a)| *a == addr && addr.port() != 0) {
+            return Err(err(format!("{addr} is already used by another listener")));
+        }
+        out.push((name, addr));
+    }
+    Ok(out)
+}
+
 fn parse_metadata(items: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut map = BTreeMap::new();
     for item in items {
@@ -383,7 +412,10 @@ impl RunArgs {
         if self.max_upstream_services == 0 {
             return Err(bad("--max-upstream-services must be at least 1"));
         }
+        let upstream_ports = parse_upstream_ports(&self.upstreams, self.outbound, self.admin)?;
         let mut upstream_services = self.upstream_services.clone();
+        // A dedicated port's service is watched from the start, like --upstream-service.
+        upstream_services.extend(upstream_ports.iter().map(|(n, _)| n.clone()));
         upstream_services.sort();
         upstream_services.dedup();
         if upstream_services.len() > self.max_upstream_services {
@@ -408,6 +440,7 @@ impl RunArgs {
                 restart_retention: self.ttl,
             },
             upstream_services,
+            upstream_ports,
             outbound: self.outbound,
             admin: self.admin,
             workers: self.workers,
@@ -586,6 +619,32 @@ mod tests {
         assert_eq!(app.health.target, "127.0.0.1:8080");
         assert_eq!(app.health.check, HealthCheck::Http { path: "/health".into() });
         assert_eq!(s.upstream_services, vec![ServiceName::new("orders").unwrap()]);
+        assert!(s.upstream_ports.is_empty());
+    }
+
+    #[test]
+    fn dedicated_upstream_ports() {
+        let s = parse(&[
+            "--registry",
+            "http://r:1",
+            "--upstream",
+            "users=127.0.0.1:16001",
+            "--upstream",
+            "orders=127.0.0.1:16002",
+        ])
+        .unwrap();
+        let names: Vec<String> = s.upstream_ports.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        assert_eq!(names, ["users=127.0.0.1:16001", "orders=127.0.0.1:16002"]);
+        assert_eq!(s.upstream_services.len(), 2);
+        for (arg, needle) in [
+            ("users", "NAME=ADDR"),
+            ("Bad_Name=127.0.0.1:1", "invalid"),
+            ("users=nowhere", "IP:PORT"),
+            ("users=127.0.0.1:15001", "already used"),
+        ] {
+            let e = parse(&["--registry", "http://r:1", "--upstream", arg]).err().unwrap();
+            assert!(e.contains(needle), "{arg}: {e}");
+        }
     }
 
     #[test]

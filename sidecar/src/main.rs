@@ -116,6 +116,11 @@ async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
 
 async fn run(settings: Settings, proxy_config: ProxyConfig) -> Result<(), String> {
     let outbound = bind(settings.outbound, "--outbound").await?;
+    let mut listeners = vec![proxy::Listener { listener: outbound, service: None }];
+    for (service, addr) in &settings.upstream_ports {
+        let listener = bind(*addr, &format!("--upstream {service}=")).await?;
+        listeners.push(proxy::Listener { listener, service: Some(service.clone()) });
+    }
     let admin_listener = bind(settings.admin, "--admin").await?;
     let client =
         RegistryClient::new(settings.registry.clone(), settings.client.clone()).map_err(|e| e.to_string())?;
@@ -171,8 +176,8 @@ async fn run(settings: Settings, proxy_config: ProxyConfig) -> Result<(), String
     tokio::spawn(admin::serve(admin_listener, admin_state, stop_rest.clone()));
 
     let resolver: Arc<dyn Resolve> = directory.clone();
-    let mut proxy_task = tokio::spawn(proxy::serve(
-        outbound,
+    let mut proxy_task = tokio::spawn(proxy::serve_all(
+        listeners,
         resolver,
         proxy_config,
         Arc::clone(&metrics),

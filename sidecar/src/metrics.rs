@@ -8,7 +8,7 @@
 //! metric families; errors decided before a service is known are counted by
 //! error code only.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,17 @@ struct RequestLabels {
     service: String,
     class: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    service: String,
+    code: &'static str,
+}
+
+/// Label values of `grpc-status`: the 17 codes gRPC defines, then `other` (a
+/// missing status, or one that is not a known code).
+const GRPC_CODES: [&str; 18] =
+    ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "other"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
@@ -66,6 +77,7 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     duration: HistogramFamily,
     retries: Family<ServiceLabels, Counter>,
     retries_refused: Family<ServiceLabels, Counter>,
@@ -90,6 +102,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("trellis_sidecar");
         let requests = Family::<RequestLabels, Counter>::default();
+        let grpc = Family::<GrpcLabels, Counter>::default();
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let retries = Family::<ServiceLabels, Counter>::default();
         let retries_refused = Family::<ServiceLabels, Counter>::default();
@@ -103,6 +116,12 @@ impl Metrics {
             "requests",
             "Proxied requests by upstream service and response status class",
             requests.clone(),
+        );
+        registry.register(
+            "grpc_responses",
+            "Relayed gRPC responses by upstream service and grpc-status (from trailers, or headers when \
+             trailers-only; other: missing or unknown)",
+            grpc.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -132,6 +151,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            grpc,
             duration,
             retries,
             retries_refused,
@@ -198,8 +218,11 @@ impl Metrics {
         let requests = CLASSES.map(|class| {
             self.requests.get_or_create(&RequestLabels { service: service.to_string(), class }).clone()
         });
+        let grpc = GRPC_CODES
+            .map(|code| self.grpc.get_or_create(&GrpcLabels { service: service.to_string(), code }).clone());
         ServiceMetrics {
             requests,
+            grpc: Arc::new(GrpcCounters(grpc)),
             duration: self.duration.get_or_create(&s).clone(),
             retries: self.retries.get_or_create(&s).clone(),
             retries_refused: self.retries_refused.get_or_create(&s).clone(),
@@ -212,6 +235,8 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
     requests: [Counter; 5],
+    /// Shared with every gRPC response body that still has to see its status.
+    pub grpc: Arc<GrpcCounters>,
     duration: Histogram,
     pub retries: Counter,
     pub retries_refused: Counter,
@@ -224,6 +249,22 @@ impl ServiceMetrics {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[class].inc();
         self.duration.observe(seconds);
+    }
+}
+
+/// One service's `grpc_responses` counters, one per status code.
+#[derive(Debug)]
+pub struct GrpcCounters([Counter; 18]);
+
+impl GrpcCounters {
+    /// Counts one gRPC response by the value of its `grpc-status` (`None`: it had none).
+    pub fn record(&self, status: Option<&[u8]>) {
+        let i = status
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&c| c <= 16)
+            .unwrap_or(17);
+        self.0[i].inc();
     }
 }
 
@@ -242,7 +283,23 @@ mod tests {
         m.set_registry_up(true);
         m.registry_error();
         m.proxy_error(ErrorCode::BadRequest);
+        s.grpc.record(Some(b"0"));
+        s.grpc.record(Some(b"14"));
+        s.grpc.record(Some(b"99"));
+        s.grpc.record(None);
         let text = m.encode();
+        assert!(
+            text.contains(r#"trellis_sidecar_grpc_responses_total{service="users",code="0"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"trellis_sidecar_grpc_responses_total{service="users",code="14"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"trellis_sidecar_grpc_responses_total{service="users",code="other"} 2"#),
+            "{text}"
+        );
         assert!(text.contains(r#"trellis_sidecar_requests_total{service="users",class="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"trellis_sidecar_requests_total{service="users",class="5xx"} 1"#), "{text}");
         assert!(text.contains(r#"trellis_sidecar_retries_total{service="users"} 1"#), "{text}");

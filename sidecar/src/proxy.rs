@@ -56,17 +56,32 @@
 //! Every sidecar-made answer comes from [`crate::error`]: JSON
 //! `{"error","message"}` and `x-trellis-error: <code>`.
 //!
-//! # Later protocols
+//! # HTTP/2, gRPC, upgrades, dedicated ports
 //!
-//! The request path works on `hyper::body::Incoming`, which hyper uses for
-//! HTTP/1.1, HTTP/2 and upgraded requests alike, and the body wrappers are
-//! generic over the body type. Upstream requests are sent as HTTP/1.1 for now
-//! (`forward` sets the version). An HTTP/2 pool per endpoint, `TE: trailers`
-//! towards HTTP/2 upstreams and `REFUSED_STREAM` as a not-sent failure belong
-//! in `forward`; upgrades in `serve_connection` (`serve_connection_with_upgrades`).
+//! - **HTTP/2 upstream**: a request that arrived over HTTP/2, or that goes to
+//!   an endpoint whose metadata says `protocol=h2c`, is sent over HTTP/2 with
+//!   prior knowledge through a second client, so each endpoint gets one
+//!   multiplexed connection; everything else goes over pooled HTTP/1.1. The
+//!   client's `TE: trailers` is kept towards HTTP/2 upstreams and trailers
+//!   pass through both ways.
+//! - **gRPC** (see [`grpc`]): `grpc-timeout` shortens the overall timeout; a
+//!   stream the endpoint refused (`REFUSED_STREAM`: nothing processed) counts
+//!   as not sent and is retried elsewhere like a refused connect; the
+//!   `grpc-status` of every relayed gRPC response (trailers, or headers of a
+//!   trailers-only answer) is counted in `grpc_responses`.
+//! - **Upgrades** (see [`upgrade`]): an HTTP/1.1 `Upgrade` request goes to one
+//!   endpoint and the two connections are spliced after `101`.
+//! - **Dedicated ports** ([`Listener::service`]): a listener bound to one
+//!   service sends every request there whatever its Host or `:authority`; the
+//!   upstream sees the service name as Host.
+//! - **Streaming**: bodies are relayed frame by frame with hyper's flow
+//!   control, so a slow reader holds the endpoint back instead of filling
+//!   the sidecar's memory.
 
 mod body;
+mod grpc;
 mod headers;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -89,12 +104,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use trellis_shared::backoff::Backoff;
-use trellis_shared::ErrorCode;
+use trellis_shared::{ErrorCode, ServiceName};
 
 pub use body::{BoxError, ReplayBody, ResponseBody};
 
 use crate::balance::least_loaded;
-use crate::endpoints::{Endpoint, EndpointSet, Resolve, ServiceEndpoints};
+use crate::endpoints::{Endpoint, EndpointSet, InFlight, Resolve, ServiceEndpoints};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::outlier::{may_eject, Admission, Outcome, OutlierConfig, Via};
@@ -181,7 +196,17 @@ struct Shared {
     config: ProxyConfig,
     metrics: Arc<Metrics>,
     client: UpstreamClient,
+    /// HTTP/2 with prior knowledge: one multiplexed connection per endpoint.
+    h2_client: UpstreamClient,
     pending: AtomicUsize,
+}
+
+/// A listening socket of the proxy.
+pub struct Listener {
+    pub listener: TcpListener,
+    /// `None`: the outbound port, where each request names its service. Some:
+    /// a dedicated port sending everything to this service.
+    pub service: Option<ServiceName>,
 }
 
 /// Serves the outbound port until `shutdown` is cancelled, then stops
@@ -194,12 +219,30 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_all(vec![Listener { listener, service: None }], resolver, config, metrics, shutdown).await
+}
+
+/// Like [`serve`], for several listeners (the outbound port and dedicated
+/// upstream ports) sharing one set of limits, connection pools and budgets.
+pub async fn serve_all(
+    listeners: Vec<Listener>,
+    resolver: Arc<dyn Resolve>,
+    config: ProxyConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector.clone());
+    let h2_client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(config.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector);
@@ -220,11 +263,35 @@ pub async fn serve(
 
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let rejections = Arc::new(Semaphore::new(REJECT_SLOTS));
-    let shared = Arc::new(Shared { resolver, config, metrics, client, pending: AtomicUsize::new(0) });
+    let shared =
+        Arc::new(Shared { resolver, config, metrics, client, h2_client, pending: AtomicUsize::new(0) });
     let tracker = TaskTracker::new();
-    let local = listener.local_addr()?;
-    info!(addr = %local, "outbound proxy listening");
+    let loops = listeners
+        .into_iter()
+        .map(|l| accept_loop(l, &builder, &shared, &connections, &rejections, &tracker, &shutdown));
+    let results = futures_util::future::join_all(loops).await;
+    info!(open = tracker.len(), "outbound proxy stopped accepting; draining connections");
+    tracker.close();
+    tracker.wait().await;
+    results.into_iter().collect()
+}
 
+async fn accept_loop(
+    l: Listener,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    shared: &Arc<Shared>,
+    connections: &Arc<Semaphore>,
+    rejections: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let Listener { listener, service } = l;
+    let service = service.map(Arc::new);
+    let local = listener.local_addr()?;
+    match &service {
+        Some(s) => info!(addr = %local, service = %s, "dedicated upstream port listening"),
+        None => info!(addr = %local, "outbound proxy listening"),
+    }
     loop {
         let accepted = tokio::select! {
             biased;
@@ -241,29 +308,28 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        match Arc::clone(&connections).try_acquire_owned() {
+        match Arc::clone(connections).try_acquire_owned() {
             Ok(permit) => {
                 tracker.spawn(serve_connection(
-                    Arc::clone(&builder),
+                    Arc::clone(builder),
                     stream,
                     peer,
-                    Arc::clone(&shared),
+                    Arc::clone(shared),
+                    service.clone(),
                     shutdown.clone(),
                     permit,
                 ));
             }
             Err(_) => {
                 shared.metrics.proxy_error(ErrorCode::Overloaded);
-                if let Ok(permit) = Arc::clone(&rejections).try_acquire_owned() {
+                if let Ok(permit) = Arc::clone(rejections).try_acquire_owned() {
                     tracker.spawn(reject_connection(stream, shared.config.header_read_timeout, permit));
                 }
             }
         }
     }
     drop(listener);
-    info!(addr = %local, open = tracker.len(), "outbound proxy stopped accepting; draining connections");
-    tracker.close();
-    tracker.wait().await;
+    debug!(addr = %local, "listener closed");
     Ok(())
 }
 
@@ -272,6 +338,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    service: Option<Arc<ServiceName>>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -287,9 +354,10 @@ async fn serve_connection(
             seen_in_service.store(true, Ordering::Relaxed);
         }
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+        let target = service.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req, target.as_deref()).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let first_head = tokio::time::sleep(head_timeout);
     tokio::pin!(first_head);
@@ -339,14 +407,14 @@ impl Drop for Pending<'_> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> ProxyResponse {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>, target: Option<&ServiceName>) -> ProxyResponse {
     let start = Instant::now();
     if shared.pending.fetch_add(1, Ordering::Relaxed) >= shared.config.max_pending_requests {
         shared.pending.fetch_sub(1, Ordering::Relaxed);
         return shared.error(&ProxyError::Overloaded("too many pending requests"));
     }
     let _pending = Pending(&shared.pending);
-    match route(&shared, req, start).await {
+    match route(&shared, req, start, target).await {
         Ok(resp) => resp,
         Err(e) => shared.error(&e),
     }
@@ -360,13 +428,27 @@ impl Shared {
     }
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>, start: Instant) -> Result<ProxyResponse, ProxyError> {
+async fn route(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    start: Instant,
+    target: Option<&ServiceName>,
+) -> Result<ProxyResponse, ProxyError> {
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::BadRequest(
             "CONNECT is not supported: send plain HTTP through the sidecar".into(),
         ));
     }
-    let name = headers::target_service(&req)?;
+    let name = match target {
+        Some(name) => {
+            // A dedicated port: the upstream sees the service name, not the local address.
+            if let Ok(v) = http::HeaderValue::from_str(name.as_str()) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+            name.clone()
+        }
+        None => headers::target_service(&req)?,
+    };
     let svc = shared
         .resolver
         .resolve(&name)
@@ -379,7 +461,11 @@ async fn route(shared: &Shared, req: Request<Incoming>, start: Instant) -> Resul
         return Err(ProxyError::NoEndpoints(name));
     }
     let state = service_state(shared, &svc);
-    let result = forward(shared, &svc, state, &set, req, start).await;
+    let result = if upgrade::is_upgrade(&req) {
+        upgrade::forward(shared, &svc, state, &set, req, start).await
+    } else {
+        forward(shared, &svc, state, &set, req, start).await
+    };
     let status = match &result {
         Ok(resp) => resp.status(),
         Err(e) => e.status(),
@@ -442,6 +528,21 @@ fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
+/// Whether an HTTP/2 endpoint refused the stream (`REFUSED_STREAM`): by the
+/// protocol, it processed nothing of it.
+fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -484,19 +585,20 @@ async fn forward(
     start: Instant,
 ) -> Result<ProxyResponse, ProxyError> {
     let config = &shared.config;
-    let deadline = start + config.overall_timeout;
+    // A gRPC client's own deadline bounds the call when it is the shorter one.
+    let timeout =
+        grpc::timeout(req.headers()).map_or(config.overall_timeout, |t| t.min(config.overall_timeout));
+    let deadline = start + timeout;
     state.budget.deposit(start);
     let (mut parts, body) = req.into_parts();
+    let wants_trailers = parts
+        .headers
+        .get_all(http::header::TE)
+        .iter()
+        .any(|v| v.to_str().unwrap_or("").split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let downstream_h2 = parts.version == Version::HTTP_2;
     headers::strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(http::header::HOST) {
-        // Absolute-form or HTTP/2 without Host: the upstream sees the service
-        // name it was addressed by, not the endpoint's address.
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(http::header::HOST, v);
-            }
-        }
-    }
+    ensure_host(&mut parts);
     let idempotent = is_idempotent(&parts.method);
     let body = ReplayBody::new(body, config.replay_buffer_bytes);
     let path = parts.uri.path_and_query().cloned();
@@ -522,17 +624,26 @@ async fn forward(
             let mut up = Request::new(body.retry());
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            // HTTP/2 upstreams (issue 4) will choose the version per endpoint here.
-            *up.version_mut() = Version::HTTP_11;
             // The last possible attempt takes the headers; earlier ones copy them.
             *up.headers_mut() = if attempt >= max_attempts {
                 std::mem::take(&mut parts.headers)
             } else {
                 parts.headers.clone()
             };
+            let h2 = downstream_h2 || ep.metadata.get("protocol").is_some_and(|p| p == "h2c");
+            let client = if h2 {
+                *up.version_mut() = Version::HTTP_2;
+                if wants_trailers {
+                    up.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+                }
+                &shared.h2_client
+            } else {
+                *up.version_mut() = Version::HTTP_11;
+                &shared.client
+            };
 
             let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
-            let result = match tokio::time::timeout(per_try, shared.client.request(up)).await {
+            let result = match tokio::time::timeout(per_try, client.request(up)).await {
                 Ok(Ok(resp)) => match resp.status() {
                     StatusCode::BAD_GATEWAY
                     | StatusCode::SERVICE_UNAVAILABLE
@@ -544,8 +655,7 @@ async fn forward(
                             info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
                         }
                         probe_guard.disarm();
-                        let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
-                        headers::strip_hop_by_hop(resp.headers_mut());
+                        let resp = relay(resp, guard, state);
                         debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt, "proxied");
                         return Ok(resp);
                     }
@@ -553,6 +663,13 @@ async fn forward(
                 Ok(Err(e)) if e.is_connect() => {
                     let outcome = if is_refused(&e) { Outcome::Refused } else { Outcome::Failure };
                     record_failure(shared, svc, state, set, ep, outcome, via, now);
+                    probe_guard.disarm();
+                    Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
+                }
+                Ok(Err(e)) if is_refused_stream(&e) => {
+                    // Overloaded, not broken: counts towards ejection like a
+                    // gateway error, and is safe to send elsewhere.
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
                     Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
                 }
@@ -598,11 +715,7 @@ async fn forward(
             }
             if !retry {
                 return match result {
-                    Attempt::Response(resp) => {
-                        let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
-                        headers::strip_hop_by_hop(resp.headers_mut());
-                        Ok(resp)
-                    }
+                    Attempt::Response(resp) => Ok(relay(resp, guard, state)),
                     Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
                         Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() })
                     }
@@ -626,8 +739,37 @@ async fn forward(
     };
     match tokio::time::timeout_at(deadline, overall).await {
         Ok(r) => r,
-        Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: config.overall_timeout }),
+        Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: timeout }),
     }
+}
+
+/// Absolute-form or HTTP/2 without Host: the upstream sees the service name
+/// it was addressed by, not the endpoint's address.
+fn ensure_host(parts: &mut http::request::Parts) {
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+    }
+}
+
+/// An endpoint's response as relayed to the client: hop-by-hop headers
+/// dropped, the in-flight guard in the body, and gRPC's status counted (now
+/// for a trailers-only answer, else when the trailers pass).
+fn relay(resp: Response<Incoming>, guard: InFlight, state: &ServiceState) -> ProxyResponse {
+    let grpc = grpc::is_grpc(resp.headers());
+    let mut resp = match resp.headers().get("grpc-status") {
+        Some(status) if grpc => {
+            state.metrics.grpc.record(Some(status.as_bytes()));
+            resp.map(|b| ResponseBody::upstream(b, guard))
+        }
+        _ if grpc => resp.map(|b| ResponseBody::upstream_grpc(b, guard, Arc::clone(&state.metrics.grpc))),
+        _ => resp.map(|b| ResponseBody::upstream(b, guard)),
+    };
+    headers::strip_hop_by_hop(resp.headers_mut());
+    resp
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -6,7 +6,8 @@
 //!   stops being replayable. An empty body costs nothing.
 //! - [`ResponseBody`]: the response body as sent to the client, carrying the
 //!   endpoint's [`InFlight`] guard so the least-connections count falls when
-//!   the last byte has gone out, or a sidecar-made error body.
+//!   the last byte has gone out, or a sidecar-made error body. A gRPC
+//!   response body also counts its `grpc-status` when its trailers pass.
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::endpoints::InFlight;
+use crate::metrics::GrpcCounters;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -198,7 +200,7 @@ pin_project! {
     #[project = ResponseBodyProj]
     pub enum ResponseBody<B> {
         /// Relayed from an endpoint; the guard keeps it counted as in flight.
-        Upstream { #[pin] body: B, guard: Option<InFlight> },
+        Upstream { #[pin] body: B, guard: Option<InFlight>, grpc: Option<Arc<GrpcCounters>> },
         /// Made by the sidecar (an error).
         Full { data: Option<Bytes> },
     }
@@ -206,7 +208,18 @@ pin_project! {
 
 impl<B> ResponseBody<B> {
     pub fn upstream(body: B, guard: InFlight) -> Self {
-        ResponseBody::Upstream { body, guard: Some(guard) }
+        ResponseBody::Upstream { body, guard: Some(guard), grpc: None }
+    }
+
+    /// Like [`ResponseBody::upstream`], and counts the `grpc-status` of the
+    /// trailers (`other` when the body ends or fails without one).
+    pub fn upstream_grpc(body: B, guard: InFlight, grpc: Arc<GrpcCounters>) -> Self {
+        ResponseBody::Upstream { body, guard: Some(guard), grpc: Some(grpc) }
+    }
+
+    /// No body at all (a `101 Switching Protocols`).
+    pub fn empty() -> Self {
+        ResponseBody::Full { data: None }
     }
 
     pub fn full(data: Bytes) -> Self {
@@ -227,8 +240,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { body, guard } => {
+            ResponseBodyProj::Upstream { body, guard, grpc } => {
                 let res = ready!(body.poll_frame(cx));
+                match &res {
+                    Some(Ok(frame)) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            if let Some(g) = grpc.take() {
+                                g.record(t.get("grpc-status").map(|v| v.as_bytes()));
+                            }
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        if let Some(g) = grpc.take() {
+                            g.record(None);
+                        }
+                    }
+                }
                 if res.is_none() {
                     // Ended: stop counting now rather than whenever the server drops us.
                     guard.take();

@@ -1,0 +1,200 @@
+//! HTTP/1.1 `Upgrade` (WebSocket and the like): the request goes to one
+//! chosen endpoint over a connection of its own; once the endpoint answers
+//! `101 Switching Protocols` the client's and the endpoint's connections are
+//! spliced byte for byte until both directions have closed. The endpoint's
+//! in-flight count covers the upgraded connection's whole life.
+//!
+//! Retries: only when connecting failed (nothing was sent). Once the upgrade
+//! request went out it is never sent again, whatever its method.
+
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+use trellis_shared::backoff::Backoff;
+
+use super::{
+    choose, ensure_host, error_chain, headers, record_failure, ProbeGuard, ProxyResponse, ResponseBody,
+    ServiceState, Shared,
+};
+use crate::endpoints::{EndpointSet, InFlight, ServiceEndpoints};
+use crate::error::ProxyError;
+use crate::outlier::{Outcome, Via};
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` and `Upgrade`).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && connection_has_upgrade(req.headers())
+}
+
+fn connection_has_upgrade(h: &HeaderMap) -> bool {
+    h.get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().unwrap_or("").split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+pub(super) async fn forward(
+    shared: &Shared,
+    svc: &ServiceEndpoints,
+    state: &ServiceState,
+    set: &EndpointSet,
+    mut req: Request<Incoming>,
+    start: Instant,
+) -> Result<ProxyResponse, ProxyError> {
+    let config = &shared.config;
+    let deadline = start + config.overall_timeout;
+    state.budget.deposit(start);
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    ensure_host(&mut parts);
+    if let Some(p) = protocol {
+        parts.headers.insert(UPGRADE, p);
+        parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let uri: Uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
+    let mut body = Some(body);
+    let mut tried = Vec::new();
+    let mut attempt = 0u32;
+    let mut backoff: Option<Backoff> = None;
+    let max_attempts = config.max_attempts.max(1);
+
+    let overall = async {
+        loop {
+            attempt += 1;
+            let now = Instant::now();
+            let (idx, via) =
+                choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
+            let ep = &set.endpoints[idx];
+            let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
+            let guard = ep.begin();
+            let connected =
+                tokio::time::timeout(config.connect_timeout, TcpStream::connect(ep.authority.as_str())).await;
+            let stream = match connected {
+                Ok(Ok(s)) => s,
+                failed => {
+                    let (outcome, cause) = match failed {
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            (Outcome::Refused, e.to_string())
+                        }
+                        Ok(Err(e)) => (Outcome::Failure, e.to_string()),
+                        _ => (Outcome::Failure, format!("no connection within {:?}", config.connect_timeout)),
+                    };
+                    record_failure(shared, svc, state, set, ep, outcome, via, now);
+                    probe_guard.disarm();
+                    drop(guard);
+                    let mut retry = attempt < max_attempts && Instant::now() < deadline;
+                    if retry && !state.budget.try_withdraw(Instant::now()) {
+                        state.metrics.retries_refused.inc();
+                        retry = false;
+                    }
+                    if !retry {
+                        return Err(ProxyError::UpstreamFailed {
+                            service: svc.name.clone(),
+                            attempts: attempt,
+                            cause,
+                        });
+                    }
+                    state.metrics.retries.inc();
+                    debug!(service = %svc.name, instance = %ep.id, attempt, "upgrade: connect failed, retrying");
+                    tried.push(idx);
+                    let delay = backoff
+                        .get_or_insert_with(|| {
+                            Backoff::new(config.retry.backoff_base, config.retry.backoff_cap)
+                        })
+                        .next_delay();
+                    tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let failed = |cause: String| {
+                record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
+                ProxyError::UpstreamFailed { service: svc.name.clone(), attempts: attempt, cause }
+            };
+            let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(h) => h,
+                Err(e) => {
+                    probe_guard.disarm();
+                    return Err(failed(error_chain(&e)));
+                }
+            };
+            tokio::spawn(async move {
+                // Ends when the response body is done, or hands the socket over on 101.
+                let _ = conn.with_upgrades().await;
+            });
+            let Some(body) = body.take() else {
+                return Err(failed("the upgrade request was already sent".into()));
+            };
+            let mut up = Request::new(body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri.clone();
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = parts.headers.clone();
+            let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
+            let mut resp = match tokio::time::timeout(per_try, sender.send_request(up)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    probe_guard.disarm();
+                    return Err(failed(error_chain(&e)));
+                }
+                Err(_) => {
+                    probe_guard.disarm();
+                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
+                    return Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() });
+                }
+            };
+            let was_ejected = ep.state.outlier.is_ejected();
+            ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
+            if was_ejected && !ep.state.outlier.is_ejected() {
+                info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
+            }
+            probe_guard.disarm();
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // The endpoint declined the upgrade: relay its answer as any other.
+                let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
+                headers::strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp);
+            }
+            let upstream = hyper::upgrade::on(&mut resp);
+            let mut out = Response::new(ResponseBody::empty());
+            *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *out.headers_mut() = resp.headers().clone();
+            debug!(service = %svc.name, instance = %ep.id, attempt, "upgraded");
+            tokio::spawn(splice(downstream, upstream, guard));
+            return Ok(out);
+        }
+    };
+    match tokio::time::timeout_at(deadline, overall).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: config.overall_timeout }),
+    }
+}
+
+/// Copies bytes both ways until both directions have ended; the endpoint
+/// stays counted in flight until then.
+async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, guard: InFlight) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((sent, received)) => {
+            debug!(instance = %guard.endpoint().id, sent, received, "upgraded connection closed")
+        }
+        Err(e) => {
+            debug!(instance = %guard.endpoint().id, error = %e, "upgraded connection ended with an error")
+        }
+    }
+    drop(guard);
+}
