@@ -58,10 +58,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin_name: &str, args: &[String], env: &[(&str, String)]) -> Proc {
+        Proc::spawn_path(name, &bin(bin_name), args, env)
+    }
+
+    /// Like [`Proc::spawn`], for a binary outside the workspace (etcd).
+    pub fn spawn_path(name: &str, path: &std::path::Path, args: &[String], env: &[(&str, String)]) -> Proc {
+        let bin_name = path.display().to_string();
         let log = log_dir().join(format!("{}-{}-{}.log", name, std::process::id(), free_port()));
         let out = File::create(&log).expect("create log");
         let err = out.try_clone().expect("clone log");
-        let mut cmd = Command::new(bin(bin_name));
+        let mut cmd = Command::new(path);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         cmd.env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
         for (k, v) in env {

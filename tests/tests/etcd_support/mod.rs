@@ -1,0 +1,382 @@
+//! Support for the etcd store's end-to-end tests: a real etcd cluster (Debian's
+//! etcd-server) on free loopback ports, registry replicas on it, backends with
+//! sidecars, and a load loop through a client sidecar.
+//!
+//! etcd comes from `scripts/install-etcd.sh` when missing. When it cannot be had
+//! the tests print SKIPPED with the reason and pass, unless `CI=true`.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_tests::{free_addr, wait_for, wait_http_ok, Proc};
+
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The etcd binary, installing it if needed; `Err(reason)` when there is none.
+pub fn etcd_binary() -> Result<PathBuf, String> {
+    let find = || {
+        ["/usr/bin/etcd", "/usr/local/bin/etcd"].iter().map(PathBuf::from).find(|p| p.exists()).or_else(
+            || {
+                std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths).map(|d| d.join("etcd")).find(|p| p.exists())
+                })
+            },
+        )
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-etcd.sh");
+    let status = std::process::Command::new("bash").arg(&script).status();
+    match (status, find()) {
+        (_, Some(p)) => Ok(p),
+        (Ok(s), None) => Err(format!("etcd is not installed and {} exited with {s}", script.display())),
+        (Err(e), None) => Err(format!("etcd is not installed and {} could not run: {e}", script.display())),
+    }
+}
+
+/// The etcd binary, or `None` after printing SKIPPED (panics under `CI=true`).
+pub fn etcd_or_skip(test: &str) -> Option<PathBuf> {
+    match etcd_binary() {
+        Ok(p) => Some(p),
+        Err(reason) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: etcd is required in CI: {reason}");
+            }
+            println!("SKIPPED {test}: {reason}");
+            None
+        }
+    }
+}
+
+struct Member {
+    name: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    proc: Option<Proc>,
+}
+
+/// A cluster of etcd members on loopback, data in a temporary directory.
+pub struct Etcd {
+    bin: PathBuf,
+    dir: PathBuf,
+    token: String,
+    members: Vec<Member>,
+}
+
+impl Etcd {
+    pub async fn start(bin: PathBuf, n: usize) -> Etcd {
+        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+        let token = format!("trellis-test-{}-{}", std::process::id(), trellis_tests::free_port());
+        let dir = PathBuf::from(base).join(&token);
+        let members = (0..n)
+            .map(|i| Member { name: format!("m{i}"), client: free_addr(), peer: free_addr(), proc: None })
+            .collect();
+        let mut etcd = Etcd { bin, dir, token, members };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        etcd.wait_healthy(Duration::from_secs(60)).await;
+        etcd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> =
+            self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        let m = &self.members[i];
+        let data = self.dir.join(&m.name);
+        let args = vec![
+            "--name".into(),
+            m.name.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen-client-urls".into(),
+            format!("http://{}", m.client),
+            "--advertise-client-urls".into(),
+            format!("http://{}", m.client),
+            "--listen-peer-urls".into(),
+            format!("http://{}", m.peer),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://{}", m.peer),
+            "--initial-cluster".into(),
+            cluster.join(","),
+            "--initial-cluster-token".into(),
+            self.token.clone(),
+            "--logger".into(),
+            "zap".into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let proc = Proc::spawn_path(&format!("etcd-{}", m.name), &self.bin, &args, &[]);
+        self.members[i].proc = Some(proc);
+    }
+
+    /// `etcd://a,b,c/prefix` for `--store`.
+    pub fn store_flag(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}{prefix}", hosts.join(","))
+    }
+
+    pub fn client_url(&self, i: usize) -> String {
+        format!("http://{}", self.members[i].client)
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts a killed member again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        if self.members[i].proc.is_none() {
+            self.spawn(i);
+        }
+    }
+
+    /// Waits until every running member reports a leader.
+    pub async fn wait_healthy(&self, timeout: Duration) {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).no_proxy().build().unwrap();
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let url = format!("http://{}/health", m.client);
+            wait_for(&format!("etcd {} to be healthy", m.name), timeout, || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                    (v["health"] == "true").then_some(())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.proc.take();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A registry replica on the etcd store.
+pub struct Replica {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Replica {
+    pub async fn start(name: &str, store: &str) -> Replica {
+        let addr = free_addr();
+        let args = strings(&["--listen", &addr.to_string(), "--store", store, "--min-ttl", "1s"]);
+        let proc = Proc::spawn(name, "registry", &args, &[]);
+        wait_http_ok(&format!("http://{addr}/health"), Duration::from_secs(60)).await;
+        Replica { proc, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(5)).no_proxy().build().unwrap()
+}
+
+/// `GET /v1/services/{service}` on a replica: the view and whether it was flagged stale.
+pub async fn discover(http: &reqwest::Client, base: &str, service: &str) -> Option<(Value, bool)> {
+    let r = http.get(format!("{base}/v1/services/{service}")).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let stale = r.headers().get("x-trellis-stale").is_some_and(|v| v == "true");
+    Some((r.json().await.ok()?, stale))
+}
+
+pub fn ids(view: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = view["instances"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["id"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Registers an instance directly; returns the status and the error code.
+pub async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    service: &str,
+    id: &str,
+    port: u16,
+    ttl: &str,
+) -> (u16, String) {
+    let body = serde_json::json!({"address": "127.0.0.1", "port": port, "ttl": ttl});
+    match http.put(format!("{base}/v1/services/{service}/instances/{id}")).json(&body).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, v["error"].as_str().unwrap_or("").to_string())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// A sidecar: a backend's (with `--service`) or a client's.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub outbound: SocketAddr,
+}
+
+impl Sidecar {
+    pub async fn start(name: &str, registries: &str, extra: &[String]) -> Sidecar {
+        let (admin, outbound) = (free_addr(), free_addr());
+        let mut args = strings(&[
+            "--registry",
+            registries,
+            "--admin",
+            &admin.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+        ]);
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(name, "sidecar", &args, &[]);
+        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(60)).await;
+        Sidecar { proc, admin, outbound }
+    }
+
+    /// Ids of the endpoints of `service` this sidecar routes to.
+    pub async fn endpoints(&self, service: &str) -> Vec<String> {
+        let Ok(r) = http().get(format!("http://{}/endpoints", self.admin)).send().await else {
+            return vec![];
+        };
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let mut ids: Vec<String> = v["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["service"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub async fn wait_endpoints(&self, service: &str, want: &[&str], timeout: Duration) {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        wait_for(&format!("{} to route to {want:?}", self.proc.name), timeout, || async {
+            (self.endpoints(service).await == want).then_some(())
+        })
+        .await
+    }
+}
+
+/// A demo-app with its sidecar, registered as `service`.
+pub struct Backend {
+    pub app: Proc,
+    pub sidecar: Sidecar,
+}
+
+impl Backend {
+    pub async fn start(name: &str, service: &str, registries: &str) -> Backend {
+        let app_addr = free_addr();
+        let app = Proc::spawn(
+            &format!("{name}-app"),
+            "demo-app",
+            &strings(&["--listen", &app_addr.to_string(), "--name", name]),
+            &[],
+        );
+        wait_for(&format!("{name} app to listen"), Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(app_addr).await.ok().map(|_| ())
+        })
+        .await;
+        let extra = strings(&[
+            "--service",
+            service,
+            "--app",
+            &app_addr.to_string(),
+            "--advertise",
+            &app_addr.to_string(),
+            "--instance-id",
+            name,
+        ]);
+        let sidecar = Sidecar::start(&format!("{name}-sidecar"), registries, &extra).await;
+        Backend { app, sidecar }
+    }
+}
+
+/// Steady requests through a client sidecar; every non-2xx or error counts as
+/// a failure. A fresh connection per request, so nothing retries behind the
+/// test's back.
+pub struct Load {
+    pub ok: Arc<AtomicU64>,
+    pub failures: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    pub fn start(outbound: SocketAddr, service: &str) -> Load {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = format!("http://{outbound}/work");
+        let service = service.to_string();
+        let task = {
+            let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match client.get(&url).header("host", &service).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("status {}", r.status())),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        Load { ok, failures, stop, task }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` more requests succeeded.
+    pub async fn wait_more(&self, n: u64, timeout: Duration) {
+        let target = self.ok() + n;
+        wait_for(&format!("{n} more successful requests"), timeout, || async {
+            (self.ok() >= target).then_some(())
+        })
+        .await
+    }
+
+    pub async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
+    }
+}
