@@ -80,6 +80,23 @@ pub struct Config {
     /// two failures in a row mark discovery stale and refuse writes.
     #[arg(long, env = "TRELLIS_ETCD_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub etcd_check_interval: Duration,
+    /// Expiry brake: pause expiry while fewer than `--brake-threshold` of the
+    /// expected renewals arrive (protection from mass expiry). `true` or `false`.
+    #[arg(long, env = "TRELLIS_EXPIRY_BRAKE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub expiry_brake: bool,
+    /// Expiry brake: the fraction of expected renewals (over a window of the
+    /// longest TTL) below which expiry pauses. It resumes at halfway between this
+    /// and 1 (0.75 for the default 0.5).
+    #[arg(long, env = "TRELLIS_BRAKE_THRESHOLD", default_value_t = 0.5)]
+    pub brake_threshold: f64,
+    /// Expiry brake: never engage with fewer instances registered than this.
+    #[arg(long, env = "TRELLIS_BRAKE_MIN_INSTANCES", default_value_t = 10)]
+    pub brake_min_instances: usize,
+    /// Protection threshold, per service: when its healthy share falls to or
+    /// below this fraction, discovery returns all its instances flagged
+    /// `"protected": true`. 0 (the default) turns it off.
+    #[arg(long, env = "TRELLIS_PROTECTION_THRESHOLD", default_value_t = 0.0)]
+    pub protection_threshold: f64,
 }
 
 impl Default for Config {
@@ -98,6 +115,10 @@ impl Default for Config {
             store: StoreSpec::Memory,
             etcd_timeout: Duration::from_secs(1),
             etcd_check_interval: Duration::from_secs(1),
+            expiry_brake: true,
+            brake_threshold: 0.5,
+            brake_min_instances: 10,
+            protection_threshold: 0.0,
         }
     }
 }
@@ -108,10 +129,27 @@ impl Default for Config {
 pub struct ConfigError(String);
 
 impl Config {
+    /// The memory store's protections from mass expiry.
+    pub fn guards(&self) -> crate::brake::GuardConfig {
+        crate::brake::GuardConfig {
+            brake: self.expiry_brake,
+            brake_threshold: self.brake_threshold,
+            brake_release: self.brake_threshold + (1.0 - self.brake_threshold) / 2.0,
+            brake_min_instances: self.brake_min_instances,
+            protection_threshold: self.protection_threshold,
+        }
+    }
+
     /// Checks relations between flags that clap cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.min_ttl.is_zero() {
             return Err(ConfigError("--min-ttl must be above zero".into()));
+        }
+        if !(0.0..1.0).contains(&self.brake_threshold) {
+            return Err(ConfigError("--brake-threshold must be at least 0 and below 1".into()));
+        }
+        if !(0.0..=1.0).contains(&self.protection_threshold) {
+            return Err(ConfigError("--protection-threshold must lie between 0 and 1".into()));
         }
         if self.min_ttl > self.max_ttl {
             return Err(ConfigError("--min-ttl must not exceed --max-ttl".into()));

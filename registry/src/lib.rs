@@ -7,11 +7,13 @@
 //! - [`error`]: API errors and their mapping to status and JSON body.
 //! - [`store`]: the `Store` trait, service snapshots, the memory store.
 //! - [`expiry`]: lease deadlines kept in order.
+//! - [`brake`]: protection from mass expiry (the expiry brake, the protection threshold).
 //! - [`watch`]: blocking queries: parameters, cap, wait and jitter.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`probe`]: the `registry probe` healthcheck.
 
 pub mod api;
+pub mod brake;
 pub mod config;
 pub mod error;
 pub mod expiry;

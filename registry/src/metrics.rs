@@ -127,6 +127,16 @@ impl Metrics {
             "Discovery answers flagged X-Trellis-Stale because etcd had no quorum",
             m.etcd.stale_answers.clone(),
         );
+        registry.register(
+            "expiry_brake_engaged",
+            "1 while the expiry brake pauses expiry because too few renewals arrive",
+            m.store.brake_engaged.clone(),
+        );
+        registry.register(
+            "expiry_brake_held",
+            "Instances past their lease kept registered by the expiry brake",
+            m.store.brake_held.clone(),
+        );
         registry.register("open_watches", "Blocking queries being held", m.open_watches.clone());
         registry.register(
             "watches_refused",

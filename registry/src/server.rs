@@ -70,7 +70,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     match config.store.clone() {
         StoreSpec::Memory => {
-            let store = Arc::new(MemoryStore::new(metrics.store.clone()));
+            let store = Arc::new(MemoryStore::with_guards(metrics.store.clone(), config.guards()));
             serve(listener, config, store, metrics, shutdown).await
         }
         StoreSpec::Etcd { endpoints, prefix } => {

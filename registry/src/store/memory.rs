@@ -14,19 +14,25 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
 use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
 use crate::expiry::ExpiryQueue;
 
 /// Counters the memory store feeds; clones share the values with `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreMetrics {
     pub expirations: Counter,
+    /// 1 while the expiry brake holds.
+    pub brake_engaged: Gauge,
+    /// Instances kept past their lease by the brake.
+    pub brake_held: Gauge,
 }
 
 pub struct MemoryStore {
@@ -36,6 +42,11 @@ pub struct MemoryStore {
     expiry: Mutex<ExpiryQueue<(Arc<ServiceEntry>, InstanceId)>>,
     expiry_wake: Notify,
     metrics: StoreMetrics,
+    guards: GuardConfig,
+    renewals: RenewalCounter,
+    window: Mutex<RenewalWindow>,
+    /// Leases past their deadline that the brake keeps (queue entry time, lease).
+    parked: Mutex<Vec<(Instant, Arc<ServiceEntry>, InstanceId)>>,
 }
 
 struct ServiceEntry {
@@ -58,6 +69,7 @@ struct Slot {
     deadline: Instant,
     /// Deadline of this lease's live entry in the expiry queue.
     queued: Instant,
+    rate: RateEstimate,
 }
 
 /// Poisoning only follows a panic elsewhere; the data is still consistent
@@ -68,7 +80,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MemoryStore {
     pub fn new(metrics: StoreMetrics) -> Self {
+        Self::with_guards(metrics, GuardConfig::default())
+    }
+
+    /// A store with the given protections from mass expiry.
+    pub fn with_guards(metrics: StoreMetrics, guards: GuardConfig) -> Self {
         MemoryStore {
+            guards,
+            renewals: RenewalCounter::default(),
+            window: Mutex::new(RenewalWindow::new(guards, Instant::now())),
+            parked: Mutex::new(Vec::new()),
             epoch: format!("{:016x}", rand::random::<u64>()),
             revision: AtomicU64::new(0),
             services: RwLock::new(HashMap::new()),
@@ -106,17 +127,71 @@ impl MemoryStore {
         if moved {
             state.index = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
         }
-        let instances = state.instances.values().map(|s| s.instance.clone()).collect();
-        entry.snapshot.store(Arc::new(ServiceSnapshot::new(
-            entry.name.clone(),
-            state.index,
-            instances,
-            false,
-        )));
+        let instances: Vec<Arc<Instance>> = state.instances.values().map(|s| s.instance.clone()).collect();
+        let protected = self.protected(&instances);
+        let snapshot = ServiceSnapshot::new(entry.name.clone(), state.index, instances, protected);
+        entry.snapshot.store(Arc::new(snapshot));
         if moved {
             entry.index_tx.send_replace(state.index);
         }
         state.index
+    }
+
+    /// The protection threshold: too few healthy instances to carry the load,
+    /// so discovery shows every instance rather than overload the few.
+    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
+        let threshold = self.guards.protection_threshold;
+        if threshold <= 0.0 || instances.is_empty() {
+            return false;
+        }
+        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
+        healthy as f64 / instances.len() as f64 <= threshold
+    }
+
+    /// Updates the renewal window for a lease leaving the store.
+    fn forget(&self, slot: &Slot) {
+        let mut w = lock(&self.window);
+        w.removed(slot.ttl);
+        w.rate_changed(Instant::now(), &self.renewals, -slot.rate.counted);
+    }
+
+    /// Counts a renewal and updates the instance's heartbeat rate.
+    fn renewed(&self, slot: &mut Slot, now: Instant) {
+        self.renewals.renewed();
+        if let Some(delta) = slot.rate.renewed(now) {
+            lock(&self.window).rate_changed(now, &self.renewals, delta);
+        }
+    }
+
+    /// Brings the brake up to date; true while it holds.
+    fn brake_holds(&self, now: Instant) -> (bool, Option<Transition>) {
+        let mut w = lock(&self.window);
+        let t = w.evaluate(now, &self.renewals);
+        (w.engaged(), t)
+    }
+
+    /// Logs and exports a brake transition; on release, queues the leases it
+    /// kept so they expire now unless renewed meanwhile.
+    fn on_transition(&self, t: Transition) {
+        match t {
+            Transition::Engaged { ratio } => {
+                self.metrics.brake_engaged.set(1);
+                warn!(
+                    renewal_ratio = ratio,
+                    threshold = self.guards.brake_threshold,
+                    "expiry brake engaged: too few renewals arrive, expiry paused"
+                );
+            }
+            Transition::Released { ratio } => {
+                self.metrics.brake_engaged.set(0);
+                let parked = std::mem::take(&mut *lock(&self.parked));
+                info!(renewal_ratio = ratio, held = parked.len(), "expiry brake released: expiry resumes");
+                self.metrics.brake_held.set(0);
+                for (at, entry, id) in parked {
+                    self.enqueue(at, entry, id);
+                }
+            }
+        }
     }
 
     fn enqueue(&self, at: Instant, entry: Arc<ServiceEntry>, id: InstanceId) {
@@ -129,26 +204,50 @@ impl MemoryStore {
     /// Handles a due queue entry: expires the lease or queues it again at its
     /// renewed deadline.
     fn check_lease(&self, entry: Arc<ServiceEntry>, id: InstanceId, at: Instant, now: Instant) {
-        let requeue = {
+        enum Next {
+            Done,
+            Requeue(Instant),
+            Park,
+        }
+        let mut transition = None;
+        let next = {
             let mut state = lock(&entry.state);
             let Some(slot) = state.instances.get_mut(&id) else { return };
             if slot.queued != at {
                 return; // superseded by an earlier entry for the same lease
             }
             if now >= slot.deadline {
-                let ttl = slot.ttl;
-                state.instances.remove(&id);
-                let index = self.publish(&entry, &mut state, true);
-                self.metrics.expirations.inc();
-                info!(service = %entry.name, instance = %id, ttl = ?ttl, index, "instance expired");
-                None
+                let (holds, t) = self.brake_holds(now);
+                transition = t;
+                if holds {
+                    Next::Park
+                } else {
+                    let ttl = slot.ttl;
+                    if let Some(slot) = state.instances.remove(&id) {
+                        self.forget(&slot);
+                    }
+                    let index = self.publish(&entry, &mut state, true);
+                    self.metrics.expirations.inc();
+                    info!(service = %entry.name, instance = %id, ttl = ?ttl, index, "instance expired");
+                    Next::Done
+                }
             } else {
                 slot.queued = slot.deadline;
-                Some(slot.deadline)
+                Next::Requeue(slot.deadline)
             }
         };
-        if let Some(deadline) = requeue {
-            self.enqueue(deadline, entry, id);
+        if let Some(t) = transition {
+            self.on_transition(t);
+        }
+        match next {
+            Next::Done => {}
+            Next::Requeue(deadline) => self.enqueue(deadline, entry, id),
+            Next::Park => {
+                debug!(service = %entry.name, instance = %id, "lease ran out; kept by the expiry brake");
+                let mut parked = lock(&self.parked);
+                parked.push((at, entry, id));
+                self.metrics.brake_held.set(parked.len() as i64);
+            }
         }
     }
 
@@ -190,6 +289,12 @@ impl Store for MemoryStore {
                     if moved || output_changed {
                         slot.instance = Arc::new(reg.instance);
                     }
+                    if slot.ttl != reg.ttl {
+                        let mut w = lock(&self.window);
+                        w.removed(slot.ttl);
+                        w.added(reg.ttl);
+                    }
+                    self.renewed(slot, now);
                     slot.ttl = reg.ttl;
                     slot.deadline = deadline;
                     // A shorter TTL than before needs an earlier queue entry.
@@ -213,8 +318,14 @@ impl Store for MemoryStore {
                 }
                 None => {
                     let status = reg.instance.status;
-                    let slot =
-                        Slot { instance: Arc::new(reg.instance), ttl: reg.ttl, deadline, queued: deadline };
+                    lock(&self.window).added(reg.ttl);
+                    let slot = Slot {
+                        instance: Arc::new(reg.instance),
+                        ttl: reg.ttl,
+                        deadline,
+                        queued: deadline,
+                        rate: RateEstimate::new(now),
+                    };
                     state.instances.insert(id.clone(), slot);
                     let index = self.publish(&entry, &mut state, true);
                     info!(service = %service, instance = %id, status = status.as_str(), ttl = ?reg.ttl, index, "instance registered");
@@ -239,7 +350,9 @@ impl Store for MemoryStore {
         let mut state = lock(&entry.state);
         let slot = state.instances.get_mut(id).ok_or_else(unknown)?;
         // Renewals only move the deadline later, so the queue entry stays valid.
-        slot.deadline = Instant::now() + slot.ttl;
+        let now = Instant::now();
+        slot.deadline = now + slot.ttl;
+        self.renewed(slot, now);
         let previous = slot.instance.status;
         let status_changed = hb.status.is_some_and(|s| s != previous);
         let output_changed = hb.output.as_deref().is_some_and(|o| o != slot.instance.output);
@@ -268,7 +381,8 @@ impl Store for MemoryStore {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
         let entry = self.get(service).ok_or_else(unknown)?;
         let mut state = lock(&entry.state);
-        state.instances.remove(id).ok_or_else(unknown)?;
+        let slot = state.instances.remove(id).ok_or_else(unknown)?;
+        self.forget(&slot);
         let index = self.publish(&entry, &mut state, true);
         info!(service = %service, instance = %id, index, "instance deregistered");
         Ok(index)
@@ -303,8 +417,19 @@ impl Store for MemoryStore {
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
+        // The brake's window advances once per bucket, whether or not leases fall due.
+        let mut tick = tokio::time::interval(BUCKET);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let brake = self.guards.brake;
         loop {
             let next = self.expire_due();
+            let ticked = async {
+                if brake {
+                    tick.tick().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -315,6 +440,11 @@ impl Store for MemoryStore {
                 _ = shutdown.cancelled() => return,
                 _ = self.expiry_wake.notified() => {}
                 _ = sleep => {}
+                _ = ticked => {
+                    if let (_, Some(t)) = self.brake_holds(Instant::now()) {
+                        self.on_transition(t);
+                    }
+                }
             }
         }
     }
@@ -536,5 +666,217 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         tokio::task::yield_now().await;
         assert_eq!(store.metrics.expirations.get(), 1);
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+
+    fn rss_bytes() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        pages * 4096
+    }
+
+    /// Resident memory per registered instance (100 services x 1,000 instances,
+    /// each service read once, as a sidecar would). Run with
+    /// `cargo test -p trellis-registry --release footprint -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore = "a measurement, not a check: run it alone"]
+    async fn bytes_per_instance() {
+        let store = MemoryStore::new(StoreMetrics::default());
+        let before = rss_bytes();
+        // `FOOTPRINT_METADATA=1` gives each instance one metadata entry.
+        let mut metadata = BTreeMap::new();
+        if std::env::var_os("FOOTPRINT_METADATA").is_some() {
+            metadata.insert("version".to_string(), "1.4.2".to_string());
+        }
+        for s in 0..100 {
+            let service = ServiceName::new(format!("service-{s}")).unwrap();
+            for i in 0..1_000 {
+                let instance = Instance {
+                    id: InstanceId::new(format!("service-{s}-{i}")).unwrap(),
+                    address: Address::new(format!("10.{}.{}.{}", s, i / 250, i % 250)).unwrap(),
+                    port: 8080,
+                    zone: Some(trellis_shared::Zone::new("eu-west-1a").unwrap()),
+                    weight: 100,
+                    metadata: metadata.clone(),
+                    status: HealthStatus::Passing,
+                    output: String::new(),
+                };
+                store
+                    .register(&service, Registration { instance, ttl: Duration::from_secs(30) })
+                    .await
+                    .unwrap();
+            }
+            let snap = store.snapshot(&service);
+            snap.json(store.epoch(), false);
+        }
+        let per = (rss_bytes() - before) / 100_000;
+        println!("resident memory: {per} bytes per instance (100,000 instances)");
+    }
+}
+
+#[cfg(test)]
+mod guards {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+
+    fn registration(i: usize, ttl: Duration) -> Registration {
+        Registration {
+            instance: Instance {
+                id: InstanceId::new(format!("i-{i}")).unwrap(),
+                address: Address::new("10.0.0.1").unwrap(),
+                port: 8080,
+                zone: None,
+                weight: 100,
+                metadata: BTreeMap::new(),
+                status: HealthStatus::Passing,
+                output: String::new(),
+            },
+            ttl,
+        }
+    }
+
+    struct Fleet {
+        store: Arc<MemoryStore>,
+        service: ServiceName,
+        n: usize,
+        _stop: CancellationToken,
+    }
+
+    impl Fleet {
+        /// `n` instances with a 3s TTL heartbeating every second for 5s.
+        async fn steady(n: usize, guards: GuardConfig) -> Fleet {
+            let store = Arc::new(MemoryStore::with_guards(StoreMetrics::default(), guards));
+            let stop = CancellationToken::new();
+            tokio::spawn(store.clone().background(stop.clone()));
+            let service = ServiceName::new("users").unwrap();
+            for i in 0..n {
+                store.register(&service, registration(i, Duration::from_secs(3))).await.unwrap();
+            }
+            let fleet = Fleet { store, service, n, _stop: stop };
+            fleet.run(5, |_| true).await;
+            fleet
+        }
+
+        /// Runs `seconds` of one heartbeat a second from the instances `alive` selects.
+        async fn run(&self, seconds: usize, alive: impl Fn(usize) -> bool) {
+            for _ in 0..seconds {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for i in (0..self.n).filter(|i| alive(*i)) {
+                    let id = InstanceId::new(format!("i-{i}")).unwrap();
+                    // Expired ones answer unknown_instance; that is what some tests expect.
+                    let _ = self.store.heartbeat(&self.service, &id, Heartbeat::default()).await;
+                }
+            }
+        }
+
+        /// Lets the expiry task handle what fell due at this instant.
+        async fn settle(&self) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        fn registered(&self) -> usize {
+            self.store.snapshot(&self.service).instances().len()
+        }
+
+        fn expired(&self) -> u64 {
+            self.store.metrics.expirations.get()
+        }
+
+        fn engaged(&self) -> bool {
+            self.store.metrics.brake_engaged.get() == 1
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eighty_percent_silent_engages_the_brake_and_nothing_is_evicted() {
+        let fleet = Fleet::steady(20, GuardConfig::default()).await;
+        // 16 of 20 stop at once; their leases run out 3s later.
+        fleet.run(10, |i| i < 4).await;
+        assert!(fleet.engaged());
+        assert_eq!((fleet.registered(), fleet.expired()), (20, 0));
+        assert_eq!(fleet.store.metrics.brake_held.get(), 16);
+        // They come back: the brake releases and, renewed, none expires.
+        fleet.run(5, |_| true).await;
+        assert!(!fleet.engaged());
+        assert_eq!(fleet.store.metrics.brake_held.get(), 0);
+        fleet.run(5, |_| true).await;
+        assert_eq!((fleet.registered(), fleet.expired()), (20, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_release_the_ones_still_silent_expire() {
+        let fleet = Fleet::steady(20, GuardConfig::default()).await;
+        fleet.run(10, |i| i < 4).await;
+        assert!(fleet.engaged());
+        // 12 of the 16 come back (80% renew): released; the last 4 expire.
+        fleet.run(10, |i| i < 16).await;
+        assert!(!fleet.engaged());
+        assert_eq!((fleet.registered(), fleet.expired()), (16, 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_brake_off_silent_instances_expire_at_their_deadline() {
+        let guards = GuardConfig { brake: false, ..GuardConfig::default() };
+        let fleet = Fleet::steady(20, guards).await;
+        fleet.run(2, |i| i < 4).await;
+        assert_eq!(fleet.registered(), 20, "leases run until 3s after the last heartbeat");
+        fleet.run(1, |i| i < 4).await;
+        fleet.settle().await;
+        assert_eq!((fleet.registered(), fleet.expired()), (4, 16));
+        assert!(!fleet.engaged());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_of_ten_or_one_of_three_missing_expires_normally() {
+        for n in [10, 3] {
+            let fleet = Fleet::steady(n, GuardConfig::default()).await;
+            fleet.run(3, |i| i != 0).await;
+            fleet.settle().await;
+            assert_eq!((fleet.registered(), fleet.expired()), (n - 1, 1), "{n} instances");
+            assert!(!fleet.engaged());
+            fleet.run(10, |i| i != 0).await;
+            assert!(!fleet.engaged(), "{n} instances");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_the_minimum_everyone_may_expire() {
+        let fleet = Fleet::steady(9, GuardConfig::default()).await;
+        fleet.run(4, |_| false).await;
+        assert_eq!((fleet.registered(), fleet.expired()), (0, 9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_protection_threshold_shows_every_instance_flagged() {
+        for (threshold, critical, protected) in [(0.5, 2, true), (0.5, 1, false), (0.0, 3, false)] {
+            let guards = GuardConfig { protection_threshold: threshold, ..GuardConfig::default() };
+            let store = MemoryStore::with_guards(StoreMetrics::default(), guards);
+            let users = ServiceName::new("users").unwrap();
+            for i in 0..4 {
+                store.register(&users, registration(i, Duration::from_secs(60))).await.unwrap();
+            }
+            for i in 0..critical {
+                let id = InstanceId::new(format!("i-{i}")).unwrap();
+                let hb = Heartbeat { status: Some(HealthStatus::Critical), output: None };
+                store.heartbeat(&users, &id, hb).await.unwrap();
+            }
+            let view = store.snapshot(&users).view(store.epoch(), false);
+            let label = format!("threshold {threshold}, {critical} of 4 critical");
+            assert_eq!(view.protected, protected, "{label}");
+            assert_eq!(view.instances.len(), if protected { 4 } else { 4 - critical }, "{label}");
+            let all = store.snapshot(&users).view(store.epoch(), true);
+            assert!(!all.protected && all.instances.len() == 4, "{label}");
+        }
     }
 }
