@@ -199,34 +199,42 @@ impl RenewalWindow {
     }
 }
 
-/// Per-instance heartbeat rate estimate: an moving average of the intervals
+/// Per-instance heartbeat rate estimate: a moving average of the intervals
 /// between renewals, and the rate it last contributed to the window.
+///
+/// The average starts at a third of the TTL (the recommended heartbeat
+/// interval) and samples shorter than a thirtieth of the TTL count as that, so
+/// a burst (a heartbeat right after registering, a retry) cannot inflate the
+/// expected rate and trip the brake when the burst ends. An instance adds to
+/// the expected rate only from its first renewal.
 #[derive(Debug, Clone, Copy)]
 pub struct RateEstimate {
     last_renewal: Instant,
-    interval: Option<Duration>,
+    interval: Duration,
+    shortest: Duration,
     /// Renewals per second this instance adds to the expected rate.
     pub counted: f64,
 }
 
 impl RateEstimate {
-    pub fn new(now: Instant) -> Self {
-        RateEstimate { last_renewal: now, interval: None, counted: 0.0 }
+    pub fn new(now: Instant, ttl: Duration) -> Self {
+        RateEstimate {
+            last_renewal: now,
+            interval: (ttl / 3).max(Duration::from_millis(10)),
+            shortest: (ttl / 30).max(Duration::from_millis(10)),
+            counted: 0.0,
+        }
     }
 
     /// Records a renewal; returns the change to the expected rate when the
     /// estimate moved by more than a fifth from what is counted.
     pub fn renewed(&mut self, now: Instant) -> Option<f64> {
-        let dt = now.saturating_duration_since(self.last_renewal).max(Duration::from_millis(10));
+        let dt = now.saturating_duration_since(self.last_renewal).max(self.shortest);
         self.last_renewal = now;
-        let interval = match self.interval {
-            None => dt,
-            // Weight 1/4 on the newest sample: steady under jitter, quick on a real change.
-            Some(i) => (i * 3 + dt) / 4,
-        };
-        self.interval = Some(interval);
-        let rate = 1.0 / interval.as_secs_f64();
-        if (rate - self.counted).abs() > self.counted * 0.2 {
+        // Weight 1/4 on the newest sample: steady under jitter, quick on a real change.
+        self.interval = (self.interval * 3 + dt) / 4;
+        let rate = 1.0 / self.interval.as_secs_f64();
+        if self.counted == 0.0 || (rate - self.counted).abs() > self.counted * 0.2 {
             let delta = rate - self.counted;
             self.counted = rate;
             Some(delta)
@@ -243,11 +251,14 @@ mod tests {
     #[test]
     fn rate_estimates_settle_and_report_only_real_changes() {
         let t0 = Instant::now();
-        let mut r = RateEstimate::new(t0);
+        let mut r = RateEstimate::new(t0, Duration::from_secs(3));
+        // Counted from the first renewal, starting from a third of the TTL.
         assert_eq!(r.renewed(t0 + Duration::from_secs(1)), Some(1.0));
         assert_eq!(r.renewed(t0 + Duration::from_millis(2050)), None, "5% jitter is not a change");
-        let mut t = t0 + Duration::from_millis(2050);
-        let mut total = 1.0;
+        // A burst right after counts as a tenth of a second at most.
+        assert!(r.renewed(t0 + Duration::from_millis(2051)).is_some_and(|d| d < 0.5));
+        let mut t = t0 + Duration::from_millis(2051);
+        let mut total = r.counted;
         for _ in 0..20 {
             t += Duration::from_millis(250);
             if let Some(d) = r.renewed(t) {

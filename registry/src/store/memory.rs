@@ -324,7 +324,7 @@ impl Store for MemoryStore {
                         ttl: reg.ttl,
                         deadline,
                         queued: deadline,
-                        rate: RateEstimate::new(now),
+                        rate: RateEstimate::new(now, reg.ttl),
                     };
                     state.instances.insert(id.clone(), slot);
                     let index = self.publish(&entry, &mut state, true);
