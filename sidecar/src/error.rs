@@ -3,7 +3,9 @@
 //! Every answer the sidecar makes up itself (as opposed to relaying an
 //! upstream's response) carries `{"error":"<code>","message":"..."}` and the
 //! header `x-trellis-error: <code>`, so a caller can tell a sidecar error from
-//! the upstream application's own 502 or 503.
+//! the upstream application's own 502 or 503. A gRPC caller gets the same
+//! error as a trailers-only gRPC answer (`grpc-status`, `grpc-message`) with
+//! the same header, since gRPC clients read no JSON.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -53,6 +55,41 @@ impl ProxyError {
     pub fn to_response<B>(&self, make_body: impl FnOnce(Bytes) -> B) -> Response<B> {
         error_response(self.code(), &self.to_string(), make_body)
     }
+
+    /// The answer to a gRPC call: `200`, trailers-only, with the gRPC status
+    /// the error means (`UNAVAILABLE` 14 for no endpoints, overload and failed
+    /// attempts, `DEADLINE_EXCEEDED` 4 for the timeout, `INTERNAL` 13 for a
+    /// bad request, as gRPC maps HTTP 400).
+    pub fn to_grpc_response<B>(&self, body: B) -> Response<B> {
+        let code = self.code();
+        let grpc_status: &'static str = match code {
+            ErrorCode::Timeout => "4",
+            ErrorCode::BadRequest => "13",
+            _ => "14",
+        };
+        let mut resp = Response::new(body);
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.to_string())) {
+            h.insert("grpc-message", v);
+        }
+        h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
+        resp
+    }
+}
+
+/// `grpc-message` encoding: printable ASCII except `%` as is, the rest `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The one mapping from error code to status.
@@ -103,5 +140,23 @@ mod tests {
             assert_eq!(body.error.as_str(), code);
             assert_eq!(body.message, err.to_string());
         }
+    }
+
+    #[test]
+    fn grpc_callers_get_a_trailers_only_status() {
+        let svc = ServiceName::new("users").unwrap();
+        let cases = [
+            (ProxyError::NoEndpoints(svc.clone()), "14"),
+            (ProxyError::Timeout { service: svc, waited: std::time::Duration::from_secs(1) }, "4"),
+            (ProxyError::BadRequest("no Host: 100%".into()), "13"),
+        ];
+        for (err, status) in cases {
+            let resp = err.to_grpc_response(());
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["grpc-status"], status);
+            assert_eq!(resp.headers()["content-type"], "application/grpc");
+            assert_eq!(resp.headers()[ERROR_HEADER], err.code().as_str());
+        }
+        assert_eq!(percent_encode("a 100% é"), "a 100%25 %C3%A9");
     }
 }

@@ -409,22 +409,27 @@ impl Drop for Pending<'_> {
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>, target: Option<&ServiceName>) -> ProxyResponse {
     let start = Instant::now();
+    let is_grpc = grpc::is_grpc(req.headers());
     if shared.pending.fetch_add(1, Ordering::Relaxed) >= shared.config.max_pending_requests {
         shared.pending.fetch_sub(1, Ordering::Relaxed);
-        return shared.error(&ProxyError::Overloaded("too many pending requests"));
+        return shared.error(&ProxyError::Overloaded("too many pending requests"), is_grpc);
     }
     let _pending = Pending(&shared.pending);
     match route(&shared, req, start, target).await {
         Ok(resp) => resp,
-        Err(e) => shared.error(&e),
+        Err(e) => shared.error(&e, is_grpc),
     }
 }
 
 impl Shared {
-    fn error(&self, e: &ProxyError) -> ProxyResponse {
+    fn error(&self, e: &ProxyError, is_grpc: bool) -> ProxyResponse {
         self.metrics.proxy_error(e.code());
         debug!(error = %e, "answered with a sidecar error");
-        e.to_response(ResponseBody::full)
+        if is_grpc {
+            e.to_grpc_response(ResponseBody::empty())
+        } else {
+            e.to_response(ResponseBody::full)
+        }
     }
 }
 
@@ -664,14 +669,20 @@ async fn forward(
                     let outcome = if is_refused(&e) { Outcome::Refused } else { Outcome::Failure };
                     record_failure(shared, svc, state, set, ep, outcome, via, now);
                     probe_guard.disarm();
-                    Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
+                    Attempt::Failed {
+                        failure: Failure::NotSent,
+                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
+                    }
                 }
                 Ok(Err(e)) if is_refused_stream(&e) => {
                     // Overloaded, not broken: counts towards ejection like a
                     // gateway error, and is safe to send elsewhere.
                     record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
-                    Attempt::Failed { failure: Failure::NotSent, cause: error_chain(&e) }
+                    Attempt::Failed {
+                        failure: Failure::NotSent,
+                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
+                    }
                 }
                 Ok(Err(e)) if is_client_body_error(&e) => {
                     // The client's own body failed (it went away mid-upload):
@@ -684,7 +695,10 @@ async fn forward(
                 Ok(Err(e)) => {
                     record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
                     probe_guard.disarm();
-                    Attempt::Failed { failure: Failure::Reset, cause: error_chain(&e) }
+                    Attempt::Failed {
+                        failure: Failure::Reset,
+                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
+                    }
                 }
                 Err(_) => {
                     record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);

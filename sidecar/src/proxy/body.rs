@@ -186,8 +186,22 @@ where
         Poll::Ready(Some(Ok(frame)))
     }
 
+    /// Exact once the client's body is known to be done, so an HTTP/2 sender
+    /// puts END_STREAM on the last DATA frame instead of sending an empty one
+    /// after it (h2 servers count small non-final DATA frames against a flood
+    /// budget).
     fn is_end_stream(&self) -> bool {
-        self.inner.is_none()
+        let Some(r) = self.inner.as_ref() else {
+            return true;
+        };
+        let st = lock(&r.state);
+        if st.generation != r.generation || (!st.capped && r.pos < st.buf.len()) {
+            return false;
+        }
+        if st.done {
+            return r.trailers_sent || st.trailers.is_none();
+        }
+        st.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
