@@ -79,6 +79,7 @@ pub async fn run(
                 prefix,
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
+                protection_threshold: config.protection_threshold,
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {

@@ -109,6 +109,9 @@ pub struct EtcdSettings {
     pub timeout: Duration,
     /// Period of the linearizable read that detects a lost quorum.
     pub check_interval: Duration,
+    /// Per service: at or below this healthy share discovery shows every
+    /// instance, flagged `protected`; 0 turns it off.
+    pub protection_threshold: f64,
 }
 
 /// Metrics the etcd store feeds; clones share the values with `/metrics`.
@@ -154,7 +157,7 @@ impl EtcdStore {
         let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout)?;
         let instances = format!("{}/instances/", settings.prefix).into_bytes();
         let (header, kvs) = client.range_prefix(&instances).await?;
-        let cache = Cache::new(instances.clone());
+        let cache = Cache::new(instances.clone(), settings.protection_threshold);
         cache.reset(header.revision, &kvs);
         let epoch = format!("etcd-{:016x}", header.cluster_id as u64);
         info!(epoch = %epoch, revision = header.revision, instances = kvs.len(), prefix = %settings.prefix, "etcd store connected");

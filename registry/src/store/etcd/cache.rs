@@ -32,6 +32,9 @@ pub struct Cache {
     prefix: Vec<u8>,
     services: RwLock<HashMap<ServiceName, Arc<Entry>>>,
     revision: watch::Sender<u64>,
+    /// Per service: at or below this healthy share, discovery shows every
+    /// instance flagged `protected`; 0 turns it off.
+    protection_threshold: f64,
 }
 
 struct Entry {
@@ -66,9 +69,20 @@ pub fn encode(service: &ServiceName, cached: &Cached) -> Vec<u8> {
 }
 
 impl Cache {
-    pub fn new(prefix: Vec<u8>) -> Self {
+    pub fn new(prefix: Vec<u8>, protection_threshold: f64) -> Self {
         let (revision, _) = watch::channel(0);
-        Cache { prefix, services: RwLock::new(HashMap::new()), revision }
+        Cache { prefix, services: RwLock::new(HashMap::new()), revision, protection_threshold }
+    }
+
+    /// Too few healthy instances to carry the load: show them all rather than
+    /// overload the few (the same rule as the memory store).
+    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
+        let threshold = self.protection_threshold;
+        if threshold <= 0.0 || instances.is_empty() {
+            return false;
+        }
+        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
+        healthy as f64 / instances.len() as f64 <= threshold
     }
 
     pub fn key(&self, service: &ServiceName, id: &InstanceId) -> Vec<u8> {
@@ -127,16 +141,17 @@ impl Cache {
 
     /// Publishes the state; with `index` the service's index moves there and
     /// its watchers wake, otherwise (output text, lease) readers just see it.
-    fn publish(entry: &Entry, state: &mut State, index: Option<u64>) {
+    fn publish(&self, entry: &Entry, state: &mut State, index: Option<u64>) {
         if let Some(i) = index {
             state.index = i;
         }
-        let instances = state.instances.values().map(|c| c.instance.clone()).collect();
+        let instances: Vec<Arc<Instance>> = state.instances.values().map(|c| c.instance.clone()).collect();
+        let protected = self.protected(&instances);
         entry.snapshot.store(Arc::new(ServiceSnapshot::new(
             entry.name.clone(),
             state.index,
             instances,
-            false,
+            protected,
         )));
         if index.is_some() {
             entry.index_tx.send_replace(state.index);
@@ -153,21 +168,21 @@ impl Cache {
         let index = rev(kv.mod_revision);
         match state.instances.insert(id.clone(), cached) {
             None => {
-                Self::publish(&entry, &mut state, Some(index));
+                self.publish(&entry, &mut state, Some(index));
                 info!(service = %service, instance = %id, status = status.as_str(), index, "instance registered");
             }
             Some(old) => {
                 let new = &state.instances[&id].instance;
                 if !old.instance.same_membership(new) {
                     let from = old.instance.status;
-                    Self::publish(&entry, &mut state, Some(index));
+                    self.publish(&entry, &mut state, Some(index));
                     if from != status {
                         info!(service = %service, instance = %id, from = from.as_str(), to = status.as_str(), index, "instance health changed");
                     } else {
                         info!(service = %service, instance = %id, index, "instance re-registered with changes");
                     }
                 } else if old.instance.output != new.output {
-                    Self::publish(&entry, &mut state, None);
+                    self.publish(&entry, &mut state, None);
                 }
             }
         }
@@ -180,7 +195,7 @@ impl Cache {
         let mut state = lock(&entry.state);
         if state.instances.remove(&id).is_some() {
             let index = rev(kv.mod_revision);
-            Self::publish(&entry, &mut state, Some(index));
+            self.publish(&entry, &mut state, Some(index));
             info!(service = %service, instance = %id, index, "instance removed");
         }
     }
@@ -231,7 +246,7 @@ impl Cache {
                     .all(|((a, x), (b, y))| a == b && x.instance.same_membership(&y.instance));
             let index = if state.index == 0 { rev(newest) } else { rev(revision) };
             state.instances = instances;
-            Self::publish(&entry, &mut state, (!same).then_some(index));
+            self.publish(&entry, &mut state, (!same).then_some(index));
         }
         self.advance(revision);
     }
@@ -316,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn indexes_follow_the_revisions_of_changes() {
-        let c = Cache::new(b"/t/instances/".to_vec());
+        let c = Cache::new(b"/t/instances/".to_vec(), 0.0);
         let users = ServiceName::new("users").unwrap();
         c.apply_put(&kv(&c, "users", "a", HealthStatus::Passing, 5));
         c.apply_put(&kv(&c, "orders", "x", HealthStatus::Passing, 6));
@@ -338,7 +353,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lagging_replica_waits_for_the_index_it_has_not_reached() {
-        let c = Arc::new(Cache::new(b"/t/instances/".to_vec()));
+        let c = Arc::new(Cache::new(b"/t/instances/".to_vec(), 0.0));
         let users = ServiceName::new("users").unwrap();
         c.apply_put(&kv(&c, "users", "a", HealthStatus::Passing, 5));
         c.advance(5);
@@ -363,8 +378,24 @@ mod tests {
     }
 
     #[test]
+    fn the_protection_threshold_shows_every_instance_flagged() {
+        for (threshold, critical, protected) in [(0.5, 2, true), (0.5, 1, false), (0.0, 3, false)] {
+            let c = Cache::new(b"/t/instances/".to_vec(), threshold);
+            for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+                let status = if i < critical { HealthStatus::Critical } else { HealthStatus::Passing };
+                c.apply_put(&kv(&c, "users", id, status, i as i64 + 1));
+            }
+            let snap = c.snapshot(&ServiceName::new("users").unwrap());
+            let view = snap.view("e", false);
+            assert_eq!(view.protected, protected, "threshold {threshold}, {critical} critical");
+            let shown = if protected { 4 } else { 4 - critical };
+            assert_eq!(view.instances.len(), shown);
+        }
+    }
+
+    #[test]
     fn reset_moves_only_changed_services() {
-        let c = Cache::new(b"/t/instances/".to_vec());
+        let c = Cache::new(b"/t/instances/".to_vec(), 0.0);
         let users = ServiceName::new("users").unwrap();
         let orders = ServiceName::new("orders").unwrap();
         let a = kv(&c, "users", "a", HealthStatus::Passing, 3);
