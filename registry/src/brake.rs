@@ -60,6 +60,8 @@ pub enum Transition {
 struct Bucket {
     actual: u64,
     expected: f64,
+    /// Span of a closed bucket (start, end).
+    span: Option<(Instant, Instant)>,
 }
 
 /// The renewal window and the brake's state.
@@ -131,14 +133,17 @@ impl RenewalWindow {
         }
         self.current.actual += counter.take();
         if now.saturating_duration_since(self.current_start) >= BUCKET {
-            let done = std::mem::take(&mut self.current);
+            let mut done = std::mem::take(&mut self.current);
+            done.span = Some((self.current_start, now));
             self.sum_actual += done.actual;
             self.sum_expected += done.expected;
             self.buckets.push_back(done);
             self.current_start = now;
         }
-        let keep = (self.window().as_millis() / BUCKET.as_millis()).max(1) as usize;
-        while self.buckets.len() > keep {
+        // Drop buckets that ended before the window; the oldest kept one may
+        // straddle its start and is weighted in `evaluate`.
+        let start = now.checked_sub(self.window()).unwrap_or(now);
+        while self.buckets.front().is_some_and(|b| b.span.is_some_and(|(_, end)| end <= start)) {
             if let Some(old) = self.buckets.pop_front() {
                 self.sum_actual -= old.actual;
                 self.sum_expected -= old.expected;
@@ -173,8 +178,18 @@ impl RenewalWindow {
     /// Brings the window up to `now` and decides whether the brake holds.
     pub fn evaluate(&mut self, now: Instant, counter: &RenewalCounter) -> Option<Transition> {
         self.advance(now, counter);
-        let expected = self.sum_expected + self.current.expected;
-        let actual = (self.sum_actual + self.current.actual) as f64;
+        let mut expected = self.sum_expected + self.current.expected;
+        let mut actual = (self.sum_actual + self.current.actual) as f64;
+        // Only the part of the oldest bucket inside the window counts, so the
+        // window is the longest TTL exactly, not up to a bucket more.
+        let start = now.checked_sub(self.window()).unwrap_or(now);
+        if let Some(Bucket { actual: a, expected: e, span: Some((from, to)) }) = self.buckets.front().copied() {
+            if from < start && to > from {
+                let outside = (start - from).as_secs_f64() / (to - from).as_secs_f64();
+                actual -= a as f64 * outside;
+                expected -= e * outside;
+            }
+        }
         // Too little expected to judge (a quiet or new registry): treat as healthy.
         self.ratio = if expected >= 1.0 { actual / expected } else { 1.0 };
         let enough = self.instances >= self.config.brake_min_instances;
