@@ -1,7 +1,7 @@
 //! HTTP/1.1 `Upgrade` (WebSocket and the like): the request goes to one
 //! chosen endpoint over a connection of its own; once the endpoint answers
 //! `101 Switching Protocols` the client's and the endpoint's connections are
-//! spliced byte for byte until both directions have closed. The endpoint's
+//! spliced byte for byte until either side closes. The endpoint's
 //! in-flight count covers the upgraded connection's whole life.
 //!
 //! Retries: only when connecting failed (nothing was sent). Once the upgrade
@@ -12,6 +12,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -177,8 +178,10 @@ pub(super) async fn forward(
     }
 }
 
-/// Copies bytes both ways until both directions have ended; the endpoint
-/// stays counted in flight until then.
+/// Copies bytes both ways until either side closes (or fails); the endpoint
+/// stays counted in flight until then. The side that ended has its peer's
+/// write half shut down after everything it sent was passed on; anything
+/// still coming the other way has nobody left to read it.
 async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, guard: InFlight) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -187,13 +190,26 @@ async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, guard: InFlight) {
             return;
         }
     };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((sent, received)) => {
-            debug!(instance = %guard.endpoint().id, sent, received, "upgraded connection closed")
-        }
+    let (mut down_r, mut down_w) = tokio::io::split(TokioIo::new(down));
+    let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(up));
+    let to_upstream = async {
+        let r = tokio::io::copy(&mut down_r, &mut up_w).await;
+        let _ = up_w.shutdown().await;
+        ("client", r)
+    };
+    let to_client = async {
+        let r = tokio::io::copy(&mut up_r, &mut down_w).await;
+        let _ = down_w.shutdown().await;
+        ("endpoint", r)
+    };
+    let (closed_by, result) = tokio::select! {
+        r = to_upstream => r,
+        r = to_client => r,
+    };
+    match result {
+        Ok(bytes) => debug!(instance = %guard.endpoint().id, closed_by, bytes, "upgraded connection closed"),
         Err(e) => {
-            debug!(instance = %guard.endpoint().id, error = %e, "upgraded connection ended with an error")
+            debug!(instance = %guard.endpoint().id, closed_by, error = %e, "upgraded connection failed")
         }
     }
     drop(guard);
