@@ -79,11 +79,11 @@ pub async fn run(
                 prefix,
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
-                protection_threshold: config.protection_threshold,
+                guards: config.guards(),
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {
-                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone()) => Arc::new(s),
+                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone(), metrics.store.clone()) => Arc::new(s),
                 _ = &mut shutdown => return Ok(()),
             };
             serve(listener, config, store, metrics, shutdown).await

@@ -19,14 +19,17 @@
 //!
 //! - [`client`]: etcd's v3 JSON gateway over reqwest.
 //! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
+//! - [`brake`]: the cluster-wide expiry brake (renewal tallies per replica).
 
+pub mod brake;
 pub mod cache;
 pub mod client;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
@@ -35,9 +38,12 @@ use trellis_shared::backoff::Backoff;
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 use url::Url;
 
+use self::brake::{lock, Decision, LocalRenewals, Tally};
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
 use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use crate::brake::GuardConfig;
+use crate::store::memory::StoreMetrics;
 
 /// Prefix used when `--store etcd://...` names none.
 pub const DEFAULT_PREFIX: &str = "/trellis";
@@ -109,9 +115,8 @@ pub struct EtcdSettings {
     pub timeout: Duration,
     /// Period of the linearizable read that detects a lost quorum.
     pub check_interval: Duration,
-    /// Per service: at or below this healthy share discovery shows every
-    /// instance, flagged `protected`; 0 turns it off.
-    pub protection_threshold: f64,
+    /// The expiry brake and the protection threshold (`protection_threshold`).
+    pub guards: GuardConfig,
 }
 
 /// Metrics the etcd store feeds; clones share the values with `/metrics`.
@@ -138,7 +143,17 @@ pub struct EtcdStore {
     watch_up: AtomicBool,
     failed_checks: AtomicU32,
     metrics: EtcdMetrics,
+    store_metrics: StoreMetrics,
+    /// Names this replica's renewal tally under `<prefix>/brake/`.
+    replica: String,
+    renewals: Mutex<LocalRenewals>,
+    decision: Mutex<Decision>,
 }
+
+/// Period of the brake's tally exchange.
+const BRAKE_TICK: Duration = Duration::from_secs(1);
+/// Lease of a replica's published tally: a dead replica's tally soon stops counting.
+const TALLY_LEASE_SECS: i64 = 5;
 
 fn unavailable(e: EtcdError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -153,11 +168,15 @@ fn lease_secs(ttl: Duration) -> i64 {
 impl EtcdStore {
     /// Reads the prefix once (which also learns the cluster id, the epoch) and
     /// fills the cache; [`Store::background`] then follows it from there.
-    pub async fn connect(settings: EtcdSettings, metrics: EtcdMetrics) -> Result<Self, EtcdError> {
+    pub async fn connect(
+        settings: EtcdSettings,
+        metrics: EtcdMetrics,
+        store_metrics: StoreMetrics,
+    ) -> Result<Self, EtcdError> {
         let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout)?;
         let instances = format!("{}/instances/", settings.prefix).into_bytes();
         let (header, kvs) = client.range_prefix(&instances).await?;
-        let cache = Cache::new(instances.clone(), settings.protection_threshold);
+        let cache = Cache::new(instances.clone(), settings.guards.protection_threshold);
         cache.reset(header.revision, &kvs);
         let epoch = format!("etcd-{:016x}", header.cluster_id as u64);
         info!(epoch = %epoch, revision = header.revision, instances = kvs.len(), prefix = %settings.prefix, "etcd store connected");
@@ -166,19 +185,27 @@ impl EtcdStore {
             cache,
             instances,
             epoch,
-            settings,
             stale: AtomicBool::new(false),
             watch_up: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
             metrics,
+            store_metrics,
+            replica: format!("{:016x}", rand::random::<u64>()),
+            renewals: Mutex::new(LocalRenewals::new(tokio::time::Instant::now())),
+            decision: Mutex::new(Decision::new(settings.guards)),
+            settings,
         })
     }
 
     /// Like [`EtcdStore::connect`], retrying with backoff until etcd answers.
-    pub async fn connect_retrying(settings: EtcdSettings, metrics: EtcdMetrics) -> Self {
+    pub async fn connect_retrying(
+        settings: EtcdSettings,
+        metrics: EtcdMetrics,
+        store_metrics: StoreMetrics,
+    ) -> Self {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match Self::connect(settings.clone(), metrics.clone()).await {
+            match Self::connect(settings.clone(), metrics.clone(), store_metrics.clone()).await {
                 Ok(s) => return s,
                 Err(e) => {
                     warn!(error = %e, "cannot reach etcd yet; retrying");
@@ -331,6 +358,92 @@ impl EtcdStore {
         }
     }
 
+    /// Counts a renewal served by this replica for the brake.
+    fn renewed(&self, service: &ServiceName, id: &InstanceId, ttl: Duration) {
+        let key = self.cache.key(service, id);
+        lock(&self.renewals).renewed(tokio::time::Instant::now(), &key, ttl);
+    }
+
+    /// Publishes this replica's renewal tally, sums every replica's, decides,
+    /// and while the brake holds keeps every cached lease alive.
+    async fn brake(&self, shutdown: &CancellationToken) {
+        if !self.settings.guards.brake {
+            return;
+        }
+        let root = format!("{}/brake/", self.settings.prefix).into_bytes();
+        let mut key = root.clone();
+        key.extend_from_slice(self.replica.as_bytes());
+        let mut lease = 0i64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(BRAKE_TICK) => {}
+            }
+            if self.is_stale() {
+                continue;
+            }
+            let (leases, longest) = self.cache.leases();
+            let window = longest.unwrap_or(BRAKE_TICK);
+            let now = tokio::time::Instant::now();
+            let tally = {
+                let mut local = lock(&self.renewals);
+                local.retain(now, |k| self.cache.contains_key(k));
+                local.tally(now, window)
+            };
+            if let Err(e) = self.publish_tally(&key, &mut lease, tally).await {
+                debug!(error = %e, "cannot publish the renewal tally");
+                continue;
+            }
+            let tallies: Vec<Tally> = match self.client.range_prefix(&root).await {
+                Ok((_, kvs)) => kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect(),
+                Err(e) => {
+                    debug!(error = %e, "cannot read the renewal tallies");
+                    continue;
+                }
+            };
+            let (transition, ratio, engaged) = {
+                let mut d = lock(&self.decision);
+                let t = d.evaluate(&tallies, leases.len());
+                (t, d.ratio, d.engaged())
+            };
+            match transition {
+                Some(true) => {
+                    self.store_metrics.brake_engaged.set(1);
+                    warn!(
+                        ratio,
+                        instances = leases.len(),
+                        replicas = tallies.len(),
+                        "expiry brake engaged: too few renewals arrive; keeping every lease alive"
+                    );
+                }
+                Some(false) => {
+                    self.store_metrics.brake_engaged.set(0);
+                    self.store_metrics.brake_held.set(0);
+                    info!(ratio, instances = leases.len(), "expiry brake released: renewals recovered");
+                }
+                None => {}
+            }
+            if engaged {
+                self.store_metrics.brake_held.set(i64::try_from(leases.len()).unwrap_or(i64::MAX));
+                let client = &self.client;
+                futures_util::stream::iter(leases.into_iter().filter(|l| *l != 0))
+                    .for_each_concurrent(16, |l| async move {
+                        let _ = client.keep_alive(l).await;
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn publish_tally(&self, key: &[u8], lease: &mut i64, tally: Tally) -> Result<(), EtcdError> {
+        if *lease == 0 || self.client.keep_alive(*lease).await?.is_none() {
+            *lease = self.client.grant(TALLY_LEASE_SECS).await?.0;
+        }
+        let value = serde_json::to_vec(&tally).unwrap_or_default();
+        self.client.put(key, &value, *lease).await?;
+        Ok(())
+    }
+
     /// Marks the store stale or fresh from a linearizable read every
     /// `check_interval` and the state of the watch.
     async fn check_quorum(&self, shutdown: &CancellationToken) {
@@ -381,6 +494,7 @@ impl Store for EtcdStore {
                 && old.ttl == reg.ttl;
             // A repeated registration is a renewal: keep-alive, no write.
             if unchanged && self.client.keep_alive(old.lease).await.map_err(unavailable)?.is_some() {
+                self.renewed(service, &id, old.ttl);
                 debug!(service = %service, instance = %id, "instance re-registered");
                 let previous_status = Some(old.instance.status);
                 return Ok(WriteOutcome { change: Change::Renewed, index: *index, previous_status });
@@ -419,6 +533,7 @@ impl Store for EtcdStore {
         if self.client.keep_alive(cached.lease).await.map_err(unavailable)?.is_none() {
             return Err(unknown());
         }
+        self.renewed(service, id, cached.ttl);
         let previous = cached.instance.status;
         let Some(status) = hb.status.filter(|s| *s != previous) else {
             // Output text alone is not worth a consensus write (issue 7): it
@@ -479,7 +594,7 @@ impl Store for EtcdStore {
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
-        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown));
+        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown), self.brake(&shutdown));
     }
 }
 

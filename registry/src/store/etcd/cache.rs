@@ -257,6 +257,27 @@ impl Cache {
         state.instances.get(id).map(|c| (c.clone(), state.index))
     }
 
+    /// Whether `key` names an instance the cache holds.
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.parse_key(key).is_some_and(|(service, id)| self.lookup(&service, &id).is_some())
+    }
+
+    /// Every cached instance's lease, the longest TTL and the instance count.
+    pub fn leases(&self) -> (Vec<i64>, Option<Duration>) {
+        let entries: Vec<Arc<Entry>> =
+            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut leases = Vec::new();
+        let mut longest = None;
+        for e in entries {
+            let state = lock(&e.state);
+            for c in state.instances.values() {
+                leases.push(c.lease);
+                longest = longest.max(Some(c.ttl));
+            }
+        }
+        (leases, longest)
+    }
+
     pub fn index(&self, service: &ServiceName) -> u64 {
         self.get(service).map(|e| lock(&e.state).index).unwrap_or(0)
     }
