@@ -220,7 +220,7 @@ pub fn open_loop(
     merge(parts, duration)
 }
 
-fn blocking_exchange(s: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> std::io::Result<(u16, bool)> {
+pub fn blocking_exchange(s: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> std::io::Result<(u16, bool)> {
     s.write_all(req)?;
     buf.clear();
     let mut chunk = [0u8; 8192];

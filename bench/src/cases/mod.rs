@@ -114,7 +114,8 @@ impl Sizes {
 }
 
 fn machine_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    // SAFETY: sysconf has no memory effects.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {

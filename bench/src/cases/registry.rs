@@ -61,7 +61,9 @@ struct Figures {
     hb_failed: u64,
     hb_window: Duration,
     hb_hist: Histogram<u64>,
+    probe_hist: Histogram<u64>,
     cpu_per_1k_ms: f64,
+    cpu_share: f64,
     busy: Vec<f64>,
     idle_kib: u64,
     loaded_kib: u64,
@@ -183,46 +185,57 @@ struct HbStats {
     hist: Histogram<u64>,
 }
 
-/// Heartbeats (or keep-alives) on a fixed schedule: instance k's are due at
+/// The heartbeat (etcd: keep-alive) request of every instance, built once so
+/// the generator spends its core on sending, not formatting.
+fn heartbeat_requests(sys: System, n: usize, services: usize, leases: &[String]) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|k| match sys {
+            System::Trellis => request(
+                "PUT",
+                &format!("/v1/services/{}/instances/i-{k}/heartbeat", service(k, services)),
+                r#"{"status":"passing"}"#,
+            ),
+            System::Etcd => request(
+                "POST",
+                "/v3/lease/keepalive",
+                &format!(r#"{{"ID":"{}"}}"#, leases.get(k).map_or("", |l| l)),
+            ),
+        })
+        .collect()
+}
+
+/// Heartbeats on a fixed schedule: instance k's are due at
 /// t0 + k/rate + m × interval; latency runs from the due time.
 async fn heartbeats(
-    sys: System,
     addr: SocketAddr,
-    n: usize,
-    services: usize,
-    leases: Arc<Vec<String>>,
+    reqs: Arc<Vec<Vec<u8>>>,
     (from, to, stop): (Instant, Instant, Instant),
 ) -> HbStats {
+    let n = reqs.len();
     let rate = n as f64 / HEARTBEAT_INTERVAL.as_secs_f64();
+    let conns = HEARTBEAT_CONNS.min(n);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..HEARTBEAT_CONNS.min(n) {
-        let leases = leases.clone();
+    for c in 0..conns {
+        let reqs = reqs.clone();
         tasks.push(tokio::spawn(async move {
             let mut st = HbStats { ok: 0, failed: 0, hist: new_histogram() };
             let mut conn = Conn::connect(addr).await.ok();
             let mut j = c as u64;
             loop {
                 let due = t0 + Duration::from_secs_f64(j as f64 / rate);
+                let now = Instant::now();
                 // A generator behind schedule stops on time too.
-                if due >= stop || Instant::now() >= stop {
+                if due >= stop || now >= stop {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
-                let k = (j % n as u64) as usize;
-                let req = match sys {
-                    System::Trellis => request(
-                        "PUT",
-                        &format!("/v1/services/{}/instances/i-{k}/heartbeat", service(k, services)),
-                        r#"{"status":"passing"}"#,
-                    ),
-                    System::Etcd => {
-                        request("POST", "/v3/lease/keepalive", &format!(r#"{{"ID":"{}"}}"#, leases[k]))
-                    }
-                };
+                if due > now {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let req = &reqs[(j % n as u64) as usize];
                 let counted = due >= from && due < to;
                 let res = match conn.as_mut() {
-                    Some(cn) => tokio::time::timeout(Duration::from_secs(5), cn.roundtrip(&req)).await.ok(),
+                    Some(cn) => Some(cn.roundtrip(req).await),
                     None => None,
                 };
                 match res {
@@ -238,7 +251,7 @@ async fn heartbeats(
                         conn = Conn::connect(addr).await.ok();
                     }
                 }
-                j += HEARTBEAT_CONNS.min(n) as u64;
+                j += conns as u64;
             }
             st
         }));
@@ -252,6 +265,42 @@ async fn heartbeats(
         }
     }
     out
+}
+
+/// What one sidecar sees: heartbeats of the first instances at a modest
+/// fixed rate (200/s) from a thread of its own, so the bulk generator's
+/// backlog is not counted in their latency.
+fn probe_heartbeats(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, from: Instant, to: Instant) -> Histogram<u64> {
+    let mut hist = new_histogram();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return hist };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    // SAFETY: prctl on the calling thread with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
+    }
+    let period = Duration::from_millis(5);
+    let mut buf = Vec::new();
+    let mut i = 0u32;
+    loop {
+        let due = from + period * i;
+        if due >= to {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let req = &reqs[i as usize % reqs.len().min(100)];
+        match crate::load::blocking_exchange(&mut s, req, &mut buf) {
+            Ok((st, _)) if (200..300).contains(&st) => {
+                let _ = hist.record(due.elapsed().as_nanos() as u64);
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    hist
 }
 
 fn json_index(body: &[u8]) -> Option<u64> {
@@ -487,7 +536,9 @@ fn measure(sys: System, env: &Env, sizes: &Sizes) -> Result<Figures, String> {
         let from = Instant::now() + Duration::from_secs(2);
         let to = from + window;
         let stop = to + Duration::from_secs(if sizes.quick { 12 } else { 20 });
-        let hb = tokio::spawn(heartbeats(sys, addr, n, services, Arc::new(leases), (from, to, stop)));
+        let reqs = Arc::new(heartbeat_requests(sys, n, services, &leases));
+        let hb = tokio::spawn(heartbeats(addr, reqs.clone(), (from, to, stop)));
+        let probe = std::thread::spawn(move || probe_heartbeats(addr, reqs, from, to));
         tokio::time::sleep_until(from.into()).await;
         let cpu0 = procstat::cpu_time(pid);
         let j0 = procstat::cpu_jiffies();
@@ -495,9 +546,23 @@ fn measure(sys: System, env: &Env, sizes: &Sizes) -> Result<Figures, String> {
         let cpu1 = procstat::cpu_time(pid);
         let j1 = procstat::cpu_jiffies();
         let loaded_kib = procstat::rss_kib(pid);
-        let prop_hist =
-            propagation(sys, addr, watchers, rounds).await.map_err(|e| format!("propagation: {e}"))?;
-        let expiry_late_ms = expiry(sys, addr).await;
+        // Watchers and expiry probes on a thread and runtime of their own, so
+        // their reads do not queue behind the heartbeat generator's tasks.
+        let side = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let prop = propagation(sys, addr, watchers, rounds).await?;
+                Ok::<_, std::io::Error>((prop, expiry(sys, addr).await))
+            })
+        });
+        while !side.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (prop_hist, expiry_late_ms) = side
+            .join()
+            .map_err(|_| "watchers panicked".to_string())?
+            .map_err(|e| format!("propagation: {e}"))?;
+        let probe_hist = probe.join().map_err(|_| "probe panicked".to_string())?;
         let hb = hb.await.map_err(|e| e.to_string())?;
         let cpu_per_1k_ms = (cpu1 - cpu0).as_secs_f64() * 1000.0 / (hb.ok.max(1) as f64 / 1000.0);
         Ok(Figures {
@@ -510,7 +575,9 @@ fn measure(sys: System, env: &Env, sizes: &Sizes) -> Result<Figures, String> {
             hb_failed: hb.failed,
             hb_window: window,
             hb_hist: hb.hist,
+            probe_hist,
             cpu_per_1k_ms,
+            cpu_share: 100.0 * (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64(),
             busy: procstat::busy_percent(&j0, &j1),
             idle_kib,
             loaded_kib,
@@ -577,16 +644,16 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
     );
     let _ = writeln!(
         b,
-        "| system | instances / services | register time | heartbeats/s due → done | failed | p50 / p99 / p99.9 heartbeat | server CPU per 1k heartbeats | instances one core carries at 1 s | RSS idle → loaded | per instance | core 0 / core 1 busy |"
+        "| system | instances / services | register time | heartbeats/s due → done | failed | bulk schedule p50 / p99 heartbeat | one sidecar's p50 / p99 / p99.9 heartbeat | server CPU per 1k heartbeats | server CPU (% of a core) | instances one core carries at 1 s | RSS idle → loaded | per instance | core 0 / core 1 busy |"
     );
-    let _ = writeln!(b, "|---|---|---:|---:|---:|---|---:|---:|---|---:|---|");
+    let _ = writeln!(b, "|---|---|---:|---:|---:|---|---|---:|---:|---:|---|---:|---|");
     for f in &figs {
         let done = f.hb_ok as f64 / f.hb_window.as_secs_f64();
         let per_inst = (f.loaded_kib.saturating_sub(f.idle_kib)) as f64 * 1024.0 / f.instances as f64;
         let capacity = if f.cpu_per_1k_ms > 0.0 { 1_000_000.0 / f.cpu_per_1k_ms } else { f64::NAN };
         let _ = writeln!(
             b,
-            "| {} | {} / {} | {:.1} s | {:.0} → {:.0} | {} | {} / {} / {} | {:.2} ms | {:.0} | {:.1} → {:.1} MiB | {:.0} B | {} |",
+            "| {} | {} / {} | {:.1} s | {:.0} → {:.0} | {} | {} / {} | {} / {} / {} | {:.2} ms | {:.0}% | {:.0} | {:.1} → {:.1} MiB | {:.0} B | {} |",
             f.system.name(),
             f.instances,
             f.services,
@@ -596,8 +663,11 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             f.hb_failed,
             us(f.hb_hist.value_at_percentile(50.0) as f64 / 1000.0),
             us(f.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
-            us(f.hb_hist.value_at_percentile(99.9) as f64 / 1000.0),
+            us(f.probe_hist.value_at_percentile(50.0) as f64 / 1000.0),
+            us(f.probe_hist.value_at_percentile(99.0) as f64 / 1000.0),
+            us(f.probe_hist.value_at_percentile(99.9) as f64 / 1000.0),
             f.cpu_per_1k_ms,
+            f.cpu_share,
             capacity,
             f.idle_kib as f64 / 1024.0,
             f.loaded_kib as f64 / 1024.0,
@@ -625,23 +695,34 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
     }
     if let Some(t) = figs.iter().find(|f| f.system == System::Trellis) {
         let done = t.hb_ok as f64 / t.hb_window.as_secs_f64();
-        let gen_limited = done < 0.97 * t.hb_target_rate && t.busy.get(1).is_some_and(|v| *v > 90.0);
+        let gen_limited = done < 0.97 * t.hb_target_rate && t.cpu_share < 90.0;
         let _ = writeln!(b);
         if gen_limited {
             let _ = writeln!(
                 b,
                 "**The generator is the limit here, not the registry:** {done:.0} of {:.0} heartbeats/s due were \
-                 completed while the generator's core was {:.0}% busy and the registry's {:.0}%. The registry's \
-                 CPU per heartbeat above is measured at the rate reached.\n",
+                 completed while the registry itself used {:.0}% of its core (core 0 was {:.0}% busy in all, \
+                 the generator's core {:.0}%). The bulk schedule's latency therefore counts the generator's own \
+                 backlog; \"one sidecar's\" latency comes from a separate thread sending 200 heartbeats/s on \
+                 schedule through the same load, and is what a sidecar would see. The registry's CPU per \
+                 heartbeat is measured at the rate reached.\n",
                 t.hb_target_rate,
+                t.cpu_share,
+                t.busy.first().copied().unwrap_or(0.0),
                 t.busy.get(1).copied().unwrap_or(0.0),
-                t.busy.first().copied().unwrap_or(0.0)
+            );
+        } else if done < 0.97 * t.hb_target_rate {
+            let _ = writeln!(
+                b,
+                "**The registry is the limit:** {done:.0} of {:.0} heartbeats/s due were completed with the \
+                 registry at {:.0}% of its core.\n",
+                t.hb_target_rate, t.cpu_share
             );
         }
         let e = figs.iter().find(|f| f.system == System::Etcd);
         let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
         let per_inst = (t.loaded_kib.saturating_sub(t.idle_kib)) as f64 * 1024.0 / t.instances as f64;
-        let p99_hb = t.hb_hist.value_at_percentile(99.0) as f64 / 1e6;
+        let p99_hb = t.probe_hist.value_at_percentile(99.0) as f64 / 1e6;
         let p99_prop = t.prop_hist.value_at_percentile(99.0) as f64 / 1e6;
         let late = pct(&t.expiry_late_ms, 100.0);
         let _ = writeln!(b, "Targets:\n");
@@ -652,7 +733,11 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             t.cpu_per_1k_ms,
             1_000_000.0 / t.cpu_per_1k_ms.max(1e-9)
         );
-        let _ = writeln!(b, "- {} p99 heartbeat ≤ 10 ms ({p99_hb:.2} ms)", mark(p99_hb <= 10.0));
+        let _ = writeln!(
+            b,
+            "- {} p99 heartbeat ≤ 10 ms, as one sidecar sees it ({p99_hb:.2} ms)",
+            mark(p99_hb <= 10.0)
+        );
         let _ = writeln!(b, "- {} ≤ 1 KiB per instance ({per_inst:.0} B)", mark(per_inst <= 1024.0));
         let _ = writeln!(
             b,
@@ -669,7 +754,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         if let Some(e) = e {
             let e_inst = (e.loaded_kib.saturating_sub(e.idle_kib)) as f64 * 1024.0 / e.instances as f64;
             let better = t.cpu_per_1k_ms < e.cpu_per_1k_ms
-                && t.hb_hist.value_at_percentile(99.0) < e.hb_hist.value_at_percentile(99.0)
+                && t.probe_hist.value_at_percentile(99.0) < e.probe_hist.value_at_percentile(99.0)
                 && per_inst < e_inst
                 && t.prop_hist.value_at_percentile(99.0) < e.prop_hist.value_at_percentile(99.0)
                 && late < pct(&e.expiry_late_ms, 100.0);
@@ -680,8 +765,8 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
                 mark(better),
                 t.cpu_per_1k_ms,
                 e.cpu_per_1k_ms,
-                us(t.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
-                us(e.hb_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                us(t.probe_hist.value_at_percentile(99.0) as f64 / 1000.0),
+                us(e.probe_hist.value_at_percentile(99.0) as f64 / 1000.0),
                 us(t.prop_hist.value_at_percentile(99.0) as f64 / 1000.0),
                 us(e.prop_hist.value_at_percentile(99.0) as f64 / 1000.0),
                 pct(&e.expiry_late_ms, 100.0),
@@ -689,7 +774,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         }
     }
     for (what, file, pick) in [
-        ("heartbeat latency", "case4-heartbeat.svg", 0),
+        ("heartbeat latency as one sidecar sees it", "case4-heartbeat.svg", 0),
         ("propagation to watchers", "case4-propagation.svg", 1),
     ] {
         let series: Vec<(String, &Histogram<u64>)> = figs
@@ -697,7 +782,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             .map(|f| {
                 (
                     format!("{} ({} instances)", f.system.name(), f.instances),
-                    if pick == 0 { &f.hb_hist } else { &f.prop_hist },
+                    if pick == 0 { &f.probe_hist } else { &f.prop_hist },
                 )
             })
             .collect();
