@@ -64,9 +64,12 @@ pub fn router<S: Store>(state: AppState<S>) -> Router {
 async fn record(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = tokio::time::Instant::now();
     let route = route_of(&req);
+    let method = req.method().clone();
     let resp = next.run(req).await;
-    let labels = RequestLabels { route, status: resp.status().as_u16() };
-    metrics.requests.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics.requests.get_or_create(&RequestLabels { route, status }).observe(elapsed.as_secs_f64());
+    tracing::debug!(route = route.as_str(), %method, status, elapsed_us = elapsed.as_micros() as u64, "request");
     resp
 }
 

@@ -183,7 +183,8 @@ impl RenewalWindow {
         // Only the part of the oldest bucket inside the window counts, so the
         // window is the longest TTL exactly, not up to a bucket more.
         let start = now.checked_sub(self.window()).unwrap_or(now);
-        if let Some(Bucket { actual: a, expected: e, span: Some((from, to)) }) = self.buckets.front().copied() {
+        if let Some(Bucket { actual: a, expected: e, span: Some((from, to)) }) = self.buckets.front().copied()
+        {
             if from < start && to > from {
                 let outside = (start - from).as_secs_f64() / (to - from).as_secs_f64();
                 actual -= a as f64 * outside;
