@@ -58,10 +58,11 @@
 //!
 //! # HTTP/2, gRPC, upgrades, dedicated ports
 //!
-//! - **HTTP/2 upstream**: a request that arrived over HTTP/2, or that goes to
-//!   an endpoint whose metadata says `protocol=h2c`, is sent over HTTP/2 with
-//!   prior knowledge through a second client, so each endpoint gets one
-//!   multiplexed connection; everything else goes over pooled HTTP/1.1. The
+//! - **HTTP/2 upstream**: a request to an endpoint whose metadata says
+//!   `protocol=h2c`, or that arrived over HTTP/2 and goes to an endpoint that
+//!   speaks HTTP/2 (see [`protocol`]: probed once per endpoint), is sent over
+//!   HTTP/2 with prior knowledge through a second client, so each endpoint gets
+//!   one multiplexed connection; everything else goes over pooled HTTP/1.1. The
 //!   client's `TE: trailers` is kept towards HTTP/2 upstreams and trailers
 //!   pass through both ways.
 //! - **gRPC** (see [`grpc`]): `grpc-timeout` shortens the overall timeout; a
@@ -81,6 +82,7 @@
 mod body;
 mod grpc;
 mod headers;
+mod protocol;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -198,6 +200,8 @@ struct Shared {
     client: UpstreamClient,
     /// HTTP/2 with prior knowledge: one multiplexed connection per endpoint.
     h2_client: UpstreamClient,
+    /// Which endpoints speak HTTP/2 (learnt for HTTP/2 callers).
+    protocols: protocol::Protocols,
     pending: AtomicUsize,
 }
 
@@ -263,8 +267,15 @@ pub async fn serve_all(
 
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let rejections = Arc::new(Semaphore::new(REJECT_SLOTS));
-    let shared =
-        Arc::new(Shared { resolver, config, metrics, client, h2_client, pending: AtomicUsize::new(0) });
+    let shared = Arc::new(Shared {
+        resolver,
+        config,
+        metrics,
+        client,
+        h2_client,
+        protocols: protocol::Protocols::default(),
+        pending: AtomicUsize::new(0),
+    });
     let tracker = TaskTracker::new();
     let loops = listeners
         .into_iter()
@@ -635,7 +646,8 @@ async fn forward(
             } else {
                 parts.headers.clone()
             };
-            let h2 = downstream_h2 || ep.metadata.get("protocol").is_some_and(|p| p == "h2c");
+            let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
+                || (downstream_h2 && shared.protocols.speaks_h2(&ep.authority, config.connect_timeout).await);
             let client = if h2 {
                 *up.version_mut() = Version::HTTP_2;
                 if wants_trailers {
