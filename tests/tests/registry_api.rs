@@ -134,7 +134,7 @@ async fn an_instance_expires_at_its_ttl_and_watchers_see_it() {
     let took = t0.elapsed();
     println!("ttl {ttl:?}: watcher saw the expiry after {took:?}");
     assert!(took >= ttl, "expired early: {took:?}");
-    assert!(took < ttl * 5 + Duration::from_secs(1), "expired late: {took:?}");
+    assert!(took < ttl * 10 + Duration::from_secs(2), "expired late: {took:?}");
     let hb = reg.heartbeat("users", "u1", None).await;
     assert_eq!(hb.code(), "unknown_instance");
     assert_eq!(reg.metric("trellis_registry_expirations_total").await, 1.0);
@@ -143,9 +143,9 @@ async fn an_instance_expires_at_its_ttl_and_watchers_see_it() {
 #[tokio::test]
 async fn heartbeats_keep_an_instance_alive_past_its_ttl() {
     let reg = start(test_config()).await;
-    reg.register("users", "u1", json!({"address":"10.0.0.5","port":1,"ttl":"1s"})).await;
+    reg.register("users", "u1", json!({"address":"10.0.0.5","port":1,"ttl":"2s"})).await;
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(2500) {
+    while t0.elapsed() < Duration::from_millis(4500) {
         let hb = reg.heartbeat("users", "u1", Some(json!({"status":"passing"}))).await;
         assert_eq!(hb.status, StatusCode::NO_CONTENT, "{}", hb.body);
         tokio::time::sleep(Duration::from_millis(100)).await;
