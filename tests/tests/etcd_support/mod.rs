@@ -176,8 +176,13 @@ pub struct Replica {
 
 impl Replica {
     pub async fn start(name: &str, store: &str) -> Replica {
+        Replica::start_with(name, store, &[]).await
+    }
+
+    pub async fn start_with(name: &str, store: &str, extra: &[&str]) -> Replica {
         let addr = free_addr();
-        let args = strings(&["--listen", &addr.to_string(), "--store", store, "--min-ttl", "1s"]);
+        let mut args = strings(&["--listen", &addr.to_string(), "--store", store, "--min-ttl", "1s"]);
+        args.extend(strings(extra));
         let proc = Proc::spawn(name, "registry", &args, &[]);
         wait_http_ok(&format!("http://{addr}/health"), Duration::from_secs(60)).await;
         Replica { proc, addr }
