@@ -17,4 +17,6 @@ cargo build --release --workspace --bins
 cargo test --release --workspace -- --skip compose_ "$@"
 if [ "$#" -eq 0 ]; then
   cargo test --release -p trellis-tests --test compose_failures -- --nocapture --test-threads=1
+  # The ha compose file (docker-compose.ha.yml): etcd members, two registry replicas.
+  cargo test --release -p trellis-tests --test etcd_compose -- --nocapture --test-threads=1
 fi
