@@ -25,6 +25,9 @@ use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError,
 use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
 use crate::expiry::ExpiryQueue;
 
+/// How often services that emptied and are not watched are forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// Counters the memory store feeds; clones share the values with `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreMetrics {
@@ -101,6 +104,26 @@ impl MemoryStore {
 
     fn get(&self, service: &ServiceName) -> Option<Arc<ServiceEntry>> {
         self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
+    }
+
+    /// Forgets services with no instances that nobody uses: no watcher, no
+    /// request in flight, no lease entry queued. Under the map's write lock no
+    /// one can take a new reference, so a strong count of one proves it unused.
+    /// Bounds the memory that watches of never-registered names can claim.
+    fn sweep(&self) -> usize {
+        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, e| {
+            Arc::strong_count(e) > 1
+                || e.index_tx.receiver_count() > 0
+                || !lock(&e.state).instances.is_empty()
+        });
+        before - map.len()
+    }
+
+    /// Number of services the store keeps an entry for (for tests).
+    pub fn known_services(&self) -> usize {
+        self.services.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     fn entry(&self, service: &ServiceName) -> Arc<ServiceEntry> {
@@ -421,6 +444,8 @@ impl Store for MemoryStore {
         let mut tick = tokio::time::interval(BUCKET);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let brake = self.guards.brake;
+        let mut sweep = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.expire_due();
             let ticked = async {
@@ -440,6 +465,12 @@ impl Store for MemoryStore {
                 _ = shutdown.cancelled() => return,
                 _ = self.expiry_wake.notified() => {}
                 _ = sleep => {}
+                _ = sweep.tick() => {
+                    let n = self.sweep();
+                    if n > 0 {
+                        debug!(forgotten = n, "forgot unused empty services");
+                    }
+                }
                 _ = ticked => {
                     if let (_, Some(t)) = self.brake_holds(Instant::now()) {
                         self.on_transition(t);
@@ -650,6 +681,35 @@ mod tests {
         let list = store.list();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].name.as_str(), "orders");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unused_empty_services_are_forgotten() {
+        let (store, _stop) = started();
+        // Watches of names nobody registers, and a service that emptied.
+        for i in 0..100 {
+            let name = name(&format!("ghost-{i}"));
+            let _ = tokio::time::timeout(Duration::from_millis(1), store.watch_from(&name, 0)).await;
+        }
+        let users = name("users");
+        store.register(&users, reg("a", 1_000)).await.unwrap();
+        let kept = name("kept");
+        store.register(&kept, reg("k", 600_000)).await.unwrap();
+        let watched = name("watched");
+        let held = {
+            let store = store.clone();
+            let watched = watched.clone();
+            tokio::spawn(async move { store.watch_from(&watched, 0).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(store.known_services(), 103);
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(1)).await;
+        // Left: the one with an instance and the one being watched.
+        assert_eq!(store.known_services(), 2);
+        assert!(store.snapshot(&users).instances().is_empty());
+        // A forgotten name works as before: watchable, registrable.
+        let w = store.register(&watched, reg("w", 60_000)).await.unwrap();
+        assert_eq!(held.await.unwrap().index(), w.index);
     }
 
     #[tokio::test(start_paused = true)]
