@@ -13,6 +13,7 @@ fi
 
 missing=()
 command -v strip >/dev/null 2>&1 || missing+=(binutils)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v docker >/dev/null 2>&1 || missing+=(docker.io)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   missing+=(docker-compose)
@@ -27,5 +28,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The machine starts the Docker engine before a session, but a daemon that died
+# (or was ended with a session's processes) is started again here, as root.
+if ! timeout 10 docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "ci-deps: the Docker engine does not answer; starting dockerd"
+  setsid nohup dockerd >>/var/log/dockerd-ci.log 2>&1 </dev/null &
+  for _ in $(seq 1 60); do
+    timeout 5 docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  timeout 10 docker info >/dev/null 2>&1 && echo "ci-deps: dockerd is up" || echo "ci-deps: dockerd did not come up (see /var/log/dockerd-ci.log)"
 fi
 echo "ci-deps: ok"
