@@ -40,4 +40,6 @@ if ! timeout 10 docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&
   done
   timeout 10 docker info >/dev/null 2>&1 && echo "ci-deps: dockerd is up" || echo "ci-deps: dockerd did not come up (see /var/log/dockerd-ci.log)"
 fi
+# etcd (Debian's etcd-server) for the etcd store's tests and the ha image.
+bash "$(dirname "$0")/install-etcd.sh"
 echo "ci-deps: ok"
