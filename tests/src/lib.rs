@@ -167,3 +167,20 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
     })
     .await
 }
+
+/// Resolves on SIGTERM or SIGINT, for the demo binaries: as PID 1 in a
+/// container nothing else would stop them.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

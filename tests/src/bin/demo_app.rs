@@ -416,7 +416,7 @@ async fn serve(args: ServeArgs) -> std::io::Result<()> {
         Arc::new(State::new(name.clone(), !args.unhealthy, args.delay.unwrap_or_default(), args.fail_rate));
     let listener = TcpListener::bind(args.listen).await?;
     info!(addr = %listener.local_addr()?, instance = %name, "demo-app listening");
-    run(listener, state, shutdown_signal()).await;
+    run(listener, state, trellis_tests::shutdown_signal()).await;
     Ok(())
 }
 
@@ -462,22 +462,6 @@ async fn run(listener: TcpListener, state: Arc<State>, shutdown: impl std::futur
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => warn!("grace period over, exiting with connections open"),
-    }
-}
-
-/// SIGTERM or SIGINT. As PID 1 in a container nothing else would stop us.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
 

@@ -236,21 +236,6 @@ async fn wait_ready(client: &reqwest::Client, url: &str) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 async fn run(args: Args) -> Result<(), String> {
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         return Err(format!("--rate must be a positive number, got {}", args.rate));
@@ -262,7 +247,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let url = format!("{}{}", args.target.trim_end_matches('/'), args.path);
     // Installed first: as PID 1 in a container, an unhandled SIGTERM would be ignored.
-    let signal = shutdown_signal();
+    let signal = trellis_tests::shutdown_signal();
     tokio::pin!(signal);
     if let Some(ready) = &args.wait_for {
         tokio::select! {
