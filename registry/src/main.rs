@@ -7,6 +7,11 @@ use tracing_subscriber::EnvFilter;
 use trellis_registry::config::{Cli, Command};
 use trellis_registry::probe::{local_addr_for, probe};
 
+/// glibc's malloc was about 5 % of the proxy's time in perf profiles (docs/bench.md);
+/// mimalloc's thread-local free lists make the per-request allocations cheap.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
