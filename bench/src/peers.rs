@@ -116,7 +116,20 @@ impl Target {
     }
 }
 
-pub fn haproxy_config(listen: SocketAddr, b: &Backends) -> String {
+/// What the proxy's listener speaks to the load generator. Upstreams are
+/// HTTP/1.1 with keep-alive either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (what h2load sends).
+    H2c,
+}
+
+pub fn haproxy_config(listen: SocketAddr, b: &Backends, front: Front) -> String {
+    let proto = match front {
+        Front::Http1 => "",
+        Front::H2c => " proto h2",
+    };
     let mut servers = String::new();
     for (i, (t, h)) in b.traffic.iter().zip(&b.health).enumerate() {
         servers.push_str(&format!(
@@ -143,7 +156,7 @@ defaults
     retry-on all-retryable-errors
 
 frontend fe
-    bind {listen}
+    bind {listen}{proto}
     default_backend be
 
 backend be
@@ -153,7 +166,12 @@ backend be
     )
 }
 
-pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path) -> String {
+pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path, front: Front) -> String {
+    // `http2` on a cleartext listener: HTTP/2 with prior knowledge only.
+    let proto = match front {
+        Front::Http1 => "",
+        Front::H2c => " http2",
+    };
     let mut servers = String::new();
     for t in &b.traffic {
         servers.push_str(&format!("        server {t} max_fails=1 fail_timeout=10s;\n"));
@@ -186,7 +204,7 @@ http {{
     }}
 
     server {{
-        listen {listen};
+        listen {listen}{proto};
         location / {{
             proxy_pass http://be;
             proxy_http_version 1.1;
@@ -254,13 +272,20 @@ fn registered_count(registry: SocketAddr) -> usize {
 
 /// Starts a target in front of the backends and waits until it proxies.
 pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<Target> {
+    start_front(kind, env, b, tag, Front::Http1)
+}
+
+/// [`start`] with the listener speaking `front`. The Trellis sidecar takes
+/// HTTP/1.1 and HTTP/2 on the same port, so it needs no switch; an HTTP/2
+/// target is only waited for until it listens (the caller checks it proxies).
+pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front) -> std::io::Result<Target> {
     let listen = free_addr()?;
     let ready = Duration::from_secs(30);
     let target = match kind {
         Kind::Direct => Target { main: None, _support: Vec::new(), addrs: b.traffic.clone() },
         Kind::Haproxy => {
             let cfg = env.work.join(format!("{tag}-haproxy.cfg"));
-            std::fs::write(&cfg, haproxy_config(listen, b))?;
+            std::fs::write(&cfg, haproxy_config(listen, b, front))?;
             let args = vec!["-db".into(), "-f".into(), cfg.display().to_string()];
             let p = Proc::spawn(
                 &format!("{tag}-haproxy"),
@@ -275,7 +300,7 @@ pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<
             let dir = env.work.join(format!("{tag}-nginx"));
             std::fs::create_dir_all(&dir)?;
             let cfg = dir.join("nginx.conf");
-            std::fs::write(&cfg, nginx_config(listen, b, &dir))?;
+            std::fs::write(&cfg, nginx_config(listen, b, &dir, front))?;
             let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), cfg.display().to_string()];
             let p =
                 Proc::spawn(&format!("{tag}-nginx"), Path::new("nginx"), &args, env.proxy_core, &env.work)?;
@@ -312,7 +337,11 @@ pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<
         }
     };
     for a in &target.addrs {
-        if let Err(e) = wait_http_ok(kind.name(), *a, SERVICE, "/", ready) {
+        let waited = match front {
+            Front::Http1 => wait_http_ok(kind.name(), *a, SERVICE, "/", ready),
+            Front::H2c => wait_listening(kind.name(), *a, ready),
+        };
+        if let Err(e) = waited {
             let tail = target.main.as_ref().map(Proc::log_tail).unwrap_or_default();
             return Err(std::io::Error::new(e.kind(), format!("{e}; log:\n{tail}")));
         }
