@@ -38,17 +38,41 @@ const PROBES: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
+    /// The registry on its embedded memory store.
     Trellis,
+    /// The registry on its etcd store, in front of a fresh single etcd; the
+    /// workload is Trellis's HTTP API, exactly as for `Trellis`.
+    TrellisEtcd,
+    /// etcd driven directly through its JSON gateway.
     Etcd,
+    /// The bench's own backend, which answers 200 to anything: what one HTTP
+    /// request and response cost on this machine, the bound for any design
+    /// that sends one request per heartbeat.
+    Floor,
 }
 
 impl System {
     fn name(self) -> &'static str {
         match self {
-            System::Trellis => "Trellis registry",
-            System::Etcd => "etcd",
+            System::Trellis => "Trellis registry (memory store)",
+            System::TrellisEtcd => "Trellis registry (etcd store) + etcd",
+            System::Etcd => "etcd (direct)",
+            System::Floor => "floor: bare HTTP/1.1 responder",
         }
     }
+
+    /// Whether the workload goes through Trellis's HTTP API.
+    fn trellis_api(self) -> bool {
+        matches!(self, System::Trellis | System::TrellisEtcd | System::Floor)
+    }
+}
+
+/// CPU and memory of one process of a system under test.
+struct Part {
+    name: &'static str,
+    cpu_per_1k_ms: f64,
+    idle_kib: u64,
+    loaded_kib: u64,
 }
 
 struct Figures {
@@ -62,11 +86,14 @@ struct Figures {
     hb_window: Duration,
     hb_hist: Histogram<u64>,
     probe_hist: Histogram<u64>,
+    /// Every process of the system together.
     cpu_per_1k_ms: f64,
     cpu_share: f64,
     busy: Vec<f64>,
     idle_kib: u64,
     loaded_kib: u64,
+    /// Each process, when the system has more than one.
+    parts: Vec<Part>,
     prop_hist: Histogram<u64>,
     prop_expected: usize,
     expiry_late_ms: Vec<f64>,
@@ -150,7 +177,7 @@ async fn register_all(
             for k in (c..n).step_by(conns) {
                 let (svc, id) = (service(k, services), format!("i-{k}"));
                 match sys {
-                    System::Trellis => {
+                    System::Trellis | System::TrellisEtcd | System::Floor => {
                         let st = conn.roundtrip(&trellis_register(&svc, &id, BULK_TTL_SECS)).await?;
                         if !(200..300).contains(&st) {
                             return Err(io_err(format!("register answered {st}")));
@@ -190,7 +217,7 @@ struct HbStats {
 fn heartbeat_requests(sys: System, n: usize, services: usize, leases: &[String]) -> Vec<Vec<u8>> {
     (0..n)
         .map(|k| match sys {
-            System::Trellis => request(
+            System::Trellis | System::TrellisEtcd | System::Floor => request(
                 "PUT",
                 &format!("/v1/services/{}/instances/i-{k}/heartbeat", service(k, services)),
                 r#"{"status":"passing"}"#,
@@ -324,7 +351,7 @@ async fn propagation(
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::connect(addr).await?;
             match sys {
-                System::Trellis => {
+                System::Trellis | System::TrellisEtcd | System::Floor => {
                     for r in 0..rounds {
                         conn.roundtrip(&request("GET", &format!("/v1/services/{svc}"), "")).await?;
                         let index = json_index(conn.body()).ok_or_else(|| io_err("view without index"))?;
@@ -363,11 +390,11 @@ async fn propagation(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let sent = Instant::now();
         let id = "prop-watch";
-        let req = match (sys, r % 2) {
-            (System::Trellis, 0) => trellis_register(svc, id, BULK_TTL_SECS),
-            (System::Trellis, _) => request("DELETE", &format!("/v1/services/{svc}/instances/{id}"), ""),
-            (System::Etcd, 0) => etcd_put(svc, id, None),
-            (System::Etcd, _) => request(
+        let req = match (sys.trellis_api(), r % 2) {
+            (true, 0) => trellis_register(svc, id, BULK_TTL_SECS),
+            (true, _) => request("DELETE", &format!("/v1/services/{svc}/instances/{id}"), ""),
+            (false, 0) => etcd_put(svc, id, None),
+            (false, _) => request(
                 "POST",
                 "/v3/kv/deleterange",
                 &format!(r#"{{"key":"{}"}}"#, b64(etcd_key(svc, id).as_bytes())),
@@ -406,7 +433,7 @@ async fn expiry(sys: System, addr: SocketAddr) -> Vec<f64> {
             let mut conn = Conn::connect(addr).await?;
             let ttl = Duration::from_secs(PROBE_TTL_SECS);
             match sys {
-                System::Trellis => {
+                System::Trellis | System::TrellisEtcd | System::Floor => {
                     // Counted from before the registration was sent: the
                     // registry's deadline can only be later, so this never
                     // understates lateness.
@@ -489,43 +516,87 @@ fn etcd_args(client: SocketAddr, peer: SocketAddr, dir: &Path) -> Vec<String> {
     .collect()
 }
 
+/// Starts a fresh single-member etcd on `addr`, its data on tmpfs (fsync
+/// costs it nothing: its best case); the guard removes the data when dropped.
+fn start_etcd(env: &Env, addr: SocketAddr, name: &str) -> Result<(Proc, DirGuard), String> {
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { env.work.clone() };
+    let dir = base.join(format!("trellis-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let guard = DirGuard(dir.clone());
+    let peer = free_addr().map_err(|e| e.to_string())?;
+    let etcd = Proc::spawn(name, Path::new("etcd"), &etcd_args(addr, peer, &dir), env.proxy_core, &env.work)
+        .map_err(|e| e.to_string())?;
+    wait_http_ok("etcd", addr, "bench", "/health", Duration::from_secs(30))
+        .map_err(|e| format!("{e}; log:\n{}", etcd.log_tail()))?;
+    Ok((etcd, guard))
+}
+
+/// The registry's command line in this case.
+fn registry_args(addr: SocketAddr, store: Option<SocketAddr>) -> Vec<String> {
+    let mut args = vec!["--listen".to_string(), addr.to_string()];
+    if let Some(etcd) = store {
+        args.extend(["--store".to_string(), format!("etcd://{etcd}")]);
+    }
+    args
+}
+
 fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result<Figures, String> {
     let (n, services) = match (sys, size) {
         (_, Some(n)) => (n, (n / 100).max(1)),
-        (System::Trellis, None) => (sizes.registry_instances, sizes.registry_services),
-        (System::Etcd, None) => (sizes.etcd_instances, (sizes.etcd_instances / 100).max(1)),
+        (System::Trellis | System::Floor, None) => (sizes.registry_instances, sizes.registry_services),
+        (System::Etcd | System::TrellisEtcd, None) => {
+            (sizes.etcd_instances, (sizes.etcd_instances / 100).max(1))
+        }
     };
     let addr = free_addr().map_err(|e| e.to_string())?;
     let mut _data_dir_guard = None;
-    let server = match sys {
+    // Every process of the system under test, all on the proxy core.
+    let mut procs: Vec<(&'static str, Proc)> = Vec::new();
+    match sys {
         System::Trellis => {
-            let args = vec!["--listen".into(), addr.to_string()];
-            Proc::spawn("reg-registry", &env.bin("registry"), &args, env.proxy_core, &env.work)
-        }
-        System::Etcd => {
-            // etcd's data on tmpfs: fsync costs it nothing, its best case.
-            let base =
-                if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { env.work.clone() };
-            let dir = base.join(format!("trellis-bench-etcd-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            _data_dir_guard = Some(DirGuard(dir.clone()));
-            let peer = free_addr().map_err(|e| e.to_string())?;
-            Proc::spawn(
-                "reg-etcd",
-                Path::new("etcd"),
-                &etcd_args(addr, peer, &dir),
+            let p = Proc::spawn(
+                "reg-registry",
+                &env.bin("registry"),
+                &registry_args(addr, None),
                 env.proxy_core,
                 &env.work,
             )
+            .map_err(|e| e.to_string())?;
+            procs.push(("registry", p));
+        }
+        System::TrellisEtcd => {
+            let etcd_addr = free_addr().map_err(|e| e.to_string())?;
+            let (etcd, guard) = start_etcd(env, etcd_addr, "reg-etcd-store")?;
+            _data_dir_guard = Some(guard);
+            let p = Proc::spawn(
+                "reg-registry-etcd",
+                &env.bin("registry"),
+                &registry_args(addr, Some(etcd_addr)),
+                env.proxy_core,
+                &env.work,
+            )
+            .map_err(|e| e.to_string())?;
+            procs.push(("registry", p));
+            procs.push(("etcd", etcd));
+        }
+        System::Etcd => {
+            let (etcd, guard) = start_etcd(env, addr, "reg-etcd")?;
+            _data_dir_guard = Some(guard);
+            procs.push(("etcd", etcd));
+        }
+        System::Floor => {
+            let args = vec!["backend".to_string(), "--listen".to_string(), addr.to_string()];
+            let p = Proc::spawn("reg-floor", &env.self_exe, &args, env.proxy_core, &env.work)
+                .map_err(|e| e.to_string())?;
+            procs.push(("responder", p));
         }
     }
-    .map_err(|e| e.to_string())?;
     let ready_path = if sys == System::Etcd { "/health" } else { "/v1/services" };
     wait_http_ok(sys.name(), addr, "bench", ready_path, Duration::from_secs(30))
-        .map_err(|e| format!("{e}; log:\n{}", server.log_tail()))?;
+        .map_err(|e| format!("{e}; log:\n{}", procs[0].1.log_tail()))?;
     std::thread::sleep(Duration::from_millis(300));
-    let pid = server.pid();
-    let idle_kib = procstat::rss_kib(pid);
+    let pids: Vec<(&'static str, i32)> = procs.iter().map(|(name, p)| (*name, p.pid())).collect();
+    let idle: Vec<u64> = pids.iter().map(|(_, pid)| procstat::rss_kib(*pid)).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let watchers = sizes.watchers;
     let rounds = if sizes.quick { 1 } else { 3 };
@@ -541,15 +612,19 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
         let hb = tokio::spawn(heartbeats(addr, reqs.clone(), (from, to, stop)));
         let probe = std::thread::spawn(move || probe_heartbeats(addr, reqs, from, to));
         tokio::time::sleep_until(from.into()).await;
-        let cpu0 = procstat::cpu_time(pid);
+        let cpu0: Vec<Duration> = pids.iter().map(|(_, pid)| procstat::cpu_time(*pid)).collect();
         let j0 = procstat::cpu_jiffies();
         tokio::time::sleep_until(to.into()).await;
-        let cpu1 = procstat::cpu_time(pid);
+        let cpu1: Vec<Duration> = pids.iter().map(|(_, pid)| procstat::cpu_time(*pid)).collect();
         let j1 = procstat::cpu_jiffies();
-        let loaded_kib = procstat::rss_kib(pid);
+        let loaded: Vec<u64> = pids.iter().map(|(_, pid)| procstat::rss_kib(*pid)).collect();
         // Watchers and expiry probes on a thread and runtime of their own, so
-        // their reads do not queue behind the heartbeat generator's tasks.
+        // their reads do not queue behind the heartbeat generator's tasks. The
+        // floor keeps no state: nothing to watch or expire.
         let side = std::thread::spawn(move || {
+            if sys == System::Floor {
+                return Ok((new_histogram(), Vec::new()));
+            }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let prop = propagation(sys, addr, watchers, rounds).await?;
@@ -565,7 +640,18 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             .map_err(|e| format!("propagation: {e}"))?;
         let probe_hist = probe.join().map_err(|_| "probe panicked".to_string())?;
         let hb = hb.await.map_err(|e| e.to_string())?;
-        let cpu_per_1k_ms = (cpu1 - cpu0).as_secs_f64() * 1000.0 / (hb.ok.max(1) as f64 / 1000.0);
+        let per_1k = |d: Duration| d.as_secs_f64() * 1000.0 / (hb.ok.max(1) as f64 / 1000.0);
+        let parts: Vec<Part> = pids
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| Part {
+                name,
+                cpu_per_1k_ms: per_1k(cpu1[i].saturating_sub(cpu0[i])),
+                idle_kib: idle[i],
+                loaded_kib: loaded[i],
+            })
+            .collect();
+        let cpu: Duration = cpu1.iter().zip(&cpu0).map(|(b, a)| b.saturating_sub(*a)).sum();
         Ok(Figures {
             system: sys,
             instances: n,
@@ -577,13 +663,14 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             hb_window: window,
             hb_hist: hb.hist,
             probe_hist,
-            cpu_per_1k_ms,
-            cpu_share: 100.0 * (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64(),
+            cpu_per_1k_ms: per_1k(cpu),
+            cpu_share: 100.0 * cpu.as_secs_f64() / window.as_secs_f64(),
             busy: procstat::busy_percent(&j0, &j1),
-            idle_kib,
-            loaded_kib,
+            idle_kib: idle.iter().sum(),
+            loaded_kib: loaded.iter().sum(),
+            parts,
             prop_hist,
-            prop_expected: watchers * rounds,
+            prop_expected: if sys == System::Floor { 0 } else { watchers * rounds },
             expiry_late_ms,
         })
     })
@@ -598,6 +685,32 @@ impl Drop for DirGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Server CPU per 1k heartbeats: the sum, and each process when there are several.
+fn cpu_cell(f: &Figures) -> String {
+    let mut s = format!("{:.2} ms", f.cpu_per_1k_ms);
+    if f.parts.len() > 1 {
+        let each: Vec<String> =
+            f.parts.iter().map(|p| format!("{} {:.2}", p.name, p.cpu_per_1k_ms)).collect();
+        let _ = write!(s, " ({})", each.join(" + "));
+    }
+    s
+}
+
+/// RSS idle → loaded: the sum, and each process when there are several.
+fn rss_cell(f: &Figures) -> String {
+    let mib = |k: u64| k as f64 / 1024.0;
+    let mut s = format!("{:.1} → {:.1} MiB", mib(f.idle_kib), mib(f.loaded_kib));
+    if f.parts.len() > 1 {
+        let each: Vec<String> = f
+            .parts
+            .iter()
+            .map(|p| format!("{} {:.1} → {:.1}", p.name, mib(p.idle_kib), mib(p.loaded_kib)))
+            .collect();
+        let _ = write!(s, " ({})", each.join(" + "));
+    }
+    s
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -619,7 +732,11 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
     if sizes.etcd_instances != sizes.registry_instances {
         runs.push((System::Trellis, Some(sizes.etcd_instances)));
     }
+    // The registry on its etcd store and etcd driven directly, both at etcd's
+    // size; then the floor at full size.
+    runs.push((System::TrellisEtcd, None));
     runs.push((System::Etcd, None));
+    runs.push((System::Floor, None));
     for (sys, size) in runs {
         eprintln!("  case 4: {} {size:?}", sys.name());
         match measure(sys, env, sizes, size) {
@@ -661,7 +778,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         let capacity = if f.cpu_per_1k_ms > 0.0 { 1_000_000.0 / f.cpu_per_1k_ms } else { f64::NAN };
         let _ = writeln!(
             b,
-            "| {} | {} / {} | {:.1} s | {:.0} → {:.0} | {} | {} / {} | {} / {} / {} | {:.2} ms | {:.0}% | {:.0} | {:.1} → {:.1} MiB | {:.0} B | {} |",
+            "| {} | {} / {} | {:.1} s | {:.0} → {:.0} | {} | {} / {} | {} / {} / {} | {} | {:.0}% | {:.0} | {} | {:.0} B | {} |",
             f.system.name(),
             f.instances,
             f.services,
@@ -674,18 +791,17 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
             us(f.probe_hist.value_at_percentile(50.0) as f64 / 1000.0),
             us(f.probe_hist.value_at_percentile(99.0) as f64 / 1000.0),
             us(f.probe_hist.value_at_percentile(99.9) as f64 / 1000.0),
-            f.cpu_per_1k_ms,
+            cpu_cell(f),
             f.cpu_share,
             capacity,
-            f.idle_kib as f64 / 1024.0,
-            f.loaded_kib as f64 / 1024.0,
+            rss_cell(f),
             per_inst,
             f.busy.iter().map(|v| format!("{v:.0}%")).collect::<Vec<_>>().join(" / "),
         );
     }
     let _ = writeln!(b, "\n| system | watchers × rounds heard | propagation p50 | p99 | max | expiry lateness p50 | max | probes heard |");
     let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for f in &figs {
+    for f in figs.iter().filter(|f| f.system != System::Floor) {
         let p = |q: f64| us(f.prop_hist.value_at_percentile(q) as f64 / 1000.0);
         let _ = writeln!(
             b,
@@ -790,6 +906,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
     ] {
         let series: Vec<(String, &Histogram<u64>)> = figs
             .iter()
+            .filter(|f| pick == 0 || f.system != System::Floor)
             .map(|f| {
                 (
                     format!("{} ({} instances)", f.system.name(), f.instances),
