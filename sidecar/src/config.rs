@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// Admin listener (/ready, /metrics, /endpoints).
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
-    /// Tokio worker threads.
+    /// Tokio worker threads; 1 runs everything on the main thread (a
+    /// current-thread runtime: cheapest per request, one core at most).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.

@@ -58,12 +58,17 @@ fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.workers)
-        .thread_name("sidecar")
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime. Everything then runs on the main
+    // thread, with no work-stealing queues and no cross-thread wake-ups
+    // between the client's connection task and the pooled upstream one.
+    let mut builder = if settings.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(settings.workers);
+        b
+    };
+    let runtime = match builder.thread_name("sidecar").enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sidecar: cannot start the runtime: {e}");

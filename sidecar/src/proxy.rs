@@ -82,6 +82,7 @@
 mod body;
 mod grpc;
 mod headers;
+mod pool;
 mod protocol;
 mod upgrade;
 
@@ -109,6 +110,7 @@ use trellis_shared::backoff::Backoff;
 use trellis_shared::{ErrorCode, ServiceName};
 
 pub use body::{BoxError, ReplayBody, ResponseBody};
+use pool::{Checkin, SendError};
 
 use crate::balance::least_loaded;
 use crate::endpoints::{Endpoint, EndpointSet, InFlight, Resolve, ServiceEndpoints};
@@ -197,7 +199,8 @@ struct Shared {
     resolver: Arc<dyn Resolve>,
     config: ProxyConfig,
     metrics: Arc<Metrics>,
-    client: UpstreamClient,
+    /// HTTP/1.1: idle connections per endpoint.
+    pool: Arc<pool::Pool>,
     /// HTTP/2 with prior knowledge: one multiplexed connection per endpoint.
     h2_client: UpstreamClient,
     /// Which endpoints speak HTTP/2 (learnt for HTTP/2 callers).
@@ -238,12 +241,8 @@ pub async fn serve_all(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector.clone());
+    let pool =
+        pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_endpoint);
     let h2_client = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .pool_idle_timeout(config.pool_idle_timeout)
@@ -271,7 +270,7 @@ pub async fn serve_all(
         resolver,
         config,
         metrics,
-        client,
+        pool,
         h2_client,
         protocols: protocol::Protocols::default(),
         pending: AtomicUsize::new(0),
@@ -540,7 +539,7 @@ fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(ep.uri_authority.clone()?);
-    parts.path_and_query = Some(path.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    parts.path_and_query = Some(path.cloned().unwrap_or_else(root));
     Uri::from_parts(parts).ok()
 }
 
@@ -632,7 +631,15 @@ async fn forward(
             let ep = &set.endpoints[idx];
             let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
             let guard = ep.begin();
-            let uri = upstream_uri(ep, path.as_ref()).ok_or_else(|| ProxyError::UpstreamFailed {
+            let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
+                || (downstream_h2 && shared.protocols.speaks_h2(&ep.authority, config.connect_timeout).await);
+            let uri = if h2 {
+                upstream_uri(ep, path.as_ref())
+            } else {
+                // hyper's HTTP/1.1 client writes the URI as given: origin-form.
+                ep.uri_authority.as_ref().map(|_| Uri::from(path.clone().unwrap_or_else(root)))
+            };
+            let uri = uri.ok_or_else(|| ProxyError::UpstreamFailed {
                 service: svc.name.clone(),
                 attempts: attempt,
                 cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
@@ -640,31 +647,34 @@ async fn forward(
             let mut up = Request::new(body.retry());
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            // The last possible attempt takes the headers; earlier ones copy them.
-            *up.headers_mut() = if attempt >= max_attempts {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
-            };
-            let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
-                || (downstream_h2 && shared.protocols.speaks_h2(&ep.authority, config.connect_timeout).await);
-            let client = if h2 {
+            // A copy of the headers only when a later attempt may need them
+            // after this one consumed its own: the HTTP/1.1 pool hands them
+            // back when it could not connect (the only retry a non-idempotent
+            // request gets there); HTTP/2 does not.
+            let keep_copy = attempt < max_attempts && (idempotent || h2);
+            *up.headers_mut() =
+                if keep_copy { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+            // Whether `parts.headers` still holds the headers for a retry.
+            let mut have_headers = keep_copy;
+            if h2 {
                 *up.version_mut() = Version::HTTP_2;
                 if wants_trailers {
                     up.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
                 }
-                &shared.h2_client
             } else {
                 *up.version_mut() = Version::HTTP_11;
-                &shared.client
-            };
+            }
 
             let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
-            let result = match tokio::time::timeout(per_try, client.request(up)).await {
-                Ok(Ok(resp)) => match resp.status() {
+            let mut conn = None;
+            let result = match tokio::time::timeout(per_try, send(shared, ep, up, h2)).await {
+                Ok(Ok((resp, checkin))) => match resp.status() {
                     StatusCode::BAD_GATEWAY
                     | StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT => Attempt::Response(resp),
+                    | StatusCode::GATEWAY_TIMEOUT => {
+                        conn = checkin;
+                        Attempt::Response(resp)
+                    }
                     _ => {
                         let was_ejected = ep.state.outlier.is_ejected();
                         ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
@@ -672,45 +682,24 @@ async fn forward(
                             info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
                         }
                         probe_guard.disarm();
-                        let resp = relay(resp, guard, state);
+                        let resp = relay(resp, guard, state, checkin);
                         debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt, "proxied");
                         return Ok(resp);
                     }
                 },
-                Ok(Err(e)) if e.is_connect() => {
-                    let outcome = if is_refused(&e) { Outcome::Refused } else { Outcome::Failure };
+                Ok(Err(SendError::Connect { refused, cause, headers })) => {
+                    if let Some(h) = headers.filter(|_| !have_headers) {
+                        parts.headers = h;
+                        have_headers = true;
+                    }
+                    let outcome = if refused { Outcome::Refused } else { Outcome::Failure };
                     record_failure(shared, svc, state, set, ep, outcome, via, now);
                     probe_guard.disarm();
-                    Attempt::Failed {
-                        failure: Failure::NotSent,
-                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
-                    }
+                    Attempt::Failed { failure: Failure::NotSent, cause: format!("{}: {cause}", ep.authority) }
                 }
-                Ok(Err(e)) if is_refused_stream(&e) => {
-                    // Overloaded, not broken: counts towards ejection like a
-                    // gateway error, and is safe to send elsewhere.
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                    probe_guard.disarm();
-                    Attempt::Failed {
-                        failure: Failure::NotSent,
-                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
-                    }
-                }
-                Ok(Err(e)) if is_client_body_error(&e) => {
-                    // The client's own body failed (it went away mid-upload):
-                    // not the endpoint's fault, and nothing left to send.
-                    return Err(ProxyError::BadRequest(format!(
-                        "the request body could not be read: {}",
-                        error_chain(&e)
-                    )));
-                }
-                Ok(Err(e)) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                    probe_guard.disarm();
-                    Attempt::Failed {
-                        failure: Failure::Reset,
-                        cause: format!("{}: {}", ep.authority, error_chain(&e)),
-                    }
+                Ok(Err(SendError::Send(e))) => {
+                    let e: &(dyn std::error::Error + 'static) = &*e;
+                    sent_failure(shared, svc, state, set, ep, &mut probe_guard, e, via, now)?
                 }
                 Err(_) => {
                     record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
@@ -732,6 +721,7 @@ async fn forward(
             drop(probe_guard);
 
             let mut retry = attempt < max_attempts
+                && have_headers
                 && may_retry(failure, idempotent, body.is_replayable())
                 && Instant::now() < deadline;
             if retry && !state.budget.try_withdraw(Instant::now()) {
@@ -741,7 +731,7 @@ async fn forward(
             }
             if !retry {
                 return match result {
-                    Attempt::Response(resp) => Ok(relay(resp, guard, state)),
+                    Attempt::Response(resp) => Ok(relay(resp, guard, state, conn)),
                     Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
                         Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() })
                     }
@@ -753,6 +743,7 @@ async fn forward(
                 };
             }
             drop(result);
+            drop(conn);
             drop(guard);
             state.metrics.retries.inc();
             debug!(service = %svc.name, instance = %ep.id, ?failure, attempt, "retrying");
@@ -767,6 +758,59 @@ async fn forward(
         Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: timeout }),
     }
+}
+
+fn root() -> PathAndQuery {
+    PathAndQuery::from_static("/")
+}
+
+/// Sends one attempt: over HTTP/2 through hyper-util's client, else over a
+/// pooled HTTP/1.1 connection, which the response body gives back.
+async fn send(
+    shared: &Shared,
+    ep: &Endpoint,
+    up: Request<ReplayBody<Incoming>>,
+    h2: bool,
+) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+    if !h2 {
+        return shared.pool.send(&ep.authority, up).await.map(|(r, c)| (r, Some(c)));
+    }
+    match shared.h2_client.request(up).await {
+        Ok(r) => Ok((r, None)),
+        Err(e) if e.is_connect() => {
+            Err(SendError::Connect { refused: is_refused(&e), cause: error_chain(&e), headers: None })
+        }
+        Err(e) => Err(SendError::Send(Box::new(e))),
+    }
+}
+
+/// The outcome of an attempt that failed once the request may have been sent.
+#[allow(clippy::too_many_arguments)]
+fn sent_failure(
+    shared: &Shared,
+    svc: &ServiceEndpoints,
+    state: &ServiceState,
+    set: &EndpointSet,
+    ep: &Endpoint,
+    probe_guard: &mut ProbeGuard<'_>,
+    e: &(dyn std::error::Error + 'static),
+    via: Via,
+    now: Instant,
+) -> Result<Attempt, ProxyError> {
+    if is_client_body_error(e) && !is_refused_stream(e) {
+        // The client's own body failed (it went away mid-upload): not the
+        // endpoint's fault, and nothing left to send.
+        return Err(ProxyError::BadRequest(format!(
+            "the request body could not be read: {}",
+            error_chain(e)
+        )));
+    }
+    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
+    probe_guard.disarm();
+    // A refused HTTP/2 stream: overloaded, not broken; it counts towards
+    // ejection like a gateway error, and is safe to send elsewhere.
+    let failure = if is_refused_stream(e) { Failure::NotSent } else { Failure::Reset };
+    Ok(Attempt::Failed { failure, cause: format!("{}: {}", ep.authority, error_chain(e)) })
 }
 
 /// Absolute-form or HTTP/2 without Host: the upstream sees the service name
@@ -784,15 +828,22 @@ fn ensure_host(parts: &mut http::request::Parts) {
 /// An endpoint's response as relayed to the client: hop-by-hop headers
 /// dropped, the in-flight guard in the body, and gRPC's status counted (now
 /// for a trailers-only answer, else when the trailers pass).
-fn relay(resp: Response<Incoming>, guard: InFlight, state: &ServiceState) -> ProxyResponse {
+fn relay(
+    resp: Response<Incoming>,
+    guard: InFlight,
+    state: &ServiceState,
+    conn: Option<Checkin>,
+) -> ProxyResponse {
     let grpc = grpc::is_grpc(resp.headers());
     let mut resp = match resp.headers().get("grpc-status") {
         Some(status) if grpc => {
             state.metrics.grpc.record(Some(status.as_bytes()));
-            resp.map(|b| ResponseBody::upstream(b, guard))
+            resp.map(|b| ResponseBody::upstream(b, guard, conn))
         }
-        _ if grpc => resp.map(|b| ResponseBody::upstream_grpc(b, guard, Arc::clone(&state.metrics.grpc))),
-        _ => resp.map(|b| ResponseBody::upstream(b, guard)),
+        _ if grpc => {
+            resp.map(|b| ResponseBody::upstream_grpc(b, guard, Arc::clone(&state.metrics.grpc), conn))
+        }
+        _ => resp.map(|b| ResponseBody::upstream(b, guard, conn)),
     };
     headers::strip_hop_by_hop(resp.headers_mut());
     resp

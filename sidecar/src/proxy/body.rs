@@ -19,6 +19,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::pool::Checkin;
 use crate::endpoints::InFlight;
 use crate::metrics::GrpcCounters;
 
@@ -92,6 +93,11 @@ fn lock<B>(state: &Mutex<ReplayState<B>>) -> MutexGuard<'_, ReplayState<B>> {
 }
 
 impl<B> ReplayBody<B> {
+    #[cfg(test)]
+    pub fn empty() -> Self {
+        ReplayBody { inner: None }
+    }
+
     /// Whether the whole body can still be sent again.
     pub fn is_replayable(&self) -> bool {
         self.inner.as_ref().is_none_or(|r| !lock(&r.state).capped)
@@ -214,23 +220,50 @@ pin_project! {
     #[project = ResponseBodyProj]
     pub enum ResponseBody<B> {
         /// Relayed from an endpoint; the guard keeps it counted as in flight.
-        Upstream { #[pin] body: B, guard: Option<InFlight>, grpc: Option<Arc<GrpcCounters>> },
+        Upstream {
+            #[pin] body: B,
+            guard: Option<InFlight>,
+            grpc: Option<Arc<GrpcCounters>>,
+            // The pooled HTTP/1.1 connection it came over, returned once the body ends.
+            conn: Option<Checkin>,
+        },
         /// Made by the sidecar (an error).
         Full { data: Option<Bytes> },
     }
 }
 
-impl<B> ResponseBody<B> {
-    pub fn upstream(body: B, guard: InFlight) -> Self {
-        ResponseBody::Upstream { body, guard: Some(guard), grpc: None }
+impl<B: Body> ResponseBody<B> {
+    /// `conn`: the pooled connection the response came over; it goes back to
+    /// the pool when the body has been read to the end (at once if it is empty).
+    pub fn upstream(body: B, guard: InFlight, conn: Option<Checkin>) -> Self {
+        ResponseBody::Upstream { conn: released_if_done(&body, conn), body, guard: Some(guard), grpc: None }
     }
 
     /// Like [`ResponseBody::upstream`], and counts the `grpc-status` of the
     /// trailers (`other` when the body ends or fails without one).
-    pub fn upstream_grpc(body: B, guard: InFlight, grpc: Arc<GrpcCounters>) -> Self {
-        ResponseBody::Upstream { body, guard: Some(guard), grpc: Some(grpc) }
+    pub fn upstream_grpc(body: B, guard: InFlight, grpc: Arc<GrpcCounters>, conn: Option<Checkin>) -> Self {
+        ResponseBody::Upstream {
+            conn: released_if_done(&body, conn),
+            body,
+            guard: Some(guard),
+            grpc: Some(grpc),
+        }
     }
+}
 
+/// hyper does not poll a body that says it has ended, so the connection is
+/// given back as soon as that is known.
+fn released_if_done<B: Body>(body: &B, mut conn: Option<Checkin>) -> Option<Checkin> {
+    if body.is_end_stream() {
+        if let Some(c) = conn.as_mut() {
+            c.release();
+        }
+        return None;
+    }
+    conn
+}
+
+impl<B> ResponseBody<B> {
     /// No body at all (a `101 Switching Protocols`).
     pub fn empty() -> Self {
         ResponseBody::Full { data: None }
@@ -254,8 +287,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { body, guard, grpc } => {
-                let res = ready!(body.poll_frame(cx));
+            ResponseBodyProj::Upstream { mut body, guard, grpc, conn } => {
+                let res = ready!(body.as_mut().poll_frame(cx));
                 match &res {
                     Some(Ok(frame)) => {
                         if let Some(t) = frame.trailers_ref() {
@@ -270,9 +303,21 @@ where
                         }
                     }
                 }
-                if res.is_none() {
-                    // Ended: stop counting now rather than whenever the server drops us.
-                    guard.take();
+                match &res {
+                    None => {
+                        // Ended: stop counting now rather than whenever the server drops us.
+                        guard.take();
+                        if let Some(mut c) = conn.take() {
+                            c.release();
+                        }
+                    }
+                    Some(Ok(_)) if body.is_end_stream() => {
+                        if let Some(mut c) = conn.take() {
+                            c.release();
+                        }
+                    }
+                    // A failed body leaves the connection unusable: dropped with the body.
+                    _ => {}
                 }
                 Poll::Ready(res.map(|r| r.map_err(Into::into)))
             }

@@ -159,7 +159,7 @@ pub(super) async fn forward(
             probe_guard.disarm();
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 // The endpoint declined the upgrade: relay its answer as any other.
-                let mut resp = resp.map(|b| ResponseBody::upstream(b, guard));
+                let mut resp = resp.map(|b| ResponseBody::upstream(b, guard, None));
                 headers::strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp);
             }

@@ -1,0 +1,354 @@
+//! Pooled HTTP/1.1 connections to endpoints, built on hyper's
+//! `client::conn::http1` directly.
+//!
+//! hyper-util's legacy client did the same job with more machinery per
+//! request: a pool checkout racing a connect, an executor-spawned task per
+//! request to put the connection back once it turned idle, and a pool key
+//! built from the URI. Here a request pops an idle connection of its endpoint
+//! (or connects), sends on it, and the response body hands the connection
+//! back when its last byte has been read ([`Checkin`]).
+//!
+//! - **Key**: the endpoint's `host:port`.
+//! - **Reuse**: last in, first out, so a burst's extra connections age out.
+//!   Only a connection whose response body was read to the end goes back; one
+//!   whose body was abandoned, or that closed, is dropped (and hyper closes it).
+//! - **Limits**: at most `max_idle` idle connections per endpoint (the oldest
+//!   is closed to make room); an idle connection older than `idle_timeout` is
+//!   closed, at the latest by the sweeper one `idle_timeout` later.
+//! - **Stale connections**: an endpoint may close an idle connection just as
+//!   a request takes it. hyper then hands the unsent request back, and it goes
+//!   out on another connection, as the legacy client's
+//!   `retry_canceled_requests` did; only a fresh connection's failure counts.
+
+use std::collections::{HashMap, VecDeque};
+use std::error::Error as StdError;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use http::{HeaderMap, Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::body::ReplayBody;
+
+type Sender = SendRequest<ReplayBody<Incoming>>;
+
+/// Why an attempt over HTTP/1.1 (or the HTTP/2 client) failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing of the request was sent. The
+    /// request's headers come back when the pool had them, so a retry does
+    /// not need a copy made in advance.
+    Connect { refused: bool, cause: String, headers: Option<HeaderMap> },
+    /// The request may have reached the endpoint.
+    Send(Box<dyn StdError + Send + Sync>),
+}
+
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+/// Idle HTTP/1.1 connections per endpoint.
+pub struct Pool {
+    idle: Mutex<HashMap<String, VecDeque<Idle>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl Pool {
+    /// A pool and its sweeper task, which ends once the pool is dropped.
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
+        let pool =
+            Arc::new(Pool { idle: Mutex::new(HashMap::new()), connect_timeout, idle_timeout, max_idle });
+        tokio::spawn(sweep(Arc::downgrade(&pool)));
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Idle>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to the endpoint at `authority`;
+    /// the response body should carry the returned [`Checkin`].
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &str,
+        mut req: Request<ReplayBody<Incoming>>,
+    ) -> Result<(Response<Incoming>, Checkin), SendError> {
+        loop {
+            let (mut tx, reused) = match self.checkout(authority) {
+                Some(tx) => (tx, true),
+                None => match self.connect(authority).await {
+                    Ok(tx) => (tx, false),
+                    Err((refused, cause)) => {
+                        let headers = Some(req.into_parts().0.headers);
+                        return Err(SendError::Connect { refused, cause, headers });
+                    }
+                },
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let checkin =
+                        Checkin { pool: Arc::downgrade(self), authority: authority.into(), tx: Some(tx) };
+                    return Ok((resp, checkin));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The connection closed before the request went out: it
+                    // was never sent, so another connection may take it.
+                    Some(back) if reused => {
+                        debug!(%authority, error = %e.error(), "pooled connection was closed; sending on another");
+                        req = back;
+                    }
+                    _ => return Err(SendError::Send(Box::new(e.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still open and ready.
+    fn checkout(&self, authority: &str) -> Option<Sender> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(authority)?;
+        while let Some(c) = list.pop_back() {
+            if c.since.elapsed() >= self.idle_timeout {
+                // The rest are older still.
+                list.clear();
+                break;
+            }
+            if c.tx.is_ready() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    /// `Err((refused, cause))`.
+    async fn connect(&self, authority: &str) -> Result<Sender, (bool, String)> {
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err((
+                    e.kind() == std::io::ErrorKind::ConnectionRefused,
+                    format!("tcp connect error: {e}"),
+                ))
+            }
+            Err(_) => return Err((false, format!("tcp connect timed out after {:?}", self.connect_timeout))),
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| (false, format!("http/1.1 handshake: {e}")))?;
+        let authority = authority.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%authority, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    fn put(&self, authority: String, tx: Sender) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.lock();
+        let list = idle.entry(authority).or_default();
+        if list.len() >= self.max_idle {
+            list.pop_front();
+        }
+        list.push_back(Idle { tx, since: Instant::now() });
+    }
+
+    /// Closes connections idle for longer than the timeout and forgets
+    /// endpoints without any.
+    fn sweep_once(&self) {
+        let timeout = self.idle_timeout;
+        // Dropped after the lock is released: closing is the connections' business.
+        let mut closed = Vec::new();
+        {
+            let mut idle = self.lock();
+            idle.retain(|_, list| {
+                while list.front().is_some_and(|c| c.since.elapsed() >= timeout || !c.tx.is_ready()) {
+                    closed.extend(list.pop_front());
+                }
+                !list.is_empty()
+            });
+        }
+        drop(closed);
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self, authority: &str) -> usize {
+        self.lock().get(authority).map_or(0, VecDeque::len)
+    }
+}
+
+async fn sweep(pool: Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(p) => p.idle_timeout.max(Duration::from_millis(100)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.sweep_once(),
+            None => return,
+        }
+    }
+}
+
+/// A connection lent to one request; the response body gives it back with
+/// [`Checkin::release`] once it has been read to the end. Dropped otherwise,
+/// which closes the connection.
+pub struct Checkin {
+    pool: Weak<Pool>,
+    authority: Box<str>,
+    tx: Option<Sender>,
+}
+
+impl Checkin {
+    /// The response was read to the end: the connection may serve another request.
+    pub fn release(&mut self) {
+        let Some(mut tx) = self.tx.take() else {
+            return;
+        };
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let authority = String::from(std::mem::take(&mut self.authority));
+        if tx.is_ready() {
+            pool.put(authority, tx);
+            return;
+        }
+        if tx.is_closed() {
+            return;
+        }
+        // hyper has not polled the connection since the body ended (another
+        // worker thread), or the request body is still going out: wait for
+        // it without holding the response up.
+        let pool = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            if tx.ready().await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(authority, tx);
+                }
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for Checkin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkin").field("authority", &self.authority).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An HTTP/1.1 server answering "ok", counting the connections it accepted.
+    async fn server() -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn request(addr: &str) -> Request<ReplayBody<Incoming>> {
+        let mut req = Request::new(ReplayBody::empty());
+        req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_str(addr).unwrap());
+        req
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_only_after_its_body_was_read() {
+        let (addr, accepted) = server().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8);
+        let (resp, mut checkin) = pool.send(&addr, request(&addr)).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        checkin.release();
+        assert_eq!(pool.idle_count(&addr), 1);
+        let (resp, checkin) = pool.send(&addr, request(&addr)).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Abandoned before its body was read: not returned.
+        drop((resp, checkin));
+        assert_eq!(pool.idle_count(&addr), 0);
+        let (_resp, _checkin) = pool.send(&addr, request(&addr)).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// Three connections lent at once, all returned.
+    async fn three_returned(pool: &Arc<Pool>, addr: &str) {
+        let mut lent = Vec::new();
+        for _ in 0..3 {
+            let (resp, checkin) = pool.send(addr, request(addr)).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            lent.push(checkin);
+        }
+        for c in &mut lent {
+            c.release();
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_per_endpoint() {
+        let (addr, _) = server().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 2);
+        three_returned(&pool, &addr).await;
+        assert_eq!(pool.idle_count(&addr), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_not_used() {
+        let (addr, accepted) = server().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::ZERO, 8);
+        three_returned(&pool, &addr).await;
+        assert_eq!(pool.idle_count(&addr), 3);
+        assert!(pool.checkout(&addr).is_none());
+        assert_eq!(pool.idle_count(&addr), 0);
+        pool.sweep_once();
+        assert!(pool.lock().is_empty());
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_reported_as_such() {
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().to_string();
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8);
+        match pool.send(&gone, request(&gone)).await {
+            Err(SendError::Connect { refused: true, .. }) => {}
+            other => panic!("expected a refused connect, got {other:?}"),
+        }
+    }
+}
