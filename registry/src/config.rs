@@ -64,6 +64,11 @@ pub struct Config {
     /// How long a shutdown waits for open requests to finish before exiting anyway.
     #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Tokio worker threads. 1 runs everything on the main thread (a
+    /// current-thread runtime: no work-stealing hand-offs, the cheapest per
+    /// request when the registry has one core); 0 (the default) starts one per core.
+    #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it when set.
     #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -111,6 +116,7 @@ impl Default for Config {
             max_connections: 20_000,
             max_body: 65_536,
             shutdown_grace: Duration::from_secs(5),
+            workers: 0,
             log_level: "info".into(),
             store: StoreSpec::Memory,
             etcd_timeout: Duration::from_secs(1),
@@ -182,6 +188,7 @@ mod tests {
         assert_eq!(cli.config.default_ttl, d.default_ttl);
         assert_eq!(cli.config.max_wait, d.max_wait);
         assert_eq!(cli.config.max_watches, d.max_watches);
+        assert_eq!(cli.config.workers, d.workers);
         assert!(d.validate().is_ok());
     }
 

@@ -94,17 +94,14 @@ pub async fn run(
 /// Flags discovery answers `X-Trellis-Stale: true` while the store serves
 /// them from a copy it cannot refresh (an etcd cluster without quorum).
 fn flag_stale<S: Store>(app: axum::Router, store: Arc<S>, metrics: Arc<Metrics>) -> axum::Router {
+    // A ready future: no per-response clone of the handles for the common, fresh case.
     app.layer(axum::middleware::map_response(move |mut resp: axum::response::Response| {
-        let stale = store.stale() && resp.status().is_success();
-        let metrics = metrics.clone();
-        async move {
-            if stale {
-                resp.headers_mut()
-                    .insert(trellis_shared::STALE_HEADER, axum::http::HeaderValue::from_static("true"));
-                metrics.etcd.stale_answers.inc();
-            }
-            resp
+        if store.stale() && resp.status().is_success() {
+            resp.headers_mut()
+                .insert(trellis_shared::STALE_HEADER, axum::http::HeaderValue::from_static("true"));
+            metrics.etcd.stale_answers.inc();
         }
+        std::future::ready(resp)
     }))
 }
 
