@@ -41,13 +41,23 @@ fn strip_port(host: &str) -> &str {
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The hop-by-hop headers dropped whether `Connection` names them or not.
+static HOP_BY_HOP: [&HeaderName; 5] = [&KEEP_ALIVE, &PROXY_CONNECTION, &TE, &TRANSFER_ENCODING, &UPGRADE];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION || HOP_BY_HOP.contains(&name)
+}
+
 /// Removes the headers that concern only one connection (RFC 9110 §7.6.1):
 /// those named in `Connection`, and `Connection`, `Proxy-Connection`,
 /// `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`. hyper frames bodies
 /// itself on each side. End-to-end headers (`x-request-id`, `traceparent`, ...)
 /// are not touched.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // Most messages carry none: one pass over the few names present is
+    // cheaper than hashing each hop-by-hop name (this ran twice per request
+    // and was about 3 % of the proxy's instructions).
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if headers.contains_key(CONNECTION) {
@@ -63,7 +73,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &TE, &TRANSFER_ENCODING, &UPGRADE] {
+    for name in HOP_BY_HOP {
         if headers.contains_key(name) {
             headers.remove(name);
         }
@@ -114,5 +124,20 @@ mod tests {
         left.sort();
         assert_eq!(left, ["host", "traceparent", "x-request-id"]);
         assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    }
+
+    #[test]
+    fn any_single_hop_by_hop_header_is_found() {
+        for name in ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"] {
+            let mut h = HeaderMap::new();
+            h.insert("x-request-id", "abc".parse().unwrap());
+            h.insert(HeaderName::from_static(name), "x".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-request-id"], "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "abc".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 }

@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -53,9 +54,33 @@ struct Idle {
     since: Instant,
 }
 
+type IdleMap = HashMap<String, VecDeque<Idle>, BuildHasherDefault<Fnv>>;
+
+/// FNV-1a for the pool's keys: short `host:port` strings from the registry,
+/// hashed twice per request, where SipHash's flooding resistance buys nothing.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 /// Idle HTTP/1.1 connections per endpoint.
 pub struct Pool {
-    idle: Mutex<HashMap<String, VecDeque<Idle>>>,
+    idle: Mutex<IdleMap>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -64,13 +89,12 @@ pub struct Pool {
 impl Pool {
     /// A pool and its sweeper task, which ends once the pool is dropped.
     pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
-        let pool =
-            Arc::new(Pool { idle: Mutex::new(HashMap::new()), connect_timeout, idle_timeout, max_idle });
+        let pool = Arc::new(Pool { idle: Mutex::default(), connect_timeout, idle_timeout, max_idle });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Idle>>> {
+    fn lock(&self) -> MutexGuard<'_, IdleMap> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
