@@ -1,10 +1,11 @@
 //! The outbound proxy: a hyper server on the outbound port that routes each
 //! request by its Host (or absolute-form URI host) to an endpoint of that
-//! service, picked by least-connections, through hyper-util's pooled
-//! keep-alive client, with retries, timeouts and passive outlier detection.
+//! service, picked by least-connections, over a pooled keep-alive connection
+//! to it, with retries, timeouts and passive outlier detection.
 //!
 //! Submodules: [`body`] (the replayable request body and the response body that
-//! carries the in-flight guard), [`headers`] (target service, hop-by-hop headers).
+//! carries the in-flight guard), [`headers`] (target service, hop-by-hop headers),
+//! [`pool`] (idle HTTP/1.1 connections per endpoint).
 //!
 //! # The rules
 //!
@@ -61,8 +62,9 @@
 //! - **HTTP/2 upstream**: a request to an endpoint whose metadata says
 //!   `protocol=h2c`, or that arrived over HTTP/2 and goes to an endpoint that
 //!   speaks HTTP/2 (see [`protocol`]: probed once per endpoint), is sent over
-//!   HTTP/2 with prior knowledge through a second client, so each endpoint gets
-//!   one multiplexed connection; everything else goes over pooled HTTP/1.1. The
+//!   HTTP/2 with prior knowledge through hyper-util's client, so each endpoint
+//!   gets one multiplexed connection; everything else goes over pooled HTTP/1.1
+//!   (see [`pool`]: a connection is reused once its response was read). The
 //!   client's `TE: trailers` is kept towards HTTP/2 upstreams and trailers
 //!   pass through both ways.
 //! - **gRPC** (see [`grpc`]): `grpc-timeout` shortens the overall timeout; a
@@ -622,141 +624,143 @@ async fn forward(
     let mut backoff: Option<Backoff> = None;
     let mut attempt = 0u32;
 
-    let overall = async {
-        loop {
-            attempt += 1;
-            let now = Instant::now();
-            let (idx, via) =
-                choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
-            let ep = &set.endpoints[idx];
-            let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
-            let guard = ep.begin();
-            let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
-                || (downstream_h2 && shared.protocols.speaks_h2(&ep.authority, config.connect_timeout).await);
-            let uri = if h2 {
-                upstream_uri(ep, path.as_ref())
-            } else {
-                // hyper's HTTP/1.1 client writes the URI as given: origin-form.
-                ep.uri_authority.as_ref().map(|_| Uri::from(path.clone().unwrap_or_else(root)))
-            };
-            let uri = uri.ok_or_else(|| ProxyError::UpstreamFailed {
-                service: svc.name.clone(),
-                attempts: attempt,
-                cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
-            })?;
-            let mut up = Request::new(body.retry());
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
-            // A copy of the headers only when a later attempt may need them
-            // after this one consumed its own: the HTTP/1.1 pool hands them
-            // back when it could not connect (the only retry a non-idempotent
-            // request gets there); HTTP/2 does not.
-            let keep_copy = attempt < max_attempts && (idempotent || h2);
-            *up.headers_mut() =
-                if keep_copy { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            // Whether `parts.headers` still holds the headers for a retry.
-            let mut have_headers = keep_copy;
-            if h2 {
-                *up.version_mut() = Version::HTTP_2;
-                if wants_trailers {
-                    up.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-                }
-            } else {
-                *up.version_mut() = Version::HTTP_11;
-            }
-
-            let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
-            let mut conn = None;
-            let result = match tokio::time::timeout(per_try, send(shared, ep, up, h2)).await {
-                Ok(Ok((resp, checkin))) => match resp.status() {
-                    StatusCode::BAD_GATEWAY
-                    | StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT => {
-                        conn = checkin;
-                        Attempt::Response(resp)
-                    }
-                    _ => {
-                        let was_ejected = ep.state.outlier.is_ejected();
-                        ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
-                        if was_ejected && !ep.state.outlier.is_ejected() {
-                            info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
-                        }
-                        probe_guard.disarm();
-                        let resp = relay(resp, guard, state, checkin);
-                        debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt, "proxied");
-                        return Ok(resp);
-                    }
-                },
-                Ok(Err(SendError::Connect { refused, cause, headers })) => {
-                    if let Some(h) = headers.filter(|_| !have_headers) {
-                        parts.headers = h;
-                        have_headers = true;
-                    }
-                    let outcome = if refused { Outcome::Refused } else { Outcome::Failure };
-                    record_failure(shared, svc, state, set, ep, outcome, via, now);
-                    probe_guard.disarm();
-                    Attempt::Failed { failure: Failure::NotSent, cause: format!("{}: {cause}", ep.authority) }
-                }
-                Ok(Err(SendError::Send(e))) => {
-                    let e: &(dyn std::error::Error + 'static) = &*e;
-                    sent_failure(shared, svc, state, set, ep, &mut probe_guard, e, via, now)?
-                }
-                Err(_) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                    probe_guard.disarm();
-                    Attempt::Failed {
-                        failure: Failure::PerTryTimeout,
-                        cause: format!("no response headers within {per_try:?}"),
-                    }
-                }
-            };
-            let failure = match &result {
-                Attempt::Response(_) => {
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                    probe_guard.disarm();
-                    Failure::GatewayStatus
-                }
-                Attempt::Failed { failure, .. } => *failure,
-            };
-            drop(probe_guard);
-
-            let mut retry = attempt < max_attempts
-                && have_headers
-                && may_retry(failure, idempotent, body.is_replayable())
-                && Instant::now() < deadline;
-            if retry && !state.budget.try_withdraw(Instant::now()) {
-                state.metrics.retries_refused.inc();
-                debug!(service = %svc.name, "retry refused by the budget");
-                retry = false;
-            }
-            if !retry {
-                return match result {
-                    Attempt::Response(resp) => Ok(relay(resp, guard, state, conn)),
-                    Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
-                        Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() })
-                    }
-                    Attempt::Failed { cause, .. } => Err(ProxyError::UpstreamFailed {
-                        service: svc.name.clone(),
-                        attempts: attempt,
-                        cause,
-                    }),
-                };
-            }
-            drop(result);
-            drop(conn);
-            drop(guard);
-            state.metrics.retries.inc();
-            debug!(service = %svc.name, instance = %ep.id, ?failure, attempt, "retrying");
-            tried.push(idx);
-            let delay = backoff
-                .get_or_insert_with(|| Backoff::new(config.retry.backoff_base, config.retry.backoff_cap))
-                .next_delay();
-            tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+    // No timer of its own for the overall timeout: each attempt's timer ends
+    // at the deadline at the latest, and so does each backoff.
+    loop {
+        attempt += 1;
+        let now = Instant::now();
+        if attempt > 1 && now >= deadline {
+            return Err(ProxyError::Timeout { service: svc.name.clone(), waited: timeout });
         }
-    };
-    match tokio::time::timeout_at(deadline, overall).await {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: timeout }),
+        let (idx, via) = choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
+        let ep = &set.endpoints[idx];
+        let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
+        let guard = ep.begin();
+        let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
+            || (downstream_h2 && {
+                let probe = shared.protocols.speaks_h2(&ep.authority, config.connect_timeout);
+                match tokio::time::timeout_at(deadline, probe).await {
+                    Ok(h2) => h2,
+                    Err(_) => return Err(ProxyError::Timeout { service: svc.name.clone(), waited: timeout }),
+                }
+            });
+        let uri = if h2 {
+            upstream_uri(ep, path.as_ref())
+        } else {
+            // hyper's HTTP/1.1 client writes the URI as given: origin-form.
+            ep.uri_authority.as_ref().map(|_| Uri::from(path.clone().unwrap_or_else(root)))
+        };
+        let uri = uri.ok_or_else(|| ProxyError::UpstreamFailed {
+            service: svc.name.clone(),
+            attempts: attempt,
+            cause: format!("endpoint authority {:?} is not valid in a URI", ep.authority),
+        })?;
+        let mut up = Request::new(body.retry());
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        // A copy of the headers only when a later attempt may need them
+        // after this one consumed its own: the HTTP/1.1 pool hands them
+        // back when it could not connect (the only retry a non-idempotent
+        // request gets there); HTTP/2 does not.
+        let keep_copy = attempt < max_attempts && (idempotent || h2);
+        *up.headers_mut() =
+            if keep_copy { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+        // Whether `parts.headers` still holds the headers for a retry.
+        let mut have_headers = keep_copy;
+        if h2 {
+            *up.version_mut() = Version::HTTP_2;
+            if wants_trailers {
+                up.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            }
+        } else {
+            *up.version_mut() = Version::HTTP_11;
+        }
+
+        // A protocol probe may have taken a while.
+        let sent_at = if downstream_h2 { Instant::now() } else { now };
+        let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(sent_at));
+        let mut conn = None;
+        let result = match tokio::time::timeout(per_try, send(shared, ep, up, h2)).await {
+            Ok(Ok((resp, checkin))) => match resp.status() {
+                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                    conn = checkin;
+                    Attempt::Response(resp)
+                }
+                _ => {
+                    let was_ejected = ep.state.outlier.is_ejected();
+                    ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
+                    if was_ejected && !ep.state.outlier.is_ejected() {
+                        info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
+                    }
+                    probe_guard.disarm();
+                    let resp = relay(resp, guard, state, checkin);
+                    debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt, "proxied");
+                    return Ok(resp);
+                }
+            },
+            Ok(Err(SendError::Connect { refused, cause, headers })) => {
+                if let Some(h) = headers.filter(|_| !have_headers) {
+                    parts.headers = h;
+                    have_headers = true;
+                }
+                let outcome = if refused { Outcome::Refused } else { Outcome::Failure };
+                record_failure(shared, svc, state, set, ep, outcome, via, now);
+                probe_guard.disarm();
+                Attempt::Failed { failure: Failure::NotSent, cause: format!("{}: {cause}", ep.authority) }
+            }
+            Ok(Err(SendError::Send(e))) => {
+                let e: &(dyn std::error::Error + 'static) = &*e;
+                sent_failure(shared, svc, state, set, ep, &mut probe_guard, e, via, now)?
+            }
+            Err(_) => {
+                record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
+                probe_guard.disarm();
+                Attempt::Failed {
+                    failure: Failure::PerTryTimeout,
+                    cause: format!("no response headers within {per_try:?}"),
+                }
+            }
+        };
+        let failure = match &result {
+            Attempt::Response(_) => {
+                record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
+                probe_guard.disarm();
+                Failure::GatewayStatus
+            }
+            Attempt::Failed { failure, .. } => *failure,
+        };
+        drop(probe_guard);
+
+        let mut retry = attempt < max_attempts
+            && have_headers
+            && may_retry(failure, idempotent, body.is_replayable())
+            && Instant::now() < deadline;
+        if retry && !state.budget.try_withdraw(Instant::now()) {
+            state.metrics.retries_refused.inc();
+            debug!(service = %svc.name, "retry refused by the budget");
+            retry = false;
+        }
+        if !retry {
+            return match result {
+                Attempt::Response(resp) => Ok(relay(resp, guard, state, conn)),
+                Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
+                    Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() })
+                }
+                Attempt::Failed { cause, .. } => {
+                    Err(ProxyError::UpstreamFailed { service: svc.name.clone(), attempts: attempt, cause })
+                }
+            };
+        }
+        drop(result);
+        drop(conn);
+        drop(guard);
+        state.metrics.retries.inc();
+        debug!(service = %svc.name, instance = %ep.id, ?failure, attempt, "retrying");
+        tried.push(idx);
+        let delay = backoff
+            .get_or_insert_with(|| Backoff::new(config.retry.backoff_base, config.retry.backoff_cap))
+            .next_delay();
+        tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
     }
 }
 
