@@ -64,11 +64,107 @@ type Shared<S> = Arc<Ctx<S>>;
 static INDEX_NAME: HeaderName = HeaderName::from_static(INDEX_HEADER);
 static EPOCH_NAME: HeaderName = HeaderName::from_static(EPOCH_HEADER);
 
-pub fn router<S: Store>(state: AppState<S>) -> Router {
+/// The API: the heartbeat route served directly, everything else through
+/// the axum router. Clones are cheap.
+pub struct Api<S> {
+    pub router: Router,
+    ctx: Shared<S>,
+}
+
+impl<S> Clone for Api<S> {
+    fn clone(&self) -> Self {
+        Api { router: self.router.clone(), ctx: self.ctx.clone() }
+    }
+}
+
+/// `(service, id)` of `/v1/services/{service}/instances/{id}/heartbeat`, for
+/// paths without percent-escapes (valid names never need them; escaped paths
+/// go through the router, which decodes them).
+pub fn heartbeat_path(path: &str) -> Option<(&str, &str)> {
+    if path.contains('%') {
+        return None;
+    }
+    let rest = path.strip_prefix("/v1/services/")?.strip_suffix("/heartbeat")?;
+    let (service, id) = rest.split_once("/instances/")?;
+    (!service.is_empty() && !service.contains('/') && !id.is_empty() && !id.contains('/'))
+        .then_some((service, id))
+}
+
+impl<S: Store> Api<S> {
+    pub fn new(state: AppState<S>) -> Self {
+        let epoch = HeaderValue::from_str(state.store.epoch()).ok();
+        let ctx: Shared<S> = Arc::new(Ctx { app: state, epoch });
+        Api { router: router(ctx.clone()), ctx }
+    }
+
+    /// Heartbeats are most of a registry's requests: the router's dispatch,
+    /// middleware and extractors (a copy of the header map, owned path
+    /// strings) were about a tenth of the registry's CPU per heartbeat, so the
+    /// heartbeat route is matched here and served with the same checks,
+    /// errors and metrics. `None` when the request is not a heartbeat.
+    pub fn heartbeat<B>(&self, req: &axum::http::Request<B>) -> Option<(ServiceName, InstanceId)> {
+        if req.method() != Method::PUT {
+            return None;
+        }
+        let (service, id) = heartbeat_path(req.uri().path())?;
+        // Invalid names take the router, which words the error.
+        Some((ServiceName::new(service.to_string()).ok()?, InstanceId::new(id.to_string()).ok()?))
+    }
+
+    /// Flags successful answers `X-Trellis-Stale: true` while the store serves
+    /// them from a copy it cannot refresh (an etcd cluster without quorum).
+    pub fn mark_stale(&self, mut resp: Response) -> Response {
+        if self.ctx.store.stale() && resp.status().is_success() {
+            resp.headers_mut().insert(trellis_shared::STALE_HEADER, HeaderValue::from_static("true"));
+            self.ctx.metrics.etcd.stale_answers.inc();
+        }
+        resp
+    }
+
+    /// Serves a heartbeat matched by [`Api::heartbeat`].
+    pub async fn serve_heartbeat<B>(
+        &self,
+        (service, id): (ServiceName, InstanceId),
+        req: axum::http::Request<B>,
+    ) -> Response
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use http_body_util::BodyExt;
+        let started = tokio::time::Instant::now();
+        let st = &self.ctx;
+        let limit = st.config.max_body;
+        let (parts, body) = req.into_parts();
+        let result = match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(c) => match json_body(&parts.headers, c.to_bytes()) {
+                Ok(body) => renew(st, service, id, body).await,
+                Err(e) => Err(e),
+            },
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+            Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
+        };
+        let resp = result.unwrap_or_else(IntoResponse::into_response);
+        let status = resp.status().as_u16();
+        let elapsed = started.elapsed();
+        st.metrics
+            .requests
+            .get_or_create(&RequestLabels { route: Route::Heartbeat, status })
+            .observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            route = Route::Heartbeat.as_str(),
+            method = "PUT",
+            status,
+            elapsed_us = elapsed.as_micros() as u64,
+            "request"
+        );
+        resp
+    }
+}
+
+fn router<S: Store>(state: Shared<S>) -> Router {
     let metrics = state.metrics.clone();
     let max_body = state.config.max_body;
-    let epoch = HeaderValue::from_str(state.store.epoch()).ok();
-    let state: Shared<S> = Arc::new(Ctx { app: state, epoch });
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text::<S>))
@@ -167,6 +263,11 @@ fn body_bytes(
         }
         Err(e) => return Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
     };
+    json_body(headers, bytes)
+}
+
+/// A body read whole: `None` when empty, an error unless it is JSON.
+fn json_body(headers: &HeaderMap, bytes: Bytes) -> Result<Option<Bytes>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -274,7 +375,18 @@ async fn heartbeat<S: Store>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (service, id) = instance_path(path)?;
-    let req = match body_bytes(&headers, body, st.config.max_body)? {
+    let body = body_bytes(&headers, body, st.config.max_body)?;
+    renew(&st, service, id, body).await
+}
+
+/// A heartbeat after its path and body were read.
+async fn renew<S: Store>(
+    st: &Ctx<S>,
+    service: ServiceName,
+    id: InstanceId,
+    body: Option<Bytes>,
+) -> Result<Response, ApiError> {
+    let req = match body {
         None => HeartbeatRequest::default(),
         Some(b) => serde_json::from_slice::<HeartbeatRequest>(&b).map_err(ApiError::from_json)?,
     };
@@ -283,7 +395,7 @@ async fn heartbeat<S: Store>(
         st.store.heartbeat(&service, &id, Heartbeat { status: req.status, output: req.output }).await?;
     st.metrics.heartbeats.inc();
     let resp = StatusCode::NO_CONTENT.into_response();
-    Ok(with_index(resp, outcome.index, &st))
+    Ok(with_index(resp, outcome.index, st))
 }
 
 async fn deregister<S: Store>(
@@ -303,4 +415,93 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().chars().take(200).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use http_body_util::Full;
+    use tokio_util::sync::CancellationToken;
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+    use crate::store::memory::StoreMetrics;
+    use crate::store::MemoryStore;
+
+    fn put(path: &str, body: &str) -> axum::http::Request<Full<Bytes>> {
+        axum::http::Request::builder()
+            .method(Method::PUT)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_direct_heartbeat_route_keeps_the_checks_errors_and_metrics() {
+        let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
+        let metrics = Arc::new(Metrics::new());
+        let config = Arc::new(Config { max_body: 1024, ..Config::default() });
+        let watches = Arc::new(Watches::new(10, CancellationToken::new(), metrics.clone()));
+        let api = Api::new(AppState { store: store.clone(), config, metrics: metrics.clone(), watches });
+        let users = ServiceName::new("users").unwrap();
+        let instance = Instance {
+            id: InstanceId::new("u1").unwrap(),
+            address: Address::new("10.0.0.1").unwrap(),
+            port: 80,
+            zone: None,
+            weight: 100,
+            metadata: BTreeMap::new(),
+            status: HealthStatus::Passing,
+            output: String::new(),
+        };
+        store.register(&users, Registration { instance, ttl: Duration::from_secs(60) }).await.unwrap();
+        let call = |req: axum::http::Request<Full<Bytes>>| {
+            let api = api.clone();
+            async move {
+                let names = api.heartbeat(&req).expect("a heartbeat route");
+                api.serve_heartbeat(names, req).await
+            }
+        };
+        let hb = "/v1/services/users/instances/u1/heartbeat";
+        let ok = call(put(hb, r#"{"status":"warning"}"#)).await;
+        assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+        assert!(ok.headers().contains_key(INDEX_HEADER) && ok.headers().contains_key(EPOCH_HEADER));
+        assert_eq!(store.snapshot(&users).instances()[0].status, HealthStatus::Warning);
+        let cases = [
+            (put(hb, &format!(r#"{{"output":"{}"}}"#, "a".repeat(2000))), StatusCode::PAYLOAD_TOO_LARGE),
+            (put(hb, r#"{"status":"#), StatusCode::BAD_REQUEST),
+            (put("/v1/services/users/instances/u9/heartbeat", ""), StatusCode::NOT_FOUND),
+        ];
+        for (req, status) in cases {
+            assert_eq!(call(req).await.status(), status);
+        }
+        let mut plain = put(hb, "{}");
+        plain.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(call(plain).await.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        // Invalid names and other methods are left to the router.
+        assert!(api.heartbeat(&put("/v1/services/Users/instances/u1/heartbeat", "")).is_none());
+        let mut get = put(hb, "");
+        *get.method_mut() = Method::GET;
+        assert!(api.heartbeat(&get).is_none());
+        let text = metrics.render(&store.list());
+        assert!(text.contains("route=\"heartbeat\",status=\"413\""), "{text}");
+    }
+
+    #[test]
+    fn matches_only_plain_heartbeat_paths() {
+        assert_eq!(heartbeat_path("/v1/services/users/instances/a-1/heartbeat"), Some(("users", "a-1")));
+        for other in [
+            "/v1/services/users/instances/a-1",
+            "/v1/services/users/instances//heartbeat",
+            "/v1/services//instances/a/heartbeat",
+            "/v1/services/users/instances/a/b/heartbeat",
+            "/v1/services/users/x/instances/a/heartbeat",
+            "/v1/services/users/instances/a%2Fb/heartbeat",
+            "/v2/services/users/instances/a/heartbeat",
+        ] {
+            assert_eq!(heartbeat_path(other), None, "{other}");
+        }
+    }
 }

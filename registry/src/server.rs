@@ -7,14 +7,16 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::{router, AppState};
+use axum::response::Response;
+use tower::ServiceExt;
+
+use crate::api::{Api, AppState};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::store::etcd::{EtcdSettings, EtcdStore, StoreSpec};
@@ -91,18 +93,29 @@ pub async fn run(
     }
 }
 
-/// Flags discovery answers `X-Trellis-Stale: true` while the store serves
-/// them from a copy it cannot refresh (an etcd cluster without quorum).
-fn flag_stale<S: Store>(app: axum::Router, store: Arc<S>, metrics: Arc<Metrics>) -> axum::Router {
-    // A ready future: no per-response clone of the handles for the common, fresh case.
-    app.layer(axum::middleware::map_response(move |mut resp: axum::response::Response| {
-        if store.stale() && resp.status().is_success() {
-            resp.headers_mut()
-                .insert(trellis_shared::STALE_HEADER, axum::http::HeaderValue::from_static("true"));
-            metrics.etcd.stale_answers.inc();
+/// One connection's service: heartbeats straight to their handler,
+/// everything else through the router.
+fn service<S: Store>(
+    api: Api<S>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let api = api.clone();
+        async move {
+            let resp = match api.heartbeat(&req) {
+                Some(names) => api.serve_heartbeat(names, req).await,
+                None => match api.router.clone().oneshot(req.map(axum::body::Body::new)).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                },
+            };
+            Ok(api.mark_stale(resp))
         }
-        std::future::ready(resp)
-    }))
+    })
 }
 
 /// Runs the registry over any store.
@@ -123,7 +136,7 @@ pub async fn serve<S: Store>(
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
     let state =
         AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
-    let app = flag_stale(router(state), store.clone(), metrics.clone());
+    let api = Api::new(state);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -151,7 +164,7 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = service(api.clone());
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
