@@ -915,7 +915,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         if let Some(floor) = figs.iter().find(|f| f.system == System::Floor) {
             if t.cpu_per_1k_ms > 10.0 {
                 let per_request = if floor.cpu_per_1k_ms > 10.0 {
-                    "so no handler tuning reaches 10 µs while every heartbeat is its own request"
+                    "so at this rate no handler tuning reaches 10 µs while every heartbeat is its own request"
                 } else {
                     "so the bound itself is below 10 µs and the rest is the registry's own per-request work"
                 };
