@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: clap CLI and environment variables.
 //! - [`server`]: the accept loop, connection cap and graceful shutdown; [`run`].
-//! - [`api`]: axum routes and handlers.
+//! - [`api`]: axum routes and handlers; heartbeats are matched before the router.
 //! - [`error`]: API errors and their mapping to status and JSON body.
 //! - [`store`]: the `Store` trait, service snapshots, the memory store.
 //! - [`expiry`]: lease deadlines kept in order.
