@@ -317,7 +317,11 @@ async fn get_service<S: Store>(
     let snap: Arc<ServiceSnapshot> = match q.index {
         None => st.store.snapshot(&service),
         Some(index) => {
-            let wait = q.wait.unwrap_or(DEFAULT_WAIT.min(st.config.max_wait));
+            let wait = if q.other_epoch(st.store.epoch()) {
+                Duration::ZERO
+            } else {
+                q.wait.unwrap_or(DEFAULT_WAIT.min(st.config.max_wait))
+            };
             st.watches.wait(&*st.store, &service, index, wait).await
         }
     };

@@ -20,12 +20,24 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 pub const JITTER_DIVISOR: u32 = 16;
 
 /// The query string of `GET /v1/services/{service}`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GetQuery {
     pub all: bool,
     pub index: Option<u64>,
     /// Already capped at `--max-wait`.
     pub wait: Option<Duration>,
+    /// The epoch the client's `index` belongs to. A different epoch (the
+    /// registry restarted) answers at once: a fresh registry can reach the
+    /// same index number with different state, and waiting on it would leave
+    /// the client on the old registry's view for a whole `wait`.
+    pub epoch: Option<String>,
+}
+
+impl GetQuery {
+    /// Whether the client's index comes from another epoch than `current`.
+    pub fn other_epoch(&self, current: &str) -> bool {
+        self.epoch.as_deref().is_some_and(|e| e != current)
+    }
 }
 
 /// Parses `all`, `index` and `wait`. Unknown or repeated parameters are
@@ -69,9 +81,15 @@ pub fn parse_query(raw: Option<&str>, max_wait: Duration) -> Result<GetQuery, Ap
                 }
                 q.wait = Some(parse_wait(&v, max_wait)?);
             }
+            "epoch" => {
+                if q.epoch.is_some() {
+                    return Err(dup("epoch"));
+                }
+                q.epoch = Some(v.into_owned());
+            }
             other => {
                 return Err(ApiError::InvalidQuery(format!(
-                    "unknown parameter {:?} (known: all, index, wait)",
+                    "unknown parameter {:?} (known: all, index, wait, epoch)",
                     clip(other)
                 )))
             }
@@ -169,7 +187,14 @@ mod tests {
     #[test]
     fn parses_blocking_queries() {
         let q = parse_query(Some("index=42&wait=10s&all=true"), MAX).unwrap();
-        assert_eq!(q, GetQuery { all: true, index: Some(42), wait: Some(Duration::from_secs(10)) });
+        assert_eq!(
+            q,
+            GetQuery { all: true, index: Some(42), wait: Some(Duration::from_secs(10)), epoch: None }
+        );
+        let q = parse_query(Some("index=3&epoch=e1"), MAX).unwrap();
+        assert!(q.other_epoch("e2"), "{q:?}");
+        assert!(!q.other_epoch("e1"), "{q:?}");
+        assert!(!parse_query(Some("index=3"), MAX).unwrap().other_epoch("e2"), "no epoch given: no opinion");
         assert_eq!(parse_query(None, MAX).unwrap(), GetQuery::default());
         assert!(parse_query(Some("all"), MAX).unwrap().all);
         assert_eq!(parse_query(Some("index=1&wait=99999h"), MAX).unwrap().wait, Some(MAX));
@@ -178,9 +203,16 @@ mod tests {
 
     #[test]
     fn refuses_malformed_queries() {
-        for bad in
-            ["index=-1", "index=x", "index=1&index=2", "wait=5s", "index=1&wait=soon", "all=maybe", "indx=3"]
-        {
+        for bad in [
+            "index=-1",
+            "index=x",
+            "index=1&index=2",
+            "wait=5s",
+            "index=1&wait=soon",
+            "all=maybe",
+            "indx=3",
+            "epoch=a&epoch=b",
+        ] {
             assert!(matches!(parse_query(Some(bad), MAX), Err(ApiError::InvalidQuery(_))), "{bad}");
         }
     }

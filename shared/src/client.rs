@@ -206,9 +206,16 @@ impl RegistryClient {
         service: &ServiceName,
         all: bool,
         index: u64,
+        epoch: &str,
         wait: Duration,
     ) -> Result<ServiceView, ClientError> {
-        let mut query = vec![("index", index.to_string()), ("wait", format!("{}ms", wait.as_millis()))];
+        // The epoch makes a restarted registry answer at once even when its
+        // index happens to equal `index`.
+        let mut query = vec![
+            ("index", index.to_string()),
+            ("wait", format!("{}ms", wait.as_millis())),
+            ("epoch", epoch.to_string()),
+        ];
         if all {
             query.push(("all", "true".to_string()));
         }
@@ -355,7 +362,9 @@ impl Watch {
             let started = Instant::now();
             let result = match &self.last {
                 None => self.client.get(&self.service, self.all).await,
-                Some((index, _)) => self.client.get_blocking(&self.service, self.all, *index, wait).await,
+                Some((index, epoch)) => {
+                    self.client.get_blocking(&self.service, self.all, *index, epoch, wait).await
+                }
             };
             let view = match result {
                 Ok(v) => v,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use registry_support::{start, test_config};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 use trellis_shared::{
     Address, HealthStatus, HeartbeatRequest, InstanceId, RegisterRequest, RegistryClient, ServiceName,
     EPOCH_HEADER, INDEX_HEADER,
@@ -100,6 +100,31 @@ async fn a_never_registered_service_answers_empty_with_index_zero() {
     let seen = watcher.await.unwrap();
     assert_eq!(seen["instances"][0]["id"], "g1");
     assert!(seen["index"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_blocking_query_from_another_epoch_answers_at_once() {
+    let reg = start(test_config()).await;
+    reg.register("users", "u1", json!({"address":"10.0.0.5","port":1})).await;
+    let v = reg.view("users", "").await;
+    // The same index from another registry's life (a restart reached the same
+    // number): answered at once, so the client learns the new epoch.
+    let t = Instant::now();
+    let other = reg.view("users", &format!("index={}&wait=30s&epoch=an-older-registry", v.index)).await;
+    let took = t.elapsed();
+    println!("blocking query with another epoch answered after {took:?}");
+    assert_eq!((other.index, other.epoch.as_str()), (v.index, v.epoch.as_str()));
+    assert!(took < Duration::from_secs(10), "waited {took:?} on an index of another epoch");
+    // The registry's own epoch: it blocks as before.
+    let same = {
+        let http = reg.http.clone();
+        let url = format!("{}/v1/services/users?index={}&wait=30s&epoch={}", reg.url, v.index, v.epoch);
+        tokio::spawn(async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    reg.wait_open_watches(1.0).await;
+    reg.register("users", "u2", json!({"address":"10.0.0.6","port":1})).await;
+    let seen = same.await.unwrap();
+    assert_eq!(seen["instances"].as_array().map(Vec::len), Some(2), "{seen}");
 }
 
 #[tokio::test]

@@ -361,7 +361,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// A registry, `n` backends and a client sidecar watching `api` from the start.
+    /// A registry, `n` backends and a client sidecar (`--workers 1`) watching `api` from the start.
     async fn start(n: usize) -> Cluster {
         let registry_addr = free_addr();
         let registry = start_registry(registry_addr).await;
@@ -374,8 +374,14 @@ impl Cluster {
         let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         wait_registry_ids(&api, false, &names, Duration::from_secs(20)).await;
-        let client =
-            Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
+        // One worker: the current-thread runtime the benchmarks measure. The
+        // spread test's client keeps the default (multi-thread) runtime.
+        let client = Sidecar::start(
+            "client-sidecar",
+            &registry_url,
+            &strings(&["--upstream-service", SERVICE, "--workers", "1"]),
+        )
+        .await;
         client.wait_endpoints(SERVICE, n, Duration::from_secs(20)).await;
         Cluster { registry, registry_addr, backends, client, api }
     }
