@@ -85,17 +85,7 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes) -> Result<Row, String> {
 
 pub fn run(env: &Env, sizes: &Sizes) -> Section {
     let title = "Case 5: failover — `kill -9` of one backend under steady load";
-    let mut rows = Vec::new();
-    let mut b = String::new();
-    for kind in Kind::PROXIES {
-        eprintln!("  case 5: {}", kind.name());
-        match measure(kind, env, sizes) {
-            Ok(r) => rows.push(r),
-            Err(e) => {
-                let _ = writeln!(b, "- **{}** did not run: {e}", kind.name());
-            }
-        }
-    }
+    let (rows, mut b) = super::measure_each(5, &Kind::PROXIES, |kind| measure(kind, env, sizes));
     let _ = writeln!(
         b,
         "\nOpen loop at {:.0} GET/s over 16 connections through each proxy to three backends; backend 1 is \

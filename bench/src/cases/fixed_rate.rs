@@ -48,17 +48,8 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes) -> Result<Vec<Row>, String> {
 
 pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section {
     let title = "Case 2: fixed rates — added latency and CPU per request";
-    let mut rows = Vec::new();
-    let mut b = String::new();
-    for kind in Kind::ALL {
-        eprintln!("  case 2: {}", kind.name());
-        match measure(kind, env, sizes) {
-            Ok(r) => rows.extend(r),
-            Err(e) => {
-                let _ = writeln!(b, "- **{}** did not run: {e}", kind.name());
-            }
-        }
-    }
+    let (rows, mut b) = super::measure_each(2, &Kind::ALL, |kind| measure(kind, env, sizes));
+    let rows: Vec<_> = rows.into_iter().flatten().collect();
     let _ = writeln!(
         b,
         "\nOpen loop: requests due on a fixed schedule over {} keep-alive connections, latency counted from \

@@ -166,17 +166,7 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes) -> Result<Row, String> {
 
 pub fn run(env: &Env, sizes: &Sizes) -> Section {
     let title = "Case 3: HTTP/2 (h2c), 100 concurrent streams";
-    let mut rows = Vec::new();
-    let mut errors = String::new();
-    for kind in Kind::PROXIES {
-        eprintln!("  case 3: {}", kind.name());
-        match measure(kind, env, sizes) {
-            Ok(r) => rows.push(r),
-            Err(e) => {
-                let _ = writeln!(errors, "- **{}** did not run: {e}", kind.name());
-            }
-        }
-    }
+    let (rows, errors) = super::measure_each(3, &Kind::PROXIES, |kind| measure(kind, env, sizes));
     let mut b = String::new();
     let _ = writeln!(
         b,

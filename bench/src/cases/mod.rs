@@ -181,6 +181,26 @@ fn relative_to(charts: &std::path::Path, out: &std::path::Path) -> String {
     }
 }
 
+/// Runs `measure` for each target in turn: the rows of those that ran, and a
+/// Markdown line for each that did not, so one broken peer does not cost the
+/// case its other figures.
+fn measure_each<R>(
+    case: u8,
+    kinds: &[crate::peers::Kind],
+    mut measure: impl FnMut(crate::peers::Kind) -> Result<R, String>,
+) -> (Vec<R>, String) {
+    let mut rows = Vec::new();
+    let mut errors = String::new();
+    for &kind in kinds {
+        eprintln!("  case {case}: {}", kind.name());
+        match measure(kind) {
+            Ok(r) => rows.push(r),
+            Err(e) => errors.push_str(&format!("- **{}** did not run: {e}\n", kind.name())),
+        }
+    }
+    (rows, errors)
+}
+
 /// Formats microseconds for tables.
 pub fn us(v: f64) -> String {
     if v >= 10_000.0 {

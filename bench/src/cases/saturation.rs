@@ -60,17 +60,7 @@ fn mib(k: Option<u64>) -> String {
 
 pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section {
     let title = "Case 1: HTTP/1.1 at saturation";
-    let mut rows = Vec::new();
-    let mut errors = String::new();
-    for kind in Kind::ALL {
-        eprintln!("  case 1: {}", kind.name());
-        match measure(kind, env, sizes) {
-            Ok(r) => rows.push(r),
-            Err(e) => {
-                let _ = writeln!(errors, "- **{}** did not run: {e}", kind.name());
-            }
-        }
-    }
+    let (rows, errors) = super::measure_each(1, &Kind::ALL, |kind| measure(kind, env, sizes));
     let mut b = String::new();
     let _ = writeln!(
         b,
