@@ -168,6 +168,43 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
     .await
 }
 
+/// `args` as owned strings, for [`Proc::spawn`].
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// A sidecar process on fresh admin and outbound ports.
+pub struct SidecarProc {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub outbound: SocketAddr,
+}
+
+impl SidecarProc {
+    /// Starts `sidecar --registry REGISTRIES --admin A --outbound O EXTRA...`
+    /// and returns once its `/ready` answers 2xx (within `ready_within`).
+    pub async fn start(
+        name: &str,
+        registries: &str,
+        extra: &[String],
+        ready_within: Duration,
+    ) -> SidecarProc {
+        let (admin, outbound) = (free_addr(), free_addr());
+        let mut args = strings(&[
+            "--registry",
+            registries,
+            "--admin",
+            &admin.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+        ]);
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(name, "sidecar", &args, &[]);
+        wait_http_ok(&format!("http://{admin}/ready"), ready_within).await;
+        SidecarProc { proc, admin, outbound }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT, for the demo binaries: as PID 1 in a
 /// container nothing else would stop them.
 pub async fn shutdown_signal() {

@@ -10,13 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_tests::{free_addr, wait_for, wait_http_ok, Proc};
+use trellis_tests::{free_addr, strings, wait_for, wait_http_ok, Proc, SidecarProc};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 struct Cluster {
     _registry: Proc,
@@ -47,14 +43,7 @@ impl Cluster {
             TcpStream::connect(app_addr).await.ok().map(|_| ())
         })
         .await;
-        let (admin, outbound) = (free_addr(), free_addr());
         let mut args = strings(&[
-            "--registry",
-            &registry_url,
-            "--admin",
-            &admin.to_string(),
-            "--outbound",
-            &outbound.to_string(),
             "--service",
             "users",
             "--app",
@@ -67,22 +56,13 @@ impl Cluster {
         if let Some(m) = metadata {
             args.extend(strings(&["--metadata", m]));
         }
-        let app_sidecar = Proc::spawn("users-sidecar", "sidecar", &args, &[]);
-        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(30)).await;
+        let ready = Duration::from_secs(30);
+        let app_sidecar = SidecarProc::start("users-sidecar", &registry_url, &args, ready).await.proc;
 
-        let (admin, outbound, dedicated) = (free_addr(), free_addr(), free_addr());
-        let args = strings(&[
-            "--registry",
-            &registry_url,
-            "--admin",
-            &admin.to_string(),
-            "--outbound",
-            &outbound.to_string(),
-            "--upstream",
-            &format!("users={dedicated}"),
-        ]);
-        let client = Proc::spawn("client-sidecar", "sidecar", &args, &[]);
-        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(30)).await;
+        let dedicated = free_addr();
+        let upstream = strings(&["--upstream", &format!("users={dedicated}")]);
+        let SidecarProc { proc: client, admin, outbound } =
+            SidecarProc::start("client-sidecar", &registry_url, &upstream, ready).await;
         wait_for("the client sidecar to see users", Duration::from_secs(30), || async move {
             let v: Value = reqwest::get(format!("http://{admin}/endpoints")).await.ok()?.json().await.ok()?;
             let services = v["services"].as_array()?;

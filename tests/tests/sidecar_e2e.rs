@@ -21,7 +21,7 @@ use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use trellis_shared::{RegistryClient, ServiceName};
-use trellis_tests::{bin, free_addr, wait_for, wait_http_ok, Proc};
+use trellis_tests::{bin, free_addr, strings, wait_for, wait_http_ok, Proc, SidecarProc};
 
 /// Held for a whole test; tokio's mutex works across the tests' runtimes and
 /// is not poisoned by a failing test.
@@ -31,10 +31,6 @@ const SERVICE: &str = "api";
 /// The sidecar's default TTL and heartbeat interval.
 const TTL: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(1);
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 async fn start_registry(addr: SocketAddr) -> Proc {
     let p = Proc::spawn("registry", "registry", &strings(&["--listen", &addr.to_string()]), &[]);
@@ -75,20 +71,9 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(name: &str, registry: &str, extra: &[String]) -> Sidecar {
-        let (admin, outbound) = (free_addr(), free_addr());
-        let mut args = strings(&[
-            "--registry",
-            registry,
-            "--admin",
-            &admin.to_string(),
-            "--outbound",
-            &outbound.to_string(),
-        ]);
-        args.extend_from_slice(extra);
-        let proc = Proc::spawn(name, "sidecar", &args, &[]);
-        let s = Sidecar { proc, admin, outbound };
-        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(30)).await;
-        s
+        let SidecarProc { proc, admin, outbound } =
+            SidecarProc::start(name, registry, extra, Duration::from_secs(30)).await;
+        Sidecar { proc, admin, outbound }
     }
 
     async fn endpoints(&self) -> Value {

@@ -14,11 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::{free_addr, wait_for, wait_http_ok, Proc};
+use trellis_tests::{free_addr, wait_for, wait_http_ok, Proc, SidecarProc};
 
-pub fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
+pub use trellis_tests::strings;
 
 /// The etcd binary, installing it if needed; `Err(reason)` when there is none.
 pub fn etcd_binary() -> Result<PathBuf, String> {
@@ -245,18 +243,8 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(name: &str, registries: &str, extra: &[String]) -> Sidecar {
-        let (admin, outbound) = (free_addr(), free_addr());
-        let mut args = strings(&[
-            "--registry",
-            registries,
-            "--admin",
-            &admin.to_string(),
-            "--outbound",
-            &outbound.to_string(),
-        ]);
-        args.extend_from_slice(extra);
-        let proc = Proc::spawn(name, "sidecar", &args, &[]);
-        wait_http_ok(&format!("http://{admin}/ready"), Duration::from_secs(60)).await;
+        let SidecarProc { proc, admin, outbound } =
+            SidecarProc::start(name, registries, extra, Duration::from_secs(60)).await;
         Sidecar { proc, admin, outbound }
     }
 
