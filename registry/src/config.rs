@@ -40,6 +40,10 @@ pub struct Config {
     /// Address and port to listen on.
     #[arg(long, env = "TRELLIS_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Once listening, write `{"listen":"IP:PORT"}` here (the bound address,
+    /// which is how a caller learns the port when `--listen` has port 0).
+    #[arg(long, env = "TRELLIS_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<std::path::PathBuf>,
     /// Lease length of a registration that does not name one.
     #[arg(long, env = "TRELLIS_DEFAULT_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub default_ttl: Duration,
@@ -108,6 +112,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7600))),
+            ready_file: None,
             default_ttl: Duration::from_secs(5),
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(300),

@@ -28,6 +28,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("cannot read the listener's address: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("cannot write the ready file: {0}")]
+    ReadyFile(std::io::Error),
 }
 
 /// Body of the answer to a connection past the cap: the client learns why and fails over.
@@ -127,6 +129,10 @@ pub async fn serve<S: Store>(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let addr = listener.local_addr()?;
+    if let Some(path) = &config.ready_file {
+        let addrs = std::collections::BTreeMap::from([("listen", addr.to_string())]);
+        trellis_shared::ready_file::write(path, &addrs).map_err(ServerError::ReadyFile)?;
+    }
     let stop = CancellationToken::new();
     let background = tokio::spawn(store.clone().background(stop.child_token()));
     let watches = Arc::new(Watches::new(config.max_watches, stop.clone(), metrics.clone()));

@@ -9,12 +9,14 @@
 //! - [`error`]: the error body every Trellis HTTP error carries, and its codes.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`client`]: the registry client with failover between several registry URLs, and watches.
+//! - [`ready_file`]: the JSON file a process writes with the addresses it bound (port 0).
 
 pub mod backoff;
 pub mod client;
 pub mod duration;
 pub mod error;
 pub mod names;
+pub mod ready_file;
 pub mod types;
 
 pub use client::{ClientConfig, ClientError, RegistryClient, Watch};

@@ -122,6 +122,11 @@ pub struct RunArgs {
     /// Admin listener (/ready, /metrics, /endpoints).
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Once every listener is bound, write their addresses here as JSON:
+    /// `{"outbound":"IP:PORT","admin":"IP:PORT","upstreams":{"NAME":"IP:PORT"}}`
+    /// (how a caller learns the ports when a listener was given port 0).
+    #[arg(long, env = "TRELLIS_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<std::path::PathBuf>,
     /// Tokio worker threads; 1 runs everything on the main thread (a
     /// current-thread runtime: cheapest per request, one core at most).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 2)]
@@ -289,6 +294,8 @@ pub struct Settings {
     pub upstream_ports: Vec<(ServiceName, SocketAddr)>,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+    /// Where to write the bound addresses once listening (`--ready-file`).
+    pub ready_file: Option<std::path::PathBuf>,
     pub workers: usize,
     pub shutdown: ShutdownConfig,
     pub log_level: String,
@@ -363,7 +370,8 @@ fn parse_upstream_ports(
             .ok_or_else(|| err("expected NAME=ADDR, e.g. users=127.0.0.1:16001".into()))?;
         let name = ServiceName::new(name.trim()).map_err(|e| err(e.to_string()))?;
         let addr: SocketAddr = addr.trim().parse().map_err(|e| err(format!("{e} (expected IP:PORT)")))?;
-        if addr == outbound || addr == admin || out.iter().any(|(_, a)| *a == addr && addr.port() != 0) {
+        // Port 0 asks the kernel for a fresh port each time, so it never collides.
+        if addr.port() != 0 && (addr == outbound || addr == admin || out.iter().any(|(_, a)| *a == addr)) {
             return Err(err(format!("{addr} is already used by another listener")));
         }
         out.push((name, addr));
@@ -444,6 +452,7 @@ impl RunArgs {
             upstream_ports,
             outbound: self.outbound,
             admin: self.admin,
+            ready_file: self.ready_file.clone(),
             workers: self.workers,
             shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
             log_level: self.log_level.clone(),

@@ -120,6 +120,32 @@ fn probe(args: ProbeArgs) -> ExitCode {
     }
 }
 
+/// What `--ready-file` reports: the addresses actually bound.
+#[derive(serde::Serialize)]
+struct BoundAddrs {
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    upstreams: std::collections::BTreeMap<String, SocketAddr>,
+}
+
+impl BoundAddrs {
+    fn of(listeners: &[proxy::Listener], admin: &TcpListener) -> std::io::Result<Self> {
+        let mut outbound = None;
+        let mut upstreams = std::collections::BTreeMap::new();
+        for l in listeners {
+            let addr = l.listener.local_addr()?;
+            match &l.service {
+                Some(s) => {
+                    upstreams.insert(s.to_string(), addr);
+                }
+                None => outbound = Some(addr),
+            }
+        }
+        let outbound = outbound.ok_or_else(|| std::io::Error::other("no outbound listener"))?;
+        Ok(BoundAddrs { outbound, admin: admin.local_addr()?, upstreams })
+    }
+}
+
 async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {flag} {addr}: {e}"))
 }
@@ -132,6 +158,13 @@ async fn run(settings: Settings, proxy_config: ProxyConfig) -> Result<(), String
         listeners.push(proxy::Listener { listener, service: Some(service.clone()) });
     }
     let admin_listener = bind(settings.admin, "--admin").await?;
+    let bound = BoundAddrs::of(&listeners, &admin_listener)
+        .map_err(|e| format!("cannot read a bound address: {e}"))?;
+    info!(outbound = %bound.outbound, admin = %bound.admin, "listeners bound");
+    if let Some(path) = &settings.ready_file {
+        trellis_shared::ready_file::write(path, &bound)
+            .map_err(|e| format!("cannot write --ready-file {}: {e}", path.display()))?;
+    }
     let client =
         RegistryClient::new(settings.registry.clone(), settings.client.clone()).map_err(|e| e.to_string())?;
     let metrics = Arc::new(Metrics::new());
@@ -194,7 +227,7 @@ async fn run(settings: Settings, proxy_config: ProxyConfig) -> Result<(), String
         stop_proxy.clone(),
     ));
     readiness.set_proxy_listening();
-    info!(outbound = %settings.outbound, admin = %settings.admin, registry = %client.current_url(), "sidecar started");
+    info!(outbound = %bound.outbound, admin = %bound.admin, registry = %client.current_url(), "sidecar started");
 
     tokio::select! {
         sig = shutdown::signal() => info!(signal = sig, "shutting down: deregistering, then draining"),
