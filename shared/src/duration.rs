@@ -15,6 +15,14 @@ impl WireDuration {
     }
 }
 
+impl std::str::FromStr for WireDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        WireDuration::parse(s).map_err(|e| format!("{e} (examples: 500ms, 5s, 1m)"))
+    }
+}
+
 impl From<Duration> for WireDuration {
     fn from(d: Duration) -> Self {
         WireDuration(d)

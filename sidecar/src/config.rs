@@ -6,7 +6,7 @@
 //! modules take, so a bad value stops the sidecar at start with a clear message.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -163,72 +163,72 @@ pub struct RunArgs {
     pub grace: Duration,
 }
 
-/// Outbound proxy flags (timeouts, retries, ejection, limits). Defaults match
-/// [`ProxyConfig::default`].
+/// Outbound proxy flags (timeouts, retries, ejection, limits). Their defaults
+/// are [`ProxyConfig::DEFAULT`]'s, written there once.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
     /// Timeout of one TCP connect to an endpoint.
-    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
-    pub connect_timeout: Duration,
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.connect_timeout))]
+    pub connect_timeout: WireDuration,
     /// Timeout of one attempt, until response headers (idempotent requests are retried after it).
-    #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value = "10s", value_parser = duration)]
-    pub try_timeout: Duration,
+    #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.per_try_timeout))]
+    pub try_timeout: WireDuration,
     /// Timeout of a whole request with its retries, until response headers; answers 504.
-    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
-    pub request_timeout: Duration,
+    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.overall_timeout))]
+    pub request_timeout: WireDuration,
     /// Most attempts per request, the first included.
-    #[arg(long, env = "TRELLIS_MAX_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "TRELLIS_MAX_ATTEMPTS", default_value_t = ProxyConfig::DEFAULT.max_attempts)]
     pub max_attempts: u32,
     /// Retries allowed as a share of recent requests.
-    #[arg(long, env = "TRELLIS_RETRY_BUDGET", default_value_t = 0.2)]
+    #[arg(long, env = "TRELLIS_RETRY_BUDGET", default_value_t = RetryConfig::DEFAULT.budget_ratio)]
     pub retry_budget: f64,
     /// Retries per second always allowed, whatever the budget.
-    #[arg(long, env = "TRELLIS_RETRY_MIN_PER_SECOND", default_value_t = 10)]
+    #[arg(long, env = "TRELLIS_RETRY_MIN_PER_SECOND", default_value_t = RetryConfig::DEFAULT.min_retries_per_second)]
     pub retry_min_per_second: u32,
     /// How far back the retry budget looks.
-    #[arg(long, env = "TRELLIS_RETRY_WINDOW", default_value = "10s", value_parser = duration)]
-    pub retry_window: Duration,
+    #[arg(long, env = "TRELLIS_RETRY_WINDOW", default_value_t = WireDuration(RetryConfig::DEFAULT.window))]
+    pub retry_window: WireDuration,
     /// Ceiling of the first retry's full-jitter backoff; doubles per retry.
-    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_BASE", default_value = "10ms", value_parser = duration)]
-    pub retry_backoff_base: Duration,
+    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_BASE", default_value_t = WireDuration(RetryConfig::DEFAULT.backoff_base))]
+    pub retry_backoff_base: WireDuration,
     /// Largest retry backoff ceiling.
-    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_CAP", default_value = "250ms", value_parser = duration)]
-    pub retry_backoff_cap: Duration,
+    #[arg(long, env = "TRELLIS_RETRY_BACKOFF_CAP", default_value_t = WireDuration(RetryConfig::DEFAULT.backoff_cap))]
+    pub retry_backoff_cap: WireDuration,
     /// Largest request body buffered so it can be replayed on a retry, in bytes.
-    #[arg(long, env = "TRELLIS_MAX_REPLAY_BODY", default_value_t = 64 * 1024)]
+    #[arg(long, env = "TRELLIS_MAX_REPLAY_BODY", default_value_t = ProxyConfig::DEFAULT.replay_buffer_bytes)]
     pub max_replay_body: usize,
     /// Consecutive failures (timeouts, resets, 502/503/504) that eject an endpoint; refused connects eject at once.
-    #[arg(long, env = "TRELLIS_EJECTION_FAILURES", default_value_t = 3)]
+    #[arg(long, env = "TRELLIS_EJECTION_FAILURES", default_value_t = OutlierConfig::DEFAULT.consecutive_failures)]
     pub ejection_failures: u32,
     /// Length of a first ejection; it grows with each repeated ejection.
-    #[arg(long, env = "TRELLIS_EJECTION_BASE", default_value = "5s", value_parser = duration)]
-    pub ejection_base: Duration,
+    #[arg(long, env = "TRELLIS_EJECTION_BASE", default_value_t = WireDuration(OutlierConfig::DEFAULT.base_ejection))]
+    pub ejection_base: WireDuration,
     /// Longest ejection.
-    #[arg(long, env = "TRELLIS_EJECTION_MAX", default_value = "2m", value_parser = duration)]
-    pub ejection_max: Duration,
+    #[arg(long, env = "TRELLIS_EJECTION_MAX", default_value_t = WireDuration(OutlierConfig::DEFAULT.max_ejection))]
+    pub ejection_max: WireDuration,
     /// Largest share of a service's endpoints ejected at once, in percent (one may always be).
-    #[arg(long, env = "TRELLIS_EJECTION_MAX_PERCENT", default_value_t = 50)]
+    #[arg(long, env = "TRELLIS_EJECTION_MAX_PERCENT", default_value_t = OutlierConfig::DEFAULT.max_ejected_percent)]
     pub ejection_max_percent: u8,
     /// Most open client connections on the outbound port; more are answered 503 overloaded.
-    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ProxyConfig::DEFAULT.max_connections)]
     pub max_connections: usize,
     /// Most requests waiting for response headers; more are answered 503 overloaded.
-    #[arg(long, env = "TRELLIS_MAX_PENDING", default_value_t = 4096)]
+    #[arg(long, env = "TRELLIS_MAX_PENDING", default_value_t = ProxyConfig::DEFAULT.max_pending_requests)]
     pub max_pending: usize,
     /// Largest request head (request line and headers), in bytes; larger gets 431.
-    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = ProxyConfig::DEFAULT.max_header_bytes)]
     pub max_header_bytes: usize,
     /// Longest wait for a request head on an open or idle client connection.
-    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
-    pub header_read_timeout: Duration,
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.header_read_timeout))]
+    pub header_read_timeout: WireDuration,
     /// How long a request for a service never seen before waits for its first discovery answer.
-    #[arg(long, env = "TRELLIS_DISCOVERY_WAIT", default_value = "2s", value_parser = duration)]
-    pub discovery_wait: Duration,
+    #[arg(long, env = "TRELLIS_DISCOVERY_WAIT", default_value_t = WireDuration(ProxyConfig::DEFAULT.discovery_wait))]
+    pub discovery_wait: WireDuration,
     /// Idle pooled connections to endpoints are closed after this.
-    #[arg(long, env = "TRELLIS_POOL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration)]
-    pub pool_idle_timeout: Duration,
+    #[arg(long, env = "TRELLIS_POOL_IDLE_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.pool_idle_timeout))]
+    pub pool_idle_timeout: WireDuration,
     /// Idle pooled connections kept per endpoint.
-    #[arg(long, env = "TRELLIS_POOL_MAX_IDLE", default_value_t = 128)]
+    #[arg(long, env = "TRELLIS_POOL_MAX_IDLE", default_value_t = ProxyConfig::DEFAULT.pool_max_idle_per_endpoint)]
     pub pool_max_idle: usize,
 }
 
@@ -236,29 +236,29 @@ impl ProxyArgs {
     /// The proxy's settings (checked by [`RunArgs::settings`]).
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
-            connect_timeout: self.connect_timeout,
-            per_try_timeout: self.try_timeout,
-            overall_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout.0,
+            per_try_timeout: self.try_timeout.0,
+            overall_timeout: self.request_timeout.0,
             max_attempts: self.max_attempts,
             replay_buffer_bytes: self.max_replay_body,
             max_connections: self.max_connections,
             max_pending_requests: self.max_pending,
             max_header_bytes: self.max_header_bytes,
-            header_read_timeout: self.header_read_timeout,
-            discovery_wait: self.discovery_wait,
-            pool_idle_timeout: self.pool_idle_timeout,
+            header_read_timeout: self.header_read_timeout.0,
+            discovery_wait: self.discovery_wait.0,
+            pool_idle_timeout: self.pool_idle_timeout.0,
             pool_max_idle_per_endpoint: self.pool_max_idle,
             retry: RetryConfig {
                 budget_ratio: self.retry_budget,
                 min_retries_per_second: self.retry_min_per_second,
-                window: self.retry_window,
-                backoff_base: self.retry_backoff_base,
-                backoff_cap: self.retry_backoff_cap,
+                window: self.retry_window.0,
+                backoff_base: self.retry_backoff_base.0,
+                backoff_cap: self.retry_backoff_cap.0,
             },
             outlier: OutlierConfig {
                 consecutive_failures: self.ejection_failures,
-                base_ejection: self.ejection_base,
-                max_ejection: self.ejection_max,
+                base_ejection: self.ejection_base.0,
+                max_ejection: self.ejection_max.0,
                 max_ejected_percent: self.ejection_max_percent,
             },
         }
@@ -299,6 +299,7 @@ pub struct Settings {
     pub workers: usize,
     pub shutdown: ShutdownConfig,
     pub log_level: String,
+    pub proxy: ProxyConfig,
 }
 
 /// Splits `host:port` (`[v6]:port` for IPv6); the host may be a hostname.
@@ -312,47 +313,6 @@ pub fn parse_host_port(s: &str, what: &str) -> Result<(Address, u16), ConfigErro
     }
     let host = Address::new(host).map_err(|e| bad(format!("{what} {s:?} is invalid: {e}")))?;
     Ok((host, port))
-}
-
-/// Default instance id: host name and app port, stable across restarts.
-fn default_instance_id(port: u16) -> Result<InstanceId, ConfigError> {
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let mut clean: String = host
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
-        .collect();
-    if clean.is_empty() {
-        clean = "sidecar".into();
-    }
-    clean.truncate(trellis_shared::names::MAX_INSTANCE_ID_LEN - 6);
-    InstanceId::new(format!("{clean}-{port}"))
-        .map_err(|e| bad(format!("cannot derive an instance id: {e}; set --instance-id")))
-}
-
-/// Default advertised host: the app's own host when peers can use it (a
-/// specific non-loopback IP, or a hostname other than `localhost`, as when the
-/// sidecar runs in its own container and reaches the app as `app:8080`), else
-/// this host's first non-loopback address (IPv4 first).
-fn default_advertise_host(app_host: &Address) -> Address {
-    match app_host.ip() {
-        Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => return app_host.clone(),
-        None if !app_host.as_str().trim_end_matches('.').eq_ignore_ascii_case("localhost") => {
-            return app_host.clone()
-        }
-        _ => {}
-    }
-    let addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
-        .map(|ifs| {
-            ifs.into_iter().filter(|i| !i.is_loopback() && !i.is_link_local()).map(|i| i.ip()).collect()
-        })
-        .unwrap_or_default();
-    let pick = addrs.iter().find(|ip| ip.is_ipv4()).or_else(|| addrs.first()).copied();
-    let ip = pick.unwrap_or_else(|| {
-        tracing::warn!("no non-loopback address found; advertising 127.0.0.1 (set --advertise)");
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    });
-    // An IpAddr always makes a valid Address.
-    Address::new(ip.to_string()).unwrap_or_else(|_| app_host.clone())
 }
 
 /// `--upstream NAME=ADDR` values, checked: valid names, distinct addresses
@@ -456,6 +416,7 @@ impl RunArgs {
             workers: self.workers,
             shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
             log_level: self.log_level.clone(),
+            proxy: self.proxy.proxy_config(),
         })
     }
 
@@ -463,11 +424,11 @@ impl RunArgs {
         let (app_host, app_port) = parse_host_port(app, "--app")?;
         let (address, port) = match &self.advertise {
             Some(a) => parse_host_port(a, "--advertise")?,
-            None => (default_advertise_host(&app_host), app_port),
+            None => (crate::host::default_advertise_host(&app_host), app_port),
         };
         let id = match &self.instance_id {
             Some(id) => id.clone(),
-            None => default_instance_id(app_port)?,
+            None => crate::host::default_instance_id(app_port).map_err(bad)?,
         };
         if !WEIGHT_RANGE.contains(&self.weight) {
             return Err(bad(format!(
@@ -527,12 +488,12 @@ impl RunArgs {
 impl ProxyArgs {
     fn check(&self) -> Result<(), ConfigError> {
         for (flag, d) in [
-            ("--connect-timeout", self.connect_timeout),
-            ("--try-timeout", self.try_timeout),
-            ("--request-timeout", self.request_timeout),
-            ("--ejection-base", self.ejection_base),
-            ("--retry-window", self.retry_window),
-            ("--header-read-timeout", self.header_read_timeout),
+            ("--connect-timeout", self.connect_timeout.0),
+            ("--try-timeout", self.try_timeout.0),
+            ("--request-timeout", self.request_timeout.0),
+            ("--ejection-base", self.ejection_base.0),
+            ("--retry-window", self.retry_window.0),
+            ("--header-read-timeout", self.header_read_timeout.0),
         ] {
             if d.is_zero() {
                 return Err(bad(format!("{flag} must be above zero")));
@@ -589,9 +550,9 @@ mod tests {
     }
 
     #[test]
-    fn proxy_defaults_match_the_data_plane_defaults() {
+    fn cli_defaults_round_trip_to_the_proxy_defaults() {
         let cli = Cli::try_parse_from(["sidecar", "--registry", "http://r:1"]).unwrap();
-        let ours = cli.run.proxy.proxy_config();
+        let ours = cli.run.settings().unwrap().proxy;
         let theirs = ProxyConfig::default();
         assert_eq!(format!("{ours:?}"), format!("{theirs:?}"));
     }

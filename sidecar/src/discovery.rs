@@ -11,6 +11,10 @@
 //! - After a registry restart (a new epoch) the new registry knows only the
 //!   instances that re-registered so far; the others are kept for one
 //!   `restart_retention` (the TTL) so they have time to re-register.
+//! - The request path never locks: [`Directory::resolve`] reads the map of
+//!   watched services through `ArcSwap`; only a miss (a service seen for the
+//!   first time) or an eviction takes the writers' mutex and publishes a new
+//!   map. At most `max_services` entries, so copying it on a change is cheap.
 //! - Host names are untrusted: at most `max_services` services are watched.
 //!   At the cap, a service that resolved to nothing is evicted first, then one
 //!   idle for at least [`MIN_IDLE_TO_MAKE_ROOM`]; a service in active use is
@@ -18,7 +22,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -237,15 +244,26 @@ async fn run_watch<S: WatchSource>(
 struct Entry {
     endpoints: Arc<ServiceEndpoints>,
     /// Listed with `--upstream-service`: never evicted.
-    pinned: bool,
+    pinned: AtomicBool,
     cancel: CancellationToken,
 }
+
+impl Entry {
+    fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+}
+
+type Services = HashMap<ServiceName, Arc<Entry>>;
 
 /// The services this sidecar watches. Implements [`Resolve`] for the proxy.
 pub struct Directory<W: Watcher = RegistryClient> {
     watcher: W,
     config: DiscoveryConfig,
-    services: Mutex<HashMap<ServiceName, Entry>>,
+    /// Read lock-free by every request; replaced whole under `writes`.
+    services: ArcSwap<Services>,
+    /// Serialises changes to `services` (a miss, a pin, an eviction).
+    writes: Mutex<()>,
     clock: Instant,
     sink: Arc<dyn ConnectivitySink>,
     shutdown: CancellationToken,
@@ -262,7 +280,8 @@ impl<W: Watcher> Directory<W> {
         Directory {
             watcher,
             config,
-            services: Mutex::new(HashMap::new()),
+            services: ArcSwap::from_pointee(HashMap::new()),
+            writes: Mutex::new(()),
             clock: Instant::now(),
             sink,
             shutdown,
@@ -273,30 +292,27 @@ impl<W: Watcher> Directory<W> {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<ServiceName, Entry>> {
-        // A panic while holding this lock cannot leave the map inconsistent
-        // (every change is a single insert or remove), so poisoning is ignored.
-        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_writes(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is the ArcSwap, which a panic cannot leave half
+        // written, so poisoning is ignored.
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts watching `name` for good (`--upstream-service`).
     pub fn watch_pinned(&self, name: &ServiceName) -> Arc<ServiceEndpoints> {
         let now = self.now_ms();
-        let mut map = self.lock();
-        if let Some(e) = map.get_mut(name) {
-            e.pinned = true;
+        let _writes = self.lock_writes();
+        if let Some(e) = self.services.load().get(name) {
+            e.pinned.store(true, Ordering::Relaxed);
             return Arc::clone(&e.endpoints);
         }
-        self.start(&mut map, name, true, now)
+        let mut map = Services::clone(&self.services.load());
+        let endpoints = self.start(&mut map, name, true, now);
+        self.services.store(Arc::new(map));
+        endpoints
     }
 
-    fn start(
-        &self,
-        map: &mut HashMap<ServiceName, Entry>,
-        name: &ServiceName,
-        pinned: bool,
-        now: u64,
-    ) -> Arc<ServiceEndpoints> {
+    fn start(&self, map: &mut Services, name: &ServiceName, pinned: bool, now: u64) -> Arc<ServiceEndpoints> {
         let endpoints = Arc::new(ServiceEndpoints::new(name.clone()));
         endpoints.touch(now);
         let cancel = self.shutdown.child_token();
@@ -308,22 +324,23 @@ impl<W: Watcher> Directory<W> {
             cancel.clone(),
         ));
         debug!(service = %name, pinned, "watching service");
-        map.insert(name.clone(), Entry { endpoints: Arc::clone(&endpoints), pinned, cancel });
+        let entry = Entry { endpoints: Arc::clone(&endpoints), pinned: AtomicBool::new(pinned), cancel };
+        map.insert(name.clone(), Arc::new(entry));
         endpoints
     }
 
     /// Evicts one service to make room; false when none may go.
-    fn make_room(&self, map: &mut HashMap<ServiceName, Entry>, now: u64) -> bool {
+    fn make_room(&self, map: &mut Services, now: u64) -> bool {
         let idle = |e: &Entry| now.saturating_sub(e.endpoints.last_used_ms());
         let min_idle = u64::try_from(MIN_IDLE_TO_MAKE_ROOM.as_millis()).unwrap_or(u64::MAX);
         let empty = map
             .iter()
             .filter(|(_, e)| {
-                !e.pinned && e.endpoints.is_resolved() && e.endpoints.load().endpoints.is_empty()
+                !e.pinned() && e.endpoints.is_resolved() && e.endpoints.load().endpoints.is_empty()
             })
             .max_by_key(|(_, e)| idle(e));
         let victim = empty.or_else(|| {
-            map.iter().filter(|(_, e)| !e.pinned && idle(e) >= min_idle).max_by_key(|(_, e)| idle(e))
+            map.iter().filter(|(_, e)| !e.pinned() && idle(e) >= min_idle).max_by_key(|(_, e)| idle(e))
         });
         let Some(name) = victim.map(|(n, _)| n.clone()) else {
             return false;
@@ -339,17 +356,22 @@ impl<W: Watcher> Directory<W> {
     pub fn evict_idle(&self) -> usize {
         let now = self.now_ms();
         let limit = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut map = self.lock();
+        let _writes = self.lock_writes();
+        let mut map = Services::clone(&self.services.load());
         let before = map.len();
         map.retain(|name, e| {
-            let keep = e.pinned || now.saturating_sub(e.endpoints.last_used_ms()) < limit;
+            let keep = e.pinned() || now.saturating_sub(e.endpoints.last_used_ms()) < limit;
             if !keep {
                 e.cancel.cancel();
                 debug!(service = %name, "evicted idle service");
             }
             keep
         });
-        before - map.len()
+        let evicted = before - map.len();
+        if evicted > 0 {
+            self.services.store(Arc::new(map));
+        }
+        evicted
     }
 
     /// Evicts idle services periodically until shutdown.
@@ -367,13 +389,13 @@ impl<W: Watcher> Directory<W> {
 
     /// Every watched service, sorted by name.
     pub fn services(&self) -> Vec<Arc<ServiceEndpoints>> {
-        let mut all: Vec<_> = self.lock().values().map(|e| Arc::clone(&e.endpoints)).collect();
+        let mut all: Vec<_> = self.services.load().values().map(|e| Arc::clone(&e.endpoints)).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.services.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -384,7 +406,13 @@ impl<W: Watcher> Directory<W> {
 impl<W: Watcher> Resolve for Directory<W> {
     fn resolve(&self, name: &ServiceName) -> Option<Arc<ServiceEndpoints>> {
         let now = self.now_ms();
-        let mut map = self.lock();
+        if let Some(e) = self.services.load().get(name) {
+            e.endpoints.touch(now);
+            return Some(Arc::clone(&e.endpoints));
+        }
+        let _writes = self.lock_writes();
+        // Another request may have started it while this one waited.
+        let mut map = Services::clone(&self.services.load());
         if let Some(e) = map.get(name) {
             e.endpoints.touch(now);
             return Some(Arc::clone(&e.endpoints));
@@ -392,7 +420,9 @@ impl<W: Watcher> Resolve for Directory<W> {
         if map.len() >= self.config.max_services && !self.make_room(&mut map, now) {
             return None;
         }
-        Some(self.start(&mut map, name, false, now))
+        let endpoints = self.start(&mut map, name, false, now);
+        self.services.store(Arc::new(map));
+        Some(endpoints)
     }
 }
 

@@ -18,7 +18,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use trellis_shared::{Address, InstanceId, ServiceName, Zone};
 
+use crate::metrics::ServiceMetrics;
 use crate::outlier::OutlierState;
+use crate::retry::RetryBudget;
 
 /// Mutable, shared state of one endpoint.
 #[derive(Debug, Default)]
@@ -121,9 +123,17 @@ pub struct ServiceEndpoints {
     /// Milliseconds (on the sidecar's coarse clock) when a request last used it;
     /// the directory evicts services idle for long.
     last_used_ms: AtomicU64,
-    /// The proxy's per-service state (retry budget, metric handles), created
-    /// on the first request that finds endpoints.
-    pub proxy: OnceLock<crate::proxy::ServiceState>,
+    /// What the proxy keeps per service between requests, created on the
+    /// first request that finds endpoints (see [`ServiceEndpoints::policy`]).
+    policy: OnceLock<ServicePolicy>,
+}
+
+/// Per upstream service, the state the proxy's policies keep across requests:
+/// the retry budget all requests to the service share, and its metric handles.
+#[derive(Debug)]
+pub struct ServicePolicy {
+    pub budget: RetryBudget,
+    pub metrics: ServiceMetrics,
 }
 
 impl ServiceEndpoints {
@@ -133,7 +143,7 @@ impl ServiceEndpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
             resolved: watch::channel(false).0,
             last_used_ms: AtomicU64::new(0),
-            proxy: OnceLock::new(),
+            policy: OnceLock::new(),
         }
     }
 
@@ -156,6 +166,11 @@ impl ServiceEndpoints {
     pub async fn wait_resolved(&self, timeout: Duration) -> bool {
         let mut rx = self.resolved.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// The service's policy state, made by `init` on first use.
+    pub fn policy(&self, init: impl FnOnce() -> ServicePolicy) -> &ServicePolicy {
+        self.policy.get_or_init(init)
     }
 
     pub fn touch(&self, now_ms: u64) {

@@ -4,6 +4,7 @@
 //!
 //! Modules (one concept each):
 //! - [`config`]: CLI flags and environment variables, mapped to the structs below.
+//! - [`host`]: the host's name and address, for registration defaults.
 //! - [`health`]: checks of the local app with consecutive thresholds.
 //! - [`registration`]: registers the app once healthy and heartbeats its status.
 //! - [`discovery`]: one watch per upstream service, publishing [`endpoints::EndpointSet`]s;
@@ -17,6 +18,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: `/ready`, `/metrics`, `/endpoints`.
 //! - [`shutdown`]: ordered, bounded shutdown.
+//! - [`run`]: the sidecar assembled from the above; what the binary calls.
 
 pub mod admin;
 pub mod balance;
@@ -25,9 +27,13 @@ pub mod discovery;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod host;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
 pub mod registration;
 pub mod retry;
+pub mod run;
 pub mod shutdown;
+
+pub use run::{run, RunError};

@@ -25,27 +25,32 @@ use tokio::time::Instant;
 #[derive(Debug, Clone)]
 pub struct OutlierConfig {
     /// Consecutive failures (timeouts, resets, 502/503/504) that eject an
-    /// endpoint. A refused connection ejects at once. Default 3.
+    /// endpoint. A refused connection ejects at once.
     pub consecutive_failures: u32,
-    /// Duration of a first ejection. Default 5s.
+    /// Duration of a first ejection.
     pub base_ejection: Duration,
     /// Longest ejection, however often an endpoint was ejected; also how long an
     /// endpoint must stay healthy before its ejection time shrinks back to the
-    /// base. Default 2m.
+    /// base.
     pub max_ejection: Duration,
     /// Largest share of a service's endpoints ejected at once, in percent; at
-    /// least one endpoint can always be ejected. Default 50.
+    /// least one endpoint can always be ejected.
     pub max_ejected_percent: u8,
+}
+
+impl OutlierConfig {
+    /// The defaults, written once: the CLI's defaults are these values.
+    pub const DEFAULT: OutlierConfig = OutlierConfig {
+        consecutive_failures: 3,
+        base_ejection: Duration::from_secs(5),
+        max_ejection: Duration::from_secs(120),
+        max_ejected_percent: 50,
+    };
 }
 
 impl Default for OutlierConfig {
     fn default() -> Self {
-        OutlierConfig {
-            consecutive_failures: 3,
-            base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(120),
-            max_ejected_percent: 50,
-        }
+        OutlierConfig::DEFAULT
     }
 }
 

@@ -17,27 +17,32 @@ use tokio::time::Instant;
 /// Retry settings.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
-    /// Retries allowed per original request over the window. Default 0.2.
+    /// Retries allowed per original request over the window.
     pub budget_ratio: f64,
-    /// Retries per second always allowed, however few requests there were. Default 10.
+    /// Retries per second always allowed, however few requests there were.
     pub min_retries_per_second: u32,
-    /// How far back the budget looks. Default 10s.
+    /// How far back the budget looks.
     pub window: Duration,
-    /// Ceiling of the first retry's full-jitter backoff; doubles per retry. Default 10ms.
+    /// Ceiling of the first retry's full-jitter backoff; doubles per retry.
     pub backoff_base: Duration,
-    /// Largest backoff ceiling. Default 250ms.
+    /// Largest backoff ceiling.
     pub backoff_cap: Duration,
+}
+
+impl RetryConfig {
+    /// The defaults, written once: the CLI's defaults are these values.
+    pub const DEFAULT: RetryConfig = RetryConfig {
+        budget_ratio: 0.2,
+        min_retries_per_second: 10,
+        window: Duration::from_secs(10),
+        backoff_base: Duration::from_millis(10),
+        backoff_cap: Duration::from_millis(250),
+    };
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig {
-            budget_ratio: 0.2,
-            min_retries_per_second: 10,
-            window: Duration::from_secs(10),
-            backoff_base: Duration::from_millis(10),
-            backoff_cap: Duration::from_millis(250),
-        }
+        RetryConfig::DEFAULT
     }
 }
 

@@ -15,16 +15,14 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
-use trellis_shared::backoff::Backoff;
+use tracing::debug;
 
-use super::{
-    choose, ensure_host, error_chain, headers, record_failure, ProbeGuard, ProxyResponse, ResponseBody,
-    ServiceState, Shared,
-};
-use crate::endpoints::{EndpointSet, InFlight, ServiceEndpoints};
+use super::attempts::Attempts;
+use super::forward::ensure_host;
+use super::{cause, headers, ProxyContext, ProxyResponse, ResponseBody};
+use crate::endpoints::{EndpointSet, InFlight, ServiceEndpoints, ServicePolicy};
 use crate::error::ProxyError;
-use crate::outlier::{Outcome, Via};
+use crate::outlier::Outcome;
 
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` and `Upgrade`).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -40,16 +38,16 @@ fn connection_has_upgrade(h: &HeaderMap) -> bool {
 }
 
 pub(super) async fn forward(
-    shared: &Shared,
+    ctx: &ProxyContext,
     svc: &ServiceEndpoints,
-    state: &ServiceState,
+    policy: &ServicePolicy,
     set: &EndpointSet,
     mut req: Request<Incoming>,
     start: Instant,
 ) -> Result<ProxyResponse, ProxyError> {
-    let config = &shared.config;
-    let deadline = start + config.overall_timeout;
-    state.budget.deposit(start);
+    let config = &ctx.config;
+    let mut attempts = Attempts::new(config, svc, policy, set, start, config.overall_timeout);
+    let deadline = attempts.deadline();
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     let protocol = parts.headers.get(UPGRADE).cloned();
@@ -61,19 +59,11 @@ pub(super) async fn forward(
     }
     let uri: Uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
     let mut body = Some(body);
-    let mut tried = Vec::new();
-    let mut attempt = 0u32;
-    let mut backoff: Option<Backoff> = None;
-    let max_attempts = config.max_attempts.max(1);
 
     let overall = async {
         loop {
-            attempt += 1;
-            let now = Instant::now();
-            let (idx, via) =
-                choose(set, &tried, now).ok_or_else(|| ProxyError::NoEndpoints(svc.name.clone()))?;
-            let ep = &set.endpoints[idx];
-            let mut probe_guard = ProbeGuard { endpoint: (via == Via::Probe).then_some(&**ep) };
+            let mut pick = attempts.next()?;
+            let ep = pick.endpoint;
             let guard = ep.begin();
             let connected =
                 tokio::time::timeout(config.connect_timeout, TcpStream::connect(ep.authority.as_str())).await;
@@ -87,43 +77,25 @@ pub(super) async fn forward(
                         Ok(Err(e)) => (Outcome::Failure, e.to_string()),
                         _ => (Outcome::Failure, format!("no connection within {:?}", config.connect_timeout)),
                     };
-                    record_failure(shared, svc, state, set, ep, outcome, via, now);
-                    probe_guard.disarm();
+                    attempts.failed(&mut pick, outcome);
                     drop(guard);
-                    let mut retry = attempt < max_attempts && Instant::now() < deadline;
-                    if retry && !state.budget.try_withdraw(Instant::now()) {
-                        state.metrics.retries_refused.inc();
-                        retry = false;
+                    // Nothing was sent: any upgrade may go elsewhere.
+                    if !attempts.may_retry(true) {
+                        return Err(attempts.exhausted(cause));
                     }
-                    if !retry {
-                        return Err(ProxyError::UpstreamFailed {
-                            service: svc.name.clone(),
-                            attempts: attempt,
-                            cause,
-                        });
-                    }
-                    state.metrics.retries.inc();
-                    debug!(service = %svc.name, instance = %ep.id, attempt, "upgrade: connect failed, retrying");
-                    tried.push(idx);
-                    let delay = backoff
-                        .get_or_insert_with(|| {
-                            Backoff::new(config.retry.backoff_base, config.retry.backoff_cap)
-                        })
-                        .next_delay();
-                    tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+                    debug!(service = %svc.name, instance = %ep.id, attempt = attempts.made(), "upgrade: connect failed, retrying");
+                    let index = pick.index;
+                    drop(pick);
+                    attempts.back_off(index).await;
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
-            let failed = |cause: String| {
-                record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                ProxyError::UpstreamFailed { service: svc.name.clone(), attempts: attempt, cause }
-            };
             let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
                 Ok(h) => h,
                 Err(e) => {
-                    probe_guard.disarm();
-                    return Err(failed(error_chain(&e)));
+                    attempts.failed(&mut pick, Outcome::Failure);
+                    return Err(attempts.exhausted(cause::chain(&e)));
                 }
             };
             tokio::spawn(async move {
@@ -131,32 +103,27 @@ pub(super) async fn forward(
                 let _ = conn.with_upgrades().await;
             });
             let Some(body) = body.take() else {
-                return Err(failed("the upgrade request was already sent".into()));
+                attempts.failed(&mut pick, Outcome::Failure);
+                return Err(attempts.exhausted("the upgrade request was already sent".into()));
             };
             let mut up = Request::new(body);
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri.clone();
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = parts.headers.clone();
-            let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(now));
+            let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(pick.at));
             let mut resp = match tokio::time::timeout(per_try, sender.send_request(up)).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
-                    probe_guard.disarm();
-                    return Err(failed(error_chain(&e)));
+                    attempts.failed(&mut pick, Outcome::Failure);
+                    return Err(attempts.exhausted(cause::chain(&e)));
                 }
                 Err(_) => {
-                    probe_guard.disarm();
-                    record_failure(shared, svc, state, set, ep, Outcome::Failure, via, now);
-                    return Err(ProxyError::Timeout { service: svc.name.clone(), waited: start.elapsed() });
+                    attempts.failed(&mut pick, Outcome::Failure);
+                    return Err(attempts.timed_out(start.elapsed()));
                 }
             };
-            let was_ejected = ep.state.outlier.is_ejected();
-            ep.state.outlier.record(Outcome::Success, via, &config.outlier, now, || true);
-            if was_ejected && !ep.state.outlier.is_ejected() {
-                info!(service = %svc.name, instance = %ep.id, ?via, "endpoint restored");
-            }
-            probe_guard.disarm();
+            attempts.succeeded(&mut pick);
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 // The endpoint declined the upgrade: relay its answer as any other.
                 let mut resp = resp.map(|b| ResponseBody::upstream(b, guard, None));
@@ -167,7 +134,7 @@ pub(super) async fn forward(
             let mut out = Response::new(ResponseBody::empty());
             *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             *out.headers_mut() = resp.headers().clone();
-            debug!(service = %svc.name, instance = %ep.id, attempt, "upgraded");
+            debug!(service = %svc.name, instance = %ep.id, attempt = attempts.made(), "upgraded");
             tokio::spawn(splice(downstream, upstream, guard));
             return Ok(out);
         }

@@ -1,0 +1,253 @@
+//! One request's attempts over HTTP/1.1 (pooled) or HTTP/2 (multiplexed):
+//! build each attempt's request, send it, classify what came back, and either
+//! relay the answer or let [`Attempts`] decide on another attempt.
+//!
+//! What each outcome means (the rules in [`super`]): an answer other than
+//! 502/503/504 is relayed and counts as a success; a refused or failed connect
+//! was not sent and may go elsewhere whatever the method; a reset, a per-try
+//! timeout or a gateway status may be re-sent only for idempotent methods with
+//! a replayable body; a client abandoning its own upload is its own fault.
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::attempts::Attempts;
+use super::pool::{Checkin, SendError};
+use super::{cause, grpc, headers, ProxyContext, ProxyResponse, ReplayBody, ResponseBody};
+use crate::balance::Pick;
+use crate::endpoints::{Endpoint, EndpointSet, InFlight, ServiceEndpoints, ServicePolicy};
+use crate::error::ProxyError;
+use crate::outlier::Outcome;
+use crate::retry::{is_idempotent, may_retry, Failure};
+
+/// Result of one attempt that did not end the request by itself.
+enum Attempt {
+    /// A 502/503/504 from the endpoint: relayed if no retry follows.
+    Response(Response<Incoming>),
+    Failed {
+        failure: Failure,
+        cause: String,
+    },
+}
+
+pub(super) async fn forward(
+    ctx: &ProxyContext,
+    svc: &ServiceEndpoints,
+    policy: &ServicePolicy,
+    set: &EndpointSet,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Result<ProxyResponse, ProxyError> {
+    let config = &ctx.config;
+    // A gRPC client's own deadline bounds the call when it is the shorter one.
+    let timeout =
+        grpc::timeout(req.headers()).map_or(config.overall_timeout, |t| t.min(config.overall_timeout));
+    let mut attempts = Attempts::new(config, svc, policy, set, start, timeout);
+    let deadline = attempts.deadline();
+    let (mut parts, body) = req.into_parts();
+    let wants_trailers = parts
+        .headers
+        .get_all(http::header::TE)
+        .iter()
+        .any(|v| v.to_str().unwrap_or("").split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let downstream_h2 = parts.version == Version::HTTP_2;
+    headers::strip_hop_by_hop(&mut parts.headers);
+    ensure_host(&mut parts);
+    let idempotent = is_idempotent(&parts.method);
+    let body = ReplayBody::new(body, config.replay_buffer_bytes);
+    let path = parts.uri.path_and_query().cloned();
+
+    // No timer of its own for the overall timeout: each attempt's timer ends
+    // at the deadline at the latest, and so does each backoff.
+    loop {
+        let mut pick = attempts.next()?;
+        let ep = pick.endpoint;
+        let guard = ep.begin();
+        let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
+            || (downstream_h2 && {
+                let probe = ctx.protocols.speaks_h2(&ep.authority, config.connect_timeout);
+                match tokio::time::timeout_at(deadline, probe).await {
+                    Ok(h2) => h2,
+                    Err(_) => return Err(attempts.timed_out(timeout)),
+                }
+            });
+        let uri = if h2 {
+            upstream_uri(ep, path.as_ref())
+        } else {
+            // hyper's HTTP/1.1 client writes the URI as given: origin-form.
+            ep.uri_authority.as_ref().map(|_| Uri::from(path.clone().unwrap_or_else(root)))
+        };
+        let uri = uri.ok_or_else(|| {
+            attempts.exhausted(format!("endpoint authority {:?} is not valid in a URI", ep.authority))
+        })?;
+        let mut up = Request::new(body.retry());
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        // A copy of the headers only when a later attempt may need them
+        // after this one consumed its own: the HTTP/1.1 pool hands them
+        // back when it could not connect (the only retry a non-idempotent
+        // request gets there); HTTP/2 does not.
+        let keep_copy = attempts.has_more() && (idempotent || h2);
+        *up.headers_mut() =
+            if keep_copy { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+        // Whether `parts.headers` still holds the headers for a retry.
+        let mut have_headers = keep_copy;
+        if h2 {
+            *up.version_mut() = Version::HTTP_2;
+            if wants_trailers {
+                up.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            }
+        } else {
+            *up.version_mut() = Version::HTTP_11;
+        }
+
+        // A protocol probe may have taken a while.
+        let sent_at = if downstream_h2 { Instant::now() } else { pick.at };
+        let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(sent_at));
+        let mut conn = None;
+        let result = match tokio::time::timeout(per_try, send(ctx, ep, up, h2)).await {
+            Ok(Ok((resp, checkin))) => match resp.status() {
+                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                    conn = checkin;
+                    attempts.failed(&mut pick, Outcome::Failure);
+                    Attempt::Response(resp)
+                }
+                _ => {
+                    attempts.succeeded(&mut pick);
+                    let resp = relay(resp, guard, policy, checkin);
+                    debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt = attempts.made(), "proxied");
+                    return Ok(resp);
+                }
+            },
+            Ok(Err(SendError::Connect { refused, cause, headers })) => {
+                if let Some(h) = headers.filter(|_| !have_headers) {
+                    parts.headers = h;
+                    have_headers = true;
+                }
+                attempts.failed(&mut pick, if refused { Outcome::Refused } else { Outcome::Failure });
+                Attempt::Failed { failure: Failure::NotSent, cause: format!("{}: {cause}", ep.authority) }
+            }
+            Ok(Err(SendError::Send(e))) => sent_failure(&attempts, &mut pick, &*e)?,
+            Err(_) => {
+                attempts.failed(&mut pick, Outcome::Failure);
+                Attempt::Failed {
+                    failure: Failure::PerTryTimeout,
+                    cause: format!("no response headers within {per_try:?}"),
+                }
+            }
+        };
+        let failure = match &result {
+            Attempt::Response(_) => Failure::GatewayStatus,
+            Attempt::Failed { failure, .. } => *failure,
+        };
+        let index = pick.index;
+        drop(pick);
+
+        if !attempts.may_retry(have_headers && may_retry(failure, idempotent, body.is_replayable())) {
+            return match result {
+                Attempt::Response(resp) => Ok(relay(resp, guard, policy, conn)),
+                Attempt::Failed { failure: Failure::PerTryTimeout, .. } => {
+                    Err(attempts.timed_out(start.elapsed()))
+                }
+                Attempt::Failed { cause, .. } => Err(attempts.exhausted(cause)),
+            };
+        }
+        drop(result);
+        drop(conn);
+        drop(guard);
+        debug!(service = %svc.name, instance = %ep.id, ?failure, attempt = attempts.made(), "retrying");
+        attempts.back_off(index).await;
+    }
+}
+
+fn root() -> PathAndQuery {
+    PathAndQuery::from_static("/")
+}
+
+fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(ep.uri_authority.clone()?);
+    parts.path_and_query = Some(path.cloned().unwrap_or_else(root));
+    Uri::from_parts(parts).ok()
+}
+
+/// Sends one attempt: over HTTP/2 through hyper-util's client, else over a
+/// pooled HTTP/1.1 connection, which the response body gives back.
+async fn send(
+    ctx: &ProxyContext,
+    ep: &Endpoint,
+    up: Request<ReplayBody<Incoming>>,
+    h2: bool,
+) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+    if !h2 {
+        return ctx.pool.send(&ep.authority, up).await.map(|(r, c)| (r, Some(c)));
+    }
+    match ctx.h2_client.request(up).await {
+        Ok(r) => Ok((r, None)),
+        Err(e) if e.is_connect() => {
+            Err(SendError::Connect { refused: cause::is_refused(&e), cause: cause::chain(&e), headers: None })
+        }
+        Err(e) => Err(SendError::Send(Box::new(e))),
+    }
+}
+
+/// The outcome of an attempt that failed once the request may have been sent.
+fn sent_failure(
+    attempts: &Attempts<'_>,
+    pick: &mut Pick<'_>,
+    e: &(dyn std::error::Error + 'static),
+) -> Result<Attempt, ProxyError> {
+    if cause::is_client_body_error(e) && !cause::is_refused_stream(e) {
+        // The client's own body failed (it went away mid-upload): not the
+        // endpoint's fault, and nothing left to send.
+        return Err(ProxyError::BadRequest(format!(
+            "the request body could not be read: {}",
+            cause::chain(e)
+        )));
+    }
+    attempts.failed(pick, Outcome::Failure);
+    // A refused HTTP/2 stream: overloaded, not broken; it counts towards
+    // ejection like a gateway error, and is safe to send elsewhere.
+    let failure = if cause::is_refused_stream(e) { Failure::NotSent } else { Failure::Reset };
+    Ok(Attempt::Failed { failure, cause: format!("{}: {}", pick.endpoint.authority, cause::chain(e)) })
+}
+
+/// Absolute-form or HTTP/2 without Host: the upstream sees the service name
+/// it was addressed by, not the endpoint's address.
+pub(super) fn ensure_host(parts: &mut http::request::Parts) {
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+    }
+}
+
+/// An endpoint's response as relayed to the client: hop-by-hop headers
+/// dropped, the in-flight guard in the body, and gRPC's status counted (now
+/// for a trailers-only answer, else when the trailers pass).
+pub(super) fn relay(
+    resp: Response<Incoming>,
+    guard: InFlight,
+    policy: &ServicePolicy,
+    conn: Option<Checkin>,
+) -> ProxyResponse {
+    let grpc = grpc::is_grpc(resp.headers());
+    let mut resp = match resp.headers().get("grpc-status") {
+        Some(status) if grpc => {
+            policy.metrics.grpc.record(Some(status.as_bytes()));
+            resp.map(|b| ResponseBody::upstream(b, guard, conn))
+        }
+        _ if grpc => resp.map(|b| {
+            ResponseBody::upstream_grpc(b, guard, std::sync::Arc::clone(&policy.metrics.grpc), conn)
+        }),
+        _ => resp.map(|b| ResponseBody::upstream(b, guard, conn)),
+    };
+    headers::strip_hop_by_hop(resp.headers_mut());
+    resp
+}

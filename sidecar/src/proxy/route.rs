@@ -1,0 +1,108 @@
+//! From a request to its service: the cap on requests waiting for response
+//! headers, the target service (dedicated port, absolute URI, `:authority` or
+//! Host), its endpoints (waiting for a first discovery answer at most
+//! `discovery_wait`), then [`forward`] or [`upgrade`], and the per-service
+//! request metrics. Every sidecar-made answer leaves through
+//! [`ProxyContext::error`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::Request;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::debug;
+use trellis_shared::ServiceName;
+
+use super::{forward, grpc, headers, upgrade, ProxyContext, ProxyResponse, ResponseBody};
+use crate::endpoints::ServicePolicy;
+use crate::error::ProxyError;
+use crate::retry::RetryBudget;
+
+/// Counts a request as pending until dropped.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(super) async fn handle(
+    ctx: Arc<ProxyContext>,
+    req: Request<Incoming>,
+    target: Option<&ServiceName>,
+) -> ProxyResponse {
+    let start = Instant::now();
+    let is_grpc = grpc::is_grpc(req.headers());
+    if ctx.pending.fetch_add(1, Ordering::Relaxed) >= ctx.config.max_pending_requests {
+        ctx.pending.fetch_sub(1, Ordering::Relaxed);
+        return ctx.error(&ProxyError::Overloaded("too many pending requests"), is_grpc);
+    }
+    let _pending = Pending(&ctx.pending);
+    match route(&ctx, req, start, target).await {
+        Ok(resp) => resp,
+        Err(e) => ctx.error(&e, is_grpc),
+    }
+}
+
+impl ProxyContext {
+    fn error(&self, e: &ProxyError, is_grpc: bool) -> ProxyResponse {
+        self.metrics.proxy_error(e.code());
+        debug!(error = %e, "answered with a sidecar error");
+        if is_grpc {
+            e.to_grpc_response(ResponseBody::empty())
+        } else {
+            e.to_response(ResponseBody::full)
+        }
+    }
+}
+
+async fn route(
+    ctx: &ProxyContext,
+    mut req: Request<Incoming>,
+    start: Instant,
+    target: Option<&ServiceName>,
+) -> Result<ProxyResponse, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest(
+            "CONNECT is not supported: send plain HTTP through the sidecar".into(),
+        ));
+    }
+    let name = match target {
+        Some(name) => {
+            // A dedicated port: the upstream sees the service name, not the local address.
+            if let Ok(v) = http::HeaderValue::from_str(name.as_str()) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+            name.clone()
+        }
+        None => headers::target_service(&req)?,
+    };
+    let svc = ctx
+        .resolver
+        .resolve(&name)
+        .ok_or(ProxyError::Overloaded("too many upstream services are watched"))?;
+    if !svc.is_resolved() && !svc.wait_resolved(ctx.config.discovery_wait).await {
+        return Err(ProxyError::NoEndpoints(name));
+    }
+    let set = svc.load();
+    if set.endpoints.is_empty() {
+        return Err(ProxyError::NoEndpoints(name));
+    }
+    let policy = svc.policy(|| ServicePolicy {
+        budget: RetryBudget::new(&ctx.config.retry),
+        metrics: ctx.metrics.service(svc.name.as_str()),
+    });
+    let result = if upgrade::is_upgrade(&req) {
+        upgrade::forward(ctx, &svc, policy, &set, req, start).await
+    } else {
+        forward::forward(ctx, &svc, policy, &set, req, start).await
+    };
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    };
+    policy.metrics.request(status.as_u16(), start.elapsed().as_secs_f64());
+    result
+}
