@@ -195,7 +195,8 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // fold from +0.0: an empty f64 sum() is -0.0, which prints as "-0".
+        .fold(0.0, |a, b| a + b)
 }
 
 impl Client {
@@ -208,7 +209,7 @@ impl Client {
             .lines()
             .filter(|l| l.starts_with("trellis_sidecar_requests_total{") && l.contains(r#"class="5xx""#))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+            .fold(0.0, |a, b| a + b);
         ClientCounters {
             ejections: metric_sum(&text, "trellis_sidecar_ejections_total"),
             retries: metric_sum(&text, "trellis_sidecar_retries_total"),
