@@ -3,7 +3,8 @@
 # (as root, which CI is); idempotent: installs nothing when all is present.
 # Needed: rustfmt and clippy (rustup components), strip (binutils, for the
 # images), the docker CLI and docker-compose (the compose failure tests; the
-# engine itself is the machine's).
+# engine itself is the machine's), wrk and python3 (the overlapping-failure
+# tests load Python backends through a sidecar with wrk).
 set -euo pipefail
 
 if command -v rustup >/dev/null 2>&1; then
@@ -14,6 +15,8 @@ fi
 missing=()
 command -v strip >/dev/null 2>&1 || missing+=(binutils)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v docker >/dev/null 2>&1 || missing+=(docker.io)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   missing+=(docker-compose)

@@ -1,14 +1,20 @@
 //! The benchmark backend: a small, fast HTTP/1.1 server on a single-threaded
 //! runtime. Every request gets the same short `200` answer naming the
 //! instance, so the proxy under test, not the backend, dominates the cost.
+//!
+//! With a delay it plays a slow instance: answers on the first (traffic)
+//! address wait that long, while the other addresses (health checks) still
+//! answer at once, as an app slowed by its work but not dead would.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Serves on every address until the process is killed.
-pub fn run(listen: &[SocketAddr], name: &str) -> std::io::Result<()> {
+/// Serves on every address until the process is killed; answers on the
+/// first address wait `delay`.
+pub fn run(listen: &[SocketAddr], name: &str, delay: Duration) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let body = format!("hello from {name}\n");
     let response: &'static [u8] = Box::leak(
@@ -25,12 +31,13 @@ pub fn run(listen: &[SocketAddr], name: &str) -> std::io::Result<()> {
             listeners.push(TcpListener::bind(addr).await?);
         }
         let mut tasks = Vec::new();
-        for l in listeners {
+        for (i, l) in listeners.into_iter().enumerate() {
+            let delay = if i == 0 { delay } else { Duration::ZERO };
             tasks.push(tokio::spawn(async move {
                 loop {
                     match l.accept().await {
                         Ok((s, _)) => {
-                            tokio::spawn(serve(s, response));
+                            tokio::spawn(serve(s, response, delay));
                         }
                         Err(e) => tracing::debug!(error = %e, "accept failed"),
                     }
@@ -69,7 +76,7 @@ fn request_end(buf: &[u8]) -> Option<Result<(usize, bool), ()>> {
     (buf.len() >= total).then_some(Ok((total, close)))
 }
 
-async fn serve(mut s: TcpStream, response: &'static [u8]) {
+async fn serve(mut s: TcpStream, response: &'static [u8], delay: Duration) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
@@ -97,6 +104,9 @@ async fn serve(mut s: TcpStream, response: &'static [u8]) {
             }
         }
         if !out.is_empty() {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             if s.write_all(&out).await.is_err() {
                 return;
             }

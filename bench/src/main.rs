@@ -49,6 +49,9 @@ enum Command {
         /// Name put in the `x-backend` header and the body.
         #[arg(long, env = "TRELLIS_NAME", default_value = "backend")]
         name: String,
+        /// How long answers on the first address wait (a slow instance), e.g. `2s`.
+        #[arg(long, env = "TRELLIS_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+        delay: std::time::Duration,
     },
     /// Start three backends and one target in front of them, print where it
     /// listens and keep it running until Enter or EOF on stdin (for profiling).
@@ -79,7 +82,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Backend { listen, name } => backend::run(&listen, &name).map_err(|e| e.to_string()),
+        Command::Backend { listen, name, delay } => {
+            backend::run(&listen, &name, delay).map_err(|e| e.to_string())
+        }
         Command::Run(args) => cases::run(args),
         Command::Serve { target, bin_dir } => serve(&target, bin_dir),
         Command::Load { addr, connections, duration, rate } => {

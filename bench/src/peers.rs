@@ -44,8 +44,14 @@ pub struct Backends {
 }
 
 pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
+    start_backends_with(env, tag, [Duration::ZERO; 3])
+}
+
+/// [`start_backends`] where backend `i` answers requests after `delays[i]`
+/// (its health port still answers at once).
+pub fn start_backends_with(env: &Env, tag: &str, delays: [Duration; 3]) -> std::io::Result<Backends> {
     let mut b = Backends { procs: Vec::new(), traffic: Vec::new(), health: Vec::new() };
-    for i in 0..3 {
+    for (i, delay) in delays.iter().enumerate() {
         let (t, h) = (free_addr()?, free_addr()?);
         let name = format!("b{}", i + 1);
         let args = vec![
@@ -56,6 +62,8 @@ pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
             h.to_string(),
             "--name".into(),
             name.clone(),
+            "--delay".into(),
+            format!("{}ms", delay.as_millis()),
         ];
         b.procs.push(Proc::spawn(
             &format!("{tag}-backend-{name}"),
@@ -67,8 +75,9 @@ pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
         b.traffic.push(t);
         b.health.push(h);
     }
-    for (i, t) in b.traffic.iter().enumerate() {
-        wait_http_ok(&format!("backend {}", i + 1), *t, SERVICE, "/", Duration::from_secs(10))?;
+    // The health port: the traffic port of a slow backend answers too late.
+    for (i, h) in b.health.iter().enumerate() {
+        wait_http_ok(&format!("backend {}", i + 1), *h, SERVICE, "/", Duration::from_secs(10))?;
     }
     Ok(b)
 }
@@ -116,6 +125,16 @@ impl Target {
     }
 }
 
+/// Settings a case changes from every proxy's defaults, the same for all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// How long one attempt waits for response headers before the proxy gives
+    /// up on that backend and retries another: Trellis `--try-timeout`,
+    /// HAProxy `timeout server`, nginx `proxy_read_timeout`. `None`: each
+    /// proxy's own setting (Trellis 10 s, HAProxy 30 s as configured, nginx 60 s).
+    pub try_timeout: Option<Duration>,
+}
+
 /// What the proxy's listener speaks to the load generator. Upstreams are
 /// HTTP/1.1 with keep-alive either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +144,7 @@ pub enum Front {
     H2c,
 }
 
-pub fn haproxy_config(listen: SocketAddr, b: &Backends, front: Front) -> String {
+pub fn haproxy_config(listen: SocketAddr, b: &Backends, front: Front, tuning: Tuning) -> String {
     let proto = match front {
         Front::Http1 => "",
         Front::H2c => " proto h2",
@@ -138,6 +157,7 @@ pub fn haproxy_config(listen: SocketAddr, b: &Backends, front: Front) -> String 
             h.port()
         ));
     }
+    let server_timeout = tuning.try_timeout.map_or("30s".to_string(), |t| format!("{}ms", t.as_millis()));
     format!(
         "global
     nbthread 1
@@ -147,7 +167,7 @@ defaults
     mode http
     timeout connect 1s
     timeout client 30s
-    timeout server 30s
+    timeout server {server_timeout}
     timeout http-keep-alive 30s
     option http-keep-alive
     http-reuse safe
@@ -166,7 +186,7 @@ backend be
     )
 }
 
-pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path, front: Front) -> String {
+pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path, front: Front, tuning: Tuning) -> String {
     // `http2` on a cleartext listener: HTTP/2 with prior knowledge only.
     let proto = match front {
         Front::Http1 => "",
@@ -176,6 +196,10 @@ pub fn nginx_config(listen: SocketAddr, b: &Backends, dir: &Path, front: Front) 
     for t in &b.traffic {
         servers.push_str(&format!("        server {t} max_fails=1 fail_timeout=10s;\n"));
     }
+    let read_timeout = match tuning.try_timeout {
+        Some(t) => format!("            proxy_read_timeout {}ms;\n", t.as_millis()),
+        None => String::new(),
+    };
     let d = dir.display();
     format!(
         "worker_processes 1;
@@ -212,16 +236,21 @@ http {{
             proxy_connect_timeout 1s;
             proxy_next_upstream error timeout http_502 http_503 http_504;
             proxy_next_upstream_tries 3;
-        }}
+{read_timeout}        }}
     }}
 }}
 "
     )
 }
 
-/// The client sidecar's command line: its defaults, one worker.
-pub fn sidecar_client_args(registry: SocketAddr, outbound: SocketAddr, admin: SocketAddr) -> Vec<String> {
-    vec![
+/// The client sidecar's command line: its defaults, one worker, and `tuning`.
+pub fn sidecar_client_args(
+    registry: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    tuning: Tuning,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
         "--registry".into(),
         format!("http://{registry}"),
         "--outbound".into(),
@@ -230,7 +259,11 @@ pub fn sidecar_client_args(registry: SocketAddr, outbound: SocketAddr, admin: So
         admin.to_string(),
         "--workers".into(),
         "1".into(),
-    ]
+    ];
+    if let Some(t) = tuning.try_timeout {
+        args.extend(["--try-timeout".into(), format!("{}ms", t.as_millis())]);
+    }
+    args
 }
 
 /// A backend's sidecar: registers the backend's traffic port, checks its health port.
@@ -272,20 +305,32 @@ fn registered_count(registry: SocketAddr) -> usize {
 
 /// Starts a target in front of the backends and waits until it proxies.
 pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<Target> {
-    start_front(kind, env, b, tag, Front::Http1)
+    start_tuned(kind, env, b, tag, Front::Http1, Tuning::default())
 }
 
 /// [`start`] with the listener speaking `front`. The Trellis sidecar takes
 /// HTTP/1.1 and HTTP/2 on the same port, so it needs no switch; an HTTP/2
 /// target is only waited for until it listens (the caller checks it proxies).
 pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front) -> std::io::Result<Target> {
+    start_tuned(kind, env, b, tag, front, Tuning::default())
+}
+
+/// [`start_front`] with `tuning` applied to the proxy's configuration.
+pub fn start_tuned(
+    kind: Kind,
+    env: &Env,
+    b: &Backends,
+    tag: &str,
+    front: Front,
+    tuning: Tuning,
+) -> std::io::Result<Target> {
     let listen = free_addr()?;
     let ready = Duration::from_secs(30);
     let target = match kind {
         Kind::Direct => Target { main: None, _support: Vec::new(), addrs: b.traffic.clone() },
         Kind::Haproxy => {
             let cfg = env.work.join(format!("{tag}-haproxy.cfg"));
-            std::fs::write(&cfg, haproxy_config(listen, b, front))?;
+            std::fs::write(&cfg, haproxy_config(listen, b, front, tuning))?;
             let args = vec!["-db".into(), "-f".into(), cfg.display().to_string()];
             let p = Proc::spawn(
                 &format!("{tag}-haproxy"),
@@ -300,7 +345,7 @@ pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front)
             let dir = env.work.join(format!("{tag}-nginx"));
             std::fs::create_dir_all(&dir)?;
             let cfg = dir.join("nginx.conf");
-            std::fs::write(&cfg, nginx_config(listen, b, &dir, front))?;
+            std::fs::write(&cfg, nginx_config(listen, b, &dir, front, tuning))?;
             let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), cfg.display().to_string()];
             let p =
                 Proc::spawn(&format!("{tag}-nginx"), Path::new("nginx"), &args, env.proxy_core, &env.work)?;
@@ -325,7 +370,7 @@ pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front)
             }
             wait_until("three backends registered", ready, || registered_count(reg) == 3)?;
             let admin = free_addr()?;
-            let args = sidecar_client_args(reg, listen, admin);
+            let args = sidecar_client_args(reg, listen, admin, tuning);
             let p = Proc::spawn(
                 &format!("{tag}-sidecar"),
                 &env.bin("sidecar"),
@@ -347,4 +392,27 @@ pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front)
         }
     }
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_try_timeout_reaches_every_proxy_config() {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let b =
+            Backends { procs: Vec::new(), traffic: vec![a(1), a(2), a(3)], health: vec![a(4), a(5), a(6)] };
+        let dir = Path::new("/tmp/x");
+        let tuned = Tuning { try_timeout: Some(Duration::from_millis(500)) };
+        assert!(haproxy_config(a(9), &b, Front::Http1, tuned).contains("timeout server 500ms\n"));
+        assert!(haproxy_config(a(9), &b, Front::Http1, Tuning::default()).contains("timeout server 30s\n"));
+        assert!(nginx_config(a(9), &b, dir, Front::Http1, tuned).contains("proxy_read_timeout 500ms;"));
+        assert!(!nginx_config(a(9), &b, dir, Front::Http1, Tuning::default()).contains("proxy_read_timeout"));
+        let args = sidecar_client_args(a(7), a(8), a(9), tuned).join(" ");
+        assert!(args.ends_with("--try-timeout 500ms"), "{args}");
+        assert!(!sidecar_client_args(a(7), a(8), a(9), Tuning::default())
+            .join(" ")
+            .contains("--try-timeout"));
+    }
 }

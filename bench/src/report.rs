@@ -137,15 +137,23 @@ impl Report {
         let _ = writeln!(
             h,
             "### HAProxy (`haproxy -db -f haproxy.cfg`, pinned to the proxy core)\n\n```haproxy\n{}```\n",
-            peers::haproxy_config(addr(10000), &fake, peers::Front::Http1)
+            peers::haproxy_config(addr(10000), &fake, peers::Front::Http1, peers::Tuning::default())
         );
         let nginx_dir = env.work.join("nginx");
         let _ = writeln!(
             h,
             "### nginx (`nginx -p DIR -c nginx.conf`, pinned to the proxy core)\n\n```nginx\n{}```\n",
-            peers::nginx_config(addr(10000), &fake, &nginx_dir, peers::Front::Http1)
+            peers::nginx_config(
+                addr(10000),
+                &fake,
+                &nginx_dir,
+                peers::Front::Http1,
+                peers::Tuning::default()
+            )
         );
-        let client = peers::sidecar_client_args(addr(7600), addr(10000), addr(15000)).join(" ");
+        let client =
+            peers::sidecar_client_args(addr(7600), addr(10000), addr(15000), peers::Tuning::default())
+                .join(" ");
         let backend = peers::sidecar_backend_args(addr(7600), addr(20001), addr(20101))
             .map(|a| a.join(" "))
             .unwrap_or_default();

@@ -4,7 +4,8 @@
 //! - `fixed_rate`: case 2, constant rates: added latency and CPU per request.
 //! - `http2`: case 3, h2c with 100 concurrent streams (h2load).
 //! - `registry`: case 4, the registry at scale against etcd.
-//! - `failover`: case 5, `kill -9` of one backend under steady load.
+//! - `failover`: case 5, one backend killed, killed while another is slow, or
+//!   paused (SIGSTOP), under steady load.
 
 mod failover;
 mod fixed_rate;
@@ -84,7 +85,7 @@ impl Sizes {
                 rate_connections: 16,
                 failover_rate: 500.0,
                 failover_before_kill: Duration::from_secs(1),
-                failover_after_kill: Duration::from_secs(4),
+                failover_after_kill: Duration::from_secs(3),
                 registry_instances: 2_000,
                 registry_services: 20,
                 registry_duration: Duration::from_secs(3),
