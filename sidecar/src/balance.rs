@@ -1,18 +1,35 @@
 //! The choice of endpoint for each attempt: pure functions over a snapshot.
 //!
-//! [`least_loaded`]: the load of an endpoint is its in-flight requests from
-//! this sidecar divided by its weight; the least loaded wins and ties are
-//! broken uniformly at random (reservoir sampling, so the random number
-//! generator is consulted only when there is a tie).
+//! # Load
+//! [`least_loaded`]: an endpoint's load is `(in flight + 1) / effective weight`,
+//! the least loaded wins and ties are broken uniformly at random (reservoir
+//! sampling, so the random number generator is consulted only on a tie). The
+//! `+ 1` makes weights count between idle endpoints too. The effective weight
+//! is the registered weight times the endpoint's warmth: during its slow start
+//! (`slow_start` after it was first seen or came back from an ejection) it
+//! rises linearly from 10 % to 100 %, so a cold instance is not handed a full
+//! share in its first second (Envoy's `slow_start_config`, linear).
 //!
-//! [`choose`] decides which endpoints are candidates, in this order:
+//! # Candidates: no black holes
+//! [`choose`] takes the first rule that finds an endpoint:
 //! 1. an endpoint whose ejection has ended gets the request as its one probe;
-//! 2. else least-loaded over active endpoints this request has not tried yet,
-//! 3. else over active ones it tried already,
-//! 4. else (every endpoint ejected) over all of them: panic mode, untried first.
+//! 2. least-loaded over endpoints that are active, not yet tried by this
+//!    request, and not suspect (no failure in the last second);
+//! 3. the same over suspect ones;
+//! 4. least-loaded over active endpoints this request tried already;
+//! 5. panic mode: every endpoint is ejected, so all of them, untried first.
+//!
+//! What keeps a dying endpoint from swallowing traffic: a refused connection
+//! ejects at once whatever the ejected-share bound ([`crate::outlier`]), and
+//! any other failure makes the endpoint suspect, so an endpoint that fails
+//! fast, and therefore has nothing in flight, ranks after every endpoint that
+//! works instead of looking the least loaded. The share bound then only
+//! decides how long a softly failing endpoint stays out, never whether a dead
+//! one gets first attempts.
 
 use std::cmp::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
@@ -20,10 +37,29 @@ use tokio::time::Instant;
 use crate::endpoints::{Endpoint, EndpointSet};
 use crate::outlier::{Admission, Via};
 
-/// Compares `a_in_flight / a_weight` with `b_in_flight / b_weight` without division.
-fn compare_load(a_in_flight: usize, a_weight: u32, b_in_flight: usize, b_weight: u32) -> Ordering {
-    let a = (a_in_flight as u128) * u128::from(b_weight.max(1));
-    let b = (b_in_flight as u128) * u128::from(a_weight.max(1));
+/// Balancer settings.
+#[derive(Debug, Clone)]
+pub struct BalanceConfig {
+    /// How long a new endpoint (or one back from an ejection) takes to reach
+    /// its full share; zero turns slow start off.
+    pub slow_start: Duration,
+}
+
+impl BalanceConfig {
+    /// The defaults, written once: the CLI's defaults are these values.
+    pub const DEFAULT: BalanceConfig = BalanceConfig { slow_start: Duration::from_secs(10) };
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig::DEFAULT
+    }
+}
+
+/// `(a_in_flight + 1) / a_weight` against the same for b, without division.
+fn compare_load(a_in_flight: usize, a_weight: u64, b_in_flight: usize, b_weight: u64) -> Ordering {
+    let a = (a_in_flight as u128 + 1) * u128::from(b_weight.max(1));
+    let b = (b_in_flight as u128 + 1) * u128::from(a_weight.max(1));
     a.cmp(&b)
 }
 
@@ -31,35 +67,36 @@ fn compare_load(a_in_flight: usize, a_weight: u32, b_in_flight: usize, b_weight:
 /// `None` when it accepts none.
 pub fn least_loaded(
     endpoints: &[Arc<Endpoint>],
+    now: Instant,
+    config: &BalanceConfig,
     mut candidate: impl FnMut(usize, &Endpoint) -> bool,
 ) -> Option<usize> {
-    let mut best: Option<(usize, usize, u32)> = None;
+    let mut best: Option<(usize, usize, u64)> = None;
     let mut ties = 0u32;
     for (i, ep) in endpoints.iter().enumerate() {
         if !candidate(i, ep) {
             continue;
         }
         let load = ep.state.in_flight();
+        let weight = u64::from(ep.weight) * ep.state.outlier.warmth_permille(now, config.slow_start);
         match best {
             None => {
-                best = Some((i, load, ep.weight));
+                best = Some((i, load, weight));
                 ties = 1;
             }
-            Some((_, best_load, best_weight)) => {
-                match compare_load(load, ep.weight, best_load, best_weight) {
-                    Ordering::Less => {
-                        best = Some((i, load, ep.weight));
-                        ties = 1;
-                    }
-                    Ordering::Equal => {
-                        ties += 1;
-                        if rand::rng().random_range(0..ties) == 0 {
-                            best = Some((i, load, ep.weight));
-                        }
-                    }
-                    Ordering::Greater => {}
+            Some((_, best_load, best_weight)) => match compare_load(load, weight, best_load, best_weight) {
+                Ordering::Less => {
+                    best = Some((i, load, weight));
+                    ties = 1;
                 }
-            }
+                Ordering::Equal => {
+                    ties += 1;
+                    if rand::rng().random_range(0..ties) == 0 {
+                        best = Some((i, load, weight));
+                    }
+                }
+                Ordering::Greater => {}
+            },
         }
     }
     best.map(|(i, _, _)| i)
@@ -96,9 +133,15 @@ impl Drop for Pick<'_> {
 
 /// The endpoint for the next attempt of a request that already tried the
 /// endpoints at `tried`; `None` only when the snapshot is empty.
-pub fn choose<'a>(set: &'a EndpointSet, tried: &[usize], now: Instant) -> Option<Pick<'a>> {
+pub fn choose<'a>(
+    set: &'a EndpointSet,
+    tried: &[usize],
+    now: Instant,
+    config: &BalanceConfig,
+) -> Option<Pick<'a>> {
     let eps = &set.endpoints;
     let untried = |i: usize| !tried.contains(&i);
+    let active = |ep: &Endpoint| !ep.state.outlier.is_ejected();
     let pick = |index: usize, via: Via| Pick {
         index,
         endpoint: &eps[index],
@@ -112,13 +155,15 @@ pub fn choose<'a>(set: &'a EndpointSet, tried: &[usize], now: Instant) -> Option
             return Some(pick(i, Via::Probe));
         }
     }
-    if let Some(i) = least_loaded(eps, |i, ep| untried(i) && !ep.state.outlier.is_ejected())
-        .or_else(|| least_loaded(eps, |_, ep| !ep.state.outlier.is_ejected()))
+    let lowest = |f: &dyn Fn(usize, &Endpoint) -> bool| least_loaded(eps, now, config, f);
+    if let Some(i) = lowest(&|i, ep| untried(i) && active(ep) && !ep.state.outlier.is_suspect(now))
+        .or_else(|| lowest(&|i, ep| untried(i) && active(ep)))
+        .or_else(|| lowest(&|_, ep| active(ep)))
     {
         return Some(pick(i, Via::Normal));
     }
     // Panic mode: every endpoint is ejected; trying them beats failing everything.
-    let i = least_loaded(eps, |i, _| untried(i)).or_else(|| least_loaded(eps, |_, _| true))?;
+    let i = lowest(&|i, _| untried(i)).or_else(|| lowest(&|_, _| true))?;
     Some(pick(i, Via::Panic))
 }
 
@@ -146,22 +191,31 @@ mod tests {
         ))
     }
 
+    /// Slow start off: every endpoint at its full weight.
+    fn warm() -> BalanceConfig {
+        BalanceConfig { slow_start: Duration::ZERO }
+    }
+
+    fn ll(eps: &[Arc<Endpoint>], f: impl FnMut(usize, &Endpoint) -> bool) -> Option<usize> {
+        least_loaded(eps, Instant::now(), &warm(), f)
+    }
+
     fn load(e: &Arc<Endpoint>, n: usize) -> Vec<InFlight> {
         (0..n).map(|_| e.begin()).collect()
     }
 
     #[test]
     fn none_for_no_endpoints() {
-        assert_eq!(least_loaded(&[], |_, _| true), None);
+        assert_eq!(ll(&[], |_, _| true), None);
         let eps = vec![ep("a", 1)];
-        assert_eq!(least_loaded(&eps, |_, _| false), None);
+        assert_eq!(ll(&eps, |_, _| false), None);
     }
 
     #[test]
     fn one_endpoint_always() {
         let eps = vec![ep("a", 1)];
         let _g = load(&eps[0], 5);
-        assert_eq!(least_loaded(&eps, |_, _| true), Some(0));
+        assert_eq!(ll(&eps, |_, _| true), Some(0));
     }
 
     #[test]
@@ -171,22 +225,22 @@ mod tests {
         let _gb = load(&eps[1], 1);
         let _gc = load(&eps[2], 2);
         for _ in 0..20 {
-            assert_eq!(least_loaded(&eps, |_, _| true), Some(1));
+            assert_eq!(ll(&eps, |_, _| true), Some(1));
         }
         // The filter excludes b: c is next.
-        assert_eq!(least_loaded(&eps, |i, _| i != 1), Some(2));
+        assert_eq!(ll(&eps, |i, _| i != 1), Some(2));
     }
 
     #[test]
     fn weight_divides_load() {
-        // a: 4 in flight / weight 4 = 1; b: 2 / 1 = 2.
+        // a: (4+1) in flight / weight 4; b: (2+1) / 1.
         let eps = vec![ep("a", 4), ep("b", 1)];
         let _ga = load(&eps[0], 4);
         let _gb = load(&eps[1], 2);
-        assert_eq!(least_loaded(&eps, |_, _| true), Some(0));
-        // a: 9/4 > b: 2/1.
-        let _more = load(&eps[0], 5);
-        assert_eq!(least_loaded(&eps, |_, _| true), Some(1));
+        assert_eq!(ll(&eps, |_, _| true), Some(0));
+        // a: (12+1)/4 > b: (2+1)/1.
+        let _more = load(&eps[0], 8);
+        assert_eq!(ll(&eps, |_, _| true), Some(1));
     }
 
     #[test]
@@ -195,7 +249,7 @@ mod tests {
         let _gd = load(&eps[3], 1);
         let mut counts = [0u32; 4];
         for _ in 0..3000 {
-            counts[least_loaded(&eps, |_, _| true).unwrap()] += 1;
+            counts[ll(&eps, |_, _| true).unwrap()] += 1;
         }
         assert_eq!(counts[3], 0);
         // Each of a, b, c expects 1000; far from flaky at these bounds.
@@ -223,7 +277,7 @@ mod tests {
 
     /// The choice as (index, via); the pick is dropped, releasing a probe it held.
     fn chosen(set: &EndpointSet, tried: &[usize]) -> Option<(usize, Via)> {
-        choose(set, tried, Instant::now()).map(|p| (p.index, p.via))
+        choose(set, tried, Instant::now(), &warm()).map(|p| (p.index, p.via))
     }
 
     #[tokio::test(start_paused = true)]
@@ -248,13 +302,13 @@ mod tests {
         eject(&s, 0);
         assert_eq!(chosen(&s, &[]), Some((1, Via::Normal)));
         tokio::time::advance(Duration::from_secs(10)).await;
-        let probe = choose(&s, &[], Instant::now()).unwrap();
+        let probe = choose(&s, &[], Instant::now(), &warm()).unwrap();
         assert_eq!((probe.index, probe.via), (0, Via::Probe));
         // The probe is out: others go elsewhere.
         assert_eq!(chosen(&s, &[]), Some((1, Via::Normal)));
         // Dropped without an outcome: the next request probes.
         drop(probe);
-        let mut probe = choose(&s, &[], Instant::now()).unwrap();
+        let mut probe = choose(&s, &[], Instant::now(), &warm()).unwrap();
         assert_eq!((probe.index, probe.via), (0, Via::Probe));
         // Settled: dropping it no longer releases the probe.
         probe.settled();
@@ -270,6 +324,73 @@ mod tests {
 
     #[test]
     fn no_endpoint_no_choice() {
-        assert!(choose(&set(0), &[], Instant::now()).is_none());
+        assert!(choose(&set(0), &[], Instant::now(), &warm()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_failing_endpoint_never_looks_less_loaded_than_a_working_one() {
+        let s = set(3);
+        let _busy0 = load(&s.endpoints[0], 5);
+        let _busy1 = load(&s.endpoints[1], 5);
+        // e2 failed fast: nothing in flight, but it failed.
+        let cfg = OutlierConfig::default();
+        s.endpoints[2].state.outlier.record(Outcome::Failure, Via::Normal, &cfg, Instant::now(), || false);
+        for _ in 0..100 {
+            let (i, via) = chosen(&s, &[]).unwrap();
+            assert!(i != 2 && via == Via::Normal, "chose the failing endpoint");
+        }
+        // A retry that tried both working ones goes to it rather than failing.
+        assert_eq!(chosen(&s, &[0, 1]), Some((2, Via::Normal)));
+        // Once the failure is old news it is least loaded again.
+        tokio::time::advance(crate::outlier::SUSPECT_FOR).await;
+        assert_eq!(chosen(&s, &[]), Some((2, Via::Normal)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusing_endpoint_gets_no_first_attempts_while_a_soft_ejection_holds_the_share_bound() {
+        let s = set(3);
+        let cfg = OutlierConfig { base_ejection: Duration::from_secs(30), ..OutlierConfig::default() };
+        let now = Instant::now();
+        // e0 is slow: ejected by consecutive failures, taking the bound (50 % of 3 = 1).
+        for _ in 0..cfg.consecutive_failures {
+            s.endpoints[0].state.outlier.record(Outcome::Failure, Via::Normal, &cfg, now, || true);
+        }
+        assert!(s.endpoints[0].state.outlier.is_ejected());
+        // e1 dies: its refusal ejects it although the bound says no more.
+        let out = s.endpoints[1].state.outlier.record(Outcome::Refused, Via::Normal, &cfg, now, || false);
+        assert!(out.is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..100 {
+            assert_eq!(chosen(&s, &[]), Some((2, Via::Normal)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_gets_its_share_gradually_over_the_slow_start() {
+        let slow = BalanceConfig { slow_start: Duration::from_secs(10) };
+        let old = set(2);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        // A third instance appears: its state is new.
+        let mut endpoints = old.endpoints.clone();
+        endpoints.push(ep("new", 1));
+        let s = EndpointSet { endpoints, index: 2, epoch: "e".into() };
+        // The share of 300 concurrent requests each endpoint ends up with.
+        let share_of_new = || {
+            let mut held = Vec::new();
+            for _ in 0..300 {
+                let p = choose(&s, &[], Instant::now(), &slow).unwrap();
+                held.push(p.endpoint.begin());
+            }
+            held.iter().filter(|g| g.endpoint().id.as_str() == "new").count() as f64 / 300.0
+        };
+        let at_start = share_of_new();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let halfway = share_of_new();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let warm = share_of_new();
+        // Weights 0.1 : 1 : 1, then 0.5 : 1 : 1, then 1 : 1 : 1.
+        assert!((0.03..0.07).contains(&at_start), "{at_start}");
+        assert!((0.17..0.23).contains(&halfway), "{halfway}");
+        assert!((0.30..0.37).contains(&warm), "{warm}");
     }
 }

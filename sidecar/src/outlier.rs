@@ -8,14 +8,26 @@
 //! healthy for `max_ejection`. When the time is up the endpoint is `probing`:
 //! exactly one request is let through, and its outcome decides between
 //! `active` and a longer ejection. The share of a service's endpoints ejected at
-//! once is bounded by [`may_eject`]; when every endpoint is ejected the proxy
-//! ignores ejection altogether (panic mode), see `proxy`.
+//! once is bounded by [`may_eject`], for failures that may be systemic (timeouts,
+//! resets, gateway errors); a refused connection ejects whatever the bound, since
+//! keeping an endpoint nobody listens on in rotation only turns it into a black
+//! hole for first attempts. When every endpoint is ejected the balancer ignores
+//! ejection altogether (panic mode), see [`crate::balance`].
+//!
+//! Two softer signals feed the balancer ([`crate::balance`]) without ejecting:
+//! - **suspect**: the endpoint's latest outcome was a failure less than
+//!   [`SUSPECT_FOR`] ago. The balancer ranks it after endpoints without one, so
+//!   an endpoint that fails fast (and so has nothing in flight) never looks
+//!   less loaded than one that works. It needs no share bound: a suspect
+//!   endpoint is still chosen when nothing better is left.
+//! - **warmth**: how far the endpoint is into its slow start, counted from
+//!   when it joined (first seen, or restored after an ejection).
 //!
 //! The request path reads one atomic when the endpoint is active and healthy;
 //! the mutex is taken only on failures and while ejected, and never across an
 //! `.await`.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -111,12 +123,40 @@ struct Inner {
 }
 
 /// Per-endpoint outlier state, shared by every request to the endpoint.
-#[derive(Debug, Default)]
+/// How long a failed attempt marks its endpoint as suspect (see the module doc).
+/// Long enough to steer a burst of requests elsewhere, short enough that a
+/// healthy endpoint which failed once is back in full rotation almost at once.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
+/// The smallest share of its weight an endpoint gets at the start of its slow
+/// start (Envoy's `min_weight_percent` default), so it is never starved.
+const MIN_WARMTH_PERMILLE: u64 = 100;
+
+#[derive(Debug)]
 pub struct OutlierState {
     /// Mirror of the state for the lock-free fast path.
     mode: AtomicU8,
     consecutive: AtomicU32,
     inner: Mutex<Inner>,
+    /// Base of the millisecond clock of the two fields below.
+    epoch: Instant,
+    /// 1 + milliseconds since `epoch` of the latest failure; 0 after a success.
+    failed_at: AtomicU64,
+    /// Milliseconds since `epoch` when the endpoint joined the rotation.
+    joined_at: AtomicU64,
+}
+
+impl Default for OutlierState {
+    fn default() -> Self {
+        OutlierState {
+            mode: AtomicU8::new(ACTIVE),
+            consecutive: AtomicU32::new(0),
+            inner: Mutex::default(),
+            epoch: Instant::now(),
+            failed_at: AtomicU64::new(0),
+            joined_at: AtomicU64::new(0),
+        }
+    }
 }
 
 impl OutlierState {
@@ -135,6 +175,31 @@ impl OutlierState {
             _ => "probing",
         };
         (name, ejections)
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Its latest attempt failed less than [`SUSPECT_FOR`] before `now`.
+    pub fn is_suspect(&self, now: Instant) -> bool {
+        let failed = self.failed_at.load(Ordering::Relaxed);
+        failed != 0 && self.ms(now).saturating_sub(failed - 1) < SUSPECT_FOR.as_millis() as u64
+    }
+
+    /// The share of its weight the endpoint gets at `now`, in permille: rises
+    /// linearly from 10 % to 100 % over `slow_start` after it joined; always
+    /// 1000 when `slow_start` is zero.
+    pub fn warmth_permille(&self, now: Instant, slow_start: Duration) -> u64 {
+        let window = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
+        if window == 0 {
+            return 1000;
+        }
+        let elapsed = self.ms(now).saturating_sub(self.joined_at.load(Ordering::Relaxed));
+        if elapsed >= window {
+            return 1000;
+        }
+        (elapsed.saturating_mul(1000) / window).max(MIN_WARMTH_PERMILLE)
     }
 
     /// Not active: ejected or probing. Counts against the ejected share.
@@ -191,20 +256,31 @@ impl OutlierState {
             if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
+            if self.failed_at.load(Ordering::Relaxed) != 0 {
+                self.failed_at.store(0, Ordering::Relaxed);
+            }
             if mode != ACTIVE && via != Via::Normal {
                 // A probe, or a panic-mode request, found it healthy.
                 let mut inner = self.lock();
                 inner.until = None;
                 inner.probe_out = false;
                 inner.recovered_at = Some(now);
+                // Back from an ejection: it warms up again, like a new endpoint.
+                self.joined_at.store(self.ms(now), Ordering::Relaxed);
                 self.mode.store(ACTIVE, Ordering::Release);
             }
             return None;
         }
+        self.failed_at.store(self.ms(now).saturating_add(1), Ordering::Relaxed);
         match mode {
             ACTIVE => {
                 let n = self.consecutive.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-                if (outcome == Outcome::Refused || n >= config.consecutive_failures.max(1)) && may_eject() {
+                // A refusal means nothing listens: sending there cannot help,
+                // so the share bound (which keeps capacity through a systemic
+                // problem) does not hold it in rotation.
+                let due =
+                    outcome == Outcome::Refused || (n >= config.consecutive_failures.max(1) && may_eject());
+                if due {
                     let mut inner = self.lock();
                     if self.mode.load(Ordering::Acquire) == ACTIVE {
                         return Some(self.eject(&mut inner, config, now));
@@ -280,12 +356,52 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn share_bound_can_refuse_an_ejection() {
+    async fn share_bound_can_refuse_a_soft_ejection_but_never_a_refusal() {
         let s = OutlierState::default();
-        assert_eq!(s.record(Outcome::Refused, Via::Normal, &cfg(), Instant::now(), || false), None);
+        let bound_reached = |o| s.record(o, Via::Normal, &cfg(), Instant::now(), || false);
+        for _ in 0..5 {
+            assert_eq!(bound_reached(Outcome::Failure), None);
+        }
         assert_eq!(s.describe(), ("active", 0));
-        // The next failure tries again.
-        assert!(fail(&s, Outcome::Refused, Via::Normal).is_some());
+        // Nothing listens there: out of rotation whatever the bound.
+        assert_eq!(bound_reached(Outcome::Refused), Some(Duration::from_secs(10)));
+        assert_eq!(s.describe(), ("ejected", 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_makes_the_endpoint_suspect_for_a_while_and_a_success_clears_it() {
+        let s = OutlierState::default();
+        assert!(!s.is_suspect(Instant::now()));
+        fail(&s, Outcome::Failure, Via::Normal);
+        assert!(s.is_suspect(Instant::now()));
+        tokio::time::advance(SUSPECT_FOR - Duration::from_millis(1)).await;
+        assert!(s.is_suspect(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!s.is_suspect(Instant::now()));
+        fail(&s, Outcome::Failure, Via::Normal);
+        assert!(s.is_suspect(Instant::now()));
+        fail(&s, Outcome::Success, Via::Normal);
+        assert!(!s.is_suspect(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warmth_rises_over_the_slow_start_and_again_after_an_ejection() {
+        let window = Duration::from_secs(10);
+        let s = OutlierState::default();
+        assert_eq!(s.warmth_permille(Instant::now(), Duration::ZERO), 1000);
+        assert_eq!(s.warmth_permille(Instant::now(), window), 100);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(s.warmth_permille(Instant::now(), window), 500);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(s.warmth_permille(Instant::now(), window), 1000);
+        // Ejected, then its probe succeeds: it starts warming again.
+        fail(&s, Outcome::Refused, Via::Normal);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(s.admit(Instant::now()), Admission::Probe);
+        fail(&s, Outcome::Success, Via::Probe);
+        assert_eq!(s.warmth_permille(Instant::now(), window), 100);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(s.warmth_permille(Instant::now(), window), 200);
     }
 
     #[tokio::test(start_paused = true)]

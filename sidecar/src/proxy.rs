@@ -39,10 +39,13 @@
 //! - **Endpoints**: from [`Resolve`]; a service seen for the first time waits
 //!   up to `discovery_wait` for discovery's first answer. No endpoints:
 //!   `503 no_endpoints`. No room to watch another service: `503 overloaded`.
-//! - **Choice**: an endpoint whose ejection has ended gets the request as its
-//!   probe; else least-connections (in-flight / weight, random tie-break) over
-//!   active endpoints not tried yet by this request, else over active ones
-//!   tried already, else (every endpoint ejected) over all of them: panic mode.
+//! - **Choice**: see [`crate::balance`]: an endpoint whose ejection has ended
+//!   gets the request as its probe; else least-loaded (in flight per weight,
+//!   weights ramping up over `slow_start`) over endpoints not ejected, not
+//!   tried by this request and without a recent failure, then over those with
+//!   one, then over ones tried already; when every endpoint is ejected, over
+//!   all of them (panic mode). A refused connect ejects at once, whatever the
+//!   ejected-share bound, so a dead endpoint never takes first attempts.
 //!   The in-flight count falls when the response body ends.
 //! - **Retries** (at most `max_attempts` attempts, full-jitter backoff, each
 //!   one taken from the service's retry budget): any method when the attempt
@@ -114,6 +117,7 @@ use hyper_util::client::legacy::Client;
 pub use body::{BoxError, ReplayBody, ResponseBody};
 pub use server::{serve, serve_all, Listener};
 
+use crate::balance::BalanceConfig;
 use crate::endpoints::Resolve;
 use crate::metrics::Metrics;
 use crate::outlier::OutlierConfig;
@@ -154,6 +158,7 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_endpoint: usize,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
+    pub balance: BalanceConfig,
 }
 
 impl ProxyConfig {
@@ -173,6 +178,7 @@ impl ProxyConfig {
         pool_max_idle_per_endpoint: 128,
         retry: RetryConfig::DEFAULT,
         outlier: OutlierConfig::DEFAULT,
+        balance: BalanceConfig::DEFAULT,
     };
 }
 

@@ -4,6 +4,7 @@ use clap::Args;
 use trellis_shared::WireDuration;
 
 use super::{bad, ConfigError};
+use crate::balance::BalanceConfig;
 use crate::outlier::OutlierConfig;
 use crate::proxy::ProxyConfig;
 use crate::retry::RetryConfig;
@@ -54,6 +55,10 @@ pub struct ProxyArgs {
     /// Largest share of a service's endpoints ejected at once, in percent (one may always be).
     #[arg(long, env = "TRELLIS_EJECTION_MAX_PERCENT", default_value_t = OutlierConfig::DEFAULT.max_ejected_percent)]
     pub ejection_max_percent: u8,
+    /// How long a new endpoint (or one back from an ejection) takes to get its full share of
+    /// requests, rising from 10 %; 0 turns slow start off.
+    #[arg(long, env = "TRELLIS_SLOW_START", default_value_t = WireDuration(BalanceConfig::DEFAULT.slow_start))]
+    pub slow_start: WireDuration,
     /// Most open client connections on the outbound port; more are answered 503 overloaded.
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ProxyConfig::DEFAULT.max_connections)]
     pub max_connections: usize,
@@ -106,6 +111,7 @@ impl ProxyArgs {
                 max_ejection: self.ejection_max.0,
                 max_ejected_percent: self.ejection_max_percent,
             },
+            balance: BalanceConfig { slow_start: self.slow_start.0 },
         }
     }
 }

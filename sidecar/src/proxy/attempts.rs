@@ -82,7 +82,8 @@ impl<'a> Attempts<'a> {
         if self.made > 1 && now >= self.deadline {
             return Err(self.timed_out(self.timeout));
         }
-        choose(self.set, &self.tried, now).ok_or_else(|| ProxyError::NoEndpoints(self.svc.name.clone()))
+        choose(self.set, &self.tried, now, &self.config.balance)
+            .ok_or_else(|| ProxyError::NoEndpoints(self.svc.name.clone()))
     }
 
     /// The attempt got an answer its endpoint is not blamed for.
