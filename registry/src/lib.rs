@@ -25,3 +25,10 @@ pub mod watch;
 
 pub use config::Config;
 pub use server::{run, serve, ServerError};
+
+/// Locks a mutex whatever became of a previous holder. Poisoning only follows
+/// a panic elsewhere; the data is still consistent because every critical
+/// section in the registry leaves it so before anything can panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,29 +1,27 @@
 //! The embedded in-memory store.
 //!
-//! Locking: a map of services behind a `RwLock` that is written only when a
-//! service is first seen; per service, a `Mutex` over its instances held for
-//! microseconds (never across an `.await`), an `ArcSwap` with the published
-//! snapshot that readers load without locking, and a `watch` channel carrying
-//! the index that wakes only this service's watchers. Heartbeats for different
-//! services never share a lock; a renewal touches only its service's mutex.
+//! Per-service state lives in a [`ServiceTable`] (see its locking notes):
+//! heartbeats for different services never share a lock, and a renewal
+//! touches only its service's mutex. Lease deadlines wait in an ordered
+//! [`ExpiryQueue`]; the expiry brake may keep leases past them.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
+use super::table::{Member, ServiceEntry, ServiceTable};
 use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
 use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
 use crate::expiry::ExpiryQueue;
+use crate::lock;
 
 /// How often services that emptied and are not watched are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -38,31 +36,20 @@ pub struct StoreMetrics {
     pub brake_held: Gauge,
 }
 
+type Entry = ServiceEntry<Slot>;
+
 pub struct MemoryStore {
     epoch: String,
     revision: AtomicU64,
-    services: RwLock<HashMap<ServiceName, Arc<ServiceEntry>>>,
-    expiry: Mutex<ExpiryQueue<(Arc<ServiceEntry>, InstanceId)>>,
+    table: ServiceTable<Slot>,
+    expiry: Mutex<ExpiryQueue<(Arc<Entry>, InstanceId)>>,
     expiry_wake: Notify,
     metrics: StoreMetrics,
     guards: GuardConfig,
     renewals: RenewalCounter,
     window: Mutex<RenewalWindow>,
     /// Leases past their deadline that the brake keeps (queue entry time, lease).
-    parked: Mutex<Vec<(Instant, Arc<ServiceEntry>, InstanceId)>>,
-}
-
-struct ServiceEntry {
-    name: ServiceName,
-    state: Mutex<ServiceState>,
-    snapshot: ArcSwap<ServiceSnapshot>,
-    index_tx: watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct ServiceState {
-    index: u64,
-    instances: BTreeMap<InstanceId, Slot>,
+    parked: Mutex<Vec<(Instant, Arc<Entry>, InstanceId)>>,
 }
 
 struct Slot {
@@ -75,10 +62,10 @@ struct Slot {
     rate: RateEstimate,
 }
 
-/// Poisoning only follows a panic elsewhere; the data is still consistent
-/// because every critical section leaves it so before anything can panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+impl Member for Slot {
+    fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
 }
 
 impl MemoryStore {
@@ -95,80 +82,21 @@ impl MemoryStore {
             parked: Mutex::new(Vec::new()),
             epoch: format!("{:016x}", rand::random::<u64>()),
             revision: AtomicU64::new(0),
-            services: RwLock::new(HashMap::new()),
+            table: ServiceTable::new(guards.protection_threshold),
             expiry: Mutex::new(ExpiryQueue::default()),
             expiry_wake: Notify::new(),
             metrics,
         }
     }
 
-    fn get(&self, service: &ServiceName) -> Option<Arc<ServiceEntry>> {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
-    }
-
-    /// Forgets services with no instances that nobody uses: no watcher, no
-    /// request in flight, no lease entry queued. Under the map's write lock no
-    /// one can take a new reference, so a strong count of one proves it unused.
-    /// Bounds the memory that watches of never-registered names can claim.
-    fn sweep(&self) -> usize {
-        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
-        let before = map.len();
-        map.retain(|_, e| {
-            Arc::strong_count(e) > 1
-                || e.index_tx.receiver_count() > 0
-                || !lock(&e.state).instances.is_empty()
-        });
-        before - map.len()
-    }
-
     /// Number of services the store keeps an entry for (for tests).
     pub fn known_services(&self) -> usize {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.table.known()
     }
 
-    fn entry(&self, service: &ServiceName) -> Arc<ServiceEntry> {
-        if let Some(e) = self.get(service) {
-            return e;
-        }
-        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(service.clone())
-            .or_insert_with(|| {
-                let (index_tx, _) = watch::channel(0);
-                Arc::new(ServiceEntry {
-                    name: service.clone(),
-                    state: Mutex::new(ServiceState::default()),
-                    snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
-                    index_tx,
-                })
-            })
-            .clone()
-    }
-
-    /// Publishes the service's state; `moved` takes a new revision and wakes
-    /// the service's watchers, otherwise (output text only) readers just see it.
-    fn publish(&self, entry: &ServiceEntry, state: &mut ServiceState, moved: bool) -> u64 {
-        if moved {
-            state.index = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
-        }
-        let instances: Vec<Arc<Instance>> = state.instances.values().map(|s| s.instance.clone()).collect();
-        let protected = self.protected(&instances);
-        let snapshot = ServiceSnapshot::new(entry.name.clone(), state.index, instances, protected);
-        entry.snapshot.store(Arc::new(snapshot));
-        if moved {
-            entry.index_tx.send_replace(state.index);
-        }
-        state.index
-    }
-
-    /// The protection threshold: too few healthy instances to carry the load,
-    /// so discovery shows every instance rather than overload the few.
-    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
-        let threshold = self.guards.protection_threshold;
-        if threshold <= 0.0 || instances.is_empty() {
-            return false;
-        }
-        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
-        healthy as f64 / instances.len() as f64 <= threshold
+    /// The next revision when `moved`, for [`ServiceTable::publish`].
+    fn next_index(&self, moved: bool) -> Option<u64> {
+        moved.then(|| self.revision.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Updates the renewal window for a lease leaving the store.
@@ -217,7 +145,7 @@ impl MemoryStore {
         }
     }
 
-    fn enqueue(&self, at: Instant, entry: Arc<ServiceEntry>, id: InstanceId) {
+    fn enqueue(&self, at: Instant, entry: Arc<Entry>, id: InstanceId) {
         let first = lock(&self.expiry).push(at, (entry, id));
         if first {
             self.expiry_wake.notify_one();
@@ -226,7 +154,7 @@ impl MemoryStore {
 
     /// Handles a due queue entry: expires the lease or queues it again at its
     /// renewed deadline.
-    fn check_lease(&self, entry: Arc<ServiceEntry>, id: InstanceId, at: Instant, now: Instant) {
+    fn check_lease(&self, entry: Arc<Entry>, id: InstanceId, at: Instant, now: Instant) {
         enum Next {
             Done,
             Requeue(Instant),
@@ -234,7 +162,7 @@ impl MemoryStore {
         }
         let mut transition = None;
         let next = {
-            let mut state = lock(&entry.state);
+            let mut state = entry.lock();
             let Some(slot) = state.instances.get_mut(&id) else { return };
             if slot.queued != at {
                 return; // superseded by an earlier entry for the same lease
@@ -249,9 +177,9 @@ impl MemoryStore {
                     if let Some(slot) = state.instances.remove(&id) {
                         self.forget(&slot);
                     }
-                    let index = self.publish(&entry, &mut state, true);
+                    let index = self.table.publish(&entry, &mut state, self.next_index(true));
                     self.metrics.expirations.inc();
-                    info!(service = %entry.name, instance = %id, ttl = ?ttl, index, "instance expired");
+                    info!(service = %entry.name(), instance = %id, ttl = ?ttl, index, "instance expired");
                     Next::Done
                 }
             } else {
@@ -266,7 +194,7 @@ impl MemoryStore {
             Next::Done => {}
             Next::Requeue(deadline) => self.enqueue(deadline, entry, id),
             Next::Park => {
-                debug!(service = %entry.name, instance = %id, "lease ran out; kept by the expiry brake");
+                debug!(service = %entry.name(), instance = %id, "lease ran out; kept by the expiry brake");
                 let mut parked = lock(&self.parked);
                 parked.push((at, entry, id));
                 self.metrics.brake_held.set(parked.len() as i64);
@@ -298,12 +226,12 @@ impl Store for MemoryStore {
     }
 
     async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
-        let entry = self.entry(service);
+        let entry = self.table.entry(service);
         let now = Instant::now();
         let deadline = now + reg.ttl;
         let id = reg.instance.id.clone();
         let (outcome, enqueue) = {
-            let mut state = lock(&entry.state);
+            let mut state = entry.lock();
             match state.instances.get_mut(&id) {
                 Some(slot) => {
                     let previous = slot.instance.status;
@@ -327,7 +255,7 @@ impl Store for MemoryStore {
                     }
                     let status = slot.instance.status;
                     let index = if moved || output_changed {
-                        self.publish(&entry, &mut state, moved)
+                        self.table.publish(&entry, &mut state, self.next_index(moved))
                     } else {
                         state.index
                     };
@@ -350,7 +278,7 @@ impl Store for MemoryStore {
                         rate: RateEstimate::new(now, reg.ttl),
                     };
                     state.instances.insert(id.clone(), slot);
-                    let index = self.publish(&entry, &mut state, true);
+                    let index = self.table.publish(&entry, &mut state, self.next_index(true));
                     info!(service = %service, instance = %id, status = status.as_str(), ttl = ?reg.ttl, index, "instance registered");
                     (WriteOutcome { change: Change::Added, index, previous_status: None }, true)
                 }
@@ -369,8 +297,8 @@ impl Store for MemoryStore {
         hb: Heartbeat,
     ) -> Result<WriteOutcome, StoreError> {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
-        let entry = self.get(service).ok_or_else(unknown)?;
-        let mut state = lock(&entry.state);
+        let entry = self.table.get(service).ok_or_else(unknown)?;
+        let mut state = entry.lock();
         let slot = state.instances.get_mut(id).ok_or_else(unknown)?;
         // Renewals only move the deadline later, so the queue entry stays valid.
         let now = Instant::now();
@@ -392,7 +320,7 @@ impl Store for MemoryStore {
         }
         let status = updated.status;
         slot.instance = Arc::new(updated);
-        let index = self.publish(&entry, &mut state, status_changed);
+        let index = self.table.publish(&entry, &mut state, self.next_index(status_changed));
         if status_changed {
             info!(service = %service, instance = %id, from = previous.as_str(), to = status.as_str(), index, "instance health changed");
         }
@@ -402,41 +330,25 @@ impl Store for MemoryStore {
 
     async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, StoreError> {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
-        let entry = self.get(service).ok_or_else(unknown)?;
-        let mut state = lock(&entry.state);
+        let entry = self.table.get(service).ok_or_else(unknown)?;
+        let mut state = entry.lock();
         let slot = state.instances.remove(id).ok_or_else(unknown)?;
         self.forget(&slot);
-        let index = self.publish(&entry, &mut state, true);
+        let index = self.table.publish(&entry, &mut state, self.next_index(true));
         info!(service = %service, instance = %id, index, "instance deregistered");
         Ok(index)
     }
 
     fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
-        match self.get(service) {
-            Some(e) => e.snapshot.load_full(),
-            None => Arc::new(ServiceSnapshot::empty(service.clone())),
-        }
+        self.table.snapshot(service)
     }
 
     async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
-        let entry = self.entry(service);
-        let mut rx = entry.index_tx.subscribe();
-        // The sender lives in `entry`, which we hold, so this cannot fail.
-        let _ = rx.wait_for(|current| *current != index).await;
-        entry.snapshot.load_full()
+        self.table.watch_from(service, index).await
     }
 
     fn list(&self) -> Vec<ServiceSummary> {
-        let entries: Vec<Arc<ServiceEntry>> =
-            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        let mut out: Vec<ServiceSummary> = entries
-            .iter()
-            .map(|e| e.snapshot.load())
-            .filter(|s| !s.instances().is_empty())
-            .map(|s| s.summary())
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        self.table.list()
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
@@ -466,7 +378,7 @@ impl Store for MemoryStore {
                 _ = self.expiry_wake.notified() => {}
                 _ = sleep => {}
                 _ = sweep.tick() => {
-                    let n = self.sweep();
+                    let n = self.table.sweep();
                     if n > 0 {
                         debug!(forgotten = n, "forgot unused empty services");
                     }

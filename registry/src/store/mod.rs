@@ -13,11 +13,15 @@
 //! epoch becomes the cluster's identity, and `background` runs its watch loop.
 //!
 //! - [`snapshot`]: the immutable per-service snapshot and its pre-rendered JSON.
+//! - [`table`]: the per-service table both stores keep (members, published
+//!   snapshots, watchers, the protection threshold).
 //! - [`memory`]: the in-memory store with ordered lease expiry.
+//! - [`etcd`]: the etcd store, replicas sharing an etcd cluster.
 
 pub mod etcd;
 pub mod memory;
 pub mod snapshot;
+pub mod table;
 
 use std::future::Future;
 use std::sync::Arc;
