@@ -430,7 +430,7 @@ mod tests {
     use trellis_shared::{Address, HealthStatus};
 
     use super::*;
-    use crate::store::memory::StoreMetrics;
+    use crate::metrics::StoreMetrics;
     use crate::store::MemoryStore;
 
     fn put(path: &str, body: &str) -> axum::http::Request<Full<Bytes>> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::store::etcd::StoreSpec;
+use crate::store::StoreSpec;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";

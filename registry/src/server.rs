@@ -18,8 +18,8 @@ use tracing::{debug, info, warn};
 use crate::api::{Api, AppState};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::store::etcd::{EtcdSettings, EtcdStore, StoreSpec};
-use crate::store::{MemoryStore, Store};
+use crate::store::etcd::{EtcdSettings, EtcdStore};
+use crate::store::{MemoryStore, Store, StoreSpec};
 use crate::watch::Watches;
 
 #[derive(Debug, thiserror::Error)]

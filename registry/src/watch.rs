@@ -234,7 +234,7 @@ mod tests {
         use trellis_shared::{Address, HealthStatus, Instance, InstanceId};
 
         use super::*;
-        use crate::store::memory::StoreMetrics;
+        use crate::metrics::StoreMetrics;
         use crate::store::{MemoryStore, Registration};
 
         async fn setup(max: usize) -> (Arc<MemoryStore>, Arc<Watches>, CancellationToken, ServiceName, u64) {

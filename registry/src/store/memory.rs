@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,19 +20,10 @@ use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError,
 use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
 use crate::expiry::ExpiryQueue;
 use crate::lock;
+use crate::metrics::StoreMetrics;
 
 /// How often services that emptied and are not watched are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-
-/// Counters the memory store feeds; clones share the values with `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct StoreMetrics {
-    pub expirations: Counter,
-    /// 1 while the expiry brake holds.
-    pub brake_engaged: Gauge,
-    /// Instances kept past their lease by the brake.
-    pub brake_held: Gauge,
-}
 
 type Entry = ServiceEntry<Slot>;
 
