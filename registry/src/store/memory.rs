@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
 use super::table::{Member, ServiceEntry, ServiceTable};
 use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
-use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
+use crate::brake::{ExpiryBrake, GuardConfig, RateEstimate, BUCKET};
 use crate::expiry::ExpiryQueue;
 use crate::lock;
 use crate::metrics::StoreMetrics;
@@ -31,15 +31,14 @@ pub struct MemoryStore {
     epoch: String,
     revision: AtomicU64,
     table: ServiceTable<Slot>,
-    expiry: Mutex<ExpiryQueue<(Arc<Entry>, InstanceId)>>,
+    expiry: Mutex<ExpiryQueue<Lease>>,
     expiry_wake: Notify,
     metrics: StoreMetrics,
-    guards: GuardConfig,
-    renewals: RenewalCounter,
-    window: Mutex<RenewalWindow>,
-    /// Leases past their deadline that the brake keeps (queue entry time, lease).
-    parked: Mutex<Vec<(Instant, Arc<Entry>, InstanceId)>>,
+    brake: ExpiryBrake<Lease>,
 }
+
+/// A lease, as the expiry queue and the brake name it.
+type Lease = (Arc<Entry>, InstanceId);
 
 struct Slot {
     instance: Arc<Instance>,
@@ -65,10 +64,7 @@ impl MemoryStore {
     /// A store with the given protections from mass expiry.
     pub fn with_guards(metrics: StoreMetrics, guards: GuardConfig) -> Self {
         MemoryStore {
-            guards,
-            renewals: RenewalCounter::default(),
-            window: Mutex::new(RenewalWindow::new(guards, Instant::now())),
-            parked: Mutex::new(Vec::new()),
+            brake: ExpiryBrake::new(guards, metrics.clone()),
             epoch: format!("{:016x}", rand::random::<u64>()),
             revision: AtomicU64::new(0),
             table: ServiceTable::new(guards.protection_threshold),
@@ -88,49 +84,10 @@ impl MemoryStore {
         moved.then(|| self.revision.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Updates the renewal window for a lease leaving the store.
-    fn forget(&self, slot: &Slot) {
-        let mut w = lock(&self.window);
-        w.removed(slot.ttl);
-        w.rate_changed(Instant::now(), &self.renewals, -slot.rate.counted);
-    }
-
-    /// Counts a renewal and updates the instance's heartbeat rate.
-    fn renewed(&self, slot: &mut Slot, now: Instant) {
-        self.renewals.renewed();
-        if let Some(delta) = slot.rate.renewed(now) {
-            lock(&self.window).rate_changed(now, &self.renewals, delta);
-        }
-    }
-
-    /// Brings the brake up to date; true while it holds.
-    fn brake_holds(&self, now: Instant) -> (bool, Option<Transition>) {
-        let mut w = lock(&self.window);
-        let t = w.evaluate(now, &self.renewals);
-        (w.engaged(), t)
-    }
-
-    /// Logs and exports a brake transition; on release, queues the leases it
-    /// kept so they expire now unless renewed meanwhile.
-    fn on_transition(&self, t: Transition) {
-        match t {
-            Transition::Engaged { ratio } => {
-                self.metrics.brake_engaged.set(1);
-                warn!(
-                    renewal_ratio = ratio,
-                    threshold = self.guards.brake_threshold,
-                    "expiry brake engaged: too few renewals arrive, expiry paused"
-                );
-            }
-            Transition::Released { ratio } => {
-                self.metrics.brake_engaged.set(0);
-                let parked = std::mem::take(&mut *lock(&self.parked));
-                info!(renewal_ratio = ratio, held = parked.len(), "expiry brake released: expiry resumes");
-                self.metrics.brake_held.set(0);
-                for (at, entry, id) in parked {
-                    self.enqueue(at, entry, id);
-                }
-            }
+    /// Queues the leases the brake kept, on its release.
+    fn requeue(&self, released: Vec<(Instant, Lease)>) {
+        for (at, (entry, id)) in released {
+            self.enqueue(at, entry, id);
         }
     }
 
@@ -149,7 +106,7 @@ impl MemoryStore {
             Requeue(Instant),
             Park,
         }
-        let mut transition = None;
+        let mut released = Vec::new();
         let next = {
             let mut state = entry.lock();
             let Some(slot) = state.instances.get_mut(&id) else { return };
@@ -157,14 +114,14 @@ impl MemoryStore {
                 return; // superseded by an earlier entry for the same lease
             }
             if now >= slot.deadline {
-                let (holds, t) = self.brake_holds(now);
-                transition = t;
+                let holds;
+                (holds, released) = self.brake.check(now);
                 if holds {
                     Next::Park
                 } else {
                     let ttl = slot.ttl;
                     if let Some(slot) = state.instances.remove(&id) {
-                        self.forget(&slot);
+                        self.brake.removed(slot.ttl, &slot.rate);
                     }
                     let index = self.table.publish(&entry, &mut state, self.next_index(true));
                     self.metrics.expirations.inc();
@@ -176,17 +133,13 @@ impl MemoryStore {
                 Next::Requeue(slot.deadline)
             }
         };
-        if let Some(t) = transition {
-            self.on_transition(t);
-        }
+        self.requeue(released);
         match next {
             Next::Done => {}
             Next::Requeue(deadline) => self.enqueue(deadline, entry, id),
             Next::Park => {
                 debug!(service = %entry.name(), instance = %id, "lease ran out; kept by the expiry brake");
-                let mut parked = lock(&self.parked);
-                parked.push((at, entry, id));
-                self.metrics.brake_held.set(parked.len() as i64);
+                self.brake.park(at, (entry, id));
             }
         }
     }
@@ -229,12 +182,8 @@ impl Store for MemoryStore {
                     if moved || output_changed {
                         slot.instance = Arc::new(reg.instance);
                     }
-                    if slot.ttl != reg.ttl {
-                        let mut w = lock(&self.window);
-                        w.removed(slot.ttl);
-                        w.added(reg.ttl);
-                    }
-                    self.renewed(slot, now);
+                    self.brake.ttl_changed(slot.ttl, reg.ttl);
+                    self.brake.renewed(&mut slot.rate, now);
                     slot.ttl = reg.ttl;
                     slot.deadline = deadline;
                     // A shorter TTL than before needs an earlier queue entry.
@@ -258,7 +207,7 @@ impl Store for MemoryStore {
                 }
                 None => {
                     let status = reg.instance.status;
-                    lock(&self.window).added(reg.ttl);
+                    self.brake.added(reg.ttl);
                     let slot = Slot {
                         instance: Arc::new(reg.instance),
                         ttl: reg.ttl,
@@ -292,7 +241,7 @@ impl Store for MemoryStore {
         // Renewals only move the deadline later, so the queue entry stays valid.
         let now = Instant::now();
         slot.deadline = now + slot.ttl;
-        self.renewed(slot, now);
+        self.brake.renewed(&mut slot.rate, now);
         let previous = slot.instance.status;
         let status_changed = hb.status.is_some_and(|s| s != previous);
         let output_changed = hb.output.as_deref().is_some_and(|o| o != slot.instance.output);
@@ -322,7 +271,7 @@ impl Store for MemoryStore {
         let entry = self.table.get(service).ok_or_else(unknown)?;
         let mut state = entry.lock();
         let slot = state.instances.remove(id).ok_or_else(unknown)?;
-        self.forget(&slot);
+        self.brake.removed(slot.ttl, &slot.rate);
         let index = self.table.publish(&entry, &mut state, self.next_index(true));
         info!(service = %service, instance = %id, index, "instance deregistered");
         Ok(index)
@@ -344,7 +293,7 @@ impl Store for MemoryStore {
         // The brake's window advances once per bucket, whether or not leases fall due.
         let mut tick = tokio::time::interval(BUCKET);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let brake = self.guards.brake;
+        let brake = self.brake.enabled();
         let mut sweep = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -373,9 +322,8 @@ impl Store for MemoryStore {
                     }
                 }
                 _ = ticked => {
-                    if let (_, Some(t)) = self.brake_holds(Instant::now()) {
-                        self.on_transition(t);
-                    }
+                    let (_, released) = self.brake.check(Instant::now());
+                    self.requeue(released);
                 }
             }
         }
