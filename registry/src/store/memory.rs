@@ -579,59 +579,6 @@ mod tests {
 }
 
 #[cfg(test)]
-mod footprint {
-    use std::collections::BTreeMap;
-
-    use trellis_shared::{Address, HealthStatus};
-
-    use super::*;
-
-    fn rss_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-        pages * 4096
-    }
-
-    /// Resident memory per registered instance (100 services x 1,000 instances,
-    /// each service read once, as a sidecar would). Run with
-    /// `cargo test -p trellis-registry --release footprint -- --ignored --nocapture`.
-    #[tokio::test]
-    #[ignore = "a measurement, not a check: run it alone"]
-    async fn bytes_per_instance() {
-        let store = MemoryStore::new(StoreMetrics::default());
-        let before = rss_bytes();
-        // `FOOTPRINT_METADATA=1` gives each instance one metadata entry.
-        let mut metadata = BTreeMap::new();
-        if std::env::var_os("FOOTPRINT_METADATA").is_some() {
-            metadata.insert("version".to_string(), "1.4.2".to_string());
-        }
-        for s in 0..100 {
-            let service = ServiceName::new(format!("service-{s}")).unwrap();
-            for i in 0..1_000 {
-                let instance = Instance {
-                    id: InstanceId::new(format!("service-{s}-{i}")).unwrap(),
-                    address: Address::new(format!("10.{}.{}.{}", s, i / 250, i % 250)).unwrap(),
-                    port: 8080,
-                    zone: Some(trellis_shared::Zone::new("eu-west-1a").unwrap()),
-                    weight: 100,
-                    metadata: metadata.clone(),
-                    status: HealthStatus::Passing,
-                    output: String::new(),
-                };
-                store
-                    .register(&service, Registration { instance, ttl: Duration::from_secs(30) })
-                    .await
-                    .unwrap();
-            }
-            let snap = store.snapshot(&service);
-            snap.json(store.epoch(), false);
-        }
-        let per = (rss_bytes() - before) / 100_000;
-        println!("resident memory: {per} bytes per instance (100,000 instances)");
-    }
-}
-
-#[cfg(test)]
 mod guards {
     use std::collections::BTreeMap;
 
