@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use trellis_registry::metrics::StoreMetrics;
-use trellis_registry::store::{MemoryStore, Registration, Store};
+use trellis_registry::store::{LeasedInstance, MemoryStore, Store};
 use trellis_shared::{Address, HealthStatus, Instance, InstanceId, ServiceName, Zone};
 
 const SERVICES: usize = 100;
@@ -55,7 +55,7 @@ async fn fill(metadata: bool) -> Result<(), String> {
                 status: HealthStatus::Passing,
                 output: String::new(),
             };
-            let registration = Registration { instance, ttl: Duration::from_secs(30) };
+            let registration = LeasedInstance { instance, ttl: Duration::from_secs(30) };
             store.register(&service, registration).await.map_err(|e| e.to_string())?;
         }
         store.snapshot(&service).json(store.epoch(), false);

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -12,10 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::api::{Api, AppState};
+use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::store::etcd::{EtcdSettings, EtcdStore};
@@ -94,31 +92,6 @@ pub async fn run(
     }
 }
 
-/// One connection's service: heartbeats straight to their handler,
-/// everything else through the router.
-fn service<S: Store>(
-    api: Api<S>,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = Response,
-    Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
-> + Clone {
-    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let api = api.clone();
-        async move {
-            let resp = match api.heartbeat(&req) {
-                Some(names) => api.serve_heartbeat(names, req).await,
-                None => match api.router.clone().oneshot(req.map(axum::body::Body::new)).await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                },
-            };
-            Ok(api.mark_stale(resp))
-        }
-    })
-}
-
 /// Runs the registry over any store.
 pub async fn serve<S: Store>(
     listener: TcpListener,
@@ -139,9 +112,7 @@ pub async fn serve<S: Store>(
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
-    let state =
-        AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
-    let api = Api::new(state);
+    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)).hyper_service();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -169,8 +140,7 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = service(api.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.clone()).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {

@@ -235,7 +235,7 @@ mod tests {
 
         use super::*;
         use crate::metrics::StoreMetrics;
-        use crate::store::{MemoryStore, Registration};
+        use crate::store::{LeasedInstance, MemoryStore};
 
         async fn setup(max: usize) -> (Arc<MemoryStore>, Arc<Watches>, CancellationToken, ServiceName, u64) {
             let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
@@ -254,7 +254,7 @@ mod tests {
                 output: String::new(),
             };
             let w = store
-                .register(&users, Registration { instance, ttl: Duration::from_secs(600) })
+                .register(&users, LeasedInstance { instance, ttl: Duration::from_secs(600) })
                 .await
                 .unwrap();
             (store, watches, stop, users, w.index)

@@ -38,7 +38,7 @@ use url::Url;
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
 use self::cluster_brake::ClusterBrake;
-use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
 use crate::brake::GuardConfig;
 use crate::metrics::{EtcdMetrics, StoreMetrics};
 
@@ -319,7 +319,7 @@ impl Store for EtcdStore {
         &self.epoch
     }
 
-    async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
+    async fn register(&self, service: &ServiceName, reg: LeasedInstance) -> Result<WriteOutcome, StoreError> {
         self.check_writable()?;
         let id = reg.instance.id.clone();
         let existing = self.find(service, &id).await?;

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
 use super::table::{Member, ServiceEntry, ServiceTable};
-use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
 use crate::brake::{ExpiryBrake, GuardConfig, RateEstimate, BUCKET};
 use crate::expiry::ExpiryQueue;
 use crate::lock;
@@ -167,7 +167,7 @@ impl Store for MemoryStore {
         &self.epoch
     }
 
-    async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
+    async fn register(&self, service: &ServiceName, reg: LeasedInstance) -> Result<WriteOutcome, StoreError> {
         let entry = self.table.entry(service);
         let now = Instant::now();
         let deadline = now + reg.ttl;
@@ -346,8 +346,8 @@ mod tests {
         InstanceId::new(s).unwrap()
     }
 
-    fn reg(i: &str, ttl_ms: u64) -> Registration {
-        Registration {
+    fn reg(i: &str, ttl_ms: u64) -> LeasedInstance {
+        LeasedInstance {
             instance: Instance {
                 id: id(i),
                 address: Address::new("10.0.0.1").unwrap(),
@@ -586,8 +586,8 @@ mod guards {
 
     use super::*;
 
-    fn registration(i: usize, ttl: Duration) -> Registration {
-        Registration {
+    fn registration(i: usize, ttl: Duration) -> LeasedInstance {
+        LeasedInstance {
             instance: Instance {
                 id: InstanceId::new(format!("i-{i}")).unwrap(),
                 address: Address::new("10.0.0.1").unwrap(),

@@ -104,9 +104,10 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// A validated registration: the instance as it will be stored and its lease.
+/// A validated registration: the instance as it will be stored and the length
+/// of its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
+pub struct LeasedInstance {
     pub instance: Instance,
     pub ttl: Duration,
 }
@@ -150,7 +151,7 @@ pub trait Store: Send + Sync + 'static {
     fn register(
         &self,
         service: &ServiceName,
-        registration: Registration,
+        registration: LeasedInstance,
     ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send;
 
     /// Renews an instance's lease and records the health it reports.
