@@ -1,13 +1,14 @@
 //! The accept loop: connection cap, HTTP serving, graceful shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{MemoryStore, Store, StoreSpec};
@@ -30,31 +32,26 @@ pub enum ServerError {
     ReadyFile(std::io::Error),
 }
 
-/// Body of the answer to a connection past the cap: the client learns why and fails over.
-const OVERLOADED_BODY: &str = r#"{"error":"overloaded","message":"too many connections to the registry"}"#;
-
 /// Refused connections being answered at once; past this they are just closed.
 const MAX_REFUSERS: usize = 64;
 
-/// Answers a connection past the cap with `503 overloaded`. The request is read
-/// and discarded briefly so that closing does not reset the connection before
-/// the client has read the answer.
+/// How long a refused connection may take to send its request and read the answer.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers a connection past the cap with `503 overloaded` and closes it, so
+/// the client learns why and fails over rather than hang in the accept queue.
 fn refuse(stream: TcpStream, refusers: &Arc<Semaphore>) {
     let Ok(permit) = refusers.clone().try_acquire_owned() else { return };
     tokio::spawn(async move {
-        let mut stream = stream;
-        let linger = async {
-            let resp = format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{OVERLOADED_BODY}",
-                OVERLOADED_BODY.len()
-            );
-            stream.write_all(resp.as_bytes()).await?;
-            stream.shutdown().await?;
-            let mut sink = [0u8; 4096];
-            while stream.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+        let service = hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(ApiError::Overloaded.into_response())
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(REFUSAL_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, conn).await;
         drop(permit);
     });
 }
