@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
+use http_body_util::BodyExt;
 use serde::Serialize;
 use trellis_shared::types::DEFAULT_WEIGHT;
 use trellis_shared::{
@@ -36,7 +37,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/v1/services", get(list::<S>))
         .route("/v1/services/{service}", get(get_service::<S>))
         .route("/v1/services/{service}/instances/{id}", put(register::<S>).delete(deregister::<S>))
-        .route("/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat::<S>))
+        .route("/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat_route::<S>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -98,7 +99,7 @@ fn body_bytes(
 }
 
 /// A body read whole: `None` when empty, an error unless it is JSON.
-pub fn json_body(headers: &HeaderMap, bytes: Bytes) -> Result<Option<Bytes>, ApiError> {
+fn json_body(headers: &HeaderMap, bytes: Bytes) -> Result<Option<Bytes>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -206,19 +207,44 @@ fn check_ttl(ttl: Duration, config: &Config) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn heartbeat<S: Store>(
+/// The router's heartbeat route: paths with escapes or invalid names.
+async fn heartbeat_route<S: Store>(
     State(st): State<Arc<ApiState<S>>>,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let (service, id) = instance_path(path)?;
-    let body = body_bytes(&headers, body, st.config.max_body)?;
-    renew(&st, service, id, body).await
+    req: Request,
+) -> Response {
+    match instance_path(path) {
+        Ok(names) => heartbeat(&st, names, req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
-/// A heartbeat after its path and body were read (both entries of heartbeats).
-pub async fn renew<S: Store>(
+/// A heartbeat whose names are known, from either entry: the body read within
+/// the size limit, checked, then the renewal.
+pub async fn heartbeat<S: Store, B>(
+    st: &ApiState<S>,
+    (service, id): (ServiceName, InstanceId),
+    req: Request<B>,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limit = st.config.max_body;
+    let (parts, body) = req.into_parts();
+    let result = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => match json_body(&parts.headers, c.to_bytes()) {
+            Ok(body) => renew(st, service, id, body).await,
+            Err(e) => Err(e),
+        },
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A heartbeat after its path and body were read.
+async fn renew<S: Store>(
     st: &ApiState<S>,
     service: ServiceName,
     id: InstanceId,

@@ -18,16 +18,14 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Request};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
-use http_body_util::BodyExt;
 use tower::ServiceExt;
 use trellis_shared::{InstanceId, ServiceName, STALE_HEADER};
 
-use super::handlers::{json_body, renew, router};
+use super::handlers::{heartbeat, router};
 use super::route::{heartbeat_path, route_of};
 use super::ApiState;
-use crate::error::ApiError;
 use crate::metrics::{RequestLabels, Route};
 use crate::store::Store;
 
@@ -63,7 +61,7 @@ impl<S: Store> ApiService<S> {
             _ => None,
         };
         let mut resp = match plain {
-            Some(names) => self.heartbeat(names, req).await,
+            Some(names) => heartbeat(&self.state, names, req).await,
             None => match self.router.clone().oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -79,27 +77,6 @@ impl<S: Store> ApiService<S> {
         st.metrics.requests.get_or_create(&RequestLabels { route, status }).observe(elapsed.as_secs_f64());
         tracing::debug!(route = route.as_str(), %method, status, elapsed_us = elapsed.as_micros() as u64, "request");
         resp
-    }
-
-    /// A heartbeat on the fast path: the body read within the size limit,
-    /// then the same checks as the router's route.
-    async fn heartbeat<B>(&self, (service, id): (ServiceName, InstanceId), req: Request<B>) -> Response
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let st = &self.state;
-        let limit = st.config.max_body;
-        let (parts, body) = req.into_parts();
-        let result = match http_body_util::Limited::new(body, limit).collect().await {
-            Ok(c) => match json_body(&parts.headers, c.to_bytes()) {
-                Ok(body) => renew(st, service, id, body).await,
-                Err(e) => Err(e),
-            },
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-            Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
-        };
-        result.unwrap_or_else(IntoResponse::into_response)
     }
 
     /// The service hyper serves on each connection: [`ApiService::call`],

@@ -412,10 +412,6 @@ impl Store for EtcdStore {
         self.cache.snapshot(service)
     }
 
-    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
-        self.cache.watch_from(service, index).await
-    }
-
     fn list(&self) -> Vec<ServiceSummary> {
         self.cache.list()
     }
@@ -426,6 +422,11 @@ impl Store for EtcdStore {
 
     fn reached(&self, index: u64) -> bool {
         self.cache.revision() >= index
+    }
+
+    /// Waits for the cache to reach `index` first: see [`Cache::watch_from`].
+    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        self.cache.watch_from(service, index).await
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
