@@ -9,11 +9,13 @@
 //! - `peers`: the targets (direct, Trellis sidecar, HAProxy, nginx) and their configurations.
 //! - `cases`: the benchmark cases, one file each.
 //! - `chart`: latency-percentile SVG charts.
+//! - `footprint`: resident memory per instance in the registry's memory store.
 //! - `report`: BENCHMARKS.md.
 
 mod backend;
 mod cases;
 mod chart;
+mod footprint;
 mod http1;
 mod load;
 mod peers;
@@ -63,6 +65,13 @@ enum Command {
         #[arg(long, env = "TRELLIS_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Resident memory per instance in the registry's memory store (100,000
+    /// instances in-process); run it alone.
+    Footprint {
+        /// Give each instance one metadata entry.
+        #[arg(long)]
+        metadata: bool,
+    },
     /// Closed-loop load against an address, printing requests/s and percentiles.
     Load {
         #[arg(long, env = "TRELLIS_ADDR")]
@@ -87,6 +96,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Run(args) => cases::run(args),
         Command::Serve { target, bin_dir } => serve(&target, bin_dir),
+        Command::Footprint { metadata } => footprint::run(metadata),
         Command::Load { addr, connections, duration, rate } => {
             let t = load::Target { addrs: vec![addr], host: peers::SERVICE.into(), path: "/".into() };
             let r = match rate {

@@ -11,12 +11,22 @@
 //! window itself (fixed-length buckets with running sums) sits behind a mutex
 //! that the heartbeat path takes only when an instance's heartbeat rate changes
 //! noticeably, and that the expiry task takes once per bucket.
+//!
+//! The memory store runs the brake through [`ExpiryBrake`], which also keeps
+//! the leases it holds past their deadline. The etcd store decides across
+//! replicas (`store/etcd/cluster_brake.rs`) with the same [`GuardConfig`],
+//! [`RateEstimate`] and [`Decision`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::lock;
+use crate::metrics::StoreMetrics;
 
 /// Length of one bucket of the renewal window.
 pub const BUCKET: Duration = Duration::from_millis(100);
@@ -56,6 +66,48 @@ pub enum Transition {
     Released { ratio: f64 },
 }
 
+/// Whether the brake holds, from renewals received and expected: engage below
+/// the threshold, release at the release fraction (hysteresis).
+#[derive(Debug)]
+pub struct Decision {
+    config: GuardConfig,
+    engaged: bool,
+    ratio: f64,
+}
+
+impl Decision {
+    pub fn new(config: GuardConfig) -> Self {
+        Decision { config, engaged: false, ratio: 1.0 }
+    }
+
+    /// Decides from the renewals received and expected over the window, with
+    /// `instances` registered; returns the transition when the state flips.
+    pub fn decide(&mut self, actual: f64, expected: f64, instances: usize) -> Option<Transition> {
+        // Too little expected to judge (a quiet or new registry): treat as healthy.
+        self.ratio = if expected >= 1.0 { actual / expected } else { 1.0 };
+        let enough = instances >= self.config.brake_min_instances;
+        let brake = self.config.brake;
+        if !self.engaged && brake && enough && self.ratio < self.config.brake_threshold {
+            self.engaged = true;
+            return Some(Transition::Engaged { ratio: self.ratio });
+        }
+        if self.engaged && (!enough || !brake || self.ratio >= self.config.brake_release) {
+            self.engaged = false;
+            return Some(Transition::Released { ratio: self.ratio });
+        }
+        None
+    }
+
+    pub fn engaged(&self) -> bool {
+        self.engaged
+    }
+
+    /// Renewals received over expected, as of the last decision.
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Bucket {
     actual: u64,
@@ -67,7 +119,6 @@ struct Bucket {
 /// The renewal window and the brake's state.
 #[derive(Debug)]
 pub struct RenewalWindow {
-    config: GuardConfig,
     buckets: VecDeque<Bucket>,
     sum_actual: u64,
     sum_expected: f64,
@@ -79,8 +130,7 @@ pub struct RenewalWindow {
     /// TTLs of the registered instances (TTL -> count), for the window length.
     ttls: BTreeMap<Duration, usize>,
     instances: usize,
-    engaged: bool,
-    ratio: f64,
+    decision: Decision,
 }
 
 /// Renewals counted on the hot path, drained into the window by `advance`.
@@ -100,7 +150,6 @@ impl RenewalCounter {
 impl RenewalWindow {
     pub fn new(config: GuardConfig, now: Instant) -> Self {
         RenewalWindow {
-            config,
             buckets: VecDeque::new(),
             sum_actual: 0,
             sum_expected: 0.0,
@@ -110,13 +159,8 @@ impl RenewalWindow {
             rate: 0.0,
             ttls: BTreeMap::new(),
             instances: 0,
-            engaged: false,
-            ratio: 1.0,
+            decision: Decision::new(config),
         }
-    }
-
-    pub fn config(&self) -> &GuardConfig {
-        &self.config
     }
 
     /// The window: the longest TTL registered.
@@ -191,27 +235,16 @@ impl RenewalWindow {
                 expected -= e * outside;
             }
         }
-        // Too little expected to judge (a quiet or new registry): treat as healthy.
-        self.ratio = if expected >= 1.0 { actual / expected } else { 1.0 };
-        let enough = self.instances >= self.config.brake_min_instances;
-        if !self.engaged && self.config.brake && enough && self.ratio < self.config.brake_threshold {
-            self.engaged = true;
-            return Some(Transition::Engaged { ratio: self.ratio });
-        }
-        if self.engaged && (!enough || self.ratio >= self.config.brake_release) {
-            self.engaged = false;
-            return Some(Transition::Released { ratio: self.ratio });
-        }
-        None
+        self.decision.decide(actual, expected, self.instances)
     }
 
     pub fn engaged(&self) -> bool {
-        self.engaged
+        self.decision.engaged()
     }
 
     /// Renewals received over expected in the window, as of the last evaluation.
     pub fn ratio(&self) -> f64 {
-        self.ratio
+        self.decision.ratio()
     }
 }
 
@@ -257,6 +290,103 @@ impl RateEstimate {
         } else {
             None
         }
+    }
+}
+
+/// The brake as the memory store runs it: the renewal window, the leases it
+/// keeps past their deadline (`K` names a lease), and its metrics.
+pub struct ExpiryBrake<K> {
+    config: GuardConfig,
+    renewals: RenewalCounter,
+    window: Mutex<RenewalWindow>,
+    /// Leases past their deadline that the brake keeps, with their queue time.
+    parked: Mutex<Vec<(Instant, K)>>,
+    metrics: StoreMetrics,
+}
+
+impl<K> ExpiryBrake<K> {
+    pub fn new(config: GuardConfig, metrics: StoreMetrics) -> Self {
+        ExpiryBrake {
+            config,
+            renewals: RenewalCounter::default(),
+            window: Mutex::new(RenewalWindow::new(config, Instant::now())),
+            parked: Mutex::new(Vec::new()),
+            metrics,
+        }
+    }
+
+    /// Whether the brake may engage at all (else the window needs no ticks).
+    pub fn enabled(&self) -> bool {
+        self.config.brake
+    }
+
+    /// A lease of `ttl` joined the store.
+    pub fn added(&self, ttl: Duration) {
+        lock(&self.window).added(ttl);
+    }
+
+    /// A lease's TTL changed (a re-registration).
+    pub fn ttl_changed(&self, from: Duration, to: Duration) {
+        if from != to {
+            let mut w = lock(&self.window);
+            w.removed(from);
+            w.added(to);
+        }
+    }
+
+    /// A lease left the store: it no longer counts, nor is it expected to renew.
+    pub fn removed(&self, ttl: Duration, rate: &RateEstimate) {
+        let mut w = lock(&self.window);
+        w.removed(ttl);
+        w.rate_changed(Instant::now(), &self.renewals, -rate.counted);
+    }
+
+    /// Counts a renewal (one atomic add) and updates the lease's heartbeat
+    /// rate; the window's lock is taken only when that rate moved noticeably.
+    pub fn renewed(&self, rate: &mut RateEstimate, now: Instant) {
+        self.renewals.renewed();
+        if let Some(delta) = rate.renewed(now) {
+            lock(&self.window).rate_changed(now, &self.renewals, delta);
+        }
+    }
+
+    /// Brings the window up to `now`; true while the brake holds. On a
+    /// transition it logs and exports it and, on release, returns the leases
+    /// it kept so the caller queues them again (they expire unless renewed
+    /// meanwhile). Cheap enough to call once per bucket and per due lease.
+    pub fn check(&self, now: Instant) -> (bool, Vec<(Instant, K)>) {
+        let (holds, transition) = {
+            let mut w = lock(&self.window);
+            let t = w.evaluate(now, &self.renewals);
+            (w.engaged(), t)
+        };
+        let released = match transition {
+            None => Vec::new(),
+            Some(Transition::Engaged { ratio }) => {
+                self.metrics.brake_engaged.set(1);
+                warn!(
+                    renewal_ratio = ratio,
+                    threshold = self.config.brake_threshold,
+                    "expiry brake engaged: too few renewals arrive, expiry paused"
+                );
+                Vec::new()
+            }
+            Some(Transition::Released { ratio }) => {
+                self.metrics.brake_engaged.set(0);
+                let parked = std::mem::take(&mut *lock(&self.parked));
+                info!(renewal_ratio = ratio, held = parked.len(), "expiry brake released: expiry resumes");
+                self.metrics.brake_held.set(0);
+                parked
+            }
+        };
+        (holds, released)
+    }
+
+    /// Keeps a lease that fell due while the brake holds (`at`: its queue time).
+    pub fn park(&self, at: Instant, lease: K) {
+        let mut parked = lock(&self.parked);
+        parked.push((at, lease));
+        self.metrics.brake_held.set(i64::try_from(parked.len()).unwrap_or(i64::MAX));
     }
 }
 

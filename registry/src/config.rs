@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, FromArgMatches, Parser, Subcommand};
 
-use crate::store::etcd::StoreSpec;
+use crate::store::StoreSpec;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
@@ -109,28 +109,14 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// The defaults written on the flags above, as an empty command line
+    /// gives them, without reading the environment.
     fn default() -> Self {
-        Config {
-            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7600))),
-            ready_file: None,
-            default_ttl: Duration::from_secs(5),
-            min_ttl: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(300),
-            max_wait: Duration::from_secs(300),
-            max_watches: 16_384,
-            max_connections: 20_000,
-            max_body: 65_536,
-            shutdown_grace: Duration::from_secs(5),
-            workers: 0,
-            log_level: "info".into(),
-            store: StoreSpec::Memory,
-            etcd_timeout: Duration::from_secs(1),
-            etcd_check_interval: Duration::from_secs(1),
-            expiry_brake: true,
-            brake_threshold: 0.5,
-            brake_min_instances: 10,
-            protection_threshold: 0.0,
-        }
+        let command = Config::augment_args(clap::Command::new("registry")).mut_args(|arg| arg.env(None));
+        command
+            .try_get_matches_from(["registry"])
+            .and_then(|m| Config::from_arg_matches(&m))
+            .unwrap_or_else(|e| panic!("the flags' defaults do not parse: {e}"))
     }
 }
 
@@ -186,14 +172,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_match_the_documented_flags() {
-        let cli = Cli::try_parse_from(["registry"]).unwrap();
+    fn defaults_come_from_the_flags_and_not_the_environment() {
+        // The variable is set for this process only; no other test reads it.
+        std::env::set_var("TRELLIS_MAX_WATCHES", "7");
         let d = Config::default();
-        assert_eq!(cli.config.listen, d.listen);
-        assert_eq!(cli.config.default_ttl, d.default_ttl);
-        assert_eq!(cli.config.max_wait, d.max_wait);
-        assert_eq!(cli.config.max_watches, d.max_watches);
-        assert_eq!(cli.config.workers, d.workers);
+        assert_eq!(d.max_watches, 16_384);
+        assert_eq!(Cli::try_parse_from(["registry"]).unwrap().config.max_watches, 7);
+        std::env::remove_var("TRELLIS_MAX_WATCHES");
+        assert_eq!(d.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(d.store, StoreSpec::Memory);
         assert!(d.validate().is_ok());
     }
 

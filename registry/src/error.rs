@@ -27,6 +27,9 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A connection past `--max-connections`.
+    #[error("too many connections to the registry")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             ApiError::Store(StoreError::UnknownInstance { .. }) => ErrorCode::UnknownInstance,
             ApiError::Store(StoreError::Unavailable(_)) => ErrorCode::Unavailable,
+            ApiError::Overloaded => ErrorCode::Overloaded,
         }
     }
 }

@@ -1,15 +1,18 @@
 //! The Trellis registry: leases, healthy discovery and blocking watches over
 //! HTTP/JSON (`docs/api.md`), as a library so tests can run it in-process.
 //!
-//! - [`config`]: clap CLI and environment variables.
+//! - [`config`]: clap CLI and environment variables; the defaults are the flags'.
 //! - [`server`]: the accept loop, connection cap and graceful shutdown; [`run`].
-//! - [`api`]: axum routes and handlers; heartbeats are matched before the router.
+//! - [`api`]: [`api::ApiService`], the one entry of every request (routing,
+//!   the heartbeat fast path, the stale flag, request metrics); the axum
+//!   handlers behind it.
 //! - [`error`]: API errors and their mapping to status and JSON body.
-//! - [`store`]: the `Store` trait, service snapshots, the memory store.
+//! - [`store`]: the `Store` trait and `StoreSpec`; the per-service table,
+//!   snapshots, the memory store and the etcd store.
 //! - [`expiry`]: lease deadlines kept in order.
 //! - [`brake`]: protection from mass expiry (the expiry brake, the protection threshold).
 //! - [`watch`]: blocking queries: parameters, cap, wait and jitter.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics, the stores' groups included.
 //! - [`probe`]: the `registry probe` healthcheck.
 
 pub mod api;
@@ -25,3 +28,10 @@ pub mod watch;
 
 pub use config::Config;
 pub use server::{run, serve, ServerError};
+
+/// Locks a mutex whatever became of a previous holder. Poisoning only follows
+/// a panic elsewhere; the data is still consistent because every critical
+/// section in the registry leaves it so before anything can panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

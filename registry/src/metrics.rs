@@ -8,8 +8,24 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use trellis_shared::ServiceSummary;
 
-use crate::store::etcd::EtcdMetrics;
-use crate::store::memory::StoreMetrics;
+/// Counters the stores feed (expiry and the brake, in either store); clones share the values with `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreMetrics {
+    pub expirations: Counter,
+    /// 1 while the expiry brake holds.
+    pub brake_engaged: Gauge,
+    /// Instances kept past their lease by the brake.
+    pub brake_held: Gauge,
+}
+
+/// Metrics the etcd store feeds; clones share the values with `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdMetrics {
+    /// 1 while the store cannot reach a quorum and answers from its cache.
+    pub stale: Gauge,
+    /// Discovery answers served flagged stale.
+    pub stale_answers: Counter,
+}
 
 /// Which API operation a request was, as a bounded label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

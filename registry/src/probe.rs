@@ -3,31 +3,30 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::{header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// True when `GET /health` on `addr` answers 200 within `timeout`.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-        let req = format!("GET /health HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::with_capacity(256);
-        // The status line is all we need; cap what we read from a confused peer.
-        let mut chunk = [0u8; 256];
-        while buf.len() < 4096 && !buf.windows(2).any(|w| w == b"\r\n") {
-            let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let status = line.lines().next().unwrap_or("").to_string();
-        if status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200") {
-            Ok(())
-        } else {
-            Err(format!("unexpected answer {status:?}"))
+        let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let (mut sender, conn) =
+            http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        // The connection is driven beside the request; it ends with it.
+        tokio::spawn(conn);
+        let req = Request::get("/health")
+            .header(header::HOST, addr.to_string())
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        match resp.status() {
+            StatusCode::OK => Ok(()),
+            other => Err(format!("unexpected answer {other}")),
         }
     };
     tokio::time::timeout(timeout, attempt)
@@ -46,4 +45,36 @@ pub fn local_addr_for(listen: SocketAddr) -> SocketAddr {
         });
     }
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use hyper::Response;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_only_on_a_200() {
+        for (status, passes) in [(200, true), (503, false)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, Infallible>(
+                        Response::builder().status(status).body(Empty::<Bytes>::new()).unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            let result = probe(addr, Duration::from_secs(10)).await;
+            println!("{status}: {result:?}");
+            assert_eq!(result.is_ok(), passes, "{status}: {result:?}");
+        }
+    }
 }

@@ -1,25 +1,25 @@
 //! The accept loop: connection cap, HTTP serving, graceful shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::Response;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::api::{Api, AppState};
+use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::etcd::{EtcdSettings, EtcdStore, StoreSpec};
-use crate::store::{MemoryStore, Store};
+use crate::store::etcd::{EtcdSettings, EtcdStore};
+use crate::store::{MemoryStore, Store, StoreSpec};
 use crate::watch::Watches;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,31 +32,26 @@ pub enum ServerError {
     ReadyFile(std::io::Error),
 }
 
-/// Body of the answer to a connection past the cap: the client learns why and fails over.
-const OVERLOADED_BODY: &str = r#"{"error":"overloaded","message":"too many connections to the registry"}"#;
-
 /// Refused connections being answered at once; past this they are just closed.
 const MAX_REFUSERS: usize = 64;
 
-/// Answers a connection past the cap with `503 overloaded`. The request is read
-/// and discarded briefly so that closing does not reset the connection before
-/// the client has read the answer.
+/// How long a refused connection may take to send its request and read the answer.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers a connection past the cap with `503 overloaded` and closes it, so
+/// the client learns why and fails over rather than hang in the accept queue.
 fn refuse(stream: TcpStream, refusers: &Arc<Semaphore>) {
     let Ok(permit) = refusers.clone().try_acquire_owned() else { return };
     tokio::spawn(async move {
-        let mut stream = stream;
-        let linger = async {
-            let resp = format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{OVERLOADED_BODY}",
-                OVERLOADED_BODY.len()
-            );
-            stream.write_all(resp.as_bytes()).await?;
-            stream.shutdown().await?;
-            let mut sink = [0u8; 4096];
-            while stream.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+        let service = hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(ApiError::Overloaded.into_response())
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(REFUSAL_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, conn).await;
         drop(permit);
     });
 }
@@ -94,31 +89,6 @@ pub async fn run(
     }
 }
 
-/// One connection's service: heartbeats straight to their handler,
-/// everything else through the router.
-fn service<S: Store>(
-    api: Api<S>,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = Response,
-    Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
-> + Clone {
-    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let api = api.clone();
-        async move {
-            let resp = match api.heartbeat(&req) {
-                Some(names) => api.serve_heartbeat(names, req).await,
-                None => match api.router.clone().oneshot(req.map(axum::body::Body::new)).await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                },
-            };
-            Ok(api.mark_stale(resp))
-        }
-    })
-}
-
 /// Runs the registry over any store.
 pub async fn serve<S: Store>(
     listener: TcpListener,
@@ -139,9 +109,7 @@ pub async fn serve<S: Store>(
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
-    let state =
-        AppState { store: store.clone(), config: Arc::new(config), metrics: metrics.clone(), watches };
-    let api = Api::new(state);
+    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)).hyper_service();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -169,8 +137,7 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = service(api.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.clone()).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {

@@ -234,8 +234,8 @@ mod tests {
         use trellis_shared::{Address, HealthStatus, Instance, InstanceId};
 
         use super::*;
-        use crate::store::memory::StoreMetrics;
-        use crate::store::{MemoryStore, Registration};
+        use crate::metrics::StoreMetrics;
+        use crate::store::{LeasedInstance, MemoryStore};
 
         async fn setup(max: usize) -> (Arc<MemoryStore>, Arc<Watches>, CancellationToken, ServiceName, u64) {
             let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
@@ -254,7 +254,7 @@ mod tests {
                 output: String::new(),
             };
             let w = store
-                .register(&users, Registration { instance, ttl: Duration::from_secs(600) })
+                .register(&users, LeasedInstance { instance, ttl: Duration::from_secs(600) })
                 .await
                 .unwrap();
             (store, watches, stop, users, w.index)

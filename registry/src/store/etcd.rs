@@ -19,91 +19,28 @@
 //!
 //! - [`client`]: etcd's v3 JSON gateway over reqwest.
 //! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
-//! - [`brake`]: the cluster-wide expiry brake (renewal tallies per replica).
+//! - [`cluster_brake`]: the expiry brake across replicas (renewal tallies per replica).
 
-pub mod brake;
 pub mod cache;
 pub mod client;
+pub mod cluster_brake;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use trellis_shared::backoff::Backoff;
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 use url::Url;
 
-use self::brake::{lock, Decision, LocalRenewals, Tally};
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
-use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use self::cluster_brake::ClusterBrake;
+use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
 use crate::brake::GuardConfig;
-use crate::store::memory::StoreMetrics;
-
-/// Prefix used when `--store etcd://...` names none.
-pub const DEFAULT_PREFIX: &str = "/trellis";
-
-/// Which store a registry runs on (`--store`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreSpec {
-    /// The embedded in-memory store (one registry, state lost on restart).
-    Memory,
-    /// An etcd cluster: client URLs of its members and the key prefix.
-    Etcd { endpoints: Vec<Url>, prefix: String },
-}
-
-impl std::str::FromStr for StoreSpec {
-    type Err = String;
-
-    /// `memory`, or `etcd://host:2379,host:2379[/prefix]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if s == "memory" {
-            return Ok(StoreSpec::Memory);
-        }
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            return Err(format!("expected \"memory\" or \"etcd://host:port,...[/prefix]\", got {s:?}"));
-        };
-        let (hosts, prefix) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        let prefix = if prefix.is_empty() { DEFAULT_PREFIX.to_string() } else { prefix.to_string() };
-        let mut endpoints = Vec::new();
-        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-            let url =
-                Url::parse(&format!("http://{h}/")).map_err(|e| format!("bad etcd member {h:?}: {e}"))?;
-            if url.port().is_none() {
-                return Err(format!("etcd member {h:?} needs a port (etcd's client port is 2379)"));
-            }
-            endpoints.push(url);
-        }
-        if endpoints.is_empty() {
-            return Err("etcd:// needs at least one host:port".into());
-        }
-        Ok(StoreSpec::Etcd { endpoints, prefix })
-    }
-}
-
-impl std::fmt::Display for StoreSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreSpec::Memory => f.write_str("memory"),
-            StoreSpec::Etcd { endpoints, prefix } => {
-                let hosts: Vec<String> = endpoints
-                    .iter()
-                    .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port().unwrap_or(2379)))
-                    .collect();
-                write!(f, "etcd://{}{}", hosts.join(","), prefix)
-            }
-        }
-    }
-}
+use crate::metrics::{EtcdMetrics, StoreMetrics};
 
 /// Tunables of the etcd store.
 #[derive(Debug, Clone)]
@@ -117,15 +54,6 @@ pub struct EtcdSettings {
     pub check_interval: Duration,
     /// The expiry brake and the protection threshold (`protection_threshold`).
     pub guards: GuardConfig,
-}
-
-/// Metrics the etcd store feeds; clones share the values with `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct EtcdMetrics {
-    /// 1 while the store cannot reach a quorum and answers from its cache.
-    pub stale: Gauge,
-    /// Discovery answers served flagged stale.
-    pub stale_answers: Counter,
 }
 
 /// Failed health checks in a row that mark the store stale: one slow read on a
@@ -143,17 +71,8 @@ pub struct EtcdStore {
     watch_up: AtomicBool,
     failed_checks: AtomicU32,
     metrics: EtcdMetrics,
-    store_metrics: StoreMetrics,
-    /// Names this replica's renewal tally under `<prefix>/brake/`.
-    replica: String,
-    renewals: Mutex<LocalRenewals>,
-    decision: Mutex<Decision>,
+    brake: ClusterBrake,
 }
-
-/// Period of the brake's tally exchange.
-const BRAKE_TICK: Duration = Duration::from_secs(1);
-/// Lease of a replica's published tally: a dead replica's tally soon stops counting.
-const TALLY_LEASE_SECS: i64 = 5;
 
 fn unavailable(e: EtcdError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -189,10 +108,7 @@ impl EtcdStore {
             watch_up: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
             metrics,
-            store_metrics,
-            replica: format!("{:016x}", rand::random::<u64>()),
-            renewals: Mutex::new(LocalRenewals::new(tokio::time::Instant::now())),
-            decision: Mutex::new(Decision::new(settings.guards)),
+            brake: ClusterBrake::new(settings.guards, store_metrics),
             settings,
         })
     }
@@ -360,88 +276,7 @@ impl EtcdStore {
 
     /// Counts a renewal served by this replica for the brake.
     fn renewed(&self, service: &ServiceName, id: &InstanceId, ttl: Duration) {
-        let key = self.cache.key(service, id);
-        lock(&self.renewals).renewed(tokio::time::Instant::now(), &key, ttl);
-    }
-
-    /// Publishes this replica's renewal tally, sums every replica's, decides,
-    /// and while the brake holds keeps every cached lease alive.
-    async fn brake(&self, shutdown: &CancellationToken) {
-        if !self.settings.guards.brake {
-            return;
-        }
-        let root = format!("{}/brake/", self.settings.prefix).into_bytes();
-        let mut key = root.clone();
-        key.extend_from_slice(self.replica.as_bytes());
-        let mut lease = 0i64;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(BRAKE_TICK) => {}
-            }
-            if self.is_stale() {
-                continue;
-            }
-            let (leases, longest) = self.cache.leases();
-            let window = longest.unwrap_or(BRAKE_TICK);
-            let now = tokio::time::Instant::now();
-            let tally = {
-                let mut local = lock(&self.renewals);
-                local.retain(now, |k| self.cache.contains_key(k));
-                local.tally(now, window)
-            };
-            if let Err(e) = self.publish_tally(&key, &mut lease, tally).await {
-                debug!(error = %e, "cannot publish the renewal tally");
-                continue;
-            }
-            let tallies: Vec<Tally> = match self.client.range_prefix(&root).await {
-                Ok((_, kvs)) => kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect(),
-                Err(e) => {
-                    debug!(error = %e, "cannot read the renewal tallies");
-                    continue;
-                }
-            };
-            let (transition, ratio, engaged) = {
-                let mut d = lock(&self.decision);
-                let t = d.evaluate(&tallies, leases.len());
-                (t, d.ratio, d.engaged())
-            };
-            match transition {
-                Some(true) => {
-                    self.store_metrics.brake_engaged.set(1);
-                    warn!(
-                        ratio,
-                        instances = leases.len(),
-                        replicas = tallies.len(),
-                        "expiry brake engaged: too few renewals arrive; keeping every lease alive"
-                    );
-                }
-                Some(false) => {
-                    self.store_metrics.brake_engaged.set(0);
-                    self.store_metrics.brake_held.set(0);
-                    info!(ratio, instances = leases.len(), "expiry brake released: renewals recovered");
-                }
-                None => {}
-            }
-            if engaged {
-                self.store_metrics.brake_held.set(i64::try_from(leases.len()).unwrap_or(i64::MAX));
-                let client = &self.client;
-                futures_util::stream::iter(leases.into_iter().filter(|l| *l != 0))
-                    .for_each_concurrent(16, |l| async move {
-                        let _ = client.keep_alive(l).await;
-                    })
-                    .await;
-            }
-        }
-    }
-
-    async fn publish_tally(&self, key: &[u8], lease: &mut i64, tally: Tally) -> Result<(), EtcdError> {
-        if *lease == 0 || self.client.keep_alive(*lease).await?.is_none() {
-            *lease = self.client.grant(TALLY_LEASE_SECS).await?.0;
-        }
-        let value = serde_json::to_vec(&tally).unwrap_or_default();
-        self.client.put(key, &value, *lease).await?;
-        Ok(())
+        self.brake.renewed(&self.cache.key(service, id), ttl);
     }
 
     /// Marks the store stale or fresh from a linearizable read every
@@ -484,7 +319,7 @@ impl Store for EtcdStore {
         &self.epoch
     }
 
-    async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
+    async fn register(&self, service: &ServiceName, reg: LeasedInstance) -> Result<WriteOutcome, StoreError> {
         self.check_writable()?;
         let id = reg.instance.id.clone();
         let existing = self.find(service, &id).await?;
@@ -536,8 +371,8 @@ impl Store for EtcdStore {
         self.renewed(service, id, cached.ttl);
         let previous = cached.instance.status;
         let Some(status) = hb.status.filter(|s| *s != previous) else {
-            // Output text alone is not worth a consensus write (issue 7): it
-            // travels with the next health change.
+            // Output text alone is not worth a consensus write: it travels
+            // with the next health change.
             return Ok(WriteOutcome { change: Change::Renewed, index, previous_status: Some(previous) });
         };
         let mut updated: Instance = (*cached.instance).clone();
@@ -577,10 +412,6 @@ impl Store for EtcdStore {
         self.cache.snapshot(service)
     }
 
-    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
-        self.cache.watch_from(service, index).await
-    }
-
     fn list(&self) -> Vec<ServiceSummary> {
         self.cache.list()
     }
@@ -593,33 +424,21 @@ impl Store for EtcdStore {
         self.cache.revision() >= index
     }
 
+    /// Waits for the cache to reach `index` first: see [`Cache::watch_from`].
+    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        self.cache.watch_from(service, index).await
+    }
+
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
-        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown), self.brake(&shutdown));
+        let brake =
+            self.brake.run(&self.client, &self.cache, &self.settings.prefix, || self.is_stale(), &shutdown);
+        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown), brake);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_store_specs() {
-        assert_eq!("memory".parse::<StoreSpec>().unwrap(), StoreSpec::Memory);
-        let StoreSpec::Etcd { endpoints, prefix } = "etcd://10.0.0.1:2379,etcd-2:2379/reg".parse().unwrap()
-        else {
-            panic!("not etcd")
-        };
-        assert_eq!(endpoints.len(), 2);
-        assert_eq!(endpoints[1].as_str(), "http://etcd-2:2379/");
-        assert_eq!(prefix, "/reg");
-        let StoreSpec::Etcd { prefix, .. } = "etcd://a:1".parse().unwrap() else { panic!("not etcd") };
-        assert_eq!(prefix, DEFAULT_PREFIX);
-        for bad in ["", "etcd://", "etcd://host", "consul://a:1", "etcd://a:b"] {
-            assert!(bad.parse::<StoreSpec>().is_err(), "{bad}");
-        }
-        let spec: StoreSpec = "etcd://a:1,b:2/x".parse().unwrap();
-        assert_eq!(spec.to_string(), "etcd://a:1,b:2/x");
-    }
 
     #[test]
     fn leases_round_up_to_whole_seconds() {

@@ -1,69 +1,44 @@
 //! The embedded in-memory store.
 //!
-//! Locking: a map of services behind a `RwLock` that is written only when a
-//! service is first seen; per service, a `Mutex` over its instances held for
-//! microseconds (never across an `.await`), an `ArcSwap` with the published
-//! snapshot that readers load without locking, and a `watch` channel carrying
-//! the index that wakes only this service's watchers. Heartbeats for different
-//! services never share a lock; a renewal touches only its service's mutex.
+//! Per-service state lives in a [`ServiceTable`] (see its locking notes):
+//! heartbeats for different services never share a lock, and a renewal
+//! touches only its service's mutex. Lease deadlines wait in an ordered
+//! [`ExpiryQueue`]; the expiry brake may keep leases past them.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
-use super::{Change, Heartbeat, Registration, ServiceSnapshot, Store, StoreError, WriteOutcome};
-use crate::brake::{GuardConfig, RateEstimate, RenewalCounter, RenewalWindow, Transition, BUCKET};
+use super::table::{Member, ServiceEntry, ServiceTable};
+use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use crate::brake::{ExpiryBrake, GuardConfig, RateEstimate, BUCKET};
 use crate::expiry::ExpiryQueue;
+use crate::lock;
+use crate::metrics::StoreMetrics;
 
 /// How often services that emptied and are not watched are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Counters the memory store feeds; clones share the values with `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct StoreMetrics {
-    pub expirations: Counter,
-    /// 1 while the expiry brake holds.
-    pub brake_engaged: Gauge,
-    /// Instances kept past their lease by the brake.
-    pub brake_held: Gauge,
-}
+type Entry = ServiceEntry<Slot>;
 
 pub struct MemoryStore {
     epoch: String,
     revision: AtomicU64,
-    services: RwLock<HashMap<ServiceName, Arc<ServiceEntry>>>,
-    expiry: Mutex<ExpiryQueue<(Arc<ServiceEntry>, InstanceId)>>,
+    table: ServiceTable<Slot>,
+    expiry: Mutex<ExpiryQueue<Lease>>,
     expiry_wake: Notify,
     metrics: StoreMetrics,
-    guards: GuardConfig,
-    renewals: RenewalCounter,
-    window: Mutex<RenewalWindow>,
-    /// Leases past their deadline that the brake keeps (queue entry time, lease).
-    parked: Mutex<Vec<(Instant, Arc<ServiceEntry>, InstanceId)>>,
+    brake: ExpiryBrake<Lease>,
 }
 
-struct ServiceEntry {
-    name: ServiceName,
-    state: Mutex<ServiceState>,
-    snapshot: ArcSwap<ServiceSnapshot>,
-    index_tx: watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct ServiceState {
-    index: u64,
-    instances: BTreeMap<InstanceId, Slot>,
-}
+/// A lease, as the expiry queue and the brake name it.
+type Lease = (Arc<Entry>, InstanceId);
 
 struct Slot {
     instance: Arc<Instance>,
@@ -75,10 +50,10 @@ struct Slot {
     rate: RateEstimate,
 }
 
-/// Poisoning only follows a panic elsewhere; the data is still consistent
-/// because every critical section leaves it so before anything can panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+impl Member for Slot {
+    fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
 }
 
 impl MemoryStore {
@@ -89,135 +64,34 @@ impl MemoryStore {
     /// A store with the given protections from mass expiry.
     pub fn with_guards(metrics: StoreMetrics, guards: GuardConfig) -> Self {
         MemoryStore {
-            guards,
-            renewals: RenewalCounter::default(),
-            window: Mutex::new(RenewalWindow::new(guards, Instant::now())),
-            parked: Mutex::new(Vec::new()),
+            brake: ExpiryBrake::new(guards, metrics.clone()),
             epoch: format!("{:016x}", rand::random::<u64>()),
             revision: AtomicU64::new(0),
-            services: RwLock::new(HashMap::new()),
+            table: ServiceTable::new(guards.protection_threshold),
             expiry: Mutex::new(ExpiryQueue::default()),
             expiry_wake: Notify::new(),
             metrics,
         }
     }
 
-    fn get(&self, service: &ServiceName) -> Option<Arc<ServiceEntry>> {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
-    }
-
-    /// Forgets services with no instances that nobody uses: no watcher, no
-    /// request in flight, no lease entry queued. Under the map's write lock no
-    /// one can take a new reference, so a strong count of one proves it unused.
-    /// Bounds the memory that watches of never-registered names can claim.
-    fn sweep(&self) -> usize {
-        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
-        let before = map.len();
-        map.retain(|_, e| {
-            Arc::strong_count(e) > 1
-                || e.index_tx.receiver_count() > 0
-                || !lock(&e.state).instances.is_empty()
-        });
-        before - map.len()
-    }
-
     /// Number of services the store keeps an entry for (for tests).
     pub fn known_services(&self) -> usize {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.table.known()
     }
 
-    fn entry(&self, service: &ServiceName) -> Arc<ServiceEntry> {
-        if let Some(e) = self.get(service) {
-            return e;
-        }
-        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(service.clone())
-            .or_insert_with(|| {
-                let (index_tx, _) = watch::channel(0);
-                Arc::new(ServiceEntry {
-                    name: service.clone(),
-                    state: Mutex::new(ServiceState::default()),
-                    snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
-                    index_tx,
-                })
-            })
-            .clone()
+    /// The next revision when `moved`, for [`ServiceTable::publish`].
+    fn next_index(&self, moved: bool) -> Option<u64> {
+        moved.then(|| self.revision.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Publishes the service's state; `moved` takes a new revision and wakes
-    /// the service's watchers, otherwise (output text only) readers just see it.
-    fn publish(&self, entry: &ServiceEntry, state: &mut ServiceState, moved: bool) -> u64 {
-        if moved {
-            state.index = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
-        }
-        let instances: Vec<Arc<Instance>> = state.instances.values().map(|s| s.instance.clone()).collect();
-        let protected = self.protected(&instances);
-        let snapshot = ServiceSnapshot::new(entry.name.clone(), state.index, instances, protected);
-        entry.snapshot.store(Arc::new(snapshot));
-        if moved {
-            entry.index_tx.send_replace(state.index);
-        }
-        state.index
-    }
-
-    /// The protection threshold: too few healthy instances to carry the load,
-    /// so discovery shows every instance rather than overload the few.
-    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
-        let threshold = self.guards.protection_threshold;
-        if threshold <= 0.0 || instances.is_empty() {
-            return false;
-        }
-        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
-        healthy as f64 / instances.len() as f64 <= threshold
-    }
-
-    /// Updates the renewal window for a lease leaving the store.
-    fn forget(&self, slot: &Slot) {
-        let mut w = lock(&self.window);
-        w.removed(slot.ttl);
-        w.rate_changed(Instant::now(), &self.renewals, -slot.rate.counted);
-    }
-
-    /// Counts a renewal and updates the instance's heartbeat rate.
-    fn renewed(&self, slot: &mut Slot, now: Instant) {
-        self.renewals.renewed();
-        if let Some(delta) = slot.rate.renewed(now) {
-            lock(&self.window).rate_changed(now, &self.renewals, delta);
+    /// Queues the leases the brake kept, on its release.
+    fn requeue(&self, released: Vec<(Instant, Lease)>) {
+        for (at, (entry, id)) in released {
+            self.enqueue(at, entry, id);
         }
     }
 
-    /// Brings the brake up to date; true while it holds.
-    fn brake_holds(&self, now: Instant) -> (bool, Option<Transition>) {
-        let mut w = lock(&self.window);
-        let t = w.evaluate(now, &self.renewals);
-        (w.engaged(), t)
-    }
-
-    /// Logs and exports a brake transition; on release, queues the leases it
-    /// kept so they expire now unless renewed meanwhile.
-    fn on_transition(&self, t: Transition) {
-        match t {
-            Transition::Engaged { ratio } => {
-                self.metrics.brake_engaged.set(1);
-                warn!(
-                    renewal_ratio = ratio,
-                    threshold = self.guards.brake_threshold,
-                    "expiry brake engaged: too few renewals arrive, expiry paused"
-                );
-            }
-            Transition::Released { ratio } => {
-                self.metrics.brake_engaged.set(0);
-                let parked = std::mem::take(&mut *lock(&self.parked));
-                info!(renewal_ratio = ratio, held = parked.len(), "expiry brake released: expiry resumes");
-                self.metrics.brake_held.set(0);
-                for (at, entry, id) in parked {
-                    self.enqueue(at, entry, id);
-                }
-            }
-        }
-    }
-
-    fn enqueue(&self, at: Instant, entry: Arc<ServiceEntry>, id: InstanceId) {
+    fn enqueue(&self, at: Instant, entry: Arc<Entry>, id: InstanceId) {
         let first = lock(&self.expiry).push(at, (entry, id));
         if first {
             self.expiry_wake.notify_one();
@@ -226,32 +100,32 @@ impl MemoryStore {
 
     /// Handles a due queue entry: expires the lease or queues it again at its
     /// renewed deadline.
-    fn check_lease(&self, entry: Arc<ServiceEntry>, id: InstanceId, at: Instant, now: Instant) {
+    fn check_lease(&self, entry: Arc<Entry>, id: InstanceId, at: Instant, now: Instant) {
         enum Next {
             Done,
             Requeue(Instant),
             Park,
         }
-        let mut transition = None;
+        let mut released = Vec::new();
         let next = {
-            let mut state = lock(&entry.state);
+            let mut state = entry.lock();
             let Some(slot) = state.instances.get_mut(&id) else { return };
             if slot.queued != at {
                 return; // superseded by an earlier entry for the same lease
             }
             if now >= slot.deadline {
-                let (holds, t) = self.brake_holds(now);
-                transition = t;
+                let holds;
+                (holds, released) = self.brake.check(now);
                 if holds {
                     Next::Park
                 } else {
                     let ttl = slot.ttl;
                     if let Some(slot) = state.instances.remove(&id) {
-                        self.forget(&slot);
+                        self.brake.removed(slot.ttl, &slot.rate);
                     }
-                    let index = self.publish(&entry, &mut state, true);
+                    let index = self.table.publish(&entry, &mut state, self.next_index(true));
                     self.metrics.expirations.inc();
-                    info!(service = %entry.name, instance = %id, ttl = ?ttl, index, "instance expired");
+                    info!(service = %entry.name(), instance = %id, ttl = ?ttl, index, "instance expired");
                     Next::Done
                 }
             } else {
@@ -259,17 +133,13 @@ impl MemoryStore {
                 Next::Requeue(slot.deadline)
             }
         };
-        if let Some(t) = transition {
-            self.on_transition(t);
-        }
+        self.requeue(released);
         match next {
             Next::Done => {}
             Next::Requeue(deadline) => self.enqueue(deadline, entry, id),
             Next::Park => {
-                debug!(service = %entry.name, instance = %id, "lease ran out; kept by the expiry brake");
-                let mut parked = lock(&self.parked);
-                parked.push((at, entry, id));
-                self.metrics.brake_held.set(parked.len() as i64);
+                debug!(service = %entry.name(), instance = %id, "lease ran out; kept by the expiry brake");
+                self.brake.park(at, (entry, id));
             }
         }
     }
@@ -297,13 +167,13 @@ impl Store for MemoryStore {
         &self.epoch
     }
 
-    async fn register(&self, service: &ServiceName, reg: Registration) -> Result<WriteOutcome, StoreError> {
-        let entry = self.entry(service);
+    async fn register(&self, service: &ServiceName, reg: LeasedInstance) -> Result<WriteOutcome, StoreError> {
+        let entry = self.table.entry(service);
         let now = Instant::now();
         let deadline = now + reg.ttl;
         let id = reg.instance.id.clone();
         let (outcome, enqueue) = {
-            let mut state = lock(&entry.state);
+            let mut state = entry.lock();
             match state.instances.get_mut(&id) {
                 Some(slot) => {
                     let previous = slot.instance.status;
@@ -312,12 +182,8 @@ impl Store for MemoryStore {
                     if moved || output_changed {
                         slot.instance = Arc::new(reg.instance);
                     }
-                    if slot.ttl != reg.ttl {
-                        let mut w = lock(&self.window);
-                        w.removed(slot.ttl);
-                        w.added(reg.ttl);
-                    }
-                    self.renewed(slot, now);
+                    self.brake.ttl_changed(slot.ttl, reg.ttl);
+                    self.brake.renewed(&mut slot.rate, now);
                     slot.ttl = reg.ttl;
                     slot.deadline = deadline;
                     // A shorter TTL than before needs an earlier queue entry.
@@ -327,7 +193,7 @@ impl Store for MemoryStore {
                     }
                     let status = slot.instance.status;
                     let index = if moved || output_changed {
-                        self.publish(&entry, &mut state, moved)
+                        self.table.publish(&entry, &mut state, self.next_index(moved))
                     } else {
                         state.index
                     };
@@ -341,7 +207,7 @@ impl Store for MemoryStore {
                 }
                 None => {
                     let status = reg.instance.status;
-                    lock(&self.window).added(reg.ttl);
+                    self.brake.added(reg.ttl);
                     let slot = Slot {
                         instance: Arc::new(reg.instance),
                         ttl: reg.ttl,
@@ -350,7 +216,7 @@ impl Store for MemoryStore {
                         rate: RateEstimate::new(now, reg.ttl),
                     };
                     state.instances.insert(id.clone(), slot);
-                    let index = self.publish(&entry, &mut state, true);
+                    let index = self.table.publish(&entry, &mut state, self.next_index(true));
                     info!(service = %service, instance = %id, status = status.as_str(), ttl = ?reg.ttl, index, "instance registered");
                     (WriteOutcome { change: Change::Added, index, previous_status: None }, true)
                 }
@@ -369,13 +235,13 @@ impl Store for MemoryStore {
         hb: Heartbeat,
     ) -> Result<WriteOutcome, StoreError> {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
-        let entry = self.get(service).ok_or_else(unknown)?;
-        let mut state = lock(&entry.state);
+        let entry = self.table.get(service).ok_or_else(unknown)?;
+        let mut state = entry.lock();
         let slot = state.instances.get_mut(id).ok_or_else(unknown)?;
         // Renewals only move the deadline later, so the queue entry stays valid.
         let now = Instant::now();
         slot.deadline = now + slot.ttl;
-        self.renewed(slot, now);
+        self.brake.renewed(&mut slot.rate, now);
         let previous = slot.instance.status;
         let status_changed = hb.status.is_some_and(|s| s != previous);
         let output_changed = hb.output.as_deref().is_some_and(|o| o != slot.instance.output);
@@ -392,7 +258,7 @@ impl Store for MemoryStore {
         }
         let status = updated.status;
         slot.instance = Arc::new(updated);
-        let index = self.publish(&entry, &mut state, status_changed);
+        let index = self.table.publish(&entry, &mut state, self.next_index(status_changed));
         if status_changed {
             info!(service = %service, instance = %id, from = previous.as_str(), to = status.as_str(), index, "instance health changed");
         }
@@ -402,48 +268,32 @@ impl Store for MemoryStore {
 
     async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, StoreError> {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
-        let entry = self.get(service).ok_or_else(unknown)?;
-        let mut state = lock(&entry.state);
+        let entry = self.table.get(service).ok_or_else(unknown)?;
+        let mut state = entry.lock();
         let slot = state.instances.remove(id).ok_or_else(unknown)?;
-        self.forget(&slot);
-        let index = self.publish(&entry, &mut state, true);
+        self.brake.removed(slot.ttl, &slot.rate);
+        let index = self.table.publish(&entry, &mut state, self.next_index(true));
         info!(service = %service, instance = %id, index, "instance deregistered");
         Ok(index)
     }
 
     fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
-        match self.get(service) {
-            Some(e) => e.snapshot.load_full(),
-            None => Arc::new(ServiceSnapshot::empty(service.clone())),
-        }
+        self.table.snapshot(service)
     }
 
     async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
-        let entry = self.entry(service);
-        let mut rx = entry.index_tx.subscribe();
-        // The sender lives in `entry`, which we hold, so this cannot fail.
-        let _ = rx.wait_for(|current| *current != index).await;
-        entry.snapshot.load_full()
+        self.table.watch_from(service, index).await
     }
 
     fn list(&self) -> Vec<ServiceSummary> {
-        let entries: Vec<Arc<ServiceEntry>> =
-            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        let mut out: Vec<ServiceSummary> = entries
-            .iter()
-            .map(|e| e.snapshot.load())
-            .filter(|s| !s.instances().is_empty())
-            .map(|s| s.summary())
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        self.table.list()
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
         // The brake's window advances once per bucket, whether or not leases fall due.
         let mut tick = tokio::time::interval(BUCKET);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let brake = self.guards.brake;
+        let brake = self.brake.enabled();
         let mut sweep = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -466,15 +316,14 @@ impl Store for MemoryStore {
                 _ = self.expiry_wake.notified() => {}
                 _ = sleep => {}
                 _ = sweep.tick() => {
-                    let n = self.sweep();
+                    let n = self.table.sweep();
                     if n > 0 {
                         debug!(forgotten = n, "forgot unused empty services");
                     }
                 }
                 _ = ticked => {
-                    if let (_, Some(t)) = self.brake_holds(Instant::now()) {
-                        self.on_transition(t);
-                    }
+                    let (_, released) = self.brake.check(Instant::now());
+                    self.requeue(released);
                 }
             }
         }
@@ -497,8 +346,8 @@ mod tests {
         InstanceId::new(s).unwrap()
     }
 
-    fn reg(i: &str, ttl_ms: u64) -> Registration {
-        Registration {
+    fn reg(i: &str, ttl_ms: u64) -> LeasedInstance {
+        LeasedInstance {
             instance: Instance {
                 id: id(i),
                 address: Address::new("10.0.0.1").unwrap(),
@@ -730,59 +579,6 @@ mod tests {
 }
 
 #[cfg(test)]
-mod footprint {
-    use std::collections::BTreeMap;
-
-    use trellis_shared::{Address, HealthStatus};
-
-    use super::*;
-
-    fn rss_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-        pages * 4096
-    }
-
-    /// Resident memory per registered instance (100 services x 1,000 instances,
-    /// each service read once, as a sidecar would). Run with
-    /// `cargo test -p trellis-registry --release footprint -- --ignored --nocapture`.
-    #[tokio::test]
-    #[ignore = "a measurement, not a check: run it alone"]
-    async fn bytes_per_instance() {
-        let store = MemoryStore::new(StoreMetrics::default());
-        let before = rss_bytes();
-        // `FOOTPRINT_METADATA=1` gives each instance one metadata entry.
-        let mut metadata = BTreeMap::new();
-        if std::env::var_os("FOOTPRINT_METADATA").is_some() {
-            metadata.insert("version".to_string(), "1.4.2".to_string());
-        }
-        for s in 0..100 {
-            let service = ServiceName::new(format!("service-{s}")).unwrap();
-            for i in 0..1_000 {
-                let instance = Instance {
-                    id: InstanceId::new(format!("service-{s}-{i}")).unwrap(),
-                    address: Address::new(format!("10.{}.{}.{}", s, i / 250, i % 250)).unwrap(),
-                    port: 8080,
-                    zone: Some(trellis_shared::Zone::new("eu-west-1a").unwrap()),
-                    weight: 100,
-                    metadata: metadata.clone(),
-                    status: HealthStatus::Passing,
-                    output: String::new(),
-                };
-                store
-                    .register(&service, Registration { instance, ttl: Duration::from_secs(30) })
-                    .await
-                    .unwrap();
-            }
-            let snap = store.snapshot(&service);
-            snap.json(store.epoch(), false);
-        }
-        let per = (rss_bytes() - before) / 100_000;
-        println!("resident memory: {per} bytes per instance (100,000 instances)");
-    }
-}
-
-#[cfg(test)]
 mod guards {
     use std::collections::BTreeMap;
 
@@ -790,8 +586,8 @@ mod guards {
 
     use super::*;
 
-    fn registration(i: usize, ttl: Duration) -> Registration {
-        Registration {
+    fn registration(i: usize, ttl: Duration) -> LeasedInstance {
+        LeasedInstance {
             instance: Instance {
                 id: InstanceId::new(format!("i-{i}")).unwrap(),
                 address: Address::new("10.0.0.1").unwrap(),

@@ -8,16 +8,20 @@
 //! text alone do not move it. Watches are "from a revision": they resolve when a
 //! service's index passes the one the caller last saw.
 //!
-//! The memory store ([`memory`]) is the embedded default. An etcd store fits the
-//! same trait: indexes become etcd revisions (comparable across replicas), the
+//! The memory store ([`memory`]) is the embedded default; [`StoreSpec`] (the
+//! `--store` flag) picks it or the etcd store, which fits the same trait: indexes become etcd revisions (comparable across replicas), the
 //! epoch becomes the cluster's identity, and `background` runs its watch loop.
 //!
 //! - [`snapshot`]: the immutable per-service snapshot and its pre-rendered JSON.
+//! - [`table`]: the per-service table both stores keep (members, published
+//!   snapshots, watchers, the protection threshold).
 //! - [`memory`]: the in-memory store with ordered lease expiry.
+//! - [`etcd`]: the etcd store, replicas sharing an etcd cluster.
 
 pub mod etcd;
 pub mod memory;
 pub mod snapshot;
+pub mod table;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,9 +29,70 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use trellis_shared::{HealthStatus, Instance, InstanceId, ServiceName, ServiceSummary};
+use url::Url;
 
 pub use memory::MemoryStore;
 pub use snapshot::ServiceSnapshot;
+
+/// Prefix used when `--store etcd://...` names none.
+pub const DEFAULT_ETCD_PREFIX: &str = "/trellis";
+
+/// Which store a registry runs on (`--store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// The embedded in-memory store (one registry, state lost on restart).
+    Memory,
+    /// An etcd cluster: client URLs of its members and the key prefix.
+    Etcd { endpoints: Vec<Url>, prefix: String },
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+
+    /// `memory`, or `etcd://host:2379,host:2379[/prefix]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "memory" {
+            return Ok(StoreSpec::Memory);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(format!("expected \"memory\" or \"etcd://host:port,...[/prefix]\", got {s:?}"));
+        };
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let prefix = if prefix.is_empty() { DEFAULT_ETCD_PREFIX.to_string() } else { prefix.to_string() };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let url =
+                Url::parse(&format!("http://{h}/")).map_err(|e| format!("bad etcd member {h:?}: {e}"))?;
+            if url.port().is_none() {
+                return Err(format!("etcd member {h:?} needs a port (etcd's client port is 2379)"));
+            }
+            endpoints.push(url);
+        }
+        if endpoints.is_empty() {
+            return Err("etcd:// needs at least one host:port".into());
+        }
+        Ok(StoreSpec::Etcd { endpoints, prefix })
+    }
+}
+
+impl std::fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Etcd { endpoints, prefix } => {
+                let hosts: Vec<String> = endpoints
+                    .iter()
+                    .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port().unwrap_or(2379)))
+                    .collect();
+                write!(f, "etcd://{}{}", hosts.join(","), prefix)
+            }
+        }
+    }
+}
 
 /// Why a store refused an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,9 +104,10 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// A validated registration: the instance as it will be stored and its lease.
+/// A validated registration: the instance as it will be stored and the length
+/// of its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
+pub struct LeasedInstance {
     pub instance: Instance,
     pub ttl: Duration,
 }
@@ -85,7 +151,7 @@ pub trait Store: Send + Sync + 'static {
     fn register(
         &self,
         service: &ServiceName,
-        registration: Registration,
+        registration: LeasedInstance,
     ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send;
 
     /// Renews an instance's lease and records the health it reports.
@@ -135,4 +201,28 @@ pub trait Store: Send + Sync + 'static {
     /// Work the store does in the background (lease expiry, following a remote
     /// store); returns when `shutdown` is cancelled.
     fn background(self: Arc<Self>, shutdown: CancellationToken) -> impl Future<Output = ()> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_specs() {
+        assert_eq!("memory".parse::<StoreSpec>().unwrap(), StoreSpec::Memory);
+        let StoreSpec::Etcd { endpoints, prefix } = "etcd://10.0.0.1:2379,etcd-2:2379/reg".parse().unwrap()
+        else {
+            panic!("not etcd")
+        };
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(endpoints[1].as_str(), "http://etcd-2:2379/");
+        assert_eq!(prefix, "/reg");
+        let StoreSpec::Etcd { prefix, .. } = "etcd://a:1".parse().unwrap() else { panic!("not etcd") };
+        assert_eq!(prefix, DEFAULT_ETCD_PREFIX);
+        for bad in ["", "etcd://", "etcd://host", "consul://a:1", "etcd://a:b"] {
+            assert!(bad.parse::<StoreSpec>().is_err(), "{bad}");
+        }
+        let spec: StoreSpec = "etcd://a:1,b:2/x".parse().unwrap();
+        assert_eq!(spec.to_string(), "etcd://a:1,b:2/x");
+    }
 }

@@ -8,15 +8,15 @@
 //! replica has not reached yet can wait for the cache to catch up.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_shared::{Instance, InstanceId, InstanceRecord, ServiceName, ServiceSummary};
 
 use super::client::KeyValue;
+use crate::store::table::{Member, ServiceTable};
 use crate::store::ServiceSnapshot;
 
 /// What the cache knows of one instance besides what discovery shows.
@@ -27,31 +27,17 @@ pub struct Cached {
     pub ttl: Duration,
 }
 
+impl Member for Cached {
+    fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+}
+
 pub struct Cache {
     /// Keys are `<prefix><service>/<id>`.
     prefix: Vec<u8>,
-    services: RwLock<HashMap<ServiceName, Arc<Entry>>>,
+    table: ServiceTable<Cached>,
     revision: watch::Sender<u64>,
-    /// Per service: at or below this healthy share, discovery shows every
-    /// instance flagged `protected`; 0 turns it off.
-    protection_threshold: f64,
-}
-
-struct Entry {
-    name: ServiceName,
-    state: Mutex<State>,
-    snapshot: ArcSwap<ServiceSnapshot>,
-    index_tx: watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct State {
-    index: u64,
-    instances: BTreeMap<InstanceId, Cached>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn rev(r: i64) -> u64 {
@@ -71,18 +57,7 @@ pub fn encode(service: &ServiceName, cached: &Cached) -> Vec<u8> {
 impl Cache {
     pub fn new(prefix: Vec<u8>, protection_threshold: f64) -> Self {
         let (revision, _) = watch::channel(0);
-        Cache { prefix, services: RwLock::new(HashMap::new()), revision, protection_threshold }
-    }
-
-    /// Too few healthy instances to carry the load: show them all rather than
-    /// overload the few (the same rule as the memory store).
-    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
-        let threshold = self.protection_threshold;
-        if threshold <= 0.0 || instances.is_empty() {
-            return false;
-        }
-        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
-        healthy as f64 / instances.len() as f64 <= threshold
+        Cache { prefix, table: ServiceTable::new(protection_threshold), revision }
     }
 
     pub fn key(&self, service: &ServiceName, id: &InstanceId) -> Vec<u8> {
@@ -117,72 +92,31 @@ impl Cache {
         Some((service, cached))
     }
 
-    fn get(&self, service: &ServiceName) -> Option<Arc<Entry>> {
-        self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
-    }
-
-    fn entry(&self, service: &ServiceName) -> Arc<Entry> {
-        if let Some(e) = self.get(service) {
-            return e;
-        }
-        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(service.clone())
-            .or_insert_with(|| {
-                let (index_tx, _) = watch::channel(0);
-                Arc::new(Entry {
-                    name: service.clone(),
-                    state: Mutex::new(State::default()),
-                    snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
-                    index_tx,
-                })
-            })
-            .clone()
-    }
-
-    /// Publishes the state; with `index` the service's index moves there and
-    /// its watchers wake, otherwise (output text, lease) readers just see it.
-    fn publish(&self, entry: &Entry, state: &mut State, index: Option<u64>) {
-        if let Some(i) = index {
-            state.index = i;
-        }
-        let instances: Vec<Arc<Instance>> = state.instances.values().map(|c| c.instance.clone()).collect();
-        let protected = self.protected(&instances);
-        entry.snapshot.store(Arc::new(ServiceSnapshot::new(
-            entry.name.clone(),
-            state.index,
-            instances,
-            protected,
-        )));
-        if index.is_some() {
-            entry.index_tx.send_replace(state.index);
-        }
-    }
-
     /// Applies a put event.
     pub fn apply_put(&self, kv: &KeyValue) {
         let Some((service, cached)) = self.decode(kv) else { return };
-        let entry = self.entry(&service);
-        let mut state = lock(&entry.state);
+        let entry = self.table.entry(&service);
+        let mut state = entry.lock();
         let id = cached.instance.id.clone();
         let status = cached.instance.status;
         let index = rev(kv.mod_revision);
         match state.instances.insert(id.clone(), cached) {
             None => {
-                self.publish(&entry, &mut state, Some(index));
+                self.table.publish(&entry, &mut state, Some(index));
                 info!(service = %service, instance = %id, status = status.as_str(), index, "instance registered");
             }
             Some(old) => {
                 let new = &state.instances[&id].instance;
                 if !old.instance.same_membership(new) {
                     let from = old.instance.status;
-                    self.publish(&entry, &mut state, Some(index));
+                    self.table.publish(&entry, &mut state, Some(index));
                     if from != status {
                         info!(service = %service, instance = %id, from = from.as_str(), to = status.as_str(), index, "instance health changed");
                     } else {
                         info!(service = %service, instance = %id, index, "instance re-registered with changes");
                     }
                 } else if old.instance.output != new.output {
-                    self.publish(&entry, &mut state, None);
+                    self.table.publish(&entry, &mut state, None);
                 }
             }
         }
@@ -191,11 +125,11 @@ impl Cache {
     /// Applies a delete event (deregistration or lease expiry).
     pub fn apply_delete(&self, kv: &KeyValue) {
         let Some((service, id)) = self.parse_key(&kv.key) else { return };
-        let Some(entry) = self.get(&service) else { return };
-        let mut state = lock(&entry.state);
+        let Some(entry) = self.table.get(&service) else { return };
+        let mut state = entry.lock();
         if state.instances.remove(&id).is_some() {
             let index = rev(kv.mod_revision);
-            self.publish(&entry, &mut state, Some(index));
+            self.table.publish(&entry, &mut state, Some(index));
             info!(service = %service, instance = %id, index, "instance removed");
         }
     }
@@ -230,14 +164,12 @@ impl Cache {
                 slot.0.insert(cached.instance.id.clone(), cached);
             }
         }
-        let known: Vec<ServiceName> =
-            self.services.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        for service in known {
-            fresh.entry(service).or_default();
+        for known in self.table.entries() {
+            fresh.entry(known.name().clone()).or_default();
         }
         for (service, (instances, newest)) in fresh {
-            let entry = self.entry(&service);
-            let mut state = lock(&entry.state);
+            let entry = self.table.entry(&service);
+            let mut state = entry.lock();
             let same = state.instances.len() == instances.len()
                 && state
                     .instances
@@ -246,14 +178,14 @@ impl Cache {
                     .all(|((a, x), (b, y))| a == b && x.instance.same_membership(&y.instance));
             let index = if state.index == 0 { rev(newest) } else { rev(revision) };
             state.instances = instances;
-            self.publish(&entry, &mut state, (!same).then_some(index));
+            self.table.publish(&entry, &mut state, (!same).then_some(index));
         }
         self.advance(revision);
     }
 
     pub fn lookup(&self, service: &ServiceName, id: &InstanceId) -> Option<(Cached, u64)> {
-        let entry = self.get(service)?;
-        let state = lock(&entry.state);
+        let entry = self.table.get(service)?;
+        let state = entry.lock();
         state.instances.get(id).map(|c| (c.clone(), state.index))
     }
 
@@ -264,12 +196,10 @@ impl Cache {
 
     /// Every cached instance's lease, the longest TTL and the instance count.
     pub fn leases(&self) -> (Vec<i64>, Option<Duration>) {
-        let entries: Vec<Arc<Entry>> =
-            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         let mut leases = Vec::new();
         let mut longest = None;
-        for e in entries {
-            let state = lock(&e.state);
+        for e in self.table.entries() {
+            let state = e.lock();
             for c in state.instances.values() {
                 leases.push(c.lease);
                 longest = longest.max(Some(c.ttl));
@@ -279,14 +209,11 @@ impl Cache {
     }
 
     pub fn index(&self, service: &ServiceName) -> u64 {
-        self.get(service).map(|e| lock(&e.state).index).unwrap_or(0)
+        self.table.get(service).map(|e| e.lock().index).unwrap_or(0)
     }
 
     pub fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
-        match self.get(service) {
-            Some(e) => e.snapshot.load_full(),
-            None => Arc::new(ServiceSnapshot::empty(service.clone())),
-        }
+        self.table.snapshot(service)
     }
 
     /// Resolves once every event up to `revision` is applied.
@@ -300,23 +227,11 @@ impl Cache {
     /// service's index differs from it.
     pub async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
         self.reach(index).await;
-        let entry = self.entry(service);
-        let mut rx = entry.index_tx.subscribe();
-        let _ = rx.wait_for(|current| *current != index).await;
-        entry.snapshot.load_full()
+        self.table.watch_from(service, index).await
     }
 
     pub fn list(&self) -> Vec<ServiceSummary> {
-        let entries: Vec<Arc<Entry>> =
-            self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        let mut out: Vec<ServiceSummary> = entries
-            .iter()
-            .map(|e| e.snapshot.load())
-            .filter(|s| !s.instances().is_empty())
-            .map(|s| s.summary())
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        self.table.list()
     }
 }
 
@@ -396,22 +311,6 @@ mod tests {
         let snap = waiter.await.unwrap();
         assert_eq!(snap.index(), 10);
         assert_eq!(snap.instances().len(), 3);
-    }
-
-    #[test]
-    fn the_protection_threshold_shows_every_instance_flagged() {
-        for (threshold, critical, protected) in [(0.5, 2, true), (0.5, 1, false), (0.0, 3, false)] {
-            let c = Cache::new(b"/t/instances/".to_vec(), threshold);
-            for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-                let status = if i < critical { HealthStatus::Critical } else { HealthStatus::Passing };
-                c.apply_put(&kv(&c, "users", id, status, i as i64 + 1));
-            }
-            let snap = c.snapshot(&ServiceName::new("users").unwrap());
-            let view = snap.view("e", false);
-            assert_eq!(view.protected, protected, "threshold {threshold}, {critical} critical");
-            let shown = if protected { 4 } else { 4 - critical };
-            assert_eq!(view.instances.len(), shown);
-        }
     }
 
     #[test]

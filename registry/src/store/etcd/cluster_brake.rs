@@ -8,19 +8,31 @@
 //! TTL, and publishes both under `<prefix>/brake/<replica>` on a short lease; every
 //! replica sums all published records and engages when fewer than the threshold
 //! arrived (with at least the minimum number of instances registered), releasing
-//! at the release fraction (hysteresis).
+//! at the release fraction (hysteresis, the same [`Decision`] as the memory
+//! store's brake).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
-use crate::brake::{GuardConfig, RateEstimate};
+use super::cache::Cache;
+use super::client::{EtcdClient, EtcdError};
+use crate::brake::{Decision, GuardConfig, RateEstimate, Transition};
+use crate::lock;
+use crate::metrics::StoreMetrics;
 
 /// Length of one bucket of the local window.
 const BUCKET: Duration = Duration::from_secs(1);
+/// Period of the tally exchange.
+const TICK: Duration = Duration::from_secs(1);
+/// Lease of a replica's published tally: a dead replica's tally soon stops counting.
+const TALLY_LEASE_SECS: i64 = 5;
 
 /// What one replica publishes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -109,49 +121,147 @@ impl LocalRenewals {
     }
 }
 
-/// The cluster-wide decision, with hysteresis.
-#[derive(Debug)]
-pub struct Decision {
+impl Tally {
+    /// Every replica's tallies summed.
+    pub fn total(tallies: &[Tally]) -> Tally {
+        tallies.iter().fold(Tally::default(), |t, b| Tally {
+            actual: t.actual + b.actual,
+            expected: t.expected + b.expected,
+        })
+    }
+}
+
+/// The brake as the etcd store runs it: this replica's renewals, the
+/// cluster-wide decision, and its metrics.
+pub struct ClusterBrake {
     config: GuardConfig,
-    engaged: bool,
-    pub ratio: f64,
+    /// Names this replica's tally under `<prefix>/brake/`.
+    replica: String,
+    renewals: Mutex<LocalRenewals>,
+    decision: Mutex<Decision>,
+    metrics: StoreMetrics,
 }
 
-impl Decision {
-    pub fn new(config: GuardConfig) -> Self {
-        Decision { config, engaged: false, ratio: 1.0 }
+impl ClusterBrake {
+    pub fn new(config: GuardConfig, metrics: StoreMetrics) -> Self {
+        ClusterBrake {
+            config,
+            replica: format!("{:016x}", rand::random::<u64>()),
+            renewals: Mutex::new(LocalRenewals::new(Instant::now())),
+            decision: Mutex::new(Decision::new(config)),
+            metrics,
+        }
     }
 
-    pub fn engaged(&self) -> bool {
-        self.engaged
+    /// Counts a renewal of the instance stored at `key` served by this replica.
+    pub fn renewed(&self, key: &[u8], ttl: Duration) {
+        lock(&self.renewals).renewed(Instant::now(), key, ttl);
     }
 
-    /// Folds every replica's tally; returns `Some(engaged)` on a transition.
-    pub fn evaluate(&mut self, tallies: &[Tally], instances: usize) -> Option<bool> {
-        let actual: f64 = tallies.iter().map(|t| t.actual).sum();
-        let expected: f64 = tallies.iter().map(|t| t.expected).sum();
-        // Too little expected to judge (a quiet or new cluster): healthy.
-        self.ratio = if expected >= 1.0 { actual / expected } else { 1.0 };
-        let enough = instances >= self.config.brake_min_instances;
-        if !self.engaged && self.config.brake && enough && self.ratio < self.config.brake_threshold {
-            self.engaged = true;
-            return Some(true);
+    /// Every second: publishes this replica's renewal tally, sums every
+    /// replica's, decides, and while the brake holds keeps every cached lease
+    /// alive. Skips rounds while `stale()`. Returns when `shutdown` is cancelled.
+    pub async fn run(
+        &self,
+        client: &EtcdClient,
+        cache: &Cache,
+        prefix: &str,
+        stale: impl Fn() -> bool,
+        shutdown: &CancellationToken,
+    ) {
+        if !self.config.brake {
+            return;
         }
-        if self.engaged && (!enough || self.ratio >= self.config.brake_release || !self.config.brake) {
-            self.engaged = false;
-            return Some(false);
+        let root = format!("{prefix}/brake/").into_bytes();
+        let mut key = root.clone();
+        key.extend_from_slice(self.replica.as_bytes());
+        let mut lease = 0i64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            if stale() {
+                continue;
+            }
+            let (leases, longest) = cache.leases();
+            let window = longest.unwrap_or(TICK);
+            let now = Instant::now();
+            let tally = {
+                let mut local = lock(&self.renewals);
+                local.retain(now, |k| cache.contains_key(k));
+                local.tally(now, window)
+            };
+            if let Err(e) = publish_tally(client, &key, &mut lease, tally).await {
+                debug!(error = %e, "cannot publish the renewal tally");
+                continue;
+            }
+            let tallies: Vec<Tally> = match client.range_prefix(&root).await {
+                Ok((_, kvs)) => kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect(),
+                Err(e) => {
+                    debug!(error = %e, "cannot read the renewal tallies");
+                    continue;
+                }
+            };
+            let total = Tally::total(&tallies);
+            let (transition, engaged) = {
+                let mut d = lock(&self.decision);
+                (d.decide(total.actual, total.expected, leases.len()), d.engaged())
+            };
+            match transition {
+                Some(Transition::Engaged { ratio }) => {
+                    self.metrics.brake_engaged.set(1);
+                    warn!(
+                        ratio,
+                        instances = leases.len(),
+                        replicas = tallies.len(),
+                        "expiry brake engaged: too few renewals arrive; keeping every lease alive"
+                    );
+                }
+                Some(Transition::Released { ratio }) => {
+                    self.metrics.brake_engaged.set(0);
+                    self.metrics.brake_held.set(0);
+                    info!(ratio, instances = leases.len(), "expiry brake released: renewals recovered");
+                }
+                None => {}
+            }
+            if engaged {
+                self.metrics.brake_held.set(i64::try_from(leases.len()).unwrap_or(i64::MAX));
+                futures_util::stream::iter(leases.into_iter().filter(|l| *l != 0))
+                    .for_each_concurrent(16, |l| async move {
+                        let _ = client.keep_alive(l).await;
+                    })
+                    .await;
+            }
         }
-        None
     }
 }
 
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Writes this replica's tally under its own short lease (granted again when
+/// it lapsed).
+async fn publish_tally(
+    client: &EtcdClient,
+    key: &[u8],
+    lease: &mut i64,
+    tally: Tally,
+) -> Result<(), EtcdError> {
+    if *lease == 0 || client.keep_alive(*lease).await?.is_none() {
+        *lease = client.grant(TALLY_LEASE_SECS).await?.0;
+    }
+    let value = serde_json::to_vec(&tally).unwrap_or_default();
+    client.put(key, &value, *lease).await?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decision on `tallies`: `Some(true)` when it engages, `Some(false)` on release.
+    fn decide(d: &mut Decision, tallies: &[Tally], instances: usize) -> Option<bool> {
+        let t = Tally::total(tallies);
+        d.decide(t.actual, t.expected, instances).map(|t| matches!(t, Transition::Engaged { .. }))
+    }
 
     #[tokio::test(start_paused = true)]
     async fn silent_instances_lower_the_ratio_and_engage_the_brake() {
@@ -168,7 +278,7 @@ mod tests {
         let mut decision = Decision::new(GuardConfig::default());
         let healthy = local.tally(Instant::now(), ttl);
         assert!(healthy.actual / healthy.expected > 0.8, "{healthy:?}");
-        assert_eq!(decision.evaluate(&[healthy], 20), None);
+        assert_eq!(decide(&mut decision, &[healthy], 20), None);
         // 16 of 20 go silent for a window.
         for _ in 0..4 {
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -177,14 +287,14 @@ mod tests {
             }
         }
         let silent = local.tally(Instant::now(), ttl);
-        assert_eq!(decision.evaluate(&[silent], 20), Some(true), "{silent:?}");
+        assert_eq!(decide(&mut decision, &[silent], 20), Some(true), "{silent:?}");
         // Half of the tally on another replica sums to the same decision.
         let half = Tally { actual: silent.actual / 2.0, expected: silent.expected / 2.0 };
         let mut other = Decision::new(GuardConfig::default());
-        assert_eq!(other.evaluate(&[half, half], 20), Some(true));
+        assert_eq!(decide(&mut other, &[half, half], 20), Some(true));
         // Fewer instances than the minimum never engage.
         let mut small = Decision::new(GuardConfig::default());
-        assert_eq!(small.evaluate(&[silent], 9), None);
+        assert_eq!(decide(&mut small, &[silent], 9), None);
         // Renewals recover: released.
         for _ in 0..4 {
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -193,7 +303,7 @@ mod tests {
             }
         }
         let back = local.tally(Instant::now(), ttl);
-        assert_eq!(decision.evaluate(&[back], 20), Some(false), "{back:?}");
+        assert_eq!(decide(&mut decision, &[back], 20), Some(false), "{back:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -209,7 +319,7 @@ mod tests {
                 local.renewed(Instant::now(), k, ttl);
             }
             let t = local.tally(Instant::now(), ttl);
-            assert_eq!(decision.evaluate(&[t], 10), None, "round {round}: {t:?}");
+            assert_eq!(decide(&mut decision, &[t], 10), None, "round {round}: {t:?}");
         }
         // Once it left the cache, it is no longer expected.
         local.retain(Instant::now(), |k| k != b"k0");

@@ -1,0 +1,252 @@
+//! The per-service table both stores keep: what each service holds, the
+//! snapshot readers see, and the wake-up of its watchers.
+//!
+//! Locking: a map of services behind a `RwLock` that is written only when a
+//! service is first seen (and by the sweep); per service, a `Mutex` over its
+//! members held for microseconds (never across an `.await`), an `ArcSwap` with
+//! the published snapshot that readers load without locking, and a `watch`
+//! channel carrying the index that wakes only this service's watchers.
+//!
+//! The table does not decide indexes: the memory store numbers its own
+//! revisions, the etcd store takes etcd's. It does apply the protection
+//! threshold, so both stores show the same instances for the same state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
+
+use super::ServiceSnapshot;
+use crate::lock;
+
+/// What a store keeps per instance; the table needs only what discovery shows.
+pub trait Member {
+    fn instance(&self) -> &Arc<Instance>;
+}
+
+/// Every service a store knows, with its members of type `M`.
+pub struct ServiceTable<M> {
+    services: RwLock<HashMap<ServiceName, Arc<ServiceEntry<M>>>>,
+    /// At or below this healthy share, discovery shows every instance of the
+    /// service flagged `protected`; 0 turns it off.
+    protection_threshold: f64,
+}
+
+/// One service: its members, its published snapshot, its watchers' channel.
+pub struct ServiceEntry<M> {
+    name: ServiceName,
+    members: Mutex<Members<M>>,
+    snapshot: ArcSwap<ServiceSnapshot>,
+    index_tx: watch::Sender<u64>,
+}
+
+/// A service's members and the index of its last published change.
+pub struct Members<M> {
+    pub index: u64,
+    /// Sorted by id, as snapshots list them.
+    pub instances: BTreeMap<InstanceId, M>,
+}
+
+impl<M> ServiceEntry<M> {
+    pub fn name(&self) -> &ServiceName {
+        &self.name
+    }
+
+    /// The members, locked; never hold the guard across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, Members<M>> {
+        lock(&self.members)
+    }
+}
+
+impl<M: Member> ServiceTable<M> {
+    pub fn new(protection_threshold: f64) -> Self {
+        ServiceTable { services: RwLock::new(HashMap::new()), protection_threshold }
+    }
+
+    pub fn get(&self, service: &ServiceName) -> Option<Arc<ServiceEntry<M>>> {
+        self.services.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned()
+    }
+
+    /// The service's entry, created empty (index 0) when unknown.
+    pub fn entry(&self, service: &ServiceName) -> Arc<ServiceEntry<M>> {
+        if let Some(e) = self.get(service) {
+            return e;
+        }
+        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(service.clone())
+            .or_insert_with(|| {
+                let (index_tx, _) = watch::channel(0);
+                Arc::new(ServiceEntry {
+                    name: service.clone(),
+                    members: Mutex::new(Members { index: 0, instances: BTreeMap::new() }),
+                    snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
+                    index_tx,
+                })
+            })
+            .clone()
+    }
+
+    /// Every entry, empty ones included (the map's lock is released on return).
+    pub fn entries(&self) -> Vec<Arc<ServiceEntry<M>>> {
+        self.services.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// Publishes `members` as the service's snapshot. With `index` the
+    /// service's index moves there and its watchers wake; without (output
+    /// text, a lease) readers just see the new state. Returns the index.
+    pub fn publish(&self, entry: &ServiceEntry<M>, members: &mut Members<M>, index: Option<u64>) -> u64 {
+        if let Some(i) = index {
+            members.index = i;
+        }
+        let instances: Vec<Arc<Instance>> =
+            members.instances.values().map(|m| m.instance().clone()).collect();
+        let protected = self.protected(&instances);
+        let snapshot = ServiceSnapshot::new(entry.name.clone(), members.index, instances, protected);
+        entry.snapshot.store(Arc::new(snapshot));
+        if index.is_some() {
+            entry.index_tx.send_replace(members.index);
+        }
+        members.index
+    }
+
+    /// The protection threshold: too few healthy instances to carry the load,
+    /// so discovery shows every instance rather than overload the few.
+    fn protected(&self, instances: &[Arc<Instance>]) -> bool {
+        let threshold = self.protection_threshold;
+        if threshold <= 0.0 || instances.is_empty() {
+            return false;
+        }
+        let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
+        healthy as f64 / instances.len() as f64 <= threshold
+    }
+
+    /// The service's published state; index 0 and no instances when unknown.
+    pub fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
+        match self.get(service) {
+            Some(e) => e.snapshot.load_full(),
+            None => Arc::new(ServiceSnapshot::empty(service.clone())),
+        }
+    }
+
+    /// Resolves with the service's state once its index differs from `index`.
+    /// Cancel-safe: dropping the future drops the subscription.
+    pub async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        let entry = self.entry(service);
+        let mut rx = entry.index_tx.subscribe();
+        // The sender lives in `entry`, which we hold, so this cannot fail.
+        let _ = rx.wait_for(|current| *current != index).await;
+        entry.snapshot.load_full()
+    }
+
+    /// Every service with at least one instance, sorted by name.
+    pub fn list(&self) -> Vec<ServiceSummary> {
+        let mut out: Vec<ServiceSummary> = self
+            .entries()
+            .iter()
+            .map(|e| e.snapshot.load())
+            .filter(|s| !s.instances().is_empty())
+            .map(|s| s.summary())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Forgets services with no instances that nobody uses: no watcher, no
+    /// request in flight, no other reference (a queued lease). Under the map's
+    /// write lock no one can take a new reference, so a strong count of one
+    /// proves it unused. Bounds the memory that watches of never-registered
+    /// names can claim. Returns how many were forgotten.
+    pub fn sweep(&self) -> usize {
+        let mut map = self.services.write().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, e| {
+            Arc::strong_count(e) > 1 || e.index_tx.receiver_count() > 0 || !e.lock().instances.is_empty()
+        });
+        before - map.len()
+    }
+
+    /// Number of services the table keeps an entry for, empty ones included.
+    pub fn known(&self) -> usize {
+        self.services.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trellis_shared::{Address, HealthStatus};
+
+    use super::*;
+
+    struct Plain(Arc<Instance>);
+
+    impl Member for Plain {
+        fn instance(&self) -> &Arc<Instance> {
+            &self.0
+        }
+    }
+
+    fn plain(id: &str, status: HealthStatus) -> Plain {
+        Plain(Arc::new(Instance {
+            id: InstanceId::new(id).unwrap(),
+            address: Address::new("10.0.0.1").unwrap(),
+            port: 80,
+            zone: None,
+            weight: 100,
+            metadata: BTreeMap::new(),
+            status,
+            output: String::new(),
+        }))
+    }
+
+    #[test]
+    fn the_protection_threshold_shows_every_instance_flagged() {
+        for (threshold, critical, protected) in [(0.5, 2, true), (0.5, 1, false), (0.0, 3, false)] {
+            let table = ServiceTable::new(threshold);
+            let users = ServiceName::new("users").unwrap();
+            let entry = table.entry(&users);
+            let mut members = entry.lock();
+            for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+                let status = if i < critical { HealthStatus::Critical } else { HealthStatus::Passing };
+                members.instances.insert(InstanceId::new(*id).unwrap(), plain(id, status));
+            }
+            table.publish(&entry, &mut members, Some(1));
+            let view = table.snapshot(&users).view("e", false);
+            let label = format!("threshold {threshold}, {critical} of 4 critical");
+            assert_eq!(view.protected, protected, "{label}");
+            assert_eq!(view.instances.len(), if protected { 4 } else { 4 - critical }, "{label}");
+            let all = table.snapshot(&users).view("e", true);
+            assert!(!all.protected && all.instances.len() == 4, "{label}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_moved_indexes_wake_watchers_and_unused_empty_services_are_swept() {
+        let table = Arc::new(ServiceTable::new(0.0));
+        let users = ServiceName::new("users").unwrap();
+        let waiter = {
+            let (table, users) = (table.clone(), users.clone());
+            tokio::spawn(async move { table.watch_from(&users, 0).await })
+        };
+        tokio::task::yield_now().await;
+        let entry = table.entry(&users);
+        {
+            let mut members = entry.lock();
+            members.instances.insert(InstanceId::new("a").unwrap(), plain("a", HealthStatus::Passing));
+            table.publish(&entry, &mut members, None);
+        }
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a publish without an index wakes no one");
+        assert_eq!(table.list().len(), 1, "but readers see it");
+        table.publish(&entry, &mut entry.lock(), Some(7));
+        assert_eq!(waiter.await.unwrap().index(), 7);
+        // Emptied and unused: forgotten; a second, never registered, too.
+        entry.lock().instances.clear();
+        drop(entry);
+        table.entry(&ServiceName::new("ghost").unwrap());
+        assert_eq!((table.known(), table.sweep(), table.known()), (2, 2, 0));
+    }
+}
