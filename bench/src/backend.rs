@@ -2,13 +2,16 @@
 //! runtime. Every request gets the same short `200` answer naming the
 //! instance, so the proxy under test, not the backend, dominates the cost.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Serves on every address until the process is killed.
-pub fn run(listen: &[SocketAddr], name: &str) -> std::io::Result<()> {
+/// Serves on every address until the process is killed; once all are bound,
+/// writes them to `ready_file`.
+pub fn run(listen: &[SocketAddr], name: &str, ready_file: Option<&Path>) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let body = format!("hello from {name}\n");
     let response: &'static [u8] = Box::leak(
@@ -23,6 +26,10 @@ pub fn run(listen: &[SocketAddr], name: &str) -> std::io::Result<()> {
         let mut listeners = Vec::new();
         for addr in listen {
             listeners.push(TcpListener::bind(addr).await?);
+        }
+        if let Some(path) = ready_file {
+            let bound = listeners.iter().map(TcpListener::local_addr).collect::<std::io::Result<Vec<_>>>()?;
+            trellis_shared::ready_file::write(path, &BTreeMap::from([("listen", bound)]))?;
         }
         let mut tasks = Vec::new();
         for l in listeners {

@@ -49,6 +49,10 @@ enum Command {
         /// Name put in the `x-backend` header and the body.
         #[arg(long, env = "TRELLIS_NAME", default_value = "backend")]
         name: String,
+        /// Once listening, write `{"listen":["IP:PORT",...]}` here (the bound
+        /// addresses, in `--listen` order), so `--listen` may have port 0.
+        #[arg(long, env = "TRELLIS_READY_FILE", value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Start three backends and one target in front of them, print where it
     /// listens and keep it running until Enter or EOF on stdin (for profiling).
@@ -79,7 +83,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Backend { listen, name } => backend::run(&listen, &name).map_err(|e| e.to_string()),
+        Command::Backend { listen, name, ready_file } => {
+            backend::run(&listen, &name, ready_file.as_deref()).map_err(|e| e.to_string())
+        }
         Command::Run(args) => cases::run(args),
         Command::Serve { target, bin_dir } => serve(&target, bin_dir),
         Command::Load { addr, connections, duration, rate } => {

@@ -146,9 +146,7 @@ impl Report {
             peers::nginx_config(addr(10000), &fake, &nginx_dir, peers::Front::Http1)
         );
         let client = peers::sidecar_client_args(addr(7600), addr(10000), addr(15000)).join(" ");
-        let backend = peers::sidecar_backend_args(addr(7600), addr(20001), addr(20101))
-            .map(|a| a.join(" "))
-            .unwrap_or_default();
+        let backend = peers::sidecar_backend_args(addr(7600), addr(20001), addr(20101)).join(" ");
         let _ = writeln!(
             h,
             "### Trellis\n\nRegistry: `registry --listen 127.0.0.1:7600` (defaults otherwise).\n\n\
