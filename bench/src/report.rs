@@ -75,7 +75,7 @@ impl Report {
         let _ = writeln!(
             h,
             "Trellis's sidecar against HAProxy and nginx, its registry against etcd, and failover against all, \
-             measured on loopback in one run by the harness in `bench/` (issue 6). \
+             measured on loopback in one run by the harness in `bench/`. \
              How the harness works and how to read the figures: [docs/bench.md](docs/bench.md).\n"
         );
         let _ = writeln!(h, "Produced by:\n\n```sh\n{}\n```\n", args.command);

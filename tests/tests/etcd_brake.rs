@@ -1,4 +1,4 @@
-//! Issue 7, test 4 on the etcd store: stop heartbeats from 80% of 20 instances at
+//! The expiry brake on the etcd store: stop heartbeats from 80% of 20 instances at
 //! once and the cluster-wide expiry brake engages on every replica and nothing is
 //! evicted; with the brake off they expire; one instance of three, and one of
 //! ten, missing their heartbeats expire normally.

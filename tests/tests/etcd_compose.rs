@@ -1,4 +1,4 @@
-//! Issue 7, test 6: the `ha` compose file (docker-compose.ha.yml) starts, serves
+//! The `ha` compose file (docker-compose.ha.yml) starts, serves
 //! the demo, and survives `docker kill` of one registry replica and one etcd
 //! member with zero failed client requests (the demo client's own cumulative
 //! `failed=` count, which never retries).

@@ -363,7 +363,7 @@ impl Cluster {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 1: a client sidecar spreads requests across three instances,
+// A client sidecar spreads requests across three instances,
 // by Host header and by absolute-form URI; the watch starts on first use.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,7 +404,7 @@ async fn spreads_requests_across_three_instances_by_host_and_absolute_uri() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 2: least-connections sends markedly fewer requests to a slow instance.
+// Least-connections sends markedly fewer requests to a slow instance.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_sends_fewer_requests_to_a_slow_instance() {
@@ -424,7 +424,7 @@ async fn least_connections_sends_fewer_requests_to_a_slow_instance() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 3: kill -9 one backend (app and sidecar) during a steady stream.
+// kill -9 of one backend (app and sidecar) during a steady stream.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_backend_fails_no_request_ejects_it_and_it_expires() {
@@ -468,7 +468,7 @@ async fn kill_9_of_a_backend_fails_no_request_ejects_it_and_it_expires() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 7: the registry stops during traffic, then comes back empty.
+// The registry stops during traffic, then comes back empty.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_restart_drops_no_request_and_instances_come_back() {
@@ -532,7 +532,7 @@ async fn registry_restart_drops_no_request_and_instances_come_back() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 8: SIGTERM a backend's sidecar under traffic.
+// SIGTERM of a backend's sidecar under traffic.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
@@ -581,7 +581,7 @@ async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 9: an app that turns unhealthy is hidden, then returns.
+// An app that turns unhealthy is hidden, then returns.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_app_is_hidden_then_returns() {
@@ -626,7 +626,7 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 10 (part): thousands of distinct Host names.
+// Thousands of distinct Host names: errors, and memory stays bounded.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
