@@ -115,20 +115,17 @@ struct Backend {
     sidecar: Sidecar,
 }
 
+/// A backend sidecar's flags: register the app at `app` as instance `id` of [`SERVICE`].
+fn registering(app: SocketAddr, id: &str) -> Vec<String> {
+    let app = app.to_string();
+    strings(&["--service", SERVICE, "--app", &app, "--advertise", &app, "--instance-id", id])
+}
+
 impl Backend {
     async fn start(name: &str, registry: &str, app_extra: &[&str], sidecar_extra: &[&str]) -> Backend {
         let AppProc { proc: app, addr: app_addr } =
             AppProc::start(&format!("{name}-app"), name, &strings(app_extra)).await;
-        let mut extra = strings(&[
-            "--service",
-            SERVICE,
-            "--app",
-            &app_addr.to_string(),
-            "--advertise",
-            &app_addr.to_string(),
-            "--instance-id",
-            name,
-        ]);
+        let mut extra = registering(app_addr, name);
         extra.extend(strings(sidecar_extra));
         let sidecar = Sidecar::start(&format!("{name}-sidecar"), registry, &extra).await;
         Backend { name: name.to_string(), app, app_addr, sidecar }
@@ -738,16 +735,7 @@ async fn a_sidecar_started_before_its_registry_registers_once_it_appears() {
     };
     let registry_url = format!("http://{registry_addr}");
     let AppProc { proc: _app, addr: app_addr } = AppProc::start("early-app", "api-0", &[]).await;
-    let extra = strings(&[
-        "--service",
-        SERVICE,
-        "--app",
-        &app_addr.to_string(),
-        "--advertise",
-        &app_addr.to_string(),
-        "--instance-id",
-        "api-0",
-    ]);
+    let extra = registering(app_addr, "api-0");
     let SidecarProc { proc: mut sidecar, admin, .. } =
         SidecarProc::spawn("early-sidecar", &registry_url, &extra).await;
     // Up, but not ready: nothing to register with.
