@@ -1,4 +1,4 @@
-//! The benchmark cases of issue 6 and the run that strings them together.
+//! The benchmark cases and the run that strings them together.
 //!
 //! - `saturation`: case 1, HTTP/1.1 at saturation with 64 connections.
 //! - `fixed_rate`: case 2, constant rates: added latency and CPU per request.
