@@ -6,15 +6,22 @@
 //! address wait that long, while the other addresses (health checks) still
 //! answer at once, as an app slowed by its work but not dead would.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Serves on every address until the process is killed; answers on the
-/// first address wait `delay`.
-pub fn run(listen: &[SocketAddr], name: &str, delay: Duration) -> std::io::Result<()> {
+/// first address wait `delay`. Once all are bound, writes them to `ready_file`.
+pub fn run(
+    listen: &[SocketAddr],
+    name: &str,
+    delay: Duration,
+    ready_file: Option<&Path>,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let body = format!("hello from {name}\n");
     let response: &'static [u8] = Box::leak(
@@ -29,6 +36,10 @@ pub fn run(listen: &[SocketAddr], name: &str, delay: Duration) -> std::io::Resul
         let mut listeners = Vec::new();
         for addr in listen {
             listeners.push(TcpListener::bind(addr).await?);
+        }
+        if let Some(path) = ready_file {
+            let bound = listeners.iter().map(TcpListener::local_addr).collect::<std::io::Result<Vec<_>>>()?;
+            trellis_shared::ready_file::write(path, &BTreeMap::from([("listen", bound)]))?;
         }
         let mut tasks = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {

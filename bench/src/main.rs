@@ -54,6 +54,10 @@ enum Command {
         /// How long answers on the first address wait (a slow instance), e.g. `2s`.
         #[arg(long, env = "TRELLIS_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
         delay: std::time::Duration,
+        /// Once listening, write `{"listen":["IP:PORT",...]}` here (the bound
+        /// addresses, in `--listen` order), so `--listen` may have port 0.
+        #[arg(long, env = "TRELLIS_READY_FILE", value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Start three backends and one target in front of them, print where it
     /// listens and keep it running until Enter or EOF on stdin (for profiling).
@@ -91,8 +95,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Backend { listen, name, delay } => {
-            backend::run(&listen, &name, delay).map_err(|e| e.to_string())
+        Command::Backend { listen, name, delay, ready_file } => {
+            backend::run(&listen, &name, delay, ready_file.as_deref()).map_err(|e| e.to_string())
         }
         Command::Run(args) => cases::run(args),
         Command::Serve { target, bin_dir } => serve(&target, bin_dir),

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::procs::{free_addr, wait_http_ok, wait_listening, wait_until, Proc};
+use crate::procs::{foreign_binary_addr, wait_http_ok, wait_listening, wait_until, Proc, ATTEMPTS};
+
+/// Port 0 on loopback: our own processes bind whatever is free and report it.
+pub const ANY_PORT: &str = "127.0.0.1:0";
 
 /// The service name the backends register under and clients put in Host.
 pub const SERVICE: &str = "bench-backend";
@@ -52,26 +55,29 @@ pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
 pub fn start_backends_with(env: &Env, tag: &str, delays: [Duration; 3]) -> std::io::Result<Backends> {
     let mut b = Backends { procs: Vec::new(), traffic: Vec::new(), health: Vec::new() };
     for (i, delay) in delays.iter().enumerate() {
-        let (t, h) = (free_addr()?, free_addr()?);
         let name = format!("b{}", i + 1);
         let args = vec![
             "backend".into(),
             "--listen".into(),
-            t.to_string(),
+            ANY_PORT.into(),
             "--listen".into(),
-            h.to_string(),
+            ANY_PORT.into(),
             "--name".into(),
             name.clone(),
             "--delay".into(),
             format!("{}ms", delay.as_millis()),
         ];
-        b.procs.push(Proc::spawn(
+        let (p, ready) = Proc::spawn_ready(
             &format!("{tag}-backend-{name}"),
             &env.self_exe,
             &args,
             env.load_core,
             &env.work,
-        )?);
+        )?;
+        let &[t, h] = ready.addrs("listen").as_slice() else {
+            return Err(std::io::Error::other(format!("backend {name} did not report two ports")));
+        };
+        b.procs.push(p);
         b.traffic.push(t);
         b.health.push(h);
     }
@@ -117,7 +123,7 @@ pub struct Target {
 
 impl Target {
     pub fn pid(&self) -> Option<i32> {
-        self.main.as_ref().map(Proc::pid)
+        self.main.as_ref().map(|p| p.pid())
     }
 
     pub fn load_target(&self) -> crate::load::Target {
@@ -267,12 +273,8 @@ pub fn sidecar_client_args(
 }
 
 /// A backend's sidecar: registers the backend's traffic port, checks its health port.
-pub fn sidecar_backend_args(
-    registry: SocketAddr,
-    traffic: SocketAddr,
-    health: SocketAddr,
-) -> std::io::Result<Vec<String>> {
-    Ok(vec![
+pub fn sidecar_backend_args(registry: SocketAddr, traffic: SocketAddr, health: SocketAddr) -> Vec<String> {
+    vec![
         "--registry".into(),
         format!("http://{registry}"),
         "--service".into(),
@@ -284,12 +286,12 @@ pub fn sidecar_backend_args(
         "--instance-id".into(),
         format!("backend-{}", traffic.port()),
         "--outbound".into(),
-        free_addr()?.to_string(),
+        ANY_PORT.into(),
         "--admin".into(),
-        free_addr()?.to_string(),
+        ANY_PORT.into(),
         "--workers".into(),
         "1".into(),
-    ])
+    ]
 }
 
 fn registered_count(registry: SocketAddr) -> usize {
@@ -311,6 +313,9 @@ pub fn start(kind: Kind, env: &Env, b: &Backends, tag: &str) -> std::io::Result<
 /// [`start`] with the listener speaking `front`. The Trellis sidecar takes
 /// HTTP/1.1 and HTTP/2 on the same port, so it needs no switch; an HTTP/2
 /// target is only waited for until it listens (the caller checks it proxies).
+///
+/// HAProxy and nginx must be told their port (see `trellis_tests::ports`):
+/// when one loses it to another process, it is started again on a fresh one.
 pub fn start_front(kind: Kind, env: &Env, b: &Backends, tag: &str, front: Front) -> std::io::Result<Target> {
     start_tuned(kind, env, b, tag, front, Tuning::default())
 }
@@ -324,11 +329,47 @@ pub fn start_tuned(
     front: Front,
     tuning: Tuning,
 ) -> std::io::Result<Target> {
-    let listen = free_addr()?;
+    let mut attempt = 1;
+    loop {
+        let mut target = start_once(kind, env, b, tag, front, tuning)?;
+        match wait_proxying(kind, &target, front) {
+            Err(_) if attempt < ATTEMPTS && target.main.as_mut().is_some_and(|p| p.lost_port_race()) => {
+                attempt += 1;
+            }
+            Err(e) => {
+                let tail = target.main.as_ref().map(|p| p.log_tail()).unwrap_or_default();
+                return Err(std::io::Error::new(e.kind(), format!("{e}; log:\n{tail}")));
+            }
+            Ok(()) => return Ok(target),
+        }
+    }
+}
+
+/// Waits until every address of `target` proxies (or listens, for HTTP/2).
+fn wait_proxying(kind: Kind, target: &Target, front: Front) -> std::io::Result<()> {
+    let ready = Duration::from_secs(30);
+    for a in &target.addrs {
+        match front {
+            Front::Http1 => wait_http_ok(kind.name(), *a, SERVICE, "/", ready)?,
+            Front::H2c => wait_listening(kind.name(), *a, ready)?,
+        }
+    }
+    Ok(())
+}
+
+fn start_once(
+    kind: Kind,
+    env: &Env,
+    b: &Backends,
+    tag: &str,
+    front: Front,
+    tuning: Tuning,
+) -> std::io::Result<Target> {
     let ready = Duration::from_secs(30);
     let target = match kind {
         Kind::Direct => Target { main: None, _support: Vec::new(), addrs: b.traffic.clone() },
         Kind::Haproxy => {
+            let listen = foreign_binary_addr()?;
             let cfg = env.work.join(format!("{tag}-haproxy.cfg"));
             std::fs::write(&cfg, haproxy_config(listen, b, front, tuning))?;
             let args = vec!["-db".into(), "-f".into(), cfg.display().to_string()];
@@ -342,6 +383,7 @@ pub fn start_tuned(
             Target { main: Some(p), _support: Vec::new(), addrs: vec![listen] }
         }
         Kind::Nginx => {
+            let listen = foreign_binary_addr()?;
             let dir = env.work.join(format!("{tag}-nginx"));
             std::fs::create_dir_all(&dir)?;
             let cfg = dir.join("nginx.conf");
@@ -353,44 +395,34 @@ pub fn start_tuned(
         }
         Kind::Trellis => {
             let mut support = Vec::new();
-            let reg = free_addr()?;
-            let args = vec!["--listen".into(), reg.to_string()];
-            support.push(Proc::spawn(
+            let args = vec!["--listen".into(), ANY_PORT.into()];
+            let (registry, ready_file) = Proc::spawn_ready(
                 &format!("{tag}-registry"),
                 &env.bin("registry"),
                 &args,
                 env.load_core,
                 &env.work,
-            )?);
-            wait_listening("registry", reg, ready)?;
+            )?;
+            let reg = ready_file.addr("listen");
+            support.push(registry);
             for (i, (t, h)) in b.traffic.iter().zip(&b.health).enumerate() {
-                let args = sidecar_backend_args(reg, *t, *h)?;
+                let args = sidecar_backend_args(reg, *t, *h);
                 let name = format!("{tag}-sidecar-b{}", i + 1);
                 support.push(Proc::spawn(&name, &env.bin("sidecar"), &args, env.load_core, &env.work)?);
             }
             wait_until("three backends registered", ready, || registered_count(reg) == 3)?;
-            let admin = free_addr()?;
-            let args = sidecar_client_args(reg, listen, admin, tuning);
-            let p = Proc::spawn(
+            let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+            let args = sidecar_client_args(reg, any, any, tuning);
+            let (p, ready_file) = Proc::spawn_ready(
                 &format!("{tag}-sidecar"),
                 &env.bin("sidecar"),
                 &args,
                 env.proxy_core,
                 &env.work,
             )?;
-            Target { main: Some(p), _support: support, addrs: vec![listen] }
+            Target { main: Some(p), _support: support, addrs: vec![ready_file.addr("outbound")] }
         }
     };
-    for a in &target.addrs {
-        let waited = match front {
-            Front::Http1 => wait_http_ok(kind.name(), *a, SERVICE, "/", ready),
-            Front::H2c => wait_listening(kind.name(), *a, ready),
-        };
-        if let Err(e) = waited {
-            let tail = target.main.as_ref().map(Proc::log_tail).unwrap_or_default();
-            return Err(std::io::Error::new(e.kind(), format!("{e}; log:\n{tail}")));
-        }
-    }
     Ok(target)
 }
 

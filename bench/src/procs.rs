@@ -1,28 +1,36 @@
-//! Child processes of the harness: pinned to a core with `taskset`, logged to
-//! a file, killed when dropped, and waited on for readiness.
+//! Child processes of the harness, on the test library's process handle
+//! (`trellis_tests::Proc`: logged, killed with its descendants on drop):
+//! pinned to a core, logged to the work directory, and waited on over HTTP.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+pub use trellis_tests::ports::{foreign_binary_addr, ATTEMPTS};
+use trellis_tests::Launch;
+pub use trellis_tests::{wait_until, Ready};
 
 use crate::http1::{get_request, parse_response, Parse};
 
-/// A loopback address that was free a moment ago.
-pub fn free_addr() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
+/// How long a child may take to write its ready file.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// A running child, killed (SIGKILL) and reaped on drop.
-pub struct Proc {
-    child: Child,
-    pub log: PathBuf,
-}
+/// A child of the harness: the test library's handle, started the harness's
+/// way (on `core` when given, output to `<log_dir>/<name>.log`, with the
+/// program's own default log level).
+pub struct Proc(trellis_tests::Proc);
 
 impl Proc {
-    /// Starts `program args`, on `core` when given, output to `<log_dir>/<name>.log`.
+    fn launch(name: &str, program: &Path, args: &[String], core: Option<usize>, log_dir: &Path) -> Launch {
+        Launch::new(name, program)
+            .args(args)
+            .core(core)
+            .log_to(log_dir.join(format!("{name}.log")))
+            .env_remove("RUST_LOG")
+    }
+
     pub fn spawn(
         name: &str,
         program: &Path,
@@ -30,52 +38,33 @@ impl Proc {
         core: Option<usize>,
         log_dir: &Path,
     ) -> std::io::Result<Proc> {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log)?;
-        let err = out.try_clone()?;
-        let mut cmd = match core {
-            Some(c) => {
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(c.to_string()).arg(program);
-                cmd
-            }
-            None => Command::new(program),
-        };
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).env_remove("RUST_LOG");
-        let child =
-            cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", program.display())))?;
-        Ok(Proc { child, log })
+        Proc::launch(name, program, args, core, log_dir).spawn().map(Proc)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// `kill -9` of the process and every descendant (nginx's workers would
-    /// otherwise outlive their master).
-    pub fn kill9(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            for pid in crate::procstat::tree(self.pid()) {
-                // SAFETY: kill(2) with a pid from our own process tree; no memory is touched.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        let _ = self.child.wait();
-    }
-
-    /// The last lines of its log, for error messages.
-    pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+    /// Starts one of our binaries (its listeners on port 0) and returns once
+    /// its ready file says where it listens.
+    pub fn spawn_ready(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        core: Option<usize>,
+        log_dir: &Path,
+    ) -> std::io::Result<(Proc, Ready)> {
+        let (proc, ready) = Proc::launch(name, program, args, core, log_dir).spawn_ready(READY_WITHIN)?;
+        Ok((Proc(proc), ready))
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
+impl std::ops::Deref for Proc {
+    type Target = trellis_tests::Proc;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
@@ -106,18 +95,6 @@ pub fn http_get(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-/// Polls `ready` every 20 ms until it holds or `within` passes.
-pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) -> std::io::Result<()> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if ready() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} not ready within {within:?}")))
 }
 
 /// Waits until GET `path` on `addr` answers 2xx.

@@ -15,43 +15,22 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// (ppid, utime + stime in ticks) from /proc/<pid>/stat.
-fn stat(pid: i32) -> Option<(i32, u64)> {
+/// utime + stime in ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ppid = f.get(1)?.parse().ok()?;
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
+    Some(utime + stime)
 }
 
-/// `pid` and every descendant alive now.
-pub fn tree(pid: i32) -> Vec<i32> {
-    let mut all = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-                if let Some((ppid, _)) = stat(p) {
-                    all.push((p, ppid));
-                }
-            }
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let parent = out[i];
-        out.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
-        i += 1;
-    }
-    out
-}
+use trellis_tests::process::tree;
 
 /// CPU time (user + system) used so far by the tree of `pid`.
 pub fn cpu_time(pid: i32) -> Duration {
-    let ticks: u64 = tree(pid).iter().filter_map(|p| stat(*p)).map(|(_, t)| t).sum();
+    let ticks: u64 = tree(pid).iter().filter_map(|p| cpu_ticks(*p)).sum();
     Duration::from_secs_f64(ticks as f64 / clock_ticks())
 }
 

@@ -154,9 +154,7 @@ impl Report {
         let client =
             peers::sidecar_client_args(addr(7600), addr(10000), addr(15000), peers::Tuning::default())
                 .join(" ");
-        let backend = peers::sidecar_backend_args(addr(7600), addr(20001), addr(20101))
-            .map(|a| a.join(" "))
-            .unwrap_or_default();
+        let backend = peers::sidecar_backend_args(addr(7600), addr(20001), addr(20101)).join(" ");
         let _ = writeln!(
             h,
             "### Trellis\n\nRegistry: `registry --listen 127.0.0.1:7600` (defaults otherwise).\n\n\

@@ -24,7 +24,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use trellis_tests::{bin_dir, free_port};
+use trellis_tests::bin_dir;
+use trellis_tests::ports::foreign_binary_addr;
 
 /// The service the demo replicas register as.
 const SERVICE: &str = "demo";
@@ -217,7 +218,9 @@ impl Stack {
     /// Starts the demo and waits until the registry shows the three replicas healthy and
     /// the client has been answered by each.
     fn up(test: &str, compose: Vec<String>) -> Stack {
-        let registry_port = free_port();
+        // Docker publishes the port, and a container restart must find the
+        // same one: it is chosen here (see `trellis_tests::ports`).
+        let registry_port = foreign_binary_addr().expect("a loopback port").port();
         let mut stack = Stack {
             test: test.to_string(),
             project: format!("trt{}{}", std::process::id(), test.replace('_', "")),

@@ -1,4 +1,4 @@
-//! Issue 7, test 4 on the etcd store: stop heartbeats from 80% of 20 instances at
+//! The expiry brake on the etcd store: stop heartbeats from 80% of 20 instances at
 //! once and the cluster-wide expiry brake engages on every replica and nothing is
 //! evicted; with the brake off they expire; one instance of three, and one of
 //! ten, missing their heartbeats expire normally.
@@ -44,6 +44,7 @@ impl Fleet {
             tasks.push(tokio::spawn(async move {
                 while !flag.load(Ordering::Relaxed) {
                     let _ = http.put(&url).send().await;
+                    // The heartbeat interval itself: the rate the brake learns.
                     tokio::time::sleep(HEARTBEAT).await;
                 }
             }));
@@ -67,10 +68,31 @@ impl Drop for Fleet {
     }
 }
 
-async fn brake_engaged(base: &str) -> Option<bool> {
+/// An unlabelled metric of a replica.
+async fn metric(base: &str, name: &str) -> Option<f64> {
     let text = http().get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
-    let v = text.lines().find_map(|l| l.strip_prefix("trellis_registry_expiry_brake_engaged "))?;
-    Some(v.trim() == "1")
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn brake_engaged(base: &str) -> Option<bool> {
+    metric(base, "trellis_registry_expiry_brake_engaged").await.map(|v| v == 1.0)
+}
+
+/// Waits until fresh replicas together accepted `each` heartbeats per
+/// instance of `n` (their `heartbeats_total`, summed): the renewals the
+/// brake's rate estimates and window are learnt from.
+async fn wait_renewals(replicas: &[String], n: usize, each: usize) {
+    let started = Instant::now();
+    let want = (n * each) as f64;
+    wait_for(&format!("{want} heartbeats"), Duration::from_secs(120), || async move {
+        let mut sum = 0.0;
+        for base in replicas {
+            sum += metric(base, "trellis_registry_heartbeats_total").await?;
+        }
+        (sum >= want).then_some(sum)
+    })
+    .await;
+    println!("{each} heartbeats from each of {n} instances accepted in {:?}", started.elapsed());
 }
 
 async fn count(base: &str, service: &str) -> usize {
@@ -96,8 +118,8 @@ async fn the_brake_holds_when_most_heartbeats_stop() {
     // before etcd would expire the silent leases.
     let fleet = Fleet::start(&replicas, "mass", 20, "20s").await;
     // Heartbeat-rate estimates start at a third of the TTL and settle over a
-    // window's worth of heartbeats.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // window's worth of heartbeats (the window is the 20s TTL).
+    wait_renewals(&replicas, 20, 20).await;
     for base in &replicas {
         assert_eq!(brake_engaged(base).await, Some(false), "no brake while everyone renews");
     }
@@ -110,7 +132,8 @@ async fn the_brake_holds_when_most_heartbeats_stop() {
         .await;
     }
     let engaged = silenced.elapsed();
-    // Well past the 20s TTL of the silent instances: nothing was evicted.
+    // Well past the 20s TTL of the silent instances: nothing was evicted. The
+    // silence is the scenario: only its length shows that nothing expires.
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(silenced.elapsed())).await;
     for base in &replicas {
         assert_eq!(count(base, "mass").await, 20, "the brake keeps every instance on {base}");
@@ -134,7 +157,8 @@ async fn without_the_brake_or_with_few_missing_instances_expire() {
     let r2 = Replica::start_with("registry-off-2", &off, &["--expiry-brake", "false"]).await;
     let replicas = [r1.url(), r2.url()];
     let fleet = Fleet::start(&replicas, "mass", 20, "3s").await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Every instance renewing before the silence, as in the brake-on case.
+    wait_renewals(&replicas, 20, 4).await;
     fleet.silence(0..16);
     let silenced = Instant::now();
     for base in &replicas {
@@ -156,7 +180,8 @@ async fn without_the_brake_or_with_few_missing_instances_expire() {
     let replicas = [r3.url(), r4.url()];
     let ten = Fleet::start(&replicas, "ten", 10, "3s").await;
     let three = Fleet::start(&replicas, "three", 3, "3s").await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The rates learnt over a window (the 3s TTL) of renewals from all 13.
+    wait_renewals(&replicas, 13, 4).await;
     ten.silence(0..1);
     three.silence(0..1);
     let silenced = Instant::now();

@@ -1,4 +1,4 @@
-//! Issue 7, test 6: the `ha` compose file (docker-compose.ha.yml) starts, serves
+//! The `ha` compose file (docker-compose.ha.yml) starts, serves
 //! the demo, and survives `docker kill` of one registry replica and one etcd
 //! member with zero failed client requests (the demo client's own cumulative
 //! `failed=` count, which never retries).
@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use trellis_tests::{bin_dir, free_port};
+use trellis_tests::bin_dir;
+use trellis_tests::ports::foreign_binary_addr;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -138,7 +139,10 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
         run(&root().join("scripts/etcd-image.sh").display().to_string(), &[], &envs).expect("etcd-image.sh");
     print!("{out}");
 
-    let (port1, port2) = (free_port(), free_port());
+    // Docker publishes the ports, and a container restart must find the same
+    // ones: they are chosen here (see `trellis_tests::ports`).
+    let port = || foreign_binary_addr().expect("a loopback port").port();
+    let (port1, port2) = (port(), port());
     let stack = Stack {
         compose,
         project: format!("trha{}", std::process::id()),

@@ -1,4 +1,4 @@
-//! Issue 7, test 3: a lease expires in etcd, and every replica's watchers see
+//! Expiry on the etcd store: a lease expires in etcd, and every replica's watchers see
 //! the instance leave soon after etcd deletes its key. Measured from etcd's own
 //! delete event (seen through a watch this test opens on etcd), not from the
 //! nominal deadline: etcd checks leases on its own cadence.

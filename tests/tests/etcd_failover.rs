@@ -1,4 +1,4 @@
-//! Issue 7, test 1: three etcd members, two registry replicas on them, sidecars
+//! Failover between registry replicas: three etcd members, two registry replicas on them, sidecars
 //! given both replica URLs. Killing the replica the sidecars use costs no client
 //! request; watches continue on the other replica and registrations go on.
 //!

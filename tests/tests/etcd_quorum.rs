@@ -1,4 +1,4 @@
-//! Issue 7, test 2: etcd losing members under two registry replicas.
+//! etcd losing members under two registry replicas.
 //! One member down: no visible effect. Two down (no quorum): discovery still
 //! answers, flagged `X-Trellis-Stale: true`, clients keep routing with zero
 //! failures, registrations get `503 unavailable`. Quorum back: the flag clears

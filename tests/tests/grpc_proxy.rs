@@ -27,7 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use trellis_sidecar::metrics::Metrics;
 use trellis_sidecar::proxy::{self, Listener};
-use trellis_tests::{free_addr, wait_for, Proc};
+use trellis_tests::{start_ready, wait_for, Launch};
 
 use proxy_support::{service, FixedResolver};
 
@@ -154,17 +154,23 @@ async fn grpc_server(name: &str) -> GrpcServer {
     GrpcServer { addr, calls, task }
 }
 
+/// Where a child server writes the address it bound.
+const CHILD_READY_FILE: &str = "GRPC_CHILD_READY_FILE";
+
 /// Not a test of its own: the body of the child processes that
 /// `kill_9_of_an_instance_fails_only_calls_in_flight_on_it` kills.
 #[test]
 #[ignore = "run as a child process by kill_9_of_an_instance_fails_only_calls_in_flight_on_it"]
 fn grpc_child_server() {
-    let (Ok(addr), Ok(name)) = (std::env::var("GRPC_CHILD_LISTEN"), std::env::var("GRPC_CHILD_NAME")) else {
+    let (Ok(ready), Ok(name)) = (std::env::var(CHILD_READY_FILE), std::env::var("GRPC_CHILD_NAME")) else {
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async move {
-        let listener = TcpListener::bind(&addr).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bound =
+            std::collections::BTreeMap::from([("listen", listener.local_addr().unwrap().to_string())]);
+        trellis_shared::ready_file::write(std::path::Path::new(&ready), &bound).unwrap();
         serve_grpc(name, listener, Arc::new(AtomicUsize::new(0))).await;
     });
 }
@@ -311,20 +317,17 @@ async fn kill_9_of_an_instance_fails_only_calls_in_flight_on_it() {
     let mut children = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3 {
-        let addr = free_addr();
         let args: Vec<String> =
             ["grpc_child_server", "--exact", "--ignored", "--nocapture", "--test-threads=1"]
                 .map(String::from)
                 .into();
-        let env = [("GRPC_CHILD_LISTEN", addr.to_string()), ("GRPC_CHILD_NAME", format!("k{i}"))];
-        children.push(Proc::spawn_path(&format!("grpc-k{i}"), &exe, &args, &env));
-        addrs.push(addr);
-    }
-    for a in &addrs {
-        wait_for("the gRPC child listens", Duration::from_secs(20), || async move {
-            tokio::net::TcpStream::connect(a).await.ok().map(|_| ())
-        })
-        .await;
+        let launch = Launch::new(&format!("grpc-k{i}"), &exe)
+            .args(&args)
+            .env("GRPC_CHILD_NAME", format!("k{i}"))
+            .ready_file_env(CHILD_READY_FILE);
+        let (child, ready) = start_ready(launch).await;
+        children.push(child);
+        addrs.push(ready.addr("listen"));
     }
     let sc = sidecar(&addrs).await;
     let ch = channel(sc.outbound, Some("users")).await;

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_tests::{free_addr, strings, wait_for, wait_http_ok, Proc, SidecarProc};
+use trellis_tests::{strings, wait_for, AppProc, Proc, RegistryProc, SidecarProc};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Cluster {
-    _registry: Proc,
+    _registry: RegistryProc,
     _app: Proc,
     _app_sidecar: Proc,
     client: Proc,
@@ -26,23 +26,9 @@ struct Cluster {
 impl Cluster {
     /// `metadata`: the backend instance's `--metadata` (e.g. `protocol=h2c`).
     async fn start(metadata: Option<&str>) -> Cluster {
-        let registry_addr = free_addr();
-        let registry =
-            Proc::spawn("registry", "registry", &strings(&["--listen", &registry_addr.to_string()]), &[]);
-        wait_http_ok(&format!("http://{registry_addr}/health"), Duration::from_secs(20)).await;
-        let registry_url = format!("http://{registry_addr}");
-
-        let app_addr = free_addr();
-        let app = Proc::spawn(
-            "users-app",
-            "demo-app",
-            &strings(&["--listen", &app_addr.to_string(), "--name", "u1"]),
-            &[],
-        );
-        wait_for("the app listens", Duration::from_secs(20), || async {
-            TcpStream::connect(app_addr).await.ok().map(|_| ())
-        })
-        .await;
+        let registry = RegistryProc::start("registry", &[]).await;
+        let registry_url = registry.url();
+        let AppProc { proc: app, addr: app_addr } = AppProc::start("users-app", "u1", &[]).await;
         let mut args = strings(&[
             "--service",
             "users",
@@ -59,10 +45,10 @@ impl Cluster {
         let ready = Duration::from_secs(30);
         let app_sidecar = SidecarProc::start("users-sidecar", &registry_url, &args, ready).await.proc;
 
-        let dedicated = free_addr();
-        let upstream = strings(&["--upstream", &format!("users={dedicated}")]);
-        let SidecarProc { proc: client, admin, outbound } =
+        let upstream = strings(&["--upstream", "users=127.0.0.1:0"]);
+        let SidecarProc { proc: client, admin, outbound, upstreams } =
             SidecarProc::start("client-sidecar", &registry_url, &upstream, ready).await;
+        let dedicated = upstreams["users"];
         wait_for("the client sidecar to see users", Duration::from_secs(30), || async move {
             let v: Value = reqwest::get(format!("http://{admin}/endpoints")).await.ok()?.json().await.ok()?;
             let services = v["services"].as_array()?;

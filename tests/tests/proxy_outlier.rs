@@ -1,5 +1,5 @@
 //! Passive outlier detection through the in-process proxy over loopback
-//! sockets (issue 3 test 6): growing ejections, the ejected-share bound, and
+//! sockets: growing ejections, the ejected-share bound, and
 //! panic mode.
 
 mod proxy_support;

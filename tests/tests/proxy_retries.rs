@@ -1,5 +1,4 @@
-//! Retries through the in-process proxy over loopback sockets (issue 3 tests 4
-//! and 5): what is retried and what never is, the budget, the attempt cap and
+//! Retries through the in-process proxy over loopback sockets: what is retried and what never is, the budget, the attempt cap and
 //! the timeouts.
 
 mod proxy_support;

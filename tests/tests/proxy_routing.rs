@@ -1,6 +1,6 @@
 //! The outbound proxy in-process over loopback sockets: routing by Host and
 //! absolute-form URI, streaming bodies, headers, least-connections, bad input
-//! (issue 3 tests 2 and 10, in-process), limits and graceful shutdown.
+//! (the in-process side of the end-to-end tests), limits and graceful shutdown.
 
 mod proxy_support;
 

@@ -173,6 +173,7 @@ async fn heartbeats_keep_an_instance_alive_past_its_ttl() {
     while t0.elapsed() < Duration::from_millis(4500) {
         let hb = reg.heartbeat("users", "u1", Some(json!({"status":"passing"}))).await;
         assert_eq!(hb.status, StatusCode::NO_CONTENT, "{}", hb.body);
+        // The heartbeat interval: renewals well inside the TTL are the scenario.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(reg.view("users", "").await.instances.len(), 1);

@@ -42,12 +42,31 @@ async fn fleet(reg: &Reg, n: usize) -> Vec<StopFlag> {
         tokio::spawn(async move {
             while !f.stopped() {
                 let _ = http.put(&url).send().await;
+                // The heartbeat interval itself: the rate the brake learns.
                 tokio::time::sleep(INTERVAL).await;
             }
         });
         flags.push(flag);
     }
     flags
+}
+
+/// Heartbeats per instance before the brake knows the fleet: its rate
+/// estimates start at a third of the TTL and settle after about seven (each
+/// sample weighs a quarter), and its window (the TTL, five heartbeats) must
+/// then fill with the settled rate. About three TTLs at the nominal interval.
+const RENEWALS_TO_LEARN: f64 = 15.0;
+
+/// Waits until the registry accepted `RENEWALS_TO_LEARN` heartbeats from each
+/// of `n` instances, counted by its own metric.
+async fn wait_rates_learnt(reg: &Reg, n: usize) {
+    let started = Instant::now();
+    let want = RENEWALS_TO_LEARN * n as f64;
+    trellis_tests::wait_for(&format!("{want} heartbeats"), Duration::from_secs(60), || async move {
+        (reg.metric("trellis_registry_heartbeats_total").await >= want).then_some(())
+    })
+    .await;
+    println!("{want} heartbeats from {n} instances accepted in {:?}", started.elapsed());
 }
 
 async fn registered(reg: &Reg) -> usize {
@@ -58,8 +77,7 @@ async fn registered(reg: &Reg) -> usize {
 async fn the_brake_keeps_instances_when_most_stop_heartbeating() {
     let reg = start(test_config()).await;
     let flags = fleet(&reg, 20).await;
-    // Let every instance's heartbeat rate be learnt over a few TTLs.
-    tokio::time::sleep(TTL * 3).await;
+    wait_rates_learnt(&reg, 20).await;
     assert_eq!(registered(&reg).await, 20);
     let stopped_at = Instant::now();
     for f in &flags[..16] {
@@ -73,7 +91,8 @@ async fn the_brake_keeps_instances_when_most_stop_heartbeating() {
         "expiry brake engaged {:?} after 16 of 20 instances went silent (TTL {TTL:?})",
         stopped_at.elapsed()
     );
-    // Several TTLs later nothing has been evicted.
+    // Several TTLs later nothing has been evicted. The silence is the
+    // scenario: only its length shows that nothing expires.
     tokio::time::sleep(TTL * 4).await;
     assert_eq!(registered(&reg).await, 20);
     assert_eq!(reg.metric("trellis_registry_expirations_total").await, 0.0);
@@ -88,7 +107,7 @@ async fn with_the_brake_off_they_expire() {
     let config = trellis_registry::Config { expiry_brake: false, ..test_config() };
     let reg = start(config).await;
     let flags = fleet(&reg, 20).await;
-    tokio::time::sleep(TTL * 3).await;
+    wait_rates_learnt(&reg, 20).await;
     let stopped_at = Instant::now();
     for f in &flags[..16] {
         f.stop();
@@ -110,7 +129,7 @@ async fn with_the_brake_off_they_expire() {
 async fn one_of_ten_missing_expires_normally() {
     let reg = start(test_config()).await;
     let flags = fleet(&reg, 10).await;
-    tokio::time::sleep(TTL * 3).await;
+    wait_rates_learnt(&reg, 10).await;
     flags[0].stop();
     trellis_tests::wait_for("the silent instance to expire", Duration::from_secs(15), || async {
         (registered(&reg).await == 9).then_some(())

@@ -5,20 +5,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use trellis_tests::{bin, free_addr, wait_for, wait_http_ok, Proc};
+use trellis_tests::{bin, start_ready, wait_for, Launch, Proc};
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
 }
 
+/// The registry configured through its environment only (port 0 included);
+/// the ready file says where it listens.
 async fn start(extra_env: &[(&str, String)]) -> (Proc, String) {
-    let addr = free_addr();
-    let mut env = vec![("TRELLIS_LISTEN", addr.to_string())];
-    env.extend(extra_env.iter().cloned());
-    let proc = Proc::spawn("registry", "registry", &[], &env);
-    let url = format!("http://{addr}");
-    wait_http_ok(&format!("{url}/health"), Duration::from_secs(20)).await;
-    (proc, url)
+    let launch = Launch::new("registry", &bin("registry")).env("TRELLIS_LISTEN", "127.0.0.1:0");
+    let launch = extra_env.iter().fold(launch, |l, (k, v)| l.env(k, v.clone()));
+    let (proc, ready) = start_ready(launch).await;
+    (proc, format!("http://{}", ready.addr("listen")))
 }
 
 async fn open_watches(client: &reqwest::Client, url: &str) -> Option<f64> {
@@ -127,7 +126,7 @@ async fn environment_variables_configure_it() {
 #[tokio::test]
 async fn an_impossible_configuration_exits_2_with_a_message() {
     let out = Command::new(bin("registry"))
-        .args(["--listen", &free_addr().to_string(), "--min-ttl", "10s", "--max-ttl", "1s"])
+        .args(["--listen", "127.0.0.1:0", "--min-ttl", "10s", "--max-ttl", "1s"])
         .output()
         .expect("run registry");
     assert_eq!(out.status.code(), Some(2));

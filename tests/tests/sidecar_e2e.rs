@@ -21,7 +21,7 @@ use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use trellis_shared::{RegistryClient, ServiceName};
-use trellis_tests::{bin, free_addr, strings, wait_for, wait_http_ok, Proc, SidecarProc};
+use trellis_tests::{bin, strings, wait_for, wait_http_ok, AppProc, Proc, RegistryProc, SidecarProc};
 
 /// Held for a whole test; tokio's mutex works across the tests' runtimes and
 /// is not poisoned by a failing test.
@@ -32,10 +32,8 @@ const SERVICE: &str = "api";
 const TTL: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
-async fn start_registry(addr: SocketAddr) -> Proc {
-    let p = Proc::spawn("registry", "registry", &strings(&["--listen", &addr.to_string()]), &[]);
-    wait_http_ok(&format!("http://{addr}/health"), Duration::from_secs(20)).await;
-    p
+async fn start_registry() -> RegistryProc {
+    RegistryProc::start("registry", &[]).await
 }
 
 async fn endpoints_json(admin: SocketAddr) -> Value {
@@ -71,7 +69,7 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(name: &str, registry: &str, extra: &[String]) -> Sidecar {
-        let SidecarProc { proc, admin, outbound } =
+        let SidecarProc { proc, admin, outbound, .. } =
             SidecarProc::start(name, registry, extra, Duration::from_secs(30)).await;
         Sidecar { proc, admin, outbound }
     }
@@ -117,26 +115,17 @@ struct Backend {
     sidecar: Sidecar,
 }
 
+/// A backend sidecar's flags: register the app at `app` as instance `id` of [`SERVICE`].
+fn registering(app: SocketAddr, id: &str) -> Vec<String> {
+    let app = app.to_string();
+    strings(&["--service", SERVICE, "--app", &app, "--advertise", &app, "--instance-id", id])
+}
+
 impl Backend {
     async fn start(name: &str, registry: &str, app_extra: &[&str], sidecar_extra: &[&str]) -> Backend {
-        let app_addr = free_addr();
-        let mut args = strings(&["--listen", &app_addr.to_string(), "--name", name]);
-        args.extend(strings(app_extra));
-        let app = Proc::spawn(&format!("{name}-app"), "demo-app", &args, &[]);
-        wait_for(&format!("{name} app to listen"), Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(app_addr).await.ok().map(|_| ())
-        })
-        .await;
-        let mut extra = strings(&[
-            "--service",
-            SERVICE,
-            "--app",
-            &app_addr.to_string(),
-            "--advertise",
-            &app_addr.to_string(),
-            "--instance-id",
-            name,
-        ]);
+        let AppProc { proc: app, addr: app_addr } =
+            AppProc::start(&format!("{name}-app"), name, &strings(app_extra)).await;
+        let mut extra = registering(app_addr, name);
         extra.extend(strings(sidecar_extra));
         let sidecar = Sidecar::start(&format!("{name}-sidecar"), registry, &extra).await;
         Backend { name: name.to_string(), app, app_addr, sidecar }
@@ -338,8 +327,7 @@ fn assert_no_failures(what: &str, tally: &Tally) {
 }
 
 struct Cluster {
-    registry: Proc,
-    registry_addr: SocketAddr,
+    registry: RegistryProc,
     backends: Vec<Backend>,
     client: Sidecar,
     api: RegistryClient,
@@ -348,9 +336,8 @@ struct Cluster {
 impl Cluster {
     /// A registry, `n` backends and a client sidecar (`--workers 1`) watching `api` from the start.
     async fn start(n: usize) -> Cluster {
-        let registry_addr = free_addr();
-        let registry = start_registry(registry_addr).await;
-        let registry_url = format!("http://{registry_addr}");
+        let registry = start_registry().await;
+        let registry_url = registry.url();
         let mut backends = Vec::new();
         for i in 0..n {
             backends.push(Backend::start(&format!("api-{i}"), &registry_url, &[], &[]).await);
@@ -368,20 +355,19 @@ impl Cluster {
         )
         .await;
         client.wait_endpoints(SERVICE, n, Duration::from_secs(20)).await;
-        Cluster { registry, registry_addr, backends, client, api }
+        Cluster { registry, backends, client, api }
     }
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 1: a client sidecar spreads requests across three instances,
+// A client sidecar spreads requests across three instances,
 // by Host header and by absolute-form URI; the watch starts on first use.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_requests_across_three_instances_by_host_and_absolute_uri() {
     let _serial = SERIAL.lock().await;
-    let registry_addr = free_addr();
-    let _registry = start_registry(registry_addr).await;
-    let registry_url = format!("http://{registry_addr}");
+    let registry = start_registry().await;
+    let registry_url = registry.url();
     let mut backends = Vec::new();
     for i in 0..3 {
         backends.push(Backend::start(&format!("api-{i}"), &registry_url, &[], &[]).await);
@@ -415,7 +401,7 @@ async fn spreads_requests_across_three_instances_by_host_and_absolute_uri() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 2: least-connections sends markedly fewer requests to a slow instance.
+// Least-connections sends markedly fewer requests to a slow instance.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_sends_fewer_requests_to_a_slow_instance() {
@@ -435,7 +421,7 @@ async fn least_connections_sends_fewer_requests_to_a_slow_instance() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 3: kill -9 one backend (app and sidecar) during a steady stream.
+// kill -9 of one backend (app and sidecar) during a steady stream.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_backend_fails_no_request_ejects_it_and_it_expires() {
@@ -479,7 +465,7 @@ async fn kill_9_of_a_backend_fails_no_request_ejects_it_and_it_expires() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 7: the registry stops during traffic, then comes back empty.
+// The registry stops during traffic, then comes back empty.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_restart_drops_no_request_and_instances_come_back() {
@@ -488,7 +474,7 @@ async fn registry_restart_drops_no_request_and_instances_come_back() {
     let load = Load::start(c.client.outbound, Mode::HostHeader, 4, Duration::from_millis(2));
     load.wait_total(300, Duration::from_secs(60)).await;
 
-    c.registry.kill9();
+    c.registry.proc.kill9();
     // While it is down (longer than a TTL), the client keeps every endpoint and keeps serving.
     let down_since = Instant::now();
     while down_since.elapsed() < TTL + HEARTBEAT {
@@ -513,7 +499,8 @@ async fn registry_restart_drops_no_request_and_instances_come_back() {
             min
         })
     };
-    c.registry = start_registry(c.registry_addr).await;
+    // The same port again: the sidecars were started with its address.
+    c.registry = RegistryProc::start_on("registry", c.registry.addr, &[]).await;
     let restarted = Instant::now();
     let back_after =
         wait_registry_ids(&c.api, false, &["api-0", "api-1", "api-2"], (HEARTBEAT + TTL) * 3).await;
@@ -542,7 +529,7 @@ async fn registry_restart_drops_no_request_and_instances_come_back() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 8: SIGTERM a backend's sidecar under traffic.
+// SIGTERM of a backend's sidecar under traffic.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
@@ -591,14 +578,13 @@ async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 9: an app that turns unhealthy is hidden, then returns.
+// An app that turns unhealthy is hidden, then returns.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_app_is_hidden_then_returns() {
     let _serial = SERIAL.lock().await;
-    let registry_addr = free_addr();
-    let _registry = start_registry(registry_addr).await;
-    let registry_url = format!("http://{registry_addr}");
+    let registry = start_registry().await;
+    let registry_url = registry.url();
     let mut backends = Vec::new();
     for i in 0..2 {
         backends.push(
@@ -637,7 +623,7 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3, test 10 (part): thousands of distinct Host names.
+// Thousands of distinct Host names: errors, and memory stays bounded.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
@@ -705,9 +691,8 @@ async fn thousands_of_distinct_host_names_get_errors_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_subcommand_and_bad_config_exit_codes() {
     let _serial = SERIAL.lock().await;
-    let registry_addr = free_addr();
-    let _registry = start_registry(registry_addr).await;
-    let client = Sidecar::start("probe-sidecar", &format!("http://{registry_addr}"), &[]).await;
+    let registry = start_registry().await;
+    let client = Sidecar::start("probe-sidecar", &registry.url(), &[]).await;
 
     let probe = |admin: SocketAddr| {
         std::process::Command::new(bin("sidecar"))
@@ -717,7 +702,8 @@ async fn probe_subcommand_and_bad_config_exit_codes() {
     };
     let ok = probe(client.admin);
     assert!(ok.status.success(), "probe of a ready sidecar: {ok:?}");
-    let dead = probe(free_addr());
+    // Port 1 on loopback: nothing unprivileged listens there, so connecting is refused.
+    let dead = probe(SocketAddr::from(([127, 0, 0, 1], 1)));
     assert_eq!(dead.status.code(), Some(1), "probe of nothing: {dead:?}");
 
     let bad = std::process::Command::new(bin("sidecar"))
@@ -739,37 +725,19 @@ async fn probe_subcommand_and_bad_config_exit_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_started_before_its_registry_registers_once_it_appears() {
     let _serial = SERIAL.lock().await;
-    let registry_addr = free_addr();
+    // The sidecar must know its registry's address before any registry runs:
+    // one started and killed at once gives a port, and the registry started
+    // later takes the same one again.
+    let registry_addr = {
+        let mut first = start_registry().await;
+        first.proc.kill9();
+        first.addr
+    };
     let registry_url = format!("http://{registry_addr}");
-    let app_addr = free_addr();
-    let _app = Proc::spawn(
-        "early-app",
-        "demo-app",
-        &strings(&["--listen", &app_addr.to_string(), "--name", "api-0"]),
-        &[],
-    );
-    let admin = free_addr();
-    let mut sidecar = Proc::spawn(
-        "early-sidecar",
-        "sidecar",
-        &strings(&[
-            "--registry",
-            &registry_url,
-            "--service",
-            SERVICE,
-            "--app",
-            &app_addr.to_string(),
-            "--advertise",
-            &app_addr.to_string(),
-            "--instance-id",
-            "api-0",
-            "--admin",
-            &admin.to_string(),
-            "--outbound",
-            &free_addr().to_string(),
-        ]),
-        &[],
-    );
+    let AppProc { proc: _app, addr: app_addr } = AppProc::start("early-app", "api-0", &[]).await;
+    let extra = registering(app_addr, "api-0");
+    let SidecarProc { proc: mut sidecar, admin, .. } =
+        SidecarProc::spawn("early-sidecar", &registry_url, &extra).await;
     // Up, but not ready: nothing to register with.
     let ready_url = format!("http://{admin}/ready");
     let status = wait_for("the admin port", Duration::from_secs(20), || async {
@@ -781,7 +749,7 @@ async fn a_sidecar_started_before_its_registry_registers_once_it_appears() {
     tokio::time::sleep(3 * HEARTBEAT).await;
     assert!(sidecar.wait_exit(Duration::ZERO).is_none(), "the sidecar exited while the registry was down");
 
-    let _registry = start_registry(registry_addr).await;
+    let _registry = RegistryProc::start_on("registry", registry_addr, &[]).await;
     let started = Instant::now();
     let api = RegistryClient::from_list(&registry_url).unwrap();
     let registered_after = wait_registry_ids(&api, false, &["api-0"], Duration::from_secs(20)).await;

@@ -14,7 +14,7 @@ use crate::peers::{self, Env, Front, Kind, SERVICE};
 use crate::procstat;
 use crate::report::Section;
 
-/// Streams per connection, and connections: 100 concurrent streams.
+/// Streams per connection, and connections: 100 concurrent streams on one connection.
 const STREAMS: usize = 100;
 const CONNECTIONS: usize = 1;
 

@@ -21,7 +21,8 @@ use super::{us, Sizes};
 use crate::http1::{request, Conn};
 use crate::load::new_histogram;
 use crate::peers::Env;
-use crate::procs::{free_addr, wait_http_ok, Proc};
+use crate::peers::ANY_PORT;
+use crate::procs::{foreign_binary_addr, wait_http_ok, Proc, ATTEMPTS};
 use crate::procstat;
 use crate::report::Section;
 
@@ -539,27 +540,37 @@ fn etcd_args(client: SocketAddr, peer: SocketAddr, dir: &Path) -> Vec<String> {
     .collect()
 }
 
-/// Starts a fresh single-member etcd on `addr`, its data on tmpfs (fsync
-/// costs it nothing: its best case); the guard removes the data when dropped.
-fn start_etcd(env: &Env, addr: SocketAddr, name: &str) -> Result<(Proc, DirGuard), String> {
+/// Starts a fresh single-member etcd, its data on tmpfs (fsync costs it
+/// nothing: its best case); the guard removes the data when dropped. etcd
+/// must be told its ports (see `trellis_tests::ports`): when it loses one to
+/// another process it starts again on fresh ones. Returns its client address.
+fn start_etcd(env: &Env, name: &str) -> Result<(Proc, DirGuard, SocketAddr), String> {
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { env.work.clone() };
     let dir = base.join(format!("trellis-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let guard = DirGuard(dir.clone());
-    let peer = free_addr().map_err(|e| e.to_string())?;
-    let etcd = Proc::spawn(name, Path::new("etcd"), &etcd_args(addr, peer, &dir), env.proxy_core, &env.work)
-        .map_err(|e| e.to_string())?;
-    wait_http_ok("etcd", addr, "bench", "/health", Duration::from_secs(30))
-        .map_err(|e| format!("{e}; log:\n{}", etcd.log_tail()))?;
-    Ok((etcd, guard))
+    let mut attempt = 1;
+    loop {
+        let _ = std::fs::remove_dir_all(&dir);
+        let addr = foreign_binary_addr().map_err(|e| e.to_string())?;
+        let peer = foreign_binary_addr().map_err(|e| e.to_string())?;
+        let mut etcd =
+            Proc::spawn(name, Path::new("etcd"), &etcd_args(addr, peer, &dir), env.proxy_core, &env.work)
+                .map_err(|e| e.to_string())?;
+        match wait_http_ok("etcd", addr, "bench", "/health", Duration::from_secs(30)) {
+            Ok(()) => return Ok((etcd, guard, addr)),
+            Err(_) if attempt < ATTEMPTS && etcd.lost_port_race() => attempt += 1,
+            Err(e) => return Err(format!("{e}; log:\n{}", etcd.log_tail())),
+        }
+    }
 }
 
 /// The registry's command line in this case.
-fn registry_args(addr: SocketAddr, store: Option<SocketAddr>) -> Vec<String> {
+fn registry_args(store: Option<SocketAddr>) -> Vec<String> {
     // One worker, like every proxy in cases 1-3: a current-thread runtime on
     // the one core the registry has (no work-stealing hand-offs between two
     // threads sharing a core).
-    let mut args = vec!["--listen".to_string(), addr.to_string(), "--workers".to_string(), "1".to_string()];
+    let mut args =
+        vec!["--listen".to_string(), ANY_PORT.to_string(), "--workers".to_string(), "1".to_string()];
     if let Some(etcd) = store {
         args.extend(["--store".to_string(), format!("etcd://{etcd}")]);
     }
@@ -574,49 +585,51 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             (sizes.etcd_instances, (sizes.etcd_instances / 100).max(1))
         }
     };
-    let addr = free_addr().map_err(|e| e.to_string())?;
     let mut _data_dir_guard = None;
-    // Every process of the system under test, all on the proxy core.
+    // Every process of the system under test, all on the proxy core; where the system listens.
     let mut procs: Vec<(&'static str, Proc)> = Vec::new();
-    match sys {
+    let addr = match sys {
         System::Trellis => {
-            let p = Proc::spawn(
+            let (p, ready) = Proc::spawn_ready(
                 "reg-registry",
                 &env.bin("registry"),
-                &registry_args(addr, None),
+                &registry_args(None),
                 env.proxy_core,
                 &env.work,
             )
             .map_err(|e| e.to_string())?;
             procs.push(("registry", p));
+            ready.addr("listen")
         }
         System::TrellisEtcd => {
-            let etcd_addr = free_addr().map_err(|e| e.to_string())?;
-            let (etcd, guard) = start_etcd(env, etcd_addr, "reg-etcd-store")?;
+            let (etcd, guard, etcd_addr) = start_etcd(env, "reg-etcd-store")?;
             _data_dir_guard = Some(guard);
-            let p = Proc::spawn(
+            let (p, ready) = Proc::spawn_ready(
                 "reg-registry-etcd",
                 &env.bin("registry"),
-                &registry_args(addr, Some(etcd_addr)),
+                &registry_args(Some(etcd_addr)),
                 env.proxy_core,
                 &env.work,
             )
             .map_err(|e| e.to_string())?;
             procs.push(("registry", p));
             procs.push(("etcd", etcd));
+            ready.addr("listen")
         }
         System::Etcd => {
-            let (etcd, guard) = start_etcd(env, addr, "reg-etcd")?;
+            let (etcd, guard, addr) = start_etcd(env, "reg-etcd")?;
             _data_dir_guard = Some(guard);
             procs.push(("etcd", etcd));
+            addr
         }
         System::Floor => {
-            let args = vec!["backend".to_string(), "--listen".to_string(), addr.to_string()];
-            let p = Proc::spawn("reg-floor", &env.self_exe, &args, env.proxy_core, &env.work)
+            let args = vec!["backend".to_string(), "--listen".to_string(), ANY_PORT.to_string()];
+            let (p, ready) = Proc::spawn_ready("reg-floor", &env.self_exe, &args, env.proxy_core, &env.work)
                 .map_err(|e| e.to_string())?;
             procs.push(("responder", p));
+            ready.addrs("listen").first().copied().ok_or("the floor responder reported no port")?
         }
-    }
+    };
     let ready_path = if sys == System::Etcd { "/health" } else { "/v1/services" };
     wait_http_ok(sys.name(), addr, "bench", ready_path, Duration::from_secs(30))
         .map_err(|e| format!("{e}; log:\n{}", procs[0].1.log_tail()))?;

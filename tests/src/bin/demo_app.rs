@@ -4,7 +4,7 @@
 //! balancing, retries and ejection can be seen from outside.
 //!
 //! ```text
-//! demo-app [--listen ADDR] [--name NAME] [--delay DUR] [--fail-rate F] [--unhealthy]
+//! demo-app [--listen ADDR] [--name NAME] [--delay DUR] [--fail-rate F] [--unhealthy] [--ready-file PATH]
 //! demo-app probe [--listen ADDR]      # exit 0 when the local /health answers 200
 //! demo-app control health|delay|fail-rate VALUE [--listen ADDR]
 //!                                     # PUT /control/... on the local app (images have no curl:
@@ -85,6 +85,10 @@ struct ServeArgs {
     /// Start with `/health` answering 503.
     #[arg(long, env = "DEMO_UNHEALTHY")]
     unhealthy: bool,
+    /// Once listening, write `{"listen":"IP:PORT"}` here: the bound address,
+    /// which is how a caller learns the port when `--listen` has port 0.
+    #[arg(long, env = "DEMO_READY_FILE", value_name = "PATH")]
+    ready_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -415,7 +419,12 @@ async fn serve(args: ServeArgs) -> std::io::Result<()> {
     let state =
         Arc::new(State::new(name.clone(), !args.unhealthy, args.delay.unwrap_or_default(), args.fail_rate));
     let listener = TcpListener::bind(args.listen).await?;
-    info!(addr = %listener.local_addr()?, instance = %name, "demo-app listening");
+    let addr = listener.local_addr()?;
+    info!(%addr, instance = %name, "demo-app listening");
+    if let Some(path) = &args.ready_file {
+        let bound = BTreeMap::from([("listen", addr.to_string())]);
+        trellis_shared::ready_file::write(path, &bound)?;
+    }
     run(listener, state, trellis_tests::shutdown_signal()).await;
     Ok(())
 }

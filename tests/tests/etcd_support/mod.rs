@@ -1,5 +1,5 @@
 //! Support for the etcd store's end-to-end tests: a real etcd cluster (Debian's
-//! etcd-server) on free loopback ports, registry replicas on it, backends with
+//! etcd-server) on loopback ports, registry replicas on it, backends with
 //! sidecars, and a load loop through a client sidecar.
 //!
 //! etcd comes from `scripts/install-etcd.sh` when missing. When it cannot be had
@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::{free_addr, wait_for, wait_http_ok, Proc, SidecarProc};
+use trellis_tests::ports::{foreign_binary_addr, ATTEMPTS};
+use trellis_tests::{wait_for, wait_http_ok, AppProc, Proc, RegistryProc, SidecarProc};
 
 pub use trellis_tests::strings;
 
@@ -71,19 +72,65 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// `n` members, healthy. etcd must be told its ports, and each member its
+    /// peers' (see `trellis_tests::ports`): a member that loses a port to
+    /// another process makes the whole cluster start again on fresh ports.
     pub async fn start(bin: PathBuf, n: usize) -> Etcd {
+        for attempt in 1..=ATTEMPTS {
+            let mut etcd = Etcd::spawn_all(bin.clone(), n);
+            match etcd.wait_started(Duration::from_secs(60)).await {
+                Ok(()) => return etcd,
+                Err(member) => println!("etcd {member} lost a port race (attempt {attempt}); fresh ports"),
+            }
+        }
+        panic!("etcd lost a port race {ATTEMPTS} times");
+    }
+
+    fn spawn_all(bin: PathBuf, n: usize) -> Etcd {
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let token = format!("trellis-test-{}-{}", std::process::id(), trellis_tests::free_port());
+        let token =
+            format!("trellis-test-{}-{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
         let dir = PathBuf::from(base).join(&token);
+        let addr = || foreign_binary_addr().expect("a loopback port");
         let members = (0..n)
-            .map(|i| Member { name: format!("m{i}"), client: free_addr(), peer: free_addr(), proc: None })
+            .map(|i| Member { name: format!("m{i}"), client: addr(), peer: addr(), proc: None })
             .collect();
         let mut etcd = Etcd { bin, dir, token, members };
         for i in 0..n {
             etcd.spawn(i);
         }
-        etcd.wait_healthy(Duration::from_secs(60)).await;
         etcd
+    }
+
+    /// Waits until every member reports a leader; `Err(member)` as soon as
+    /// one exited because its port was taken.
+    async fn wait_started(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for m in &mut self.members {
+                if m.proc.as_mut().is_some_and(Proc::lost_port_race) {
+                    return Err(m.name.clone());
+                }
+            }
+            if self.healthy().await {
+                return Ok(());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "etcd not healthy within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn healthy(&self) -> bool {
+        let http = http();
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let url = format!("http://{}/health", m.client);
+            let Ok(r) = http.get(&url).send().await else { return false };
+            if r.json::<Value>().await.ok().is_none_or(|v| v["health"] != "true") {
+                return false;
+            }
+        }
+        true
     }
 
     fn spawn(&mut self, i: usize) {
@@ -133,7 +180,8 @@ impl Etcd {
         }
     }
 
-    /// Starts a killed member again on its data directory.
+    /// Starts a killed member again on its data directory, on its old ports:
+    /// the other members and the registries know it by them.
     pub fn restart(&mut self, i: usize) {
         if self.members[i].proc.is_none() {
             self.spawn(i);
@@ -142,18 +190,7 @@ impl Etcd {
 
     /// Waits until every running member reports a leader.
     pub async fn wait_healthy(&self, timeout: Duration) {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).no_proxy().build().unwrap();
-        for m in self.members.iter().filter(|m| m.proc.is_some()) {
-            let url = format!("http://{}/health", m.client);
-            wait_for(&format!("etcd {} to be healthy", m.name), timeout, || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
-                    (v["health"] == "true").then_some(())
-                }
-            })
-            .await;
-        }
+        wait_for("etcd to be healthy", timeout, || async { self.healthy().await.then_some(()) }).await
     }
 }
 
@@ -178,10 +215,10 @@ impl Replica {
     }
 
     pub async fn start_with(name: &str, store: &str, extra: &[&str]) -> Replica {
-        let addr = free_addr();
-        let mut args = strings(&["--listen", &addr.to_string(), "--store", store, "--min-ttl", "1s"]);
+        let mut args = strings(&["--store", store, "--min-ttl", "1s"]);
         args.extend(strings(extra));
-        let proc = Proc::spawn(name, "registry", &args, &[]);
+        let RegistryProc { proc, addr } = RegistryProc::start(name, &args).await;
+        // Listening comes before the store answers: wait until it serves.
         wait_http_ok(&format!("http://{addr}/health"), Duration::from_secs(60)).await;
         Replica { proc, addr }
     }
@@ -243,7 +280,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(name: &str, registries: &str, extra: &[String]) -> Sidecar {
-        let SidecarProc { proc, admin, outbound } =
+        let SidecarProc { proc, admin, outbound, .. } =
             SidecarProc::start(name, registries, extra, Duration::from_secs(60)).await;
         Sidecar { proc, admin, outbound }
     }
@@ -283,17 +320,7 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str, service: &str, registries: &str) -> Backend {
-        let app_addr = free_addr();
-        let app = Proc::spawn(
-            &format!("{name}-app"),
-            "demo-app",
-            &strings(&["--listen", &app_addr.to_string(), "--name", name]),
-            &[],
-        );
-        wait_for(&format!("{name} app to listen"), Duration::from_secs(30), || async {
-            tokio::net::TcpStream::connect(app_addr).await.ok().map(|_| ())
-        })
-        .await;
+        let AppProc { proc: app, addr: app_addr } = AppProc::start(&format!("{name}-app"), name, &[]).await;
         let extra = strings(&[
             "--service",
             service,

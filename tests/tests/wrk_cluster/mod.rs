@@ -3,47 +3,21 @@
 //! backlog 5, one connection per request) each behind its own sidecar, a client
 //! sidecar, and `wrk` driving the client sidecar's outbound port.
 //!
-//! Every process binds port 0 and reports its addresses in a ready file; the
-//! cluster waits for those files and for the client to know every backend.
+//! Every process binds port 0 and reports its addresses in a ready file (read
+//! by the tests library's `start_ready`); the cluster waits for those and for
+//! the client to know every backend.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::{strings, wait_for, Proc};
+use trellis_tests::{start_ready, strings, wait_for, Launch, Proc, RegistryProc, SidecarProc};
 
 pub const SERVICE: &str = "echo";
-
-/// A fresh scratch directory for one cluster's ready files.
-fn scratch() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "trellis-wrk-cluster-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
-
-/// Waits for a ready file and returns its JSON object.
-async fn read_ready(path: &Path, within: Duration) -> Value {
-    wait_for(&format!("ready file {}", path.display()), within, || async move {
-        let text = std::fs::read(path).ok()?;
-        serde_json::from_slice::<Value>(&text).ok()
-    })
-    .await
-}
-
-fn addr_field(v: &Value, field: &str) -> SocketAddr {
-    v[field].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no {field} address in {v}"))
-}
 
 /// How a backend answers.
 #[derive(Debug, Clone, Copy)]
@@ -77,21 +51,17 @@ pub struct Cluster {
     pub registry: Proc,
 }
 
-async fn start_backend(dir: &Path, registry: SocketAddr, i: usize, behaviour: Behaviour) -> Backend {
+async fn start_backend(registry: SocketAddr, i: usize, behaviour: Behaviour) -> Backend {
     let name = format!("b{}", i + 1);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("backends/echo_backend.py");
-    let ready = dir.join(format!("{name}-app.json"));
     let mut args = strings(&[&script.display().to_string(), "--name", &name]);
-    args.extend(strings(&["--ready-file", &ready.display().to_string()]));
     if let Behaviour::Slow(d) = behaviour {
         args.extend(strings(&["--delay", &d.as_secs_f64().to_string()]));
     }
-    let app = Proc::spawn_path(&format!("{name}-app"), Path::new("python3"), &args, &[]);
-    let addr = addr_field(&read_ready(&ready, Duration::from_secs(20)).await, "listen");
-    let sidecar_ready = dir.join(format!("{name}-sidecar.json"));
-    let args = strings(&[
-        "--registry",
-        &format!("http://{registry}"),
+    let (app, ready) =
+        start_ready(Launch::new(&format!("{name}-app"), Path::new("python3")).args(&args)).await;
+    let addr = ready.addr("listen");
+    let extra = strings(&[
         "--service",
         SERVICE,
         "--app",
@@ -102,18 +72,11 @@ async fn start_backend(dir: &Path, registry: SocketAddr, i: usize, behaviour: Be
         &addr.to_string(),
         "--instance-id",
         &format!("echo-{name}"),
-        "--admin",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--ready-file",
-        &sidecar_ready.display().to_string(),
         "--workers",
         "1",
     ]);
-    let sidecar = Proc::spawn(&format!("{name}-sidecar"), "sidecar", &args, &[]);
-    read_ready(&sidecar_ready, Duration::from_secs(20)).await;
-    Backend { name, app, addr, sidecar }
+    let sidecar = SidecarProc::spawn(&format!("{name}-sidecar"), &format!("http://{registry}"), &extra).await;
+    Backend { name, app, addr, sidecar: sidecar.proc }
 }
 
 impl Cluster {
@@ -121,37 +84,15 @@ impl Cluster {
     /// sidecar with `client_extra` flags; returns once the client sidecar sees
     /// every backend as an active endpoint.
     pub async fn start(backends: &[Behaviour], client_extra: &[&str]) -> Cluster {
-        let dir = scratch();
-        let reg_ready = dir.join("registry.json");
-        let registry = Proc::spawn(
-            "registry",
-            "registry",
-            &strings(&["--listen", "127.0.0.1:0", "--ready-file", &reg_ready.display().to_string()]),
-            &[],
-        );
-        let reg = addr_field(&read_ready(&reg_ready, Duration::from_secs(20)).await, "listen");
+        let registry = RegistryProc::start("registry", &[]).await;
         let mut started = Vec::new();
         for (i, b) in backends.iter().enumerate() {
-            started.push(start_backend(&dir, reg, i, *b).await);
+            started.push(start_backend(registry.addr, i, *b).await);
         }
-        let client_ready = dir.join("client.json");
-        let mut args = strings(&[
-            "--registry",
-            &format!("http://{reg}"),
-            "--upstream-service",
-            SERVICE,
-            "--admin",
-            "127.0.0.1:0",
-            "--outbound",
-            "127.0.0.1:0",
-            "--ready-file",
-            &client_ready.display().to_string(),
-        ]);
-        args.extend(strings(client_extra));
-        let proc = Proc::spawn("client-sidecar", "sidecar", &args, &[]);
-        let ready = read_ready(&client_ready, Duration::from_secs(20)).await;
-        let client =
-            Client { proc, outbound: addr_field(&ready, "outbound"), admin: addr_field(&ready, "admin") };
+        let mut extra = strings(&["--upstream-service", SERVICE]);
+        extra.extend(strings(client_extra));
+        let sidecar = SidecarProc::spawn("client-sidecar", &registry.url(), &extra).await;
+        let client = Client { proc: sidecar.proc, outbound: sidecar.outbound, admin: sidecar.admin };
         let n = backends.len();
         let admin = client.admin;
         wait_for(
@@ -163,7 +104,7 @@ impl Cluster {
             },
         )
         .await;
-        Cluster { client, backends: started, registry }
+        Cluster { client, backends: started, registry: registry.proc }
     }
 }
 
