@@ -187,6 +187,13 @@ impl OutlierState {
         failed != 0 && self.ms(now).saturating_sub(failed - 1) < SUSPECT_FOR.as_millis() as u64
     }
 
+    /// Marks the endpoint suspect without counting a failure: it was slow (a
+    /// connect still pending when another endpoint was tried), which says it
+    /// is loaded, not that it is broken.
+    pub fn mark_suspect(&self, now: Instant) {
+        self.failed_at.store(self.ms(now).saturating_add(1), Ordering::Relaxed);
+    }
+
     /// The share of its weight the endpoint gets at `now`, in permille: rises
     /// linearly from 10 % to 100 % over `slow_start` after it joined; always
     /// 1000 when `slow_start` is zero.

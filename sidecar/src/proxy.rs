@@ -9,7 +9,8 @@
 //! - [`forward`]: one request's attempts over HTTP/1.1 or HTTP/2 ([`upgrade`]
 //!   for `Upgrade` requests), with [`attempts`] keeping the tried set, the
 //!   backoff, the deadline, the budget and the outcomes; the endpoint for each
-//!   attempt comes from [`crate::balance::choose`].
+//!   attempt comes from [`crate::balance::choose`], and [`connect`] finds it a
+//!   connection (pooled, or new and hedged against a dropped SYN).
 //! - [`pool`] (idle HTTP/1.1 connections per endpoint), [`protocol`] (which
 //!   endpoints speak HTTP/2), [`body`] (the replayable request body and the
 //!   response body that carries the in-flight guard), [`headers`] (target
@@ -96,6 +97,7 @@
 mod attempts;
 mod body;
 mod cause;
+mod connect;
 mod forward;
 mod grpc;
 mod headers;
@@ -128,6 +130,9 @@ use crate::retry::RetryConfig;
 pub struct ProxyConfig {
     /// Longest wait for a TCP connection to an endpoint.
     pub connect_timeout: Duration,
+    /// A new HTTP/1.1 connection still pending after this races one to another
+    /// endpoint (see [`connect`]); zero turns it off.
+    pub connect_hedge: Duration,
     /// Longest wait for one attempt's response headers; an idempotent request
     /// is then retried.
     pub per_try_timeout: Duration,
@@ -165,6 +170,7 @@ impl ProxyConfig {
     /// The defaults, written once: the CLI's defaults are these values.
     pub const DEFAULT: ProxyConfig = ProxyConfig {
         connect_timeout: Duration::from_secs(1),
+        connect_hedge: Duration::from_millis(100),
         per_try_timeout: Duration::from_secs(10),
         overall_timeout: Duration::from_secs(30),
         max_attempts: 3,

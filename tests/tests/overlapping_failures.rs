@@ -13,17 +13,20 @@
 //! - A backend frozen with SIGSTOP under load: zero failed requests; the
 //!   worst latency and p99 are printed (the per-try timeout shows in them).
 //!
-//! Status: these three tests are `#[ignore]`d because they still fail, and are
-//! kept as the definition of done for the balancer. With a refused connect
-//! ejecting whatever the share bound, and recent failures ranking an endpoint
-//! last, the black hole is gone (a dead backend took 1,419 first attempts
-//! before), and failed requests per run fell from 7-64 (most over 50) to 23-36 (kill),
-//! from 123-738 to 29 (slow plus kill). What is left: a full accept queue drops
-//! the SYN, the kernel retries it after 1 s, which is exactly the default
-//! connect timeout, so two such attempts in a row pass wrk's 2 s timeout. The
-//! fix to build is a hedged connect (after a short delay, race a connect to
-//! another endpoint; nothing was sent, so any method may). Run them with
-//! `cargo test --release -p trellis-tests --test overlapping_failures -- --ignored --nocapture`.
+//! What makes them pass: a refused connect ejects whatever the ejected-share
+//! bound, a recent failure ranks an endpoint after working ones, and a new
+//! connection still pending after 100 ms (a SYN dropped by a full accept queue,
+//! which the kernel resends only after a second) is hedged to another endpoint
+//! or, when there is none, to the same one again (`sidecar/src/proxy/connect.rs`).
+//! Before: 7 to 64 failed requests per kill run, a dead backend taking 1,419
+//! first attempts, 123 to 738 failures in the slow-then-kill scenario.
+//!
+//! The slow-then-kill test is still `#[ignore]`d: in about one run in three a
+//! single request (of about 15,000) fails with a read error, a response whose
+//! backend was killed after its headers and before its body. A proxy that has
+//! relayed the headers cannot take them back; buffering small responses of
+//! retryable requests before relaying them would close this, and is not built.
+//! Run it with `cargo test --release -p trellis-tests --test overlapping_failures -- --ignored --nocapture`.
 //!
 //! The tests run one at a time (each takes both cores' worth of processes),
 //! print what wrk measured and the client sidecar's counters, and assert only
@@ -73,7 +76,6 @@ async fn at(start: Instant, offset: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure, not fixed yet: backlog-5 backends drop SYNs, so attempts wait out the 1 s connect timeout (see the note in this file)"]
 async fn a_backend_killed_under_load_loses_no_request_three_runs_in_a_row() {
     let _serial = SERIAL.lock().await;
     let mut runs = Vec::new();
@@ -97,7 +99,7 @@ async fn a_backend_killed_under_load_loses_no_request_three_runs_in_a_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure, not fixed yet: backlog-5 backends drop SYNs, so attempts wait out the 1 s connect timeout (see the note in this file)"]
+#[ignore = "fails about one run in three: one response cut when its backend is killed mid-write (see the note in this file)"]
 async fn a_second_endpoint_dying_while_a_slow_one_holds_the_ejection_bound_loses_no_request() {
     let _serial = SERIAL.lock().await;
     // b1 answers after 5 s; at a 300 ms per-try timeout three tries eject it,
@@ -126,7 +128,6 @@ async fn a_second_endpoint_dying_while_a_slow_one_holds_the_ejection_bound_loses
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure, not fixed yet: backlog-5 backends drop SYNs, so attempts wait out the 1 s connect timeout (see the note in this file)"]
 async fn a_backend_paused_under_load_loses_no_request() {
     let _serial = SERIAL.lock().await;
     // The per-try timeout the compose pause test uses; wrk waits longer, so a

@@ -16,6 +16,10 @@ pub struct ProxyArgs {
     /// Timeout of one TCP connect to an endpoint.
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.connect_timeout))]
     pub connect_timeout: WireDuration,
+    /// A new connection still pending after this also tries another endpoint (a full accept
+    /// queue drops the SYN, which the kernel resends only after 1s); 0 turns it off.
+    #[arg(long, env = "TRELLIS_CONNECT_HEDGE", default_value_t = WireDuration(ProxyConfig::DEFAULT.connect_hedge))]
+    pub connect_hedge: WireDuration,
     /// Timeout of one attempt, until response headers (idempotent requests are retried after it).
     #[arg(long, env = "TRELLIS_TRY_TIMEOUT", default_value_t = WireDuration(ProxyConfig::DEFAULT.per_try_timeout))]
     pub try_timeout: WireDuration,
@@ -87,6 +91,7 @@ impl ProxyArgs {
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
             connect_timeout: self.connect_timeout.0,
+            connect_hedge: self.connect_hedge.0,
             per_try_timeout: self.try_timeout.0,
             overall_timeout: self.request_timeout.0,
             max_attempts: self.max_attempts,

@@ -18,7 +18,7 @@ use super::ProxyConfig;
 use crate::balance::{choose, Pick};
 use crate::endpoints::{EndpointSet, ServiceEndpoints, ServicePolicy};
 use crate::error::ProxyError;
-use crate::outlier::{may_eject, Outcome};
+use crate::outlier::{may_eject, Outcome, Via};
 
 /// One request's attempts against one snapshot of a service's endpoints.
 pub(super) struct Attempts<'a> {
@@ -86,6 +86,22 @@ impl<'a> Attempts<'a> {
             .ok_or_else(|| ProxyError::NoEndpoints(self.svc.name.clone()))
     }
 
+    /// Another endpoint for the same attempt, when `pick`'s connection is slow
+    /// to come: one this request has not tried, in normal rotation (never a
+    /// probe or panic mode, which are not worth a duplicate connect). It counts
+    /// as tried from now on.
+    pub fn alternative(&mut self, pick: &Pick<'_>) -> Option<Pick<'a>> {
+        if !self.tried.contains(&pick.index) {
+            self.tried.push(pick.index);
+        }
+        let alt = choose(self.set, &self.tried, Instant::now(), &self.config.balance)?;
+        if alt.via != Via::Normal {
+            return None;
+        }
+        self.tried.push(alt.index);
+        Some(alt)
+    }
+
     /// The attempt got an answer its endpoint is not blamed for.
     pub fn succeeded(&self, pick: &mut Pick<'_>) {
         let outlier = &pick.endpoint.state.outlier;
@@ -132,7 +148,9 @@ impl<'a> Attempts<'a> {
     /// retry, and waits out a full-jitter backoff (never past the deadline).
     pub async fn back_off(&mut self, tried: usize) {
         self.policy.metrics.retries.inc();
-        self.tried.push(tried);
+        if !self.tried.contains(&tried) {
+            self.tried.push(tried);
+        }
         let retry = &self.config.retry;
         let delay = self
             .backoff

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::attempts::Attempts;
-use super::pool::{Checkin, SendError};
+use super::connect::{self, Connected, NotConnected};
+use super::pool::{Checkin, SendError, SendOnError};
 use super::{cause, grpc, headers, ProxyContext, ProxyResponse, ReplayBody, ResponseBody};
 use crate::balance::Pick;
 use crate::endpoints::{Endpoint, EndpointSet, InFlight, ServiceEndpoints, ServicePolicy};
@@ -63,7 +64,7 @@ pub(super) async fn forward(
     // No timer of its own for the overall timeout: each attempt's timer ends
     // at the deadline at the latest, and so does each backoff.
     loop {
-        let mut pick = attempts.next()?;
+        let pick = attempts.next()?;
         let ep = pick.endpoint;
         let guard = ep.begin();
         let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
@@ -108,7 +109,16 @@ pub(super) async fn forward(
         let sent_at = if downstream_h2 { Instant::now() } else { pick.at };
         let per_try = config.per_try_timeout.min(deadline.saturating_duration_since(sent_at));
         let mut conn = None;
-        let result = match tokio::time::timeout(per_try, send(ctx, ep, up, h2)).await {
+        let attempt_end = sent_at + per_try;
+        let (mut pick, guard, sent) = if h2 {
+            let sent = tokio::time::timeout_at(attempt_end, send_h2(ctx, up)).await.map_err(|_| TimedOut);
+            (pick, guard, sent)
+        } else {
+            send_h1(ctx, &mut attempts, pick, guard, up, attempt_end).await
+        };
+        // A hedged connect may have moved the attempt to another endpoint.
+        let ep = pick.endpoint;
+        let result = match sent {
             Ok(Ok((resp, checkin))) => match resp.status() {
                 StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
                     conn = checkin;
@@ -131,7 +141,7 @@ pub(super) async fn forward(
                 Attempt::Failed { failure: Failure::NotSent, cause: format!("{}: {cause}", ep.authority) }
             }
             Ok(Err(SendError::Send(e))) => sent_failure(&attempts, &mut pick, &*e)?,
-            Err(_) => {
+            Err(TimedOut) => {
                 attempts.failed(&mut pick, Outcome::Failure);
                 Attempt::Failed {
                     failure: Failure::PerTryTimeout,
@@ -175,23 +185,62 @@ fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Sends one attempt: over HTTP/2 through hyper-util's client, else over a
-/// pooled HTTP/1.1 connection, which the response body gives back.
-async fn send(
-    ctx: &ProxyContext,
-    ep: &Endpoint,
-    up: Request<ReplayBody<Incoming>>,
-    h2: bool,
-) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
-    if !h2 {
-        return ctx.pool.send(&ep.authority, up).await.map(|(r, c)| (r, Some(c)));
-    }
+/// The attempt's time ran out before response headers.
+struct TimedOut;
+
+/// What sending one attempt gave: response headers (and, over HTTP/1.1, the
+/// pooled connection the body gives back), or why not.
+type Sent = Result<(Response<Incoming>, Option<Checkin>), SendError>;
+
+/// Sends one attempt over HTTP/2 through hyper-util's client (one multiplexed
+/// connection per endpoint).
+async fn send_h2(ctx: &ProxyContext, up: Request<ReplayBody<Incoming>>) -> Sent {
     match ctx.h2_client.request(up).await {
         Ok(r) => Ok((r, None)),
         Err(e) if e.is_connect() => {
             Err(SendError::Connect { refused: cause::is_refused(&e), cause: cause::chain(&e), headers: None })
         }
         Err(e) => Err(SendError::Send(Box::new(e))),
+    }
+}
+
+/// Sends one attempt over HTTP/1.1 on a connection from [`connect`] (which
+/// may hedge to another endpoint: the pick and guard returned are the ones
+/// the attempt ended on), until `end`. An idle connection found closed is
+/// replaced, since the request never left on it.
+async fn send_h1<'a>(
+    ctx: &ProxyContext,
+    attempts: &mut Attempts<'a>,
+    mut pick: Pick<'a>,
+    mut guard: InFlight,
+    mut up: Request<ReplayBody<Incoming>>,
+    end: Instant,
+) -> (Pick<'a>, InFlight, Result<Sent, TimedOut>) {
+    loop {
+        let Connected { pick: on, guard: held, tx, reused } =
+            match connect::connect(ctx, attempts, pick, guard, end).await {
+                Ok(c) => c,
+                Err(NotConnected { pick, guard, timed_out: true, .. }) => {
+                    return (pick, guard, Err(TimedOut))
+                }
+                Err(NotConnected { pick, guard, refused, cause, .. }) => {
+                    // Nothing was sent: the headers come back for a retry.
+                    let headers = Some(up.into_parts().0.headers);
+                    return (pick, guard, Ok(Err(SendError::Connect { refused, cause, headers })));
+                }
+            };
+        let sent =
+            tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.authority, tx, reused, up)).await;
+        match sent {
+            Err(_) => return (on, held, Err(TimedOut)),
+            Ok(Ok((resp, checkin))) => return (on, held, Ok(Ok((resp, Some(checkin))))),
+            Ok(Err(SendOnError::Send(e))) => return (on, held, Ok(Err(SendError::Send(e)))),
+            Ok(Err(SendOnError::Stale(back))) => {
+                up = *back;
+                pick = on;
+                guard = held;
+            }
+        }
     }
 }
 

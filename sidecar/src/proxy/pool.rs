@@ -36,7 +36,15 @@ use tracing::debug;
 
 use super::body::ReplayBody;
 
-type Sender = SendRequest<ReplayBody<Incoming>>;
+pub type Sender = SendRequest<ReplayBody<Incoming>>;
+
+/// Why [`Pool::send_on`] failed.
+pub enum SendOnError {
+    /// The idle connection had closed; the request, never sent, comes back.
+    Stale(Box<Request<ReplayBody<Incoming>>>),
+    /// The request may have reached the endpoint.
+    Send(Box<dyn StdError + Send + Sync>),
+}
 
 /// Why an attempt over HTTP/1.1 (or the HTTP/2 client) failed.
 #[derive(Debug)]
@@ -98,15 +106,18 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `req` (origin-form URI, Host set) to the endpoint at `authority`;
-    /// the response body should carry the returned [`Checkin`].
+    /// Sends `req` (origin-form URI, Host set) to the endpoint at `authority`
+    /// on an idle connection or a new one; the response body should carry the
+    /// returned [`Checkin`]. The proxy itself connects through
+    /// [`super::connect`] (which may hedge), then calls [`Pool::send_on`].
+    #[cfg(test)]
     pub async fn send(
         self: &Arc<Self>,
         authority: &str,
         mut req: Request<ReplayBody<Incoming>>,
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
         loop {
-            let (mut tx, reused) = match self.checkout(authority) {
+            let (tx, reused) = match self.checkout(authority) {
                 Some(tx) => (tx, true),
                 None => match self.connect(authority).await {
                     Ok(tx) => (tx, false),
@@ -116,27 +127,44 @@ impl Pool {
                     }
                 },
             };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let checkin =
-                        Checkin { pool: Arc::downgrade(self), authority: authority.into(), tx: Some(tx) };
-                    return Ok((resp, checkin));
-                }
-                Err(mut e) => match e.take_message() {
-                    // The connection closed before the request went out: it
-                    // was never sent, so another connection may take it.
-                    Some(back) if reused => {
-                        debug!(%authority, error = %e.error(), "pooled connection was closed; sending on another");
-                        req = back;
-                    }
-                    _ => return Err(SendError::Send(Box::new(e.into_error()))),
-                },
+            match self.send_on(authority, tx, reused, req).await {
+                Ok(sent) => return Ok(sent),
+                Err(SendOnError::Stale(back)) => req = *back,
+                Err(SendOnError::Send(e)) => return Err(SendError::Send(e)),
             }
         }
     }
 
+    /// Sends `req` on `tx`, a connection to `authority` (`reused`: it came from
+    /// the idle list). A reused connection that closed before the request went
+    /// out hands the request back ([`SendOnError::Stale`]): it was never sent.
+    pub async fn send_on(
+        self: &Arc<Self>,
+        authority: &str,
+        mut tx: Sender,
+        reused: bool,
+        req: Request<ReplayBody<Incoming>>,
+    ) -> Result<(Response<Incoming>, Checkin), SendOnError> {
+        match tx.try_send_request(req).await {
+            Ok(resp) => {
+                let checkin =
+                    Checkin { pool: Arc::downgrade(self), authority: authority.into(), tx: Some(tx) };
+                Ok((resp, checkin))
+            }
+            Err(mut e) => match e.take_message() {
+                // The connection closed before the request went out: it
+                // was never sent, so another connection may take it.
+                Some(back) if reused => {
+                    debug!(%authority, error = %e.error(), "pooled connection was closed; sending on another");
+                    Err(SendOnError::Stale(Box::new(back)))
+                }
+                _ => Err(SendOnError::Send(Box::new(e.into_error()))),
+            },
+        }
+    }
+
     /// The most recently used idle connection that is still open and ready.
-    fn checkout(&self, authority: &str) -> Option<Sender> {
+    pub fn checkout(&self, authority: &str) -> Option<Sender> {
         let mut idle = self.lock();
         let list = idle.get_mut(authority)?;
         while let Some(c) = list.pop_back() {
@@ -152,8 +180,9 @@ impl Pool {
         None
     }
 
+    /// A new connection to `authority`, within the connect timeout;
     /// `Err((refused, cause))`.
-    async fn connect(&self, authority: &str) -> Result<Sender, (bool, String)> {
+    pub async fn connect(&self, authority: &str) -> Result<Sender, (bool, String)> {
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
