@@ -128,8 +128,10 @@ struct Inner {
 /// healthy endpoint which failed once is back in full rotation almost at once.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(1);
 
-/// The smallest share of its weight an endpoint gets at the start of its slow
-/// start (Envoy's `min_weight_percent` default), so it is never starved.
+/// The smallest share of its weight an endpoint is given during its slow start
+/// (Envoy's `min_weight_percent` default). Under least-loaded this bounds how
+/// cold an endpoint counts as, not a traffic share: with few requests in flight
+/// a new endpoint may get none until its warmth passes the others' load.
 const MIN_WARMTH_PERMILLE: u64 = 100;
 
 #[derive(Debug)]
@@ -194,9 +196,10 @@ impl OutlierState {
         self.failed_at.store(self.ms(now).saturating_add(1), Ordering::Relaxed);
     }
 
-    /// The share of its weight the endpoint gets at `now`, in permille: rises
-    /// linearly from 10 % to 100 % over `slow_start` after it joined; always
-    /// 1000 when `slow_start` is zero.
+    /// The share of its weight the endpoint gets at `now`, in permille: the
+    /// elapsed fraction of `slow_start` since it joined, never below 10 % (so
+    /// flat at 10 % for the first tenth of the window, then linear to 100 %);
+    /// always 1000 when `slow_start` is zero.
     pub fn warmth_permille(&self, now: Instant, slow_start: Duration) -> u64 {
         let window = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
         if window == 0 {
