@@ -315,7 +315,7 @@ impl RunArgs {
             workers: self.workers,
             shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
             log_level: self.log_level.clone(),
-            proxy: self.proxy.proxy_config(),
+            proxy: ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() },
         })
     }
 

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use trellis_shared::{Address, InstanceId, ServiceName, Zone};
 
+use crate::hedge::Hedge;
 use crate::metrics::ServiceMetrics;
 use crate::outlier::OutlierState;
 use crate::retry::RetryBudget;
@@ -134,6 +135,8 @@ pub struct ServiceEndpoints {
 pub struct ServicePolicy {
     pub budget: RetryBudget,
     pub metrics: ServiceMetrics,
+    /// Hedging, when `--hedge` names the service.
+    pub hedge: Option<Hedge>,
 }
 
 impl ServiceEndpoints {

@@ -12,6 +12,7 @@
 //! - [`endpoints`]: endpoint and snapshot types, read lock-free by the proxy.
 //! - [`balance`]: least-connections selection, a pure data structure.
 //! - [`outlier`]: passive ejection state machine.
+//! - [`hedge`]: hedged requests per service: the delay, fixed or the observed p95.
 //! - [`retry`]: retry policy and retry budget.
 //! - [`proxy`]: the outbound proxy server.
 //! - [`error`]: sidecar-produced errors mapped to status and JSON in one place.
@@ -27,6 +28,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod hedge;
 pub mod host;
 pub mod metrics;
 pub mod outlier;

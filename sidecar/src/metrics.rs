@@ -81,6 +81,7 @@ pub struct Metrics {
     duration: HistogramFamily,
     retries: Family<ServiceLabels, Counter>,
     retries_refused: Family<ServiceLabels, Counter>,
+    hedges: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
@@ -106,6 +107,7 @@ impl Metrics {
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let retries = Family::<ServiceLabels, Counter>::default();
         let retries_refused = Family::<ServiceLabels, Counter>::default();
+        let hedges = Family::<ServiceLabels, Counter>::default();
         let ejections = Family::<ServiceLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let endpoints = Family::<EndpointLabels, Gauge>::default();
@@ -134,6 +136,11 @@ impl Metrics {
             "Retries the retry budget refused",
             retries_refused.clone(),
         );
+        registry.register(
+            "hedges",
+            "Requests also sent to a second endpoint because their answer was late (--hedge)",
+            hedges.clone(),
+        );
         registry.register("ejections", "Endpoints ejected by passive outlier detection", ejections.clone());
         registry.register(
             "proxy_errors",
@@ -155,6 +162,7 @@ impl Metrics {
             duration,
             retries,
             retries_refused,
+            hedges,
             ejections,
             errors,
             endpoints,
@@ -226,6 +234,7 @@ impl Metrics {
             duration: self.duration.get_or_create(&s).clone(),
             retries: self.retries.get_or_create(&s).clone(),
             retries_refused: self.retries_refused.get_or_create(&s).clone(),
+            hedges: self.hedges.get_or_create(&s).clone(),
             ejections: self.ejections.get_or_create(&s).clone(),
         }
     }
@@ -240,6 +249,7 @@ pub struct ServiceMetrics {
     duration: Histogram,
     pub retries: Counter,
     pub retries_refused: Counter,
+    pub hedges: Counter,
     pub ejections: Counter,
 }
 

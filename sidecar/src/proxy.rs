@@ -115,12 +115,14 @@ use http::Response;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use trellis_shared::ServiceName;
 
 pub use body::{BoxError, ReplayBody, ResponseBody};
 pub use server::{serve, serve_all, Listener};
 
 use crate::balance::BalanceConfig;
 use crate::endpoints::Resolve;
+use crate::hedge::HedgeDelay;
 use crate::metrics::Metrics;
 use crate::outlier::OutlierConfig;
 use crate::retry::RetryConfig;
@@ -164,6 +166,9 @@ pub struct ProxyConfig {
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
     pub balance: BalanceConfig,
+    /// Services whose late idempotent requests are hedged, and after how long
+    /// (see [`crate::hedge`]); none by default.
+    pub hedges: Vec<(ServiceName, HedgeDelay)>,
 }
 
 impl ProxyConfig {
@@ -185,6 +190,7 @@ impl ProxyConfig {
         retry: RetryConfig::DEFAULT,
         outlier: OutlierConfig::DEFAULT,
         balance: BalanceConfig::DEFAULT,
+        hedges: Vec::new(),
     };
 }
 

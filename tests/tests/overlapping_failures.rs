@@ -49,7 +49,7 @@ fn print_run(label: &str, w: &WrkReport, before: ClientCounters, after: ClientCo
     println!(
         "{label}: wrk {} requests, non-2xx {}, socket errors {} (connect {}, read {}, write {}, timeout {}), \
          max latency {:.1} ms, p99 {}; client sidecar: ejections {}, retries {}, retries refused by budget {}, \
-         5xx answered {}",
+         hedges {}, 5xx answered {}",
         w.requests,
         w.non_2xx,
         w.socket_errors(),
@@ -62,6 +62,7 @@ fn print_run(label: &str, w: &WrkReport, before: ClientCounters, after: ClientCo
         after.ejections - before.ejections,
         after.retries - before.retries,
         after.retries_refused_by_budget - before.retries_refused_by_budget,
+        after.hedges - before.hedges,
         after.responses_5xx - before.responses_5xx,
     );
 }
@@ -127,12 +128,10 @@ async fn a_second_endpoint_dying_while_a_slow_one_holds_the_ejection_bound_loses
     assert_eq!(failures(&report), 0, "failed requests: {report:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_paused_under_load_loses_no_request() {
+/// Loads the cluster, freezes b1 with SIGSTOP at 3 s, and returns what wrk saw.
+async fn paused_run(label: &str, client_extra: &[&str]) -> WrkReport {
     let _serial = SERIAL.lock().await;
-    // The per-try timeout the compose pause test uses; wrk waits longer, so a
-    // request answered after a retry counts as slow, not failed.
-    let cluster = Cluster::start(&[Behaviour::Prompt; 3], &["--try-timeout", "1s"]).await;
+    let cluster = Cluster::start(&[Behaviour::Prompt; 3], client_extra).await;
     let before = cluster.client.counters().await;
     let start = Instant::now();
     let wrk = Wrk::start(cluster.client.outbound, LOAD, &["--latency", "--timeout", "5s"]);
@@ -141,6 +140,17 @@ async fn a_backend_paused_under_load_loses_no_request() {
     let report = wrk.finish().await;
     cluster.backends[0].app.signal(libc::SIGCONT);
     let after = cluster.client.counters().await;
-    print_run("SIGSTOP of b1 at 3 s", &report, before, after);
+    print_run(label, &report, before, after);
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_paused_under_load_loses_no_request() {
+    // The per-try timeout the compose pause test uses; wrk waits longer, so a
+    // request answered after a retry counts as slow, not failed. Without
+    // hedging, every request sent to the frozen backend waits it out: the
+    // printed p99 and worst latency show it (`hedging.rs` measures the same
+    // freeze with `--hedge`, on backends whose own latency is steady).
+    let report = paused_run("SIGSTOP of b1 at 3 s, no hedging", &["--try-timeout", "1s"]).await;
     assert_eq!(failures(&report), 0, "failed requests: {report:?}");
 }

@@ -1,10 +1,11 @@
 //! The outbound proxy's flags, mapped onto [`ProxyConfig`] and checked.
 
 use clap::Args;
-use trellis_shared::WireDuration;
+use trellis_shared::{ServiceName, WireDuration};
 
 use super::{bad, ConfigError};
 use crate::balance::BalanceConfig;
+use crate::hedge::HedgeDelay;
 use crate::outlier::OutlierConfig;
 use crate::proxy::ProxyConfig;
 use crate::retry::RetryConfig;
@@ -63,6 +64,11 @@ pub struct ProxyArgs {
     /// requests, rising from 10 %; 0 turns slow start off.
     #[arg(long, env = "TRELLIS_SLOW_START", default_value_t = WireDuration(BalanceConfig::DEFAULT.slow_start))]
     pub slow_start: WireDuration,
+    /// Hedge late idempotent requests without a body to SERVICE: after DELAY (e.g. 50ms, or
+    /// `auto` for the service's observed p95) without an answer, also send to another endpoint.
+    /// Repeat, or comma-separate. Default: none.
+    #[arg(long = "hedge", env = "TRELLIS_HEDGE", value_delimiter = ',', value_name = "SERVICE=DELAY")]
+    pub hedges: Vec<String>,
     /// Most open client connections on the outbound port; more are answered 503 overloaded.
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ProxyConfig::DEFAULT.max_connections)]
     pub max_connections: usize,
@@ -117,11 +123,30 @@ impl ProxyArgs {
                 max_ejected_percent: self.ejection_max_percent,
             },
             balance: BalanceConfig { slow_start: self.slow_start.0 },
+            hedges: Vec::new(),
         }
     }
 }
 
 impl ProxyArgs {
+    /// `--hedge SERVICE=DELAY` values, checked.
+    pub(super) fn hedges(&self) -> Result<Vec<(ServiceName, HedgeDelay)>, ConfigError> {
+        let mut out: Vec<(ServiceName, HedgeDelay)> = Vec::new();
+        for item in &self.hedges {
+            let err = |why: String| bad(format!("--hedge {item:?} is invalid: {why}"));
+            let (name, delay) = item
+                .split_once('=')
+                .ok_or_else(|| err("expected SERVICE=DELAY, e.g. users=50ms or users=auto".into()))?;
+            let name = ServiceName::new(name.trim()).map_err(|e| err(e.to_string()))?;
+            let delay: HedgeDelay = delay.parse().map_err(err)?;
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(err(format!("{name} is named twice")));
+            }
+            out.push((name, delay));
+        }
+        Ok(out)
+    }
+
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         for (flag, d) in [
             ("--connect-timeout", self.connect_timeout.0),

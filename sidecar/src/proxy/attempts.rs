@@ -91,8 +91,13 @@ impl<'a> Attempts<'a> {
     /// probe or panic mode, which are not worth a duplicate connect). It counts
     /// as tried from now on.
     pub fn alternative(&mut self, pick: &Pick<'_>) -> Option<Pick<'a>> {
-        if !self.tried.contains(&pick.index) {
-            self.tried.push(pick.index);
+        self.alternative_to(pick.index)
+    }
+
+    /// [`Attempts::alternative`] to the endpoint at `index`.
+    pub fn alternative_to(&mut self, index: usize) -> Option<Pick<'a>> {
+        if !self.tried.contains(&index) {
+            self.tried.push(index);
         }
         let alt = choose(self.set, &self.tried, Instant::now(), &self.config.balance)?;
         if alt.via != Via::Normal {
@@ -141,6 +146,22 @@ impl<'a> Attempts<'a> {
             debug!(service = %self.svc.name, "retry refused by the budget");
             return false;
         }
+        true
+    }
+
+    /// Whether a late attempt may be hedged now: attempts and time are left,
+    /// and the retry budget pays for the hedge (which then counts as an
+    /// attempt, and in the `hedges` metric).
+    pub fn may_hedge(&mut self) -> bool {
+        if !(self.has_more() && Instant::now() < self.deadline) {
+            return false;
+        }
+        if !self.policy.budget.try_withdraw(Instant::now()) {
+            self.policy.metrics.retries_refused.inc();
+            return false;
+        }
+        self.made += 1;
+        self.policy.metrics.hedges.inc();
         true
     }
 

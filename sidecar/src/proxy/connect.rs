@@ -59,12 +59,13 @@ const MAX_CONNECTS: usize = 4;
 type Racing<'f> = FuturesUnordered<Pin<Box<dyn Future<Output = (Option<usize>, ConnectResult)> + Send + 'f>>>;
 
 /// Connects for one attempt to `pick` (whose in-flight `guard` is held),
-/// hedging as the module doc says, until `deadline`. Each hedge goes to
+/// hedging as the module doc says (when given the request's `attempts`),
+/// until `deadline`. Each hedge goes to
 /// another endpoint when one is usable, else to the same one again: a new
 /// connect sends a new SYN at once, where the kernel would wait a second.
 pub(super) async fn connect<'a>(
     ctx: &ProxyContext,
-    attempts: &mut Attempts<'a>,
+    attempts: Option<&mut Attempts<'a>>,
     pick: Pick<'a>,
     guard: InFlight,
     deadline: Instant,
@@ -79,6 +80,9 @@ pub(super) async fn connect<'a>(
     if delay.is_zero() || next_hedge >= deadline {
         return settle(tokio::time::timeout_at(deadline, first).await, pick, guard);
     }
+    // Without the request's attempts (the two attempts of a hedged request),
+    // hedges go to the same endpoint only.
+    let mut attempts = attempts;
     if let Ok(r) = tokio::time::timeout_at(next_hedge, &mut first).await {
         return settle(Ok(r), pick, guard);
     }
@@ -104,15 +108,15 @@ pub(super) async fn connect<'a>(
                 (Some(i), Ok(tx)) => {
                     if let Some((won, won_guard)) = others.get_mut(i).and_then(Option::take) {
                         let mut lost = pick;
-                        if let Some((refused, _)) = &first_failed {
-                            attempts.failed(&mut lost, outcome(*refused));
+                        if let (Some((refused, _)), Some(a)) = (&first_failed, attempts.as_deref()) {
+                            a.failed(&mut lost, outcome(*refused));
                         }
                         return Ok(Connected { pick: won, guard: won_guard, tx, reused: false });
                     }
                 }
                 (Some(i), Err((refused, cause))) => {
-                    if let Some((mut failed, _)) = others.get_mut(i).and_then(Option::take) {
-                        attempts.failed(&mut failed, outcome(refused));
+                    if let (Some((mut failed, _)), Some(a)) = (others.get_mut(i).and_then(Option::take), attempts.as_deref()) {
+                        a.failed(&mut failed, outcome(refused));
                         debug!(endpoint = %failed.endpoint.authority, %cause, "hedged connect failed");
                     }
                 }
@@ -121,7 +125,7 @@ pub(super) async fn connect<'a>(
                 launched += 1;
                 next_hedge += delay;
                 let pool = &ctx.pool;
-                match attempts.alternative(&pick) {
+                match attempts.as_deref_mut().and_then(|a| a.alternative(&pick)) {
                     Some(alt) => {
                         let authority = &alt.endpoint.authority;
                         debug!(slow = %pick.endpoint.authority, hedge = %authority, "connect still pending; hedging");

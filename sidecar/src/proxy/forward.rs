@@ -21,6 +21,7 @@ use super::{cause, grpc, headers, ProxyContext, ProxyResponse, ReplayBody, Respo
 use crate::balance::Pick;
 use crate::endpoints::{Endpoint, EndpointSet, InFlight, ServiceEndpoints, ServicePolicy};
 use crate::error::ProxyError;
+use crate::hedge::Hedge;
 use crate::outlier::Outcome;
 use crate::retry::{is_idempotent, may_retry, Failure};
 
@@ -114,7 +115,15 @@ pub(super) async fn forward(
             let sent = tokio::time::timeout_at(attempt_end, send_h2(ctx, up)).await.map_err(|_| TimedOut);
             (pick, guard, sent)
         } else {
-            send_h1(ctx, &mut attempts, pick, guard, up, attempt_end).await
+            let hedge_after = policy
+                .hedge
+                .as_ref()
+                .and_then(Hedge::delay)
+                .filter(|_| idempotent && body.is_empty() && attempts.has_more());
+            match hedge_after {
+                None => send_h1(ctx, Some(&mut attempts), pick, guard, up, attempt_end).await,
+                Some(after) => hedged(ctx, &mut attempts, pick, guard, up, attempt_end, after).await,
+            }
         };
         // A hedged connect may have moved the attempt to another endpoint.
         let ep = pick.endpoint;
@@ -127,6 +136,9 @@ pub(super) async fn forward(
                 }
                 _ => {
                     attempts.succeeded(&mut pick);
+                    if let Some(hedge) = &policy.hedge {
+                        hedge.observe(sent_at.elapsed());
+                    }
                     let resp = relay(resp, guard, policy, checkin);
                     debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt = attempts.made(), "proxied");
                     return Ok(resp);
@@ -210,7 +222,7 @@ async fn send_h2(ctx: &ProxyContext, up: Request<ReplayBody<Incoming>>) -> Sent 
 /// replaced, since the request never left on it.
 async fn send_h1<'a>(
     ctx: &ProxyContext,
-    attempts: &mut Attempts<'a>,
+    mut attempts: Option<&mut Attempts<'a>>,
     mut pick: Pick<'a>,
     mut guard: InFlight,
     mut up: Request<ReplayBody<Incoming>>,
@@ -218,7 +230,7 @@ async fn send_h1<'a>(
 ) -> (Pick<'a>, InFlight, Result<Sent, TimedOut>) {
     loop {
         let Connected { pick: on, guard: held, tx, reused } =
-            match connect::connect(ctx, attempts, pick, guard, end).await {
+            match connect::connect(ctx, attempts.as_deref_mut(), pick, guard, end).await {
                 Ok(c) => c,
                 Err(NotConnected { pick, guard, timed_out: true, .. }) => {
                     return (pick, guard, Err(TimedOut))
@@ -241,6 +253,87 @@ async fn send_h1<'a>(
                 guard = held;
             }
         }
+    }
+}
+
+/// What one HTTP/1.1 attempt ended with: the endpoint, its in-flight guard, and the result.
+type Ended<'a> = (Pick<'a>, InFlight, Result<Sent, TimedOut>);
+
+/// Sends an attempt over HTTP/1.1 and, if its answer has not started after
+/// `after`, the same request to another endpoint too (see [`crate::hedge`]):
+/// the first answer wins and the other attempt is cancelled by dropping it.
+/// Only for idempotent requests without a body, so both may be sent in full.
+#[allow(clippy::too_many_arguments)]
+async fn hedged<'a>(
+    ctx: &ProxyContext,
+    attempts: &mut Attempts<'a>,
+    pick: Pick<'a>,
+    guard: InFlight,
+    up: Request<ReplayBody<Incoming>>,
+    end: Instant,
+    after: std::time::Duration,
+) -> Ended<'a> {
+    let mut copy = Request::new(up.body().retry());
+    *copy.method_mut() = up.method().clone();
+    *copy.uri_mut() = up.uri().clone();
+    *copy.version_mut() = up.version();
+    *copy.headers_mut() = up.headers().clone();
+    let (index, late) = (pick.index, pick.endpoint);
+    let first = send_h1(ctx, None, pick, guard, up, end);
+    tokio::pin!(first);
+    let hedge_at = Instant::now() + after;
+    if hedge_at >= end {
+        return first.await;
+    }
+    if let Ok(ended) = tokio::time::timeout_at(hedge_at, &mut first).await {
+        return ended;
+    }
+    let Some(alt) = attempts.alternative_to(index) else {
+        return first.await;
+    };
+    if !attempts.may_hedge() {
+        return first.await;
+    }
+    late.state.outlier.mark_suspect(Instant::now());
+    debug!(late = %late.authority, hedge = %alt.endpoint.authority, "answer late; hedging");
+    let alt_guard = alt.endpoint.begin();
+    let second = send_h1(ctx, None, alt, alt_guard, copy, end);
+    tokio::pin!(second);
+    let answered = |e: &Ended<'a>| matches!(e.2, Ok(Ok(_)));
+    let (mut first_ended, mut second_ended): (Option<Ended<'a>>, Option<Ended<'a>>) = (None, None);
+    loop {
+        tokio::select! {
+            e = &mut first, if first_ended.is_none() => {
+                if answered(&e) {
+                    blame(attempts, second_ended.take());
+                    return e;
+                }
+                first_ended = Some(e);
+            }
+            e = &mut second, if second_ended.is_none() => {
+                if answered(&e) {
+                    blame(attempts, first_ended.take());
+                    return e;
+                }
+                second_ended = Some(e);
+            }
+        }
+        if let (Some(_), Some(_)) = (&first_ended, &second_ended) {
+            // Neither answered: the hedge's failure is recorded here, the
+            // first attempt's by the caller, which may retry.
+            blame(attempts, second_ended.take());
+            if let Some(e) = first_ended.take() {
+                return e;
+            }
+        }
+    }
+}
+
+/// Records a losing hedge's failure on its endpoint.
+fn blame(attempts: &Attempts<'_>, ended: Option<Ended<'_>>) {
+    if let Some((mut pick, _, result)) = ended {
+        let refused = matches!(result, Ok(Err(SendError::Connect { refused: true, .. })));
+        attempts.failed(&mut pick, if refused { Outcome::Refused } else { Outcome::Failure });
     }
 }
 

@@ -17,6 +17,7 @@ use trellis_shared::ServiceName;
 use super::{forward, grpc, headers, upgrade, ProxyContext, ProxyResponse, ResponseBody};
 use crate::endpoints::ServicePolicy;
 use crate::error::ProxyError;
+use crate::hedge::Hedge;
 use crate::retry::RetryBudget;
 
 /// Counts a request as pending until dropped.
@@ -93,6 +94,7 @@ async fn route(
     let policy = svc.policy(|| ServicePolicy {
         budget: RetryBudget::new(&ctx.config.retry),
         metrics: ctx.metrics.service(svc.name.as_str()),
+        hedge: ctx.config.hedges.iter().find(|(name, _)| *name == svc.name).map(|(_, d)| Hedge::new(*d)),
     });
     let result = if upgrade::is_upgrade(&req) {
         upgrade::forward(ctx, &svc, policy, &set, req, start).await

@@ -127,6 +127,7 @@ pub struct ClientCounters {
     pub ejections: f64,
     pub retries: f64,
     pub retries_refused_by_budget: f64,
+    pub hedges: f64,
     pub responses_5xx: f64,
 }
 
@@ -155,6 +156,7 @@ impl Client {
             ejections: metric_sum(&text, "trellis_sidecar_ejections_total"),
             retries: metric_sum(&text, "trellis_sidecar_retries_total"),
             retries_refused_by_budget: metric_sum(&text, "trellis_sidecar_retries_refused_by_budget_total"),
+            hedges: metric_sum(&text, "trellis_sidecar_hedges_total"),
             responses_5xx: class_5xx,
         }
     }
