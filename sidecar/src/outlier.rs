@@ -27,7 +27,7 @@
 //! the mutex is taken only on failures and while ejected, and never across an
 //! `.await`.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -146,6 +146,9 @@ pub struct OutlierState {
     failed_at: AtomicU64,
     /// Milliseconds since `epoch` when the endpoint joined the rotation.
     joined_at: AtomicU64,
+    /// Set once its slow start is over, so a warm endpoint costs the balancer
+    /// one load instead of a clock computation; cleared when it rejoins.
+    warm: AtomicBool,
 }
 
 impl Default for OutlierState {
@@ -157,6 +160,7 @@ impl Default for OutlierState {
             epoch: Instant::now(),
             failed_at: AtomicU64::new(0),
             joined_at: AtomicU64::new(0),
+            warm: AtomicBool::new(false),
         }
     }
 }
@@ -201,12 +205,16 @@ impl OutlierState {
     /// flat at 10 % for the first tenth of the window, then linear to 100 %);
     /// always 1000 when `slow_start` is zero.
     pub fn warmth_permille(&self, now: Instant, slow_start: Duration) -> u64 {
+        if self.warm.load(Ordering::Relaxed) {
+            return 1000;
+        }
         let window = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
         if window == 0 {
             return 1000;
         }
         let elapsed = self.ms(now).saturating_sub(self.joined_at.load(Ordering::Relaxed));
         if elapsed >= window {
+            self.warm.store(true, Ordering::Relaxed);
             return 1000;
         }
         (elapsed.saturating_mul(1000) / window).max(MIN_WARMTH_PERMILLE)
@@ -277,6 +285,7 @@ impl OutlierState {
                 inner.recovered_at = Some(now);
                 // Back from an ejection: it warms up again, like a new endpoint.
                 self.joined_at.store(self.ms(now), Ordering::Relaxed);
+                self.warm.store(false, Ordering::Relaxed);
                 self.mode.store(ACTIVE, Ordering::Release);
             }
             return None;

@@ -56,6 +56,11 @@
 //!   an endpoint is never sent again. When no retry is allowed the last
 //!   upstream answer is relayed as is; if there is none, `502 upstream_failed`
 //!   (or `504 timeout` after a per-try timeout).
+//! - **Hedging**: a new HTTP/1.1 connection still pending after
+//!   `connect_hedge` races one to another endpoint (see [`connect`]); for the
+//!   services named in `hedges`, an idempotent request without a body whose
+//!   answer is late goes to a second endpoint too, paid from the budget (see
+//!   [`crate::hedge`]).
 //! - **Timeouts**: `connect_timeout` per connection, `per_try_timeout` per
 //!   attempt until response headers, `overall_timeout` for everything until
 //!   response headers (`504 timeout`). A response body, once it streams, is
