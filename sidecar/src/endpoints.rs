@@ -21,6 +21,7 @@ use trellis_shared::{Address, InstanceId, ServiceName, Zone};
 use crate::metrics::ServiceMetrics;
 use crate::outlier::OutlierState;
 use crate::retry::RetryBudget;
+use crate::zone::ZoneState;
 
 /// Mutable, shared state of one endpoint.
 #[derive(Debug, Default)]
@@ -129,11 +130,13 @@ pub struct ServiceEndpoints {
 }
 
 /// Per upstream service, the state the proxy's policies keep across requests:
-/// the retry budget all requests to the service share, and its metric handles.
+/// the retry budget all requests to the service share, its metric handles, and
+/// whether zone-aware routing holds it in the caller's zone.
 #[derive(Debug)]
 pub struct ServicePolicy {
     pub budget: RetryBudget,
     pub metrics: ServiceMetrics,
+    pub zone: ZoneState,
 }
 
 impl ServiceEndpoints {
@@ -171,6 +174,11 @@ impl ServiceEndpoints {
     /// The service's policy state, made by `init` on first use.
     pub fn policy(&self, init: impl FnOnce() -> ServicePolicy) -> &ServicePolicy {
         self.policy.get_or_init(init)
+    }
+
+    /// The service's policy state if a request made it already.
+    pub fn policy_if_made(&self) -> Option<&ServicePolicy> {
+        self.policy.get()
     }
 
     pub fn touch(&self, now_ms: u64) {

@@ -12,6 +12,7 @@
 //! - [`endpoints`]: endpoint and snapshot types, read lock-free by the proxy.
 //! - [`balance`]: least-connections selection, a pure data structure.
 //! - [`outlier`]: passive ejection state machine.
+//! - [`zone`]: zone-aware routing: keep traffic in the caller's zone, spill over with hysteresis.
 //! - [`retry`]: retry policy and retry budget.
 //! - [`proxy`]: the outbound proxy server.
 //! - [`error`]: sidecar-produced errors mapped to status and JSON in one place.
@@ -35,5 +36,6 @@ pub mod registration;
 pub mod retry;
 pub mod run;
 pub mod shutdown;
+pub mod zone;
 
 pub use run::{run, RunError};

@@ -18,6 +18,7 @@ use super::{forward, grpc, headers, upgrade, ProxyContext, ProxyResponse, Respon
 use crate::endpoints::ServicePolicy;
 use crate::error::ProxyError;
 use crate::retry::RetryBudget;
+use crate::zone::ZoneState;
 
 /// Counts a request as pending until dropped.
 struct Pending<'a>(&'a AtomicUsize);
@@ -90,9 +91,10 @@ async fn route(
     if set.endpoints.is_empty() {
         return Err(ProxyError::NoEndpoints(name));
     }
-    let policy = svc.policy(|| ServicePolicy {
-        budget: RetryBudget::new(&ctx.config.retry),
-        metrics: ctx.metrics.service(svc.name.as_str()),
+    let policy = svc.policy(|| {
+        let metrics = ctx.metrics.service(svc.name.as_str());
+        let zone = ZoneState::new(svc.name.clone(), metrics.zone.clone());
+        ServicePolicy { budget: RetryBudget::new(&ctx.config.retry), metrics, zone }
     });
     let result = if upgrade::is_upgrade(&req) {
         upgrade::forward(ctx, &svc, policy, &set, req, start).await
