@@ -156,7 +156,7 @@ pub fn choose<'a>(
     zones: &ZoneState,
 ) -> Option<Pick<'a>> {
     let eps = &set.endpoints;
-    let near_only = zones.near_only(eps, &config.zone);
+    let near_only = zones.near_only(eps, &config.zone, now);
     let pick = choose_among(eps, tried, now, config, near_only)?;
     zones.count(pick.endpoint, config.zone.local.as_ref());
     Some(pick)

@@ -28,6 +28,10 @@ use crate::zone::ZoneState;
 pub struct EndpointState {
     /// Requests (and upgraded connections) from this sidecar now in progress.
     in_flight: AtomicUsize,
+    /// Microseconds spent in flight by the requests that ended so far, summed:
+    /// its growth over a window is the window's average in-flight count
+    /// (Little's law), which zone-aware routing reads ([`crate::zone`]).
+    busy_us: AtomicU64,
     /// Passive health: consecutive failures, ejection, probing.
     pub outlier: OutlierState,
 }
@@ -35,6 +39,11 @@ pub struct EndpointState {
 impl EndpointState {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// See `busy_us`: grows when a request ends, by how long it was in flight.
+    pub fn busy_us(&self) -> u64 {
+        self.busy_us.load(Ordering::Relaxed)
     }
 }
 
@@ -78,7 +87,7 @@ impl Endpoint {
     /// byte has been sent, not when headers arrive.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint: Arc::clone(self) }
+        InFlight { endpoint: Arc::clone(self), since: tokio::time::Instant::now() }
     }
 
     /// Same instance at the same place: its state can be carried over.
@@ -91,6 +100,7 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
+    since: tokio::time::Instant,
 }
 
 impl InFlight {
@@ -102,6 +112,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let busy = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.endpoint.state.busy_us.fetch_add(busy, Ordering::Relaxed);
     }
 }
 
