@@ -4,8 +4,11 @@
 //!   configured, the app is registered; 503 otherwise and while shutting down.
 //! - `GET /metrics`: Prometheus text; endpoint gauges are refreshed from the
 //!   directory at scrape time.
-//! - `GET /endpoints`: JSON, every known upstream endpoint with its in-flight
-//!   count, outlier state and ejection count.
+//! - `GET /endpoints`: JSON, every known upstream endpoint with its zone,
+//!   in-flight count, outlier state and ejection count, and per service
+//!   whether zone-aware routing sends its requests to other zones
+//!   (`remote_zones_in_use`, with `zone_routing` saying why; absent while
+//!   zone-aware routing does not apply).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +101,10 @@ struct ServiceBody {
     resolved: bool,
     index: u64,
     epoch: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_zones_in_use: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone_routing: Option<&'static str>,
     endpoints: Vec<EndpointBody>,
 }
 
@@ -139,7 +146,11 @@ impl<W: Watcher> Admin<W> {
                         }
                     })
                     .collect();
+                let routing =
+                    s.policy_if_made().map(|p| p.zone.routing()).filter(|r| *r != crate::zone::Routing::Off);
                 ServiceBody {
+                    remote_zones_in_use: routing.map(|r| r.remote_in_use()),
+                    zone_routing: routing.map(|r| r.name()),
                     service: s.name.to_string(),
                     resolved: s.is_resolved(),
                     index: set.index,

@@ -19,6 +19,14 @@
 //! 4. least-loaded over active endpoints this request tried already;
 //! 5. panic mode: every endpoint is ejected, so all of them, untried first.
 //!
+//! # Zones
+//! With zone-aware routing ([`crate::zone`]) holding a service near, rules 1
+//! to 3 look at near endpoints (the caller's zone, or no zone) first, and a
+//! remote endpoint gets an attempt only when no near one is left for it: the
+//! same rules over every endpoint follow before rule 4, so a retry goes to an
+//! untried remote endpoint rather than back to a near one that just failed,
+//! and panic mode covers every zone.
+//!
 //! What keeps a dying endpoint from swallowing traffic: a refused connection
 //! ejects at once whatever the ejected-share bound ([`crate::outlier`]), and
 //! any other failure makes the endpoint suspect, so an endpoint that fails
@@ -33,9 +41,11 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
+use trellis_shared::Zone;
 
 use crate::endpoints::{Endpoint, EndpointSet};
 use crate::outlier::{Admission, Via};
+use crate::zone::{self, ZoneConfig, ZoneState};
 
 /// Balancer settings.
 #[derive(Debug, Clone)]
@@ -43,11 +53,14 @@ pub struct BalanceConfig {
     /// How long a new endpoint (or one back from an ejection) takes to reach
     /// its full share; zero turns slow start off.
     pub slow_start: Duration,
+    /// Zone-aware routing.
+    pub zone: ZoneConfig,
 }
 
 impl BalanceConfig {
     /// The defaults, written once: the CLI's defaults are these values.
-    pub const DEFAULT: BalanceConfig = BalanceConfig { slow_start: Duration::from_secs(10) };
+    pub const DEFAULT: BalanceConfig =
+        BalanceConfig { slow_start: Duration::from_secs(10), zone: ZoneConfig::DEFAULT };
 }
 
 impl Default for BalanceConfig {
@@ -132,16 +145,34 @@ impl Drop for Pick<'_> {
 }
 
 /// The endpoint for the next attempt of a request that already tried the
-/// endpoints at `tried`; `None` only when the snapshot is empty.
+/// endpoints at `tried`; `None` only when the snapshot is empty. `zones` is
+/// the service's zone routing state: it decides whether remote endpoints are
+/// first-rank candidates, and counts the attempt by zone.
 pub fn choose<'a>(
     set: &'a EndpointSet,
     tried: &[usize],
     now: Instant,
     config: &BalanceConfig,
+    zones: &ZoneState,
 ) -> Option<Pick<'a>> {
     let eps = &set.endpoints;
+    let near_only = zones.near_only(eps, &config.zone, now);
+    let pick = choose_among(eps, tried, now, config, near_only)?;
+    zones.count(pick.endpoint, config.zone.local.as_ref());
+    Some(pick)
+}
+
+/// [`choose`]'s rules; `near_only` holds back endpoints of other zones.
+fn choose_among<'a>(
+    eps: &'a [Arc<Endpoint>],
+    tried: &[usize],
+    now: Instant,
+    config: &BalanceConfig,
+    near_only: Option<&Zone>,
+) -> Option<Pick<'a>> {
     let untried = |i: usize| !tried.contains(&i);
     let active = |ep: &Endpoint| !ep.state.outlier.is_ejected();
+    let near = |ep: &Endpoint| near_only.is_none_or(|z| zone::is_near(ep, z));
     let pick = |index: usize, via: Via| Pick {
         index,
         endpoint: &eps[index],
@@ -151,15 +182,26 @@ pub fn choose<'a>(
     };
     // An endpoint whose ejection has ended gets its one probe right away.
     for (i, ep) in eps.iter().enumerate() {
-        if ep.state.outlier.is_ejected() && untried(i) && ep.state.outlier.admit(now) == Admission::Probe {
+        if ep.state.outlier.is_ejected()
+            && untried(i)
+            && near(ep)
+            && ep.state.outlier.admit(now) == Admission::Probe
+        {
             return Some(pick(i, Via::Probe));
         }
     }
     let lowest = |f: &dyn Fn(usize, &Endpoint) -> bool| least_loaded(eps, now, config, f);
-    if let Some(i) = lowest(&|i, ep| untried(i) && active(ep) && !ep.state.outlier.is_suspect(now))
-        .or_else(|| lowest(&|i, ep| untried(i) && active(ep)))
-        .or_else(|| lowest(&|_, ep| active(ep)))
-    {
+    let fresh = |i: usize, ep: &Endpoint| untried(i) && active(ep) && !ep.state.outlier.is_suspect(now);
+    // Without zone routing every endpoint is near and the remote rules are skipped.
+    let zoned = near_only.is_some();
+    let found = lowest(&|i, ep| near(ep) && fresh(i, ep))
+        .or_else(|| lowest(&|i, ep| near(ep) && untried(i) && active(ep)))
+        // No near endpoint left for this attempt: the other zones, untried first.
+        .or_else(|| zoned.then(|| lowest(&fresh)).flatten())
+        .or_else(|| zoned.then(|| lowest(&|i, ep| untried(i) && active(ep))).flatten())
+        .or_else(|| lowest(&|_, ep| near(ep) && active(ep)))
+        .or_else(|| zoned.then(|| lowest(&|_, ep| active(ep))).flatten());
+    if let Some(i) = found {
         return Some(pick(i, Via::Normal));
     }
     // Panic mode: every endpoint is ejected; trying them beats failing everything.
@@ -193,7 +235,12 @@ mod tests {
 
     /// Slow start off: every endpoint at its full weight.
     fn warm() -> BalanceConfig {
-        BalanceConfig { slow_start: Duration::ZERO }
+        BalanceConfig { slow_start: Duration::ZERO, ..BalanceConfig::DEFAULT }
+    }
+
+    /// A service's zone state that nothing shares.
+    fn no_zones() -> ZoneState {
+        ZoneState::new(trellis_shared::ServiceName::new("api").unwrap(), Default::default())
     }
 
     fn ll(eps: &[Arc<Endpoint>], f: impl FnMut(usize, &Endpoint) -> bool) -> Option<usize> {
@@ -277,7 +324,7 @@ mod tests {
 
     /// The choice as (index, via); the pick is dropped, releasing a probe it held.
     fn chosen(set: &EndpointSet, tried: &[usize]) -> Option<(usize, Via)> {
-        choose(set, tried, Instant::now(), &warm()).map(|p| (p.index, p.via))
+        choose(set, tried, Instant::now(), &warm(), &no_zones()).map(|p| (p.index, p.via))
     }
 
     #[tokio::test(start_paused = true)]
@@ -302,13 +349,13 @@ mod tests {
         eject(&s, 0);
         assert_eq!(chosen(&s, &[]), Some((1, Via::Normal)));
         tokio::time::advance(Duration::from_secs(10)).await;
-        let probe = choose(&s, &[], Instant::now(), &warm()).unwrap();
+        let probe = choose(&s, &[], Instant::now(), &warm(), &no_zones()).unwrap();
         assert_eq!((probe.index, probe.via), (0, Via::Probe));
         // The probe is out: others go elsewhere.
         assert_eq!(chosen(&s, &[]), Some((1, Via::Normal)));
         // Dropped without an outcome: the next request probes.
         drop(probe);
-        let mut probe = choose(&s, &[], Instant::now(), &warm()).unwrap();
+        let mut probe = choose(&s, &[], Instant::now(), &warm(), &no_zones()).unwrap();
         assert_eq!((probe.index, probe.via), (0, Via::Probe));
         // Settled: dropping it no longer releases the probe.
         probe.settled();
@@ -324,7 +371,7 @@ mod tests {
 
     #[test]
     fn no_endpoint_no_choice() {
-        assert!(choose(&set(0), &[], Instant::now(), &warm()).is_none());
+        assert!(choose(&set(0), &[], Instant::now(), &warm(), &no_zones()).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -367,7 +414,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_endpoint_gets_its_share_gradually_over_the_slow_start() {
-        let slow = BalanceConfig { slow_start: Duration::from_secs(10) };
+        let slow = BalanceConfig { slow_start: Duration::from_secs(10), zone: ZoneConfig::DEFAULT };
         let old = set(2);
         tokio::time::advance(Duration::from_secs(60)).await;
         // A third instance appears: its state is new.
@@ -378,7 +425,7 @@ mod tests {
         let share_of_new = || {
             let mut held = Vec::new();
             for _ in 0..300 {
-                let p = choose(&s, &[], Instant::now(), &slow).unwrap();
+                let p = choose(&s, &[], Instant::now(), &slow, &no_zones()).unwrap();
                 held.push(p.endpoint.begin());
             }
             held.iter().filter(|g| g.endpoint().id.as_str() == "new").count() as f64 / 300.0
@@ -392,5 +439,70 @@ mod tests {
         assert!((0.03..0.07).contains(&at_start), "{at_start}");
         assert!((0.17..0.23).contains(&halfway), "{halfway}");
         assert!((0.30..0.37).contains(&warm), "{warm}");
+    }
+
+    /// Endpoints a1, a2 in zone a, b1, b2 in zone b.
+    fn zoned_set() -> EndpointSet {
+        let ep = |id: &str, z: &str| {
+            Arc::new(Endpoint::new(
+                InstanceId::new(id).unwrap(),
+                Address::new("127.0.0.1").unwrap(),
+                80,
+                1,
+                Some(Zone::new(z).unwrap()),
+                BTreeMap::new(),
+                Arc::default(),
+            ))
+        };
+        let endpoints = vec![ep("a1", "a"), ep("a2", "a"), ep("b1", "b"), ep("b2", "b")];
+        EndpointSet { endpoints, index: 1, epoch: "e".into() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_near_remote_endpoints_get_an_attempt_only_when_no_near_one_is_left() {
+        let s = zoned_set();
+        let a = Zone::new("a").unwrap();
+        let among = |tried: &[usize]| {
+            choose_among(&s.endpoints, tried, Instant::now(), &warm(), Some(&a)).map(|p| (p.index, p.via))
+        };
+        // The near endpoints are busier, and still chosen.
+        let _busy = (load(&s.endpoints[0], 3), load(&s.endpoints[1], 3));
+        for _ in 0..50 {
+            assert!(among(&[]).unwrap().0 < 2);
+        }
+        // A retry that tried both goes to an untried remote one, not back.
+        assert!(among(&[0, 1]).unwrap().0 >= 2);
+        // Every endpoint tried: a near one again.
+        assert!(among(&[0, 1, 2, 3]).unwrap().0 < 2);
+        // Both near ones ejected: remote ones, not panic mode.
+        eject(&s, 0);
+        eject(&s, 1);
+        let (i, via) = among(&[]).unwrap();
+        assert!(i >= 2 && via == Via::Normal);
+        // Everything ejected: panic mode over every zone.
+        eject(&s, 2);
+        eject(&s, 3);
+        assert_eq!(among(&[]).unwrap().1, Via::Panic);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn choose_keeps_a_zoned_caller_local_and_counts_attempts_by_zone() {
+        let s = zoned_set();
+        let counters = crate::zone::ZoneCounters::default();
+        let zones = ZoneState::new(trellis_shared::ServiceName::new("api").unwrap(), counters.clone());
+        let mut config = warm();
+        config.zone.local = Some(Zone::new("a").unwrap());
+        for _ in 0..100 {
+            let p = choose(&s, &[], Instant::now(), &config, &zones).unwrap();
+            assert!(p.index < 2, "went remote");
+        }
+        assert_eq!((counters.local.get(), counters.remote.get()), (100, 0));
+        // Turned off: least-loaded over all four.
+        config.zone.enabled = false;
+        for _ in 0..400 {
+            choose(&s, &[], Instant::now(), &config, &zones).unwrap();
+        }
+        let remote = counters.remote.get();
+        assert!((120..280).contains(&remote), "{remote} of 400 went remote");
     }
 }

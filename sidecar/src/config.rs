@@ -315,7 +315,11 @@ impl RunArgs {
             workers: self.workers,
             shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
             log_level: self.log_level.clone(),
-            proxy: ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() },
+            proxy: {
+                let mut proxy = ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() };
+                proxy.balance.zone.local = self.zone.clone();
+                proxy
+            },
         })
     }
 
@@ -412,6 +416,18 @@ mod tests {
         let ours = cli.run.settings().unwrap().proxy;
         let theirs = ProxyConfig::default();
         assert_eq!(format!("{ours:?}"), format!("{theirs:?}"));
+    }
+
+    #[test]
+    fn zone_aware_routing_takes_the_sidecars_zone_and_checks_its_marks() {
+        let s = parse(&["--registry", "http://r:1", "--zone", "eu-1a"]).unwrap();
+        let zone = &s.proxy.balance.zone;
+        assert_eq!(zone.routing_zone().map(|z| z.as_str()), Some("eu-1a"));
+        let off = parse(&["--registry", "http://r:1", "--zone", "eu-1a", "--zone-aware", "false"]).unwrap();
+        assert!(off.proxy.balance.zone.routing_zone().is_none());
+        let bad = parse(&["--registry", "http://r:1", "--zone-spill-load", "1", "--zone-return-load", "1"]);
+        assert!(bad.unwrap_err().contains("--zone-return-load"));
+        assert!(parse(&["--registry", "http://r:1", "--zone-min-local", "0"]).is_err());
     }
 
     #[test]

@@ -22,12 +22,17 @@ use crate::hedge::Hedge;
 use crate::metrics::ServiceMetrics;
 use crate::outlier::OutlierState;
 use crate::retry::RetryBudget;
+use crate::zone::ZoneState;
 
 /// Mutable, shared state of one endpoint.
 #[derive(Debug, Default)]
 pub struct EndpointState {
     /// Requests (and upgraded connections) from this sidecar now in progress.
     in_flight: AtomicUsize,
+    /// Microseconds spent in flight by the requests that ended so far, summed:
+    /// its growth over a window is the window's average in-flight count
+    /// (Little's law), which zone-aware routing reads ([`crate::zone`]).
+    busy_us: AtomicU64,
     /// Passive health: consecutive failures, ejection, probing.
     pub outlier: OutlierState,
 }
@@ -35,6 +40,11 @@ pub struct EndpointState {
 impl EndpointState {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// See `busy_us`: grows when a request ends, by how long it was in flight.
+    pub fn busy_us(&self) -> u64 {
+        self.busy_us.load(Ordering::Relaxed)
     }
 }
 
@@ -78,7 +88,7 @@ impl Endpoint {
     /// byte has been sent, not when headers arrive.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint: Arc::clone(self) }
+        InFlight { endpoint: Arc::clone(self), since: tokio::time::Instant::now() }
     }
 
     /// Same instance at the same place: its state can be carried over.
@@ -91,6 +101,7 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
+    since: tokio::time::Instant,
 }
 
 impl InFlight {
@@ -102,6 +113,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let busy = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.endpoint.state.busy_us.fetch_add(busy, Ordering::Relaxed);
     }
 }
 
@@ -130,13 +143,15 @@ pub struct ServiceEndpoints {
 }
 
 /// Per upstream service, the state the proxy's policies keep across requests:
-/// the retry budget all requests to the service share, and its metric handles.
+/// the retry budget all requests to the service share, its metric handles, and
+/// whether zone-aware routing holds it in the caller's zone.
 #[derive(Debug)]
 pub struct ServicePolicy {
     pub budget: RetryBudget,
     pub metrics: ServiceMetrics,
     /// Hedging, when `--hedge` names the service.
     pub hedge: Option<Hedge>,
+    pub zone: ZoneState,
 }
 
 impl ServiceEndpoints {
@@ -174,6 +189,11 @@ impl ServiceEndpoints {
     /// The service's policy state, made by `init` on first use.
     pub fn policy(&self, init: impl FnOnce() -> ServicePolicy) -> &ServicePolicy {
         self.policy.get_or_init(init)
+    }
+
+    /// The service's policy state if a request made it already.
+    pub fn policy_if_made(&self) -> Option<&ServicePolicy> {
+        self.policy.get()
     }
 
     pub fn touch(&self, now_ms: u64) {

@@ -13,6 +13,7 @@
 //! - [`balance`]: least-connections selection, a pure data structure.
 //! - [`outlier`]: passive ejection state machine.
 //! - [`hedge`]: hedged requests per service: the delay, fixed or the observed p95.
+//! - [`zone`]: zone-aware routing: keep traffic in the caller's zone, spill over with hysteresis.
 //! - [`retry`]: retry policy and retry budget.
 //! - [`proxy`]: the outbound proxy server.
 //! - [`error`]: sidecar-produced errors mapped to status and JSON in one place.
@@ -37,5 +38,6 @@ pub mod registration;
 pub mod retry;
 pub mod run;
 pub mod shutdown;
+pub mod zone;
 
 pub use run::{run, RunError};

@@ -18,6 +18,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use trellis_shared::ErrorCode;
 
+use crate::zone::ZoneCounters;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     service: String,
@@ -27,6 +29,12 @@ struct ServiceLabels {
 struct RequestLabels {
     service: String,
     class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabels {
+    service: String,
+    zone: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +86,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
+    zone_requests: Family<ZoneLabels, Counter>,
     duration: HistogramFamily,
     retries: Family<ServiceLabels, Counter>,
     retries_refused: Family<ServiceLabels, Counter>,
@@ -104,6 +113,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("trellis_sidecar");
         let requests = Family::<RequestLabels, Counter>::default();
         let grpc = Family::<GrpcLabels, Counter>::default();
+        let zone_requests = Family::<ZoneLabels, Counter>::default();
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let retries = Family::<ServiceLabels, Counter>::default();
         let retries_refused = Family::<ServiceLabels, Counter>::default();
@@ -124,6 +134,12 @@ impl Metrics {
             "Relayed gRPC responses by upstream service and grpc-status (from trailers, or headers when \
              trailers-only; other: missing or unknown)",
             grpc.clone(),
+        );
+        registry.register(
+            "zone_requests",
+            "Attempts sent to an endpoint in this sidecar's zone (local) or another (remote); counted when \
+             both have a zone",
+            zone_requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -159,6 +175,7 @@ impl Metrics {
             registry,
             requests,
             grpc,
+            zone_requests,
             duration,
             retries,
             retries_refused,
@@ -228,8 +245,12 @@ impl Metrics {
         });
         let grpc = GRPC_CODES
             .map(|code| self.grpc.get_or_create(&GrpcLabels { service: service.to_string(), code }).clone());
+        let zone = |zone| {
+            self.zone_requests.get_or_create(&ZoneLabels { service: service.to_string(), zone }).clone()
+        };
         ServiceMetrics {
             requests,
+            zone: ZoneCounters { local: zone("local"), remote: zone("remote") },
             grpc: Arc::new(GrpcCounters(grpc)),
             duration: self.duration.get_or_create(&s).clone(),
             retries: self.retries.get_or_create(&s).clone(),
@@ -246,6 +267,8 @@ pub struct ServiceMetrics {
     requests: [Counter; 5],
     /// Shared with every gRPC response body that still has to see its status.
     pub grpc: Arc<GrpcCounters>,
+    /// Attempts by zone, for [`crate::zone::ZoneState`].
+    pub zone: ZoneCounters,
     duration: Histogram,
     pub retries: Counter,
     pub retries_refused: Counter,
@@ -289,6 +312,7 @@ mod tests {
         s.request(200, 0.001);
         s.request(503, 0.002);
         s.retries.inc();
+        s.zone.remote.inc();
         m.set_endpoints("users", "active", 3);
         m.set_registry_up(true);
         m.registry_error();
@@ -313,6 +337,14 @@ mod tests {
         assert!(text.contains(r#"trellis_sidecar_requests_total{service="users",class="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"trellis_sidecar_requests_total{service="users",class="5xx"} 1"#), "{text}");
         assert!(text.contains(r#"trellis_sidecar_retries_total{service="users"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"trellis_sidecar_zone_requests_total{service="users",zone="remote"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"trellis_sidecar_zone_requests_total{service="users",zone="local"} 0"#),
+            "{text}"
+        );
         assert!(text.contains(r#"trellis_sidecar_endpoints{service="users",state="active"} 3"#), "{text}");
         assert!(text.contains("trellis_sidecar_registry_up 1"), "{text}");
         assert!(text.contains("trellis_sidecar_registry_errors_total 1"), "{text}");

@@ -47,6 +47,8 @@
 //!   one, then over ones tried already; when every endpoint is ejected, over
 //!   all of them (panic mode). A refused connect ejects at once, whatever the
 //!   ejected-share bound, so a dead endpoint never takes first attempts.
+//!   With `--zone`, endpoints of other zones come after the caller's own
+//!   until its zone cannot carry the load ([`crate::zone`]).
 //!   The in-flight count falls when the response body ends.
 //! - **Retries** (at most `max_attempts` attempts, full-jitter backoff, each
 //!   one taken from the service's retry budget): any method when the attempt

@@ -9,6 +9,7 @@ use crate::hedge::HedgeDelay;
 use crate::outlier::OutlierConfig;
 use crate::proxy::ProxyConfig;
 use crate::retry::RetryConfig;
+use crate::zone::ZoneConfig;
 
 /// Outbound proxy flags (timeouts, retries, ejection, limits). Their defaults
 /// are [`ProxyConfig::DEFAULT`]'s, written there once.
@@ -69,6 +70,20 @@ pub struct ProxyArgs {
     /// Repeat, or comma-separate. Default: none.
     #[arg(long = "hedge", env = "TRELLIS_HEDGE", value_delimiter = ',', value_name = "SERVICE=DELAY")]
     pub hedges: Vec<String>,
+    /// Keep each service's traffic in this sidecar's --zone while that zone can carry it; applies
+    /// only with --zone, to endpoints registered with a zone.
+    #[arg(long, env = "TRELLIS_ZONE_AWARE", default_value_t = ZoneConfig::DEFAULT.enabled, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub zone_aware: bool,
+    /// Fewest usable (not ejected) endpoints in this zone that keep a service's traffic in it.
+    #[arg(long, env = "TRELLIS_ZONE_MIN_LOCAL", default_value_t = ZoneConfig::DEFAULT.min_local)]
+    pub zone_min_local: usize,
+    /// Requests in flight per usable local endpoint above which other zones are added.
+    #[arg(long, env = "TRELLIS_ZONE_SPILL_LOAD", default_value_t = ZoneConfig::DEFAULT.spill_load)]
+    pub zone_spill_load: f64,
+    /// Requests in flight (in every zone) per usable local endpoint below which other zones are
+    /// dropped again.
+    #[arg(long, env = "TRELLIS_ZONE_RETURN_LOAD", default_value_t = ZoneConfig::DEFAULT.return_load)]
+    pub zone_return_load: f64,
     /// Most open client connections on the outbound port; more are answered 503 overloaded.
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ProxyConfig::DEFAULT.max_connections)]
     pub max_connections: usize,
@@ -122,7 +137,17 @@ impl ProxyArgs {
                 max_ejection: self.ejection_max.0,
                 max_ejected_percent: self.ejection_max_percent,
             },
-            balance: BalanceConfig { slow_start: self.slow_start.0 },
+            balance: BalanceConfig {
+                slow_start: self.slow_start.0,
+                // The zone is the sidecar's own (`--zone`), set by `RunArgs::settings`.
+                zone: ZoneConfig {
+                    local: None,
+                    enabled: self.zone_aware,
+                    min_local: self.zone_min_local,
+                    spill_load: self.zone_spill_load,
+                    return_load: self.zone_return_load,
+                },
+            },
             hedges: Vec::new(),
         }
     }
@@ -180,6 +205,18 @@ impl ProxyArgs {
         }
         if self.max_header_bytes < 8192 {
             return Err(bad("--max-header-bytes must be at least 8192"));
+        }
+        if self.zone_min_local == 0 {
+            return Err(bad("--zone-min-local must be at least 1"));
+        }
+        if !(self.zone_return_load.is_finite() && self.zone_spill_load.is_finite())
+            || self.zone_return_load <= 0.0
+            || self.zone_return_load >= self.zone_spill_load
+        {
+            return Err(bad(format!(
+                "--zone-return-load ({}) must be above zero and below --zone-spill-load ({})",
+                self.zone_return_load, self.zone_spill_load
+            )));
         }
         if self.max_connections == 0 || self.max_pending == 0 {
             return Err(bad("--max-connections and --max-pending must be at least 1"));

@@ -82,7 +82,7 @@ impl<'a> Attempts<'a> {
         if self.made > 1 && now >= self.deadline {
             return Err(self.timed_out(self.timeout));
         }
-        choose(self.set, &self.tried, now, &self.config.balance)
+        choose(self.set, &self.tried, now, &self.config.balance, &self.policy.zone)
             .ok_or_else(|| ProxyError::NoEndpoints(self.svc.name.clone()))
     }
 
@@ -99,7 +99,7 @@ impl<'a> Attempts<'a> {
         if !self.tried.contains(&index) {
             self.tried.push(index);
         }
-        let alt = choose(self.set, &self.tried, Instant::now(), &self.config.balance)?;
+        let alt = choose(self.set, &self.tried, Instant::now(), &self.config.balance, &self.policy.zone)?;
         if alt.via != Via::Normal {
             return None;
         }

@@ -19,6 +19,7 @@ use crate::endpoints::ServicePolicy;
 use crate::error::ProxyError;
 use crate::hedge::Hedge;
 use crate::retry::RetryBudget;
+use crate::zone::ZoneState;
 
 /// Counts a request as pending until dropped.
 struct Pending<'a>(&'a AtomicUsize);
@@ -91,10 +92,11 @@ async fn route(
     if set.endpoints.is_empty() {
         return Err(ProxyError::NoEndpoints(name));
     }
-    let policy = svc.policy(|| ServicePolicy {
-        budget: RetryBudget::new(&ctx.config.retry),
-        metrics: ctx.metrics.service(svc.name.as_str()),
-        hedge: ctx.config.hedges.iter().find(|(name, _)| *name == svc.name).map(|(_, d)| Hedge::new(*d)),
+    let policy = svc.policy(|| {
+        let metrics = ctx.metrics.service(svc.name.as_str());
+        let zone = ZoneState::new(svc.name.clone(), metrics.zone.clone());
+        let hedge = ctx.config.hedges.iter().find(|(name, _)| *name == svc.name).map(|(_, d)| Hedge::new(*d));
+        ServicePolicy { budget: RetryBudget::new(&ctx.config.retry), metrics, zone, hedge }
     });
     let result = if upgrade::is_upgrade(&req) {
         upgrade::forward(ctx, &svc, policy, &set, req, start).await
