@@ -12,6 +12,7 @@
 //! test executable (the test command builds them first, see README), or from
 //! `TRELLIS_BIN_DIR`.
 
+pub mod admin;
 pub mod ports;
 pub mod process;
 pub mod ready;

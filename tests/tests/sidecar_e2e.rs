@@ -45,12 +45,9 @@ async fn endpoints_json(admin: SocketAddr) -> Value {
 
 /// A sidecar's endpoints of `service` as (id, state, ejections).
 async fn endpoints_at(admin: SocketAddr, service: &str) -> Vec<(String, String, u64)> {
-    let all = endpoints_json(admin).await;
-    let Some(services) = all["services"].as_array() else { return vec![] };
-    services
-        .iter()
-        .filter(|s| s["service"] == service)
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+    trellis_tests::admin::endpoint_list(admin, service)
+        .await
+        .into_iter()
         .map(|e| {
             (
                 e["id"].as_str().unwrap_or_default().to_string(),

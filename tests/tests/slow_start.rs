@@ -80,13 +80,9 @@ async fn start_instance(registry: &str, name: &str) -> Instance {
 
 /// The ids of the client sidecar's active endpoints of [`SERVICE`].
 async fn active_endpoints(admin: SocketAddr) -> Vec<String> {
-    let Ok(resp) = reqwest::get(format!("http://{admin}/endpoints")).await else { return vec![] };
-    let all: Value = resp.json().await.unwrap_or(Value::Null);
-    let Some(services) = all["services"].as_array() else { return vec![] };
-    services
-        .iter()
-        .filter(|s| s["service"] == SERVICE)
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+    trellis_tests::admin::endpoint_list(admin, SERVICE)
+        .await
+        .into_iter()
         .filter(|e| e["state"] == "active")
         .filter_map(|e| e["id"].as_str().map(str::to_string))
         .collect()

@@ -219,14 +219,7 @@ impl Load {
 
 /// The client's `/endpoints` entry for the service.
 async fn service_view(admin: SocketAddr) -> Value {
-    let all: Value = match reqwest::get(format!("http://{admin}/endpoints")).await {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    };
-    all["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["service"] == SERVICE).cloned())
-        .unwrap_or(Value::Null)
+    trellis_tests::admin::service_endpoints(admin, SERVICE).await
 }
 
 /// Waits until the client says remote zones are (or are not) in use.

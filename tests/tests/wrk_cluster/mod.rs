@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
 use trellis_tests::{start_ready, strings, wait_for, Launch, Proc, RegistryProc, SidecarProc};
 
 pub const SERVICE: &str = "echo";
@@ -110,13 +109,9 @@ impl Cluster {
 
 /// The client's endpoints of the service, by state.
 pub async fn endpoint_states(admin: SocketAddr) -> Vec<String> {
-    let Ok(resp) = reqwest::get(format!("http://{admin}/endpoints")).await else { return vec![] };
-    let all: Value = resp.json().await.unwrap_or(Value::Null);
-    let Some(services) = all["services"].as_array() else { return vec![] };
-    services
-        .iter()
-        .filter(|s| s["service"] == SERVICE)
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+    trellis_tests::admin::endpoint_list(admin, SERVICE)
+        .await
+        .into_iter()
         .map(|e| e["state"].as_str().unwrap_or_default().to_string())
         .collect()
 }
