@@ -7,12 +7,13 @@
 //!
 //! - Without `--hedge`, every request sent to the frozen instance waits out the
 //!   per-try timeout before it is retried elsewhere: no request fails, and the
-//!   worst latency shows the timeout.
+//!   worst latency shows the timeout. Three such timeouts eject the instance,
+//!   so they are a handful among thousands of requests: the p99 does not show them.
 //! - With `--hedge SERVICE=50ms`, a GET unanswered after 50 ms is also sent to
-//!   another instance: no request fails and the p99 stays under 100 ms plus the
-//!   hedge delay.
+//!   another instance: no request fails, none waits out the per-try timeout,
+//!   and the p99 stays under 100 ms plus the hedge delay.
 //! - With `--hedge SERVICE=auto` (the observed p95, armed after 20 answers): no
-//!   request fails, and the frozen instance's requests are hedged.
+//!   request fails or waits out the timeout, and requests are hedged.
 //! - A POST is never hedged, even one without a body (which could be sent
 //!   twice in full): under POST-only load the hedges counter does not move
 //!   although POSTs wait on the frozen instance.
@@ -182,6 +183,8 @@ struct Run {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// Requests that took the per-try timeout or longer: they waited it out on the frozen instance.
+    waited_out: usize,
     /// The client sidecar's counters over the run.
     counters: ClientCounters,
 }
@@ -222,6 +225,7 @@ async fn frozen_run(
         p50: quantile(&took, 0.50),
         p99: quantile(&took, 0.99),
         max: took.last().copied().unwrap_or_default(),
+        waited_out: took.iter().filter(|t| **t >= TRY_TIMEOUT).count(),
         counters: ClientCounters {
             ejections: after.ejections - before.ejections,
             retries: after.retries - before.retries,
@@ -230,17 +234,17 @@ async fn frozen_run(
             responses_5xx: after.responses_5xx - before.responses_5xx,
         },
     };
-    let over_timeout = took.iter().filter(|t| **t >= TRY_TIMEOUT).count();
     let c = &run.counters;
     println!(
         "{label}: {method} x{CONCURRENCY} for {load_for:?}, b1 frozen from {freeze_at:?}: {} requests, {} failed, \
-         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {over_timeout} took the per-try timeout ({TRY_TIMEOUT:?}) or \
+         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} took the per-try timeout ({TRY_TIMEOUT:?}) or \
          more; client sidecar: hedges {}, retries {}, retries refused by budget {}, ejections {}, 5xx answered {}",
         run.requests,
         run.failed,
         ms(run.p50),
         ms(run.p99),
         ms(run.max),
+        run.waited_out,
         c.hedges,
         c.retries,
         c.retries_refused_by_budget,
@@ -265,11 +269,9 @@ async fn without_hedging_a_frozen_instance_costs_the_per_try_timeout() {
     assert_eq!(run.failed, 0, "requests failed while an instance was frozen");
     // The requests in flight on b1 when it froze wait out the timeout: this
     // is the tail hedging removes, and shows the freeze reached the load.
-    assert!(
-        run.max >= TRY_TIMEOUT - Duration::from_millis(50),
-        "worst latency {:.1} ms: no request waited on the frozen instance",
-        ms(run.max)
-    );
+    // They are few (b1 is ejected after three of them), so they show in the
+    // worst latency, not in the p99.
+    assert!(run.waited_out > 0, "no request waited on the frozen instance (max {:.1} ms)", ms(run.max));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +284,9 @@ async fn with_a_fixed_hedge_delay_a_frozen_instance_leaves_no_tail() {
     assert!(run.counters.hedges > 0.0, "no request was hedged although an instance was frozen");
     let bound = P99_ALLOWANCE + HEDGE_DELAY;
     assert!(run.p99 < bound, "p99 {:.1} ms (bound {:.1} ms)", ms(run.p99), ms(bound));
+    // The p99 would pass without hedging too (see above): what hedging
+    // changes is that no request waits out the per-try timeout.
+    assert_eq!(run.waited_out, 0, "requests waited out the per-try timeout although hedged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,6 +303,8 @@ async fn with_an_auto_hedge_delay_a_frozen_instance_loses_no_request() {
     .await;
     assert_eq!(run.failed, 0, "requests failed while an instance was frozen");
     assert!(run.counters.hedges > 0.0, "no request was hedged although an instance was frozen");
+    // Thousands of answers before the freeze armed the delay.
+    assert_eq!(run.waited_out, 0, "requests waited out the per-try timeout although hedged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,10 +322,6 @@ async fn a_post_is_never_hedged() {
         Duration::from_secs(4),
     )
     .await;
-    assert!(
-        run.max >= TRY_TIMEOUT - Duration::from_millis(50),
-        "worst latency {:.1} ms: no POST waited on the frozen instance past the hedge delay",
-        ms(run.max)
-    );
+    assert!(run.waited_out > 0, "no POST waited on the frozen instance (max {:.1} ms)", ms(run.max));
     assert_eq!(run.counters.hedges, 0.0, "POSTs were hedged");
 }
