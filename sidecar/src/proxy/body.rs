@@ -98,12 +98,12 @@ impl<B> ReplayBody<B> {
         ReplayBody { inner: None }
     }
 
-    /// Whether the whole body can still be sent again.
     /// The client sent no body: every attempt can be sent in full, even at once.
     pub fn is_empty(&self) -> bool {
         self.inner.is_none()
     }
 
+    /// Whether the whole body can still be sent again.
     pub fn is_replayable(&self) -> bool {
         self.inner.as_ref().is_none_or(|r| !lock(&r.state).capped)
     }
