@@ -16,7 +16,7 @@ use trellis_shared::backoff::Backoff;
 
 use super::ProxyConfig;
 use crate::balance::{choose, Pick};
-use crate::endpoints::{EndpointSet, ServiceEndpoints, ServicePolicy};
+use crate::endpoints::{Endpoint, EndpointSet, ServiceEndpoints, ServicePolicy};
 use crate::error::ProxyError;
 use crate::outlier::{may_eject, Outcome, Via};
 
@@ -120,18 +120,28 @@ impl<'a> Attempts<'a> {
 
     /// The attempt failed in a way its endpoint is blamed for; may eject it.
     pub fn failed(&self, pick: &mut Pick<'_>, outcome: Outcome) {
+        self.record_failure(pick.endpoint, pick.via, pick.at, outcome);
+        pick.settled();
+    }
+
+    /// An attempt that lost to its hedge, still without an answer: slow
+    /// enough to count as a failure towards ejection, so a frozen endpoint
+    /// leaves rotation instead of costing every request the hedge delay.
+    pub fn lost_to_hedge(&self, endpoint: &Endpoint, via: Via, at: Instant) {
+        self.record_failure(endpoint, via, at, Outcome::Failure);
+    }
+
+    fn record_failure(&self, ep: &Endpoint, via: Via, at: Instant, outcome: Outcome) {
         let config = &self.config.outlier;
         let set = self.set;
         let may = || {
             let ejected = set.endpoints.iter().filter(|e| e.state.outlier.is_ejected()).count();
             may_eject(set.endpoints.len(), ejected, config.max_ejected_percent)
         };
-        let ep = pick.endpoint;
-        if let Some(duration) = ep.state.outlier.record(outcome, pick.via, config, pick.at, may) {
+        if let Some(duration) = ep.state.outlier.record(outcome, via, config, at, may) {
             self.policy.metrics.ejections.inc();
             info!(service = %self.svc.name, instance = %ep.id, authority = %ep.authority, ?outcome, ejection = ?duration, "endpoint ejected");
         }
-        pick.settled();
     }
 
     /// Whether the failed attempt may be followed by another: the protocol

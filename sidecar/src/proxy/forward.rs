@@ -278,7 +278,7 @@ async fn hedged<'a>(
     *copy.uri_mut() = up.uri().clone();
     *copy.version_mut() = up.version();
     *copy.headers_mut() = up.headers().clone();
-    let (index, late) = (pick.index, pick.endpoint);
+    let (index, late, late_via, late_at) = (pick.index, pick.endpoint, pick.via, pick.at);
     let first = send_h1(ctx, None, pick, guard, up, end);
     tokio::pin!(first);
     let hedge_at = Instant::now() + after;
@@ -312,7 +312,11 @@ async fn hedged<'a>(
             }
             e = &mut second, if second_ended.is_none() => {
                 if answered(&e) {
-                    blame(attempts, first_ended.take());
+                    match first_ended.take() {
+                        // Still waiting after the hedge answered: cancelled, and counted as slow.
+                        None => attempts.lost_to_hedge(late, late_via, late_at),
+                        ended => blame(attempts, ended),
+                    }
                     return e;
                 }
                 second_ended = Some(e);
