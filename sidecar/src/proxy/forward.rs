@@ -10,6 +10,7 @@
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
@@ -133,6 +134,35 @@ pub(super) async fn forward(
                     conn = checkin;
                     attempts.failed(&mut pick, Outcome::Failure);
                     Attempt::Response(resp)
+                }
+                // A small answer to a request that could still go elsewhere is
+                // read whole before anything is relayed: an endpoint killed
+                // between its headers and its body then costs a retry, not a
+                // response cut short (headers, once relayed, cannot be taken back).
+                _ if !h2
+                    && have_headers
+                    && attempts.has_more()
+                    && may_retry(Failure::Reset, idempotent, body.is_replayable())
+                    && is_small(&resp, config.replay_buffer_bytes) =>
+                {
+                    match read_whole(resp, checkin, attempt_end).await {
+                        Ok(resp) => {
+                            attempts.succeeded(&mut pick);
+                            if let Some(hedge) = &policy.hedge {
+                                hedge.observe(sent_at.elapsed());
+                            }
+                            drop(guard);
+                            debug!(service = %svc.name, instance = %ep.id, status = resp.status().as_u16(), attempt = attempts.made(), "proxied");
+                            return Ok(resp);
+                        }
+                        Err(cause) => {
+                            attempts.failed(&mut pick, Outcome::Failure);
+                            Attempt::Failed {
+                                failure: Failure::Reset,
+                                cause: format!("{}: {cause}", ep.authority),
+                            }
+                        }
+                    }
                 }
                 _ => {
                     attempts.succeeded(&mut pick);
@@ -360,6 +390,36 @@ fn sent_failure(
     // ejection like a gateway error, and is safe to send elsewhere.
     let failure = if cause::is_refused_stream(e) { Failure::NotSent } else { Failure::Reset };
     Ok(Attempt::Failed { failure, cause: format!("{}: {}", pick.endpoint.authority, cause::chain(e)) })
+}
+
+/// An answer whose body is announced and at most `limit` bytes (a
+/// `Content-Length`, no gRPC).
+fn is_small(resp: &Response<Incoming>, limit: usize) -> bool {
+    resp.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n <= limit)
+        && !grpc::is_grpc(resp.headers())
+}
+
+/// Reads `resp`'s body to the end (by `end`) and returns the answer to relay,
+/// hop-by-hop headers dropped; the connection goes back to the pool at once.
+async fn read_whole(
+    resp: Response<Incoming>,
+    checkin: Option<Checkin>,
+    end: Instant,
+) -> Result<ProxyResponse, String> {
+    let (mut parts, incoming) = resp.into_parts();
+    let data = match tokio::time::timeout_at(end, incoming.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => return Err(format!("the answer's body failed: {}", cause::chain(&e))),
+        Err(_) => return Err("the answer's body did not arrive in time".into()),
+    };
+    if let Some(mut c) = checkin {
+        c.release();
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, ResponseBody::full(data)))
 }
 
 /// Absolute-form or HTTP/2 without Host: the upstream sees the service name
