@@ -279,7 +279,10 @@ pub fn sidecar_client_args(
     args
 }
 
-/// A backend's sidecar: registers the backend's traffic port, checks its health port.
+/// A backend's sidecar: registers the backend's traffic port, checks its health
+/// port with `GET /health` as HAProxy does (`option httpchk`). A TCP check,
+/// the sidecar's default, would keep passing on a frozen backend, whose kernel
+/// still completes handshakes.
 pub fn sidecar_backend_args(registry: SocketAddr, traffic: SocketAddr, health: SocketAddr) -> Vec<String> {
     vec![
         "--registry".into(),
@@ -288,6 +291,8 @@ pub fn sidecar_backend_args(registry: SocketAddr, traffic: SocketAddr, health: S
         SERVICE.into(),
         "--app".into(),
         health.to_string(),
+        "--health".into(),
+        "http:/health".into(),
         "--advertise".into(),
         traffic.to_string(),
         "--instance-id".into(),

@@ -205,8 +205,9 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          loopback); health checks use a separate port and are not counted. \"Last sent\" is the time from the \
          failure to the last of them. Worst latency and p99 are over the successful requests. HAProxy checks \
          every 1 s (fall 2); nginx has no active checks in its open-source build and relies on \
-         `max_fails=1 fail_timeout=10s`; Trellis uses its defaults (passive ejection, the backend's sidecar \
-         health check, the registry's watch) unless a scenario says otherwise.\n",
+         `max_fails=1 fail_timeout=10s`; Trellis uses its defaults (passive ejection, the registry's watch) \
+         unless a scenario says otherwise, and each backend's sidecar checks `GET /health` on the health port \
+         every 1 s (2 failures hide the instance), as HAProxy does.\n",
         sizes.failover_rate,
         sizes.failover_before_kill.as_secs_f64(),
         sizes.failover_after_kill.as_secs_f64()
