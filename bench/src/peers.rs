@@ -139,6 +139,10 @@ pub struct Tuning {
     /// HAProxy `timeout server`, nginx `proxy_read_timeout`. `None`: each
     /// proxy's own setting (Trellis 10 s, HAProxy 30 s as configured, nginx 60 s).
     pub try_timeout: Option<Duration>,
+    /// Trellis only: `--hedge SERVICE=DELAY` on the client sidecar, so a late
+    /// request is also sent to another endpoint. HAProxy and nginx have no
+    /// request hedging; they ignore it. `None`: no hedging (the default).
+    pub hedge: Option<Duration>,
 }
 
 /// What the proxy's listener speaks to the load generator. Upstreams are
@@ -269,10 +273,16 @@ pub fn sidecar_client_args(
     if let Some(t) = tuning.try_timeout {
         args.extend(["--try-timeout".into(), format!("{}ms", t.as_millis())]);
     }
+    if let Some(d) = tuning.hedge {
+        args.extend(["--hedge".into(), format!("{SERVICE}={}ms", d.as_millis())]);
+    }
     args
 }
 
-/// A backend's sidecar: registers the backend's traffic port, checks its health port.
+/// A backend's sidecar: registers the backend's traffic port, checks its health
+/// port with `GET /health` as HAProxy does (`option httpchk`). A TCP check,
+/// the sidecar's default, would keep passing on a frozen backend, whose kernel
+/// still completes handshakes.
 pub fn sidecar_backend_args(registry: SocketAddr, traffic: SocketAddr, health: SocketAddr) -> Vec<String> {
     vec![
         "--registry".into(),
@@ -281,6 +291,8 @@ pub fn sidecar_backend_args(registry: SocketAddr, traffic: SocketAddr, health: S
         SERVICE.into(),
         "--app".into(),
         health.to_string(),
+        "--health".into(),
+        "http:/health".into(),
         "--advertise".into(),
         traffic.to_string(),
         "--instance-id".into(),
@@ -436,7 +448,7 @@ mod tests {
         let b =
             Backends { procs: Vec::new(), traffic: vec![a(1), a(2), a(3)], health: vec![a(4), a(5), a(6)] };
         let dir = Path::new("/tmp/x");
-        let tuned = Tuning { try_timeout: Some(Duration::from_millis(500)) };
+        let tuned = Tuning { try_timeout: Some(Duration::from_millis(500)), hedge: None };
         assert!(haproxy_config(a(9), &b, Front::Http1, tuned).contains("timeout server 500ms\n"));
         assert!(haproxy_config(a(9), &b, Front::Http1, Tuning::default()).contains("timeout server 30s\n"));
         assert!(nginx_config(a(9), &b, dir, Front::Http1, tuned).contains("proxy_read_timeout 500ms;"));
@@ -446,5 +458,25 @@ mod tests {
         assert!(!sidecar_client_args(a(7), a(8), a(9), Tuning::default())
             .join(" ")
             .contains("--try-timeout"));
+    }
+
+    #[test]
+    fn a_hedge_reaches_only_the_trellis_client() {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let b =
+            Backends { procs: Vec::new(), traffic: vec![a(1), a(2), a(3)], health: vec![a(4), a(5), a(6)] };
+        let hedged = Tuning { try_timeout: None, hedge: Some(Duration::from_millis(50)) };
+        let args = sidecar_client_args(a(7), a(8), a(9), hedged).join(" ");
+        assert!(args.ends_with("--hedge bench-backend=50ms"), "{args}");
+        assert!(!sidecar_client_args(a(7), a(8), a(9), Tuning::default()).join(" ").contains("--hedge"));
+        assert_eq!(
+            haproxy_config(a(9), &b, Front::Http1, hedged),
+            haproxy_config(a(9), &b, Front::Http1, Tuning::default())
+        );
+        let dir = Path::new("/tmp/x");
+        assert_eq!(
+            nginx_config(a(9), &b, dir, Front::Http1, hedged),
+            nginx_config(a(9), &b, dir, Front::Http1, Tuning::default())
+        );
     }
 }

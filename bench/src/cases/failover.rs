@@ -6,7 +6,8 @@
 //!   2 s, its health checks at once), so a proxy that ejects on timeouts has
 //!   already ejected it when backend 1 is killed: two failures overlap.
 //! - **pause**: backend 1 is frozen with SIGSTOP; the kernel still accepts
-//!   connections and requests for it, nothing answers.
+//!   connections and requests for it, nothing answers. Trellis runs it twice:
+//!   with its defaults, and with hedged requests (`--hedge`), which only it has.
 //!
 //! Per proxy: failed requests, requests sent to the failed backend after the
 //! failure, and the worst latency. Who still sends to that backend is seen from
@@ -33,6 +34,11 @@ const SLOW_ANSWER: Duration = Duration::from_secs(2);
 /// load generator gives up after 2 s, so a proxy waiting longer on one backend
 /// fails the request whatever else it does.
 const SOFT_FAILURE_TRY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Hedge delay of the extra Trellis row in the pause scenario: about ten times
+/// a healthy answer's latency here, a tenth of the per-try timeout, so a
+/// request stuck on the frozen backend costs this rather than the timeout.
+const PAUSE_HEDGE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -62,7 +68,18 @@ impl Scenario {
     fn tuning(self) -> Tuning {
         match self {
             Scenario::Kill => Tuning::default(),
-            Scenario::Overlap | Scenario::Pause => Tuning { try_timeout: Some(SOFT_FAILURE_TRY_TIMEOUT) },
+            Scenario::Overlap | Scenario::Pause => {
+                Tuning { try_timeout: Some(SOFT_FAILURE_TRY_TIMEOUT), ..Tuning::default() }
+            }
+        }
+    }
+
+    /// The hedge delay of an extra Trellis row, for the scenario where a late
+    /// answer, not a refused connect, is what a request meets.
+    fn hedge(self) -> Option<Duration> {
+        match self {
+            Scenario::Pause => Some(PAUSE_HEDGE),
+            Scenario::Kill | Scenario::Overlap => None,
         }
     }
 
@@ -77,6 +94,8 @@ impl Scenario {
 
 struct Row {
     kind: Kind,
+    /// The client sidecar's `--hedge` delay (Trellis only).
+    hedge: Option<Duration>,
     ok: u64,
     failed: u64,
     /// Failures, seconds after the failure of backend 1 (negative: before).
@@ -110,11 +129,22 @@ fn signal(p: &Proc, sig: i32) {
     }
 }
 
-fn measure(kind: Kind, env: &Env, sizes: &Sizes, scenario: Scenario) -> Result<Row, String> {
-    let tag = format!("fail-{}-{}", scenario.tag(), kind.name());
+impl Row {
+    /// The proxy column: the target, and the hedge when there is one.
+    fn label(&self) -> String {
+        match self.hedge {
+            None => self.kind.name().into(),
+            Some(d) => format!("{} `--hedge {}={}ms`", self.kind.name(), peers::SERVICE, d.as_millis()),
+        }
+    }
+}
+
+fn measure(kind: Kind, env: &Env, sizes: &Sizes, scenario: Scenario, tuning: Tuning) -> Result<Row, String> {
+    let hedged = if tuning.hedge.is_some() { "-hedged" } else { "" };
+    let tag = format!("fail-{}-{}{hedged}", scenario.tag(), kind.name());
     let mut backends = peers::start_backends_with(env, &tag, scenario.delays()).map_err(|e| e.to_string())?;
-    let target = peers::start_tuned(kind, env, &backends, &tag, Front::Http1, scenario.tuning())
-        .map_err(|e| e.to_string())?;
+    let target =
+        peers::start_tuned(kind, env, &backends, &tag, Front::Http1, tuning).map_err(|e| e.to_string())?;
     let victim = backends.traffic[0];
     let filter = format!(
         "tcp dst port {} and (tcp[tcpflags] & tcp-syn != 0 or (ip[2:2] - ((ip[0]&0xf)<<2) - ((tcp[12]&0xf0)>>2)) > 0)",
@@ -149,6 +179,7 @@ fn measure(kind: Kind, env: &Env, sizes: &Sizes, scenario: Scenario) -> Result<R
     let offset = (before + Duration::from_millis(20)).as_secs_f64();
     Ok(Row {
         kind,
+        hedge: tuning.hedge,
         ok: result.ok,
         failed: result.failed,
         failures_after: result.failures_at.iter().map(|d| d.as_secs_f64() - offset).collect(),
@@ -174,38 +205,81 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          loopback); health checks use a separate port and are not counted. \"Last sent\" is the time from the \
          failure to the last of them. Worst latency and p99 are over the successful requests. HAProxy checks \
          every 1 s (fall 2); nginx has no active checks in its open-source build and relies on \
-         `max_fails=1 fail_timeout=10s`; Trellis uses its defaults (passive ejection, the backend's sidecar \
-         health check, the registry's watch) unless a scenario says otherwise.\n",
+         `max_fails=1 fail_timeout=10s`; Trellis uses its defaults (passive ejection, the registry's watch) \
+         unless a scenario says otherwise, and each backend's sidecar checks `GET /health` on the health port \
+         every 1 s (2 failures hide the instance), as HAProxy does.\n",
         sizes.failover_rate,
         sizes.failover_before_kill.as_secs_f64(),
         sizes.failover_after_kill.as_secs_f64()
     );
     let mut targets = Vec::new();
     for scenario in Scenario::ALL {
-        let (rows, errors) =
-            super::measure_each(5, &Kind::PROXIES, |kind| measure(kind, env, sizes, scenario));
+        let tuning = scenario.tuning();
+        let (mut rows, mut errors) =
+            super::measure_each(5, &Kind::PROXIES, |kind| measure(kind, env, sizes, scenario, tuning));
+        if let Some(delay) = scenario.hedge() {
+            let hedged = Tuning { hedge: Some(delay), ..tuning };
+            let (more, e) =
+                super::measure_each(5, &[Kind::Trellis], |kind| measure(kind, env, sizes, scenario, hedged));
+            rows.extend(more);
+            errors.push_str(&e);
+        }
         let _ = writeln!(b, "\n### {}\n\n{}", heading(scenario), explanation(scenario));
         b.push_str(&errors);
         table(&mut b, scenario, &rows);
-        if let Some(t) = rows.iter().find(|r| r.kind == Kind::Trellis) {
+        if let Some(t) = rows.iter().find(|r| r.kind == Kind::Trellis && r.hedge.is_none()) {
             let fastest = rows
                 .iter()
                 .filter(|r| r.kind != Kind::Trellis)
                 .all(|p| t.last_sent.unwrap_or(0.0) <= p.last_sent.unwrap_or(0.0));
-            targets.push((scenario, t.failed, fastest));
+            targets.push(Target::Failed(scenario, t.failed));
+            targets.push(Target::Fastest(scenario, fastest));
+        }
+        if let Some(h) = rows.iter().find(|r| r.kind == Kind::Trellis && r.hedge.is_some()) {
+            targets.push(Target::HedgedP99(scenario, h.p99_us, h.hedge.unwrap_or_default()));
         }
     }
     if !targets.is_empty() {
-        let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
         let _ = writeln!(b, "\nTargets:\n");
-        for (scenario, failed, fastest) in targets {
-            let name = scenario.tag();
-            let _ = writeln!(b, "- {} {name}: Trellis zero failed requests ({failed})", mark(failed == 0));
-            let _ =
-                writeln!(b, "- {} {name}: Trellis the fastest to stop sending to backend 1", mark(fastest));
+        for t in targets {
+            let _ = writeln!(b, "- {}", t.line());
         }
     }
     Section { title: title.into(), body: b }
+}
+
+/// A target the case checks, with what was measured.
+enum Target {
+    /// Trellis with its defaults: zero failed requests.
+    Failed(Scenario, u64),
+    /// Trellis with its defaults stopped sending to backend 1 no later than any peer.
+    Fastest(Scenario, bool),
+    /// Trellis with hedging: p99 (µs) under 100 ms plus the hedge delay.
+    HedgedP99(Scenario, f64, Duration),
+}
+
+impl Target {
+    fn line(&self) -> String {
+        let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
+        match *self {
+            Target::Failed(s, failed) => {
+                format!("{} {}: Trellis zero failed requests ({failed})", mark(failed == 0), s.tag())
+            }
+            Target::Fastest(s, fastest) => {
+                format!("{} {}: Trellis the fastest to stop sending to backend 1", mark(fastest), s.tag())
+            }
+            Target::HedgedP99(s, p99_us, delay) => {
+                let bound = Duration::from_millis(100) + delay;
+                format!(
+                    "{} {}: Trellis with `--hedge` p99 under {} ms ({})",
+                    mark(p99_us < bound.as_secs_f64() * 1e6),
+                    s.tag(),
+                    bound.as_millis(),
+                    super::us(p99_us)
+                )
+            }
+        }
+    }
 }
 
 fn heading(scenario: Scenario) -> &'static str {
@@ -224,15 +298,21 @@ fn explanation(scenario: Scenario) -> String {
             "Backend 2 answers requests after {} s (its health port at once, so only the proxies' view of \
              requests can find it out). Every proxy gets a {try_ms} ms per-try timeout (Trellis \
              `--try-timeout`, HAProxy `timeout server`, nginx `proxy_read_timeout`) and retries elsewhere after \
-             it; Trellis ejects backend 2 after three timeouts, which is its whole ejected-share bound (50 % of 3) \
-             when backend 1 dies.\n",
+             it. Trellis ejects backend 2 after three timeouts, which is its whole ejected-share bound (50 % of 3) \
+             when backend 1 dies; a refused connect ejects backend 1 all the same, since the bound applies only \
+             to soft failures, and backend 3 carries the load.\n",
             SLOW_ANSWER.as_secs()
         ),
         Scenario::Pause => format!(
             "Backend 1 is stopped (SIGSTOP) and stays stopped to the end: connections and requests still reach \
              its socket, nothing answers, its health checks time out. Every proxy gets a {try_ms} ms per-try \
              timeout, as in the overlap scenario; the worst latency shows what a request sent to the frozen \
-             backend cost.\n"
+             backend cost. Trellis runs a second time with `--hedge {}={}ms` on its client sidecar (HAProxy and \
+             nginx have no request hedging): a GET without an answer after {} ms is also sent to another \
+             backend, the first answer wins, and the hedge is paid from the retry budget.\n",
+            peers::SERVICE,
+            PAUSE_HEDGE.as_millis(),
+            PAUSE_HEDGE.as_millis()
         ),
     }
 }
@@ -256,7 +336,7 @@ fn table(b: &mut String, scenario: Scenario, rows: &[Row]) {
         let _ = writeln!(
             b,
             "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} |",
-            r.kind.name(),
+            r.label(),
             r.ok,
             r.failed,
             if fails.is_empty() { "—".into() } else { fails.join(", ") },
