@@ -1,10 +1,12 @@
 //! The choice of endpoint for each attempt: pure functions over a snapshot.
 //!
 //! # Load
-//! [`least_loaded`]: an endpoint's load is `(in flight + 1) / effective weight`,
-//! the least loaded wins and ties are broken uniformly at random (reservoir
-//! sampling, so the random number generator is consulted only on a tie). The
-//! `+ 1` makes weights count between idle endpoints too. The effective weight
+//! [`least_loaded`]: an endpoint's load is `in flight / effective weight`, the
+//! least loaded wins, and ties are broken at random in proportion to the
+//! effective weights (weighted reservoir sampling, so the random number
+//! generator is consulted only on a tie). Under light load, when every
+//! endpoint is idle, the weights alone share the traffic; under heavy load
+//! the in-flight counts do, divided by the weights. The effective weight
 //! is the registered weight times the endpoint's warmth: during its slow start
 //! (`slow_start` after it was first seen or came back from an ejection) it
 //! rises linearly from 10 % to 100 %, so a cold instance is not handed a full
@@ -69,10 +71,10 @@ impl Default for BalanceConfig {
     }
 }
 
-/// `(a_in_flight + 1) / a_weight` against the same for b, without division.
+/// `a_in_flight / a_weight` against the same for b, without division.
 fn compare_load(a_in_flight: usize, a_weight: u64, b_in_flight: usize, b_weight: u64) -> Ordering {
-    let a = (a_in_flight as u128 + 1) * u128::from(b_weight.max(1));
-    let b = (b_in_flight as u128 + 1) * u128::from(a_weight.max(1));
+    let a = (a_in_flight as u128) * u128::from(b_weight.max(1));
+    let b = (b_in_flight as u128) * u128::from(a_weight.max(1));
     a.cmp(&b)
 }
 
@@ -85,7 +87,8 @@ pub fn least_loaded(
     mut candidate: impl FnMut(usize, &Endpoint) -> bool,
 ) -> Option<usize> {
     let mut best: Option<(usize, usize, u64)> = None;
-    let mut ties = 0u32;
+    // The summed weight of the endpoints tied for least loaded so far.
+    let mut tied_weight = 0u64;
     for (i, ep) in endpoints.iter().enumerate() {
         if !candidate(i, ep) {
             continue;
@@ -95,16 +98,18 @@ pub fn least_loaded(
         match best {
             None => {
                 best = Some((i, load, weight));
-                ties = 1;
+                tied_weight = weight.max(1);
             }
             Some((_, best_load, best_weight)) => match compare_load(load, weight, best_load, best_weight) {
                 Ordering::Less => {
                     best = Some((i, load, weight));
-                    ties = 1;
+                    tied_weight = weight.max(1);
                 }
                 Ordering::Equal => {
-                    ties += 1;
-                    if rand::rng().random_range(0..ties) == 0 {
+                    // Weighted reservoir sampling: each tied endpoint ends up
+                    // chosen with probability weight / summed weight.
+                    tied_weight = tied_weight.saturating_add(weight.max(1));
+                    if rand::rng().random_range(0..tied_weight) < weight.max(1) {
                         best = Some((i, load, weight));
                     }
                 }
@@ -280,13 +285,13 @@ mod tests {
 
     #[test]
     fn weight_divides_load() {
-        // a: (4+1) in flight / weight 4; b: (2+1) / 1.
+        // a: 4 in flight / weight 4 = 1; b: 2 / 1 = 2.
         let eps = vec![ep("a", 4), ep("b", 1)];
         let _ga = load(&eps[0], 4);
         let _gb = load(&eps[1], 2);
         assert_eq!(ll(&eps, |_, _| true), Some(0));
-        // a: (12+1)/4 > b: (2+1)/1.
-        let _more = load(&eps[0], 8);
+        // a: 9/4 > b: 2/1.
+        let _more = load(&eps[0], 5);
         assert_eq!(ll(&eps, |_, _| true), Some(1));
     }
 
@@ -504,5 +509,23 @@ mod tests {
         }
         let remote = counters.remote.get();
         assert!((120..280).contains(&remote), "{remote} of 400 went remote");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_light_load_a_new_endpoint_gets_a_small_share_at_once() {
+        let slow = BalanceConfig { slow_start: Duration::from_secs(10), ..BalanceConfig::default() };
+        let old = set(3);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let mut endpoints = old.endpoints.clone();
+        endpoints.push(ep("new", 1));
+        let s = EndpointSet { endpoints, index: 2, epoch: "e".into() };
+        // Nothing in flight: every pick is a tie, broken by the weights 1 : 1 : 1 : 0.1.
+        let picks = 20_000;
+        let new = (0..picks)
+            .filter(|_| choose(&s, &[], Instant::now(), &slow, &no_zones()).unwrap().index == 3)
+            .count() as f64
+            / picks as f64;
+        // Expected 0.1 / 3.1, about 3.2 %: small, but not nothing.
+        assert!((0.02..0.045).contains(&new), "{new}");
     }
 }

@@ -715,6 +715,9 @@ fn compose_scale_up() {
     );
     assert_no_failures(test, &window);
     assert!(window.served("app4") > 0, "[{test}] app4 got no traffic");
-    // Within a second, plus half a second for this test's own polling on a loaded machine.
-    assert!(delay <= 1500, "[{test}] app4 was first served {delay}ms after turning healthy");
+    // The client sidecar's slow start (10 s by default) hands a new instance
+    // about a tenth of its share at first: at this rate that is a request
+    // every half second or so, so the first one comes within a few seconds,
+    // not at once. Propagation itself is timed by the registry and e2e tests.
+    assert!(delay <= 5000, "[{test}] app4 was first served {delay}ms after turning healthy");
 }
