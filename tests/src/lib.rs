@@ -13,6 +13,7 @@
 //! `TRELLIS_BIN_DIR`.
 
 pub mod admin;
+pub mod instance;
 pub mod ports;
 pub mod process;
 pub mod ready;
@@ -20,6 +21,7 @@ pub mod wait;
 
 use std::path::PathBuf;
 
+pub use instance::AppInstance;
 pub use process::{Launch, Proc};
 pub use ready::{start_ready, AppProc, Ready, RegistryProc, SidecarProc};
 pub use wait::{wait_for, wait_http_ok, wait_until};

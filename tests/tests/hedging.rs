@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use tokio::task::JoinSet;
-use trellis_tests::{strings, wait_for, AppProc, RegistryProc, SidecarProc};
+use trellis_tests::{strings, wait_for, AppInstance, RegistryProc, SidecarProc};
 use wrk_cluster::{endpoint_states, Client, ClientCounters, SERVICE};
 
 /// Held for a whole test; tokio's mutex works across the tests' runtimes and
@@ -52,49 +52,20 @@ const P99_ALLOWANCE: Duration = Duration::from_millis(100);
 /// Bound on a start-up or a discovery on a loaded machine, not a guess at its length.
 const WITHIN: Duration = Duration::from_secs(30);
 
-/// One `demo-app` and the sidecar that registers it. The sidecar drops
-/// first, so the registry never holds an instance whose app is gone for long.
-struct Instance {
-    _sidecar: SidecarProc,
-    app: AppProc,
-}
-
-/// Starts `demo-app --name NAME` and a sidecar registering it as instance
-/// NAME of [`SERVICE`]. The sidecar's health check is TCP: a frozen app's
-/// kernel still accepts, so the instance stays registered while frozen and
-/// only the client sidecar's own view (failures, hedges) steers around it.
-async fn start_instance(registry: &str, name: &str) -> Instance {
-    let app = AppProc::start(&format!("{name}-app"), name, &strings(&["--delay", APP_DELAY])).await;
-    let addr = app.addr.to_string();
-    let extra = strings(&[
-        "--service",
-        SERVICE,
-        "--app",
-        &addr,
-        // The app listens on loopback; by default the sidecar would advertise
-        // this host's first non-loopback address.
-        "--advertise",
-        &addr,
-        "--instance-id",
-        name,
-        "--health-interval",
-        "200ms",
-        "--health-timeout",
-        "150ms",
-        "--heartbeat-interval",
-        "500ms",
-        "--ttl",
-        "3s",
-    ]);
-    let sidecar = SidecarProc::start(&format!("{name}-sidecar"), registry, &extra, WITHIN).await;
-    Instance { _sidecar: sidecar, app }
+/// A `demo-app` NAME (answers after [`APP_DELAY`]) and its sidecar
+/// registering it as instance NAME of [`SERVICE`]. The sidecar's health check
+/// is TCP: a frozen app's kernel still accepts, so the instance stays
+/// registered while frozen and only the client sidecar's own view (failures,
+/// hedges) steers around it.
+async fn start_instance(registry: &str, name: &str) -> AppInstance {
+    AppInstance::start(registry, SERVICE, name, &["--delay", APP_DELAY], &[], WITHIN).await
 }
 
 /// Fields drop in order: the client first, the registry last, so no sidecar
 /// watches a registry that is already gone.
 struct Cluster {
     client: Client,
-    instances: Vec<Instance>,
+    instances: Vec<AppInstance>,
     _registry: RegistryProc,
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::task::JoinSet;
-use trellis_tests::{strings, wait_for, AppProc, RegistryProc, SidecarProc};
+use trellis_tests::{strings, wait_for, AppInstance, RegistryProc, SidecarProc};
 
 /// Held for a whole test; tokio's mutex works across the tests' runtimes and
 /// is not poisoned by a failing test.
@@ -41,41 +41,10 @@ const NEWCOMER: &str = "b3";
 /// Bound on a start-up or a discovery on a loaded machine, not a guess at its length.
 const WITHIN: Duration = Duration::from_secs(30);
 
-/// One `demo-app` and the sidecar that registers it. The sidecar drops
-/// first, so the registry never holds an instance whose app is gone for long.
-struct Instance {
-    _sidecar: SidecarProc,
-    _app: AppProc,
-}
-
-/// Starts `demo-app --name NAME` and a sidecar registering it as instance
-/// NAME of [`SERVICE`]; returns once the sidecar has registered it. Short
-/// health, heartbeat and TTL settings let the instance appear fast.
-async fn start_instance(registry: &str, name: &str) -> Instance {
-    let app = AppProc::start(&format!("{name}-app"), name, &strings(&["--delay", APP_DELAY])).await;
-    let addr = app.addr.to_string();
-    let extra = strings(&[
-        "--service",
-        SERVICE,
-        "--app",
-        &addr,
-        // The app listens on loopback; by default the sidecar would advertise
-        // this host's first non-loopback address.
-        "--advertise",
-        &addr,
-        "--instance-id",
-        name,
-        "--health-interval",
-        "200ms",
-        "--health-timeout",
-        "150ms",
-        "--heartbeat-interval",
-        "500ms",
-        "--ttl",
-        "3s",
-    ]);
-    let sidecar = SidecarProc::start(&format!("{name}-sidecar"), registry, &extra, WITHIN).await;
-    Instance { _sidecar: sidecar, _app: app }
+/// A `demo-app` NAME (answers after [`APP_DELAY`]) and its sidecar
+/// registering it as instance NAME of [`SERVICE`].
+async fn start_instance(registry: &str, name: &str) -> AppInstance {
+    AppInstance::start(registry, SERVICE, name, &["--delay", APP_DELAY], &[], WITHIN).await
 }
 
 /// The ids of the client sidecar's active endpoints of [`SERVICE`].
