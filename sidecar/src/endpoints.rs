@@ -86,9 +86,18 @@ impl Endpoint {
     /// Counts a request as in flight until the returned guard drops. The proxy
     /// moves the guard into the response body so the count falls when the last
     /// byte has been sent, not when headers arrive.
+    /// The time in flight is added to `busy_us` (what zone-aware routing
+    /// measures load by).
     pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.begin_timed(true)
+    }
+
+    /// [`Endpoint::begin`], reading the clock only when `timed`: a sidecar
+    /// without zone-aware routing has no use for the busy time, and an
+    /// upgraded connection's lifetime says nothing about load.
+    pub fn begin_timed(self: &Arc<Self>, timed: bool) -> InFlight {
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint: Arc::clone(self), since: tokio::time::Instant::now() }
+        InFlight { endpoint: Arc::clone(self), since: timed.then(tokio::time::Instant::now) }
     }
 
     /// Same instance at the same place: its state can be carried over.
@@ -101,7 +110,7 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
-    since: tokio::time::Instant,
+    since: Option<tokio::time::Instant>,
 }
 
 impl InFlight {
@@ -113,8 +122,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let busy = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.endpoint.state.busy_us.fetch_add(busy, Ordering::Relaxed);
+        if let Some(since) = self.since {
+            let busy = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.endpoint.state.busy_us.fetch_add(busy, Ordering::Relaxed);
+        }
     }
 }
 

@@ -225,3 +225,11 @@ struct ProxyContext {
     /// Requests waiting for response headers (capped by `max_pending_requests`).
     pending: AtomicUsize,
 }
+
+impl ProxyContext {
+    /// Counts a request to `ep` as in flight; its time is measured only when
+    /// zone-aware routing needs it.
+    fn begin(&self, ep: &Arc<crate::endpoints::Endpoint>) -> crate::endpoints::InFlight {
+        ep.begin_timed(self.config.balance.zone.routing_zone().is_some())
+    }
+}

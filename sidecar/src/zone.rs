@@ -346,6 +346,10 @@ impl ZoneState {
     }
 
     fn set(&self, next: Routing) {
+        // Most choices change nothing: a load, not a write to a shared line.
+        if self.routing.load(Ordering::Relaxed) == next as u8 {
+            return;
+        }
         let prev = Routing::from_u8(self.routing.swap(next as u8, Ordering::Relaxed));
         if prev.remote_in_use() != next.remote_in_use() && prev != Routing::Off {
             info!(service = %self.service, from = prev.name(), to = next.name(), "zone routing changed");

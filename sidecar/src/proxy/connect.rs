@@ -131,7 +131,7 @@ pub(super) async fn connect<'a>(
                         debug!(slow = %pick.endpoint.authority, hedge = %authority, "connect still pending; hedging");
                         let slot = others.len();
                         racing.push(Box::pin(async move { (Some(slot), pool.connect(authority).await) }));
-                        let alt_guard = alt.endpoint.begin();
+                        let alt_guard = ctx.begin(alt.endpoint);
                         others.push(Some((alt, alt_guard)));
                     }
                     None => {

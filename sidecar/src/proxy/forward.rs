@@ -68,7 +68,7 @@ pub(super) async fn forward(
     loop {
         let pick = attempts.next()?;
         let ep = pick.endpoint;
-        let guard = ep.begin();
+        let guard = ctx.begin(ep);
         let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
             || (downstream_h2 && {
                 let probe = ctx.protocols.speaks_h2(&ep.authority, config.connect_timeout);
@@ -326,7 +326,7 @@ async fn hedged<'a>(
     }
     late.state.outlier.mark_suspect(Instant::now());
     debug!(late = %late.authority, hedge = %alt.endpoint.authority, "answer late; hedging");
-    let alt_guard = alt.endpoint.begin();
+    let alt_guard = ctx.begin(alt.endpoint);
     let second = send_h1(ctx, None, alt, alt_guard, copy, end);
     tokio::pin!(second);
     let answered = |e: &Ended<'a>| matches!(e.2, Ok(Ok(_)));

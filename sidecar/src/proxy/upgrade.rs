@@ -64,7 +64,8 @@ pub(super) async fn forward(
         loop {
             let mut pick = attempts.next()?;
             let ep = pick.endpoint;
-            let guard = ep.begin();
+            // Untimed: an upgraded connection's lifetime says nothing about load.
+            let guard = ep.begin_timed(false);
             let connected =
                 tokio::time::timeout(config.connect_timeout, TcpStream::connect(ep.authority.as_str())).await;
             let stream = match connected {
