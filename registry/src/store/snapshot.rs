@@ -124,14 +124,15 @@ impl Serialize for InstancesOut<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use trellis_shared::{Address, HealthStatus, InstanceId};
 
     use super::*;
 
-    fn inst(id: &str, status: HealthStatus) -> Arc<Instance> {
+    /// An instance at 10.0.0.1:80, as the store tests build them.
+    pub(crate) fn inst(id: &str, status: HealthStatus) -> Arc<Instance> {
         Arc::new(Instance {
             id: InstanceId::new(id).unwrap(),
             address: Address::new("10.0.0.1").unwrap(),

@@ -175,9 +175,8 @@ impl<M: Member> ServiceTable<M> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
-    use trellis_shared::{Address, HealthStatus};
+    use trellis_shared::HealthStatus;
 
     use super::*;
 
@@ -190,16 +189,7 @@ mod tests {
     }
 
     fn plain(id: &str, status: HealthStatus) -> Plain {
-        Plain(Arc::new(Instance {
-            id: InstanceId::new(id).unwrap(),
-            address: Address::new("10.0.0.1").unwrap(),
-            port: 80,
-            zone: None,
-            weight: 100,
-            metadata: BTreeMap::new(),
-            status,
-            output: String::new(),
-        }))
+        Plain(crate::store::snapshot::tests::inst(id, status))
     }
 
     #[test]

@@ -237,26 +237,16 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
-    use trellis_shared::{Address, HealthStatus};
+    use trellis_shared::HealthStatus;
 
     use super::*;
 
     fn kv(cache: &Cache, service: &str, id: &str, status: HealthStatus, rev: i64) -> KeyValue {
         let service = ServiceName::new(service).unwrap();
         let id = InstanceId::new(id).unwrap();
-        let instance = Instance {
-            id: id.clone(),
-            address: Address::new("10.0.0.1").unwrap(),
-            port: 80,
-            zone: None,
-            weight: 100,
-            metadata: BTreeMap::new(),
-            status,
-            output: String::new(),
-        };
-        let cached = Cached { instance: Arc::new(instance), lease: 7, ttl: Duration::from_secs(5) };
+        let instance = crate::store::snapshot::tests::inst(id.as_str(), status);
+        let cached = Cached { instance, lease: 7, ttl: Duration::from_secs(5) };
         KeyValue {
             key: cache.key(&service, &id),
             value: encode(&service, &cached),
