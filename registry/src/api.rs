@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::http::HeaderValue;
 
-pub use self::service::ApiService;
+pub use self::service::{ApiService, ClientAddr};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::watch::Watches;

@@ -13,6 +13,7 @@
 //! - [`brake`]: protection from mass expiry (the expiry brake, the protection threshold).
 //! - [`watch`]: blocking queries: parameters, cap, wait and jitter.
 //! - [`metrics`]: Prometheus metrics, the stores' groups included.
+//! - [`pki`]: a small CA (rcgen): what `registry init` writes and tests issue.
 //! - [`probe`]: the `registry probe` healthcheck.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod expiry;
 pub mod metrics;
+pub mod pki;
 pub mod probe;
 pub mod server;
 pub mod store;

@@ -109,7 +109,7 @@ pub async fn serve<S: Store>(
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
-    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)).hyper_service();
+    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -137,7 +137,7 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.clone()).into_owned());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.hyper_service(peer)).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {

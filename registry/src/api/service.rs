@@ -79,10 +79,13 @@ impl<S: Store> ApiService<S> {
         resp
     }
 
-    /// The service hyper serves on each connection: [`ApiService::call`],
-    /// which never fails (errors are answers).
+    /// The service hyper serves on one connection from `peer`:
+    /// [`ApiService::call`], which never fails (errors are answers). Each
+    /// request carries the peer as a [`ClientAddr`] extension, so per-client
+    /// limits and counters need no connection state of their own.
     pub fn hyper_service(
         &self,
+        peer: std::net::SocketAddr,
     ) -> impl hyper::service::Service<
         Request<hyper::body::Incoming>,
         Response = Response,
@@ -90,12 +93,18 @@ impl<S: Store> ApiService<S> {
         Future = impl Future<Output = Result<Response, Infallible>> + Send,
     > + Clone {
         let api = self.clone();
-        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let client = ClientAddr(peer.ip());
+        hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let api = api.clone();
+            req.extensions_mut().insert(client);
             async move { Ok(api.call(req).await) }
         })
     }
 }
+
+/// The address a request came from (its TCP peer), as a request extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub std::net::IpAddr);
 
 /// The names of a heartbeat path the fast path can serve: no escapes, valid names.
 fn plain_heartbeat(path: &str) -> Option<(ServiceName, InstanceId)> {
