@@ -69,6 +69,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
         ErrorCode::UnknownInstance | ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::NoEndpoints => {

@@ -22,6 +22,12 @@ pub enum ErrorCode {
     NotFound,
     /// 405: the route exists but not with this method.
     MethodNotAllowed,
+    /// 401: no token, or one the registry does not know (`WWW-Authenticate: Bearer`).
+    Unauthenticated,
+    /// 403: the token is known but lacks the right this request needs.
+    PermissionDenied,
+    /// 429: a size cap was reached (services, instances per service, watches per client).
+    LimitExceeded,
     /// 413: the body is larger than the registry accepts.
     PayloadTooLarge,
     /// 415: a body was sent with a content type other than JSON.
@@ -56,6 +62,9 @@ impl ErrorCode {
             ErrorCode::UnknownInstance => "unknown_instance",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",
