@@ -4,9 +4,11 @@
 //!   route, serves heartbeats itself, passes the rest to the router, flags
 //!   stale answers and records the request's metrics and log line.
 //! - [`route`]: which route a request takes, from its method and path.
+//! - [`body_timeout`]: request bodies that must arrive within `--body-timeout`.
 //! - [`handlers`]: the axum router and its handlers, and the body checks that
 //!   the heartbeat fast path shares.
 
+pub mod body_timeout;
 pub mod handlers;
 pub mod route;
 pub mod service;

@@ -106,6 +106,10 @@ pub struct Config {
     /// `"protected": true`. 0 (the default) turns it off.
     #[arg(long, env = "TRELLIS_PROTECTION_THRESHOLD", default_value_t = 0.0)]
     pub protection_threshold: f64,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub limits: crate::server::limits::ConnectionLimits,
 }
 
 impl Default for Config {
@@ -163,6 +167,8 @@ impl Config {
         if self.max_body < 1024 {
             return Err(ConfigError("--max-body must be at least 1024 bytes".into()));
         }
+        self.tls.validate().map_err(ConfigError)?;
+        self.limits.validate(self.max_wait).map_err(ConfigError)?;
         Ok(())
     }
 }

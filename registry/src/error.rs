@@ -27,7 +27,10 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A connection past `--max-connections`.
+    /// A request body that did not arrive within `--body-timeout`.
+    #[error("the request body did not arrive within the body timeout")]
+    BodyTimeout,
+    /// A connection past `--max-connections` or `--max-connections-per-ip`.
     #[error("too many connections to the registry")]
     Overloaded,
 }
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             ApiError::Store(StoreError::UnknownInstance { .. }) => ErrorCode::UnknownInstance,
             ApiError::Store(StoreError::Unavailable(_)) => ErrorCode::Unavailable,
+            ApiError::BodyTimeout => ErrorCode::RequestTimeout,
             ApiError::Overloaded => ErrorCode::Overloaded,
         }
     }
@@ -73,6 +77,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::NoEndpoints => {
             StatusCode::SERVICE_UNAVAILABLE

@@ -2,7 +2,8 @@
 //! HTTP/JSON (`docs/api.md`), as a library so tests can run it in-process.
 //!
 //! - [`config`]: clap CLI and environment variables; the defaults are the flags'.
-//! - [`server`]: the accept loop, connection cap and graceful shutdown; [`run`].
+//! - [`server`]: the accept loop, connection caps (global and per address),
+//!   TLS handshakes, header and idle timeouts, graceful shutdown; [`run`].
 //! - [`api`]: [`api::ApiService`], the one entry of every request (routing,
 //!   the heartbeat fast path, the stale flag, request metrics); the axum
 //!   handlers behind it.
@@ -15,6 +16,7 @@
 //! - [`metrics`]: Prometheus metrics, the stores' groups included.
 //! - [`pki`]: a small CA (rcgen): what `registry init` writes and tests issue.
 //! - [`probe`]: the `registry probe` healthcheck.
+//! - [`tls`]: the `--tls-*` flags, the rustls configuration and its reload on SIGHUP.
 
 pub mod api;
 pub mod brake;
@@ -26,6 +28,7 @@ pub mod pki;
 pub mod probe;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod watch;
 
 pub use config::Config;

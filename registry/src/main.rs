@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Probe { addr, timeout }) = cli.command {
         let addr = addr.unwrap_or_else(|| local_addr_for(cli.config.listen));
-        return match runtime.block_on(probe(addr, timeout)) {
+        return match runtime.block_on(probe(addr, timeout, &cli.config.tls)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("registry probe: {e}");

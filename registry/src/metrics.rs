@@ -27,6 +27,19 @@ pub struct EtcdMetrics {
     pub stale_answers: Counter,
 }
 
+/// What the accept loop and the connections' tasks count; clones share the values with `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Connections refused because their address had `--max-connections-per-ip` open.
+    pub refused_per_ip: Counter,
+    /// Connections cut because a head (or the handshake before the first) took too long.
+    pub header_timeouts: Counter,
+    /// Connections closed after `--idle-timeout` without a request.
+    pub idle_closed: Counter,
+    /// TLS handshakes that failed (wrong CA, no client certificate, plain HTTP to the TLS port).
+    pub tls_failures: Counter,
+}
+
 /// Which API operation a request was, as a bounded label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
@@ -86,6 +99,7 @@ pub struct Metrics {
     pub watches_refused: Counter,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    pub conn: ConnectionMetrics,
     pub requests: Family<RequestLabels, Histogram>,
     instances: Family<ServiceLabels, Gauge>,
     healthy: Family<ServiceLabels, Gauge>,
@@ -110,6 +124,7 @@ impl Metrics {
             watches_refused: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            conn: ConnectionMetrics::default(),
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.5, 16))),
             instances: Family::default(),
             healthy: Family::default(),
@@ -164,6 +179,26 @@ impl Metrics {
             "connections_refused",
             "Connections refused because the connection cap was reached",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_refused_per_ip",
+            "Connections refused because their address had --max-connections-per-ip open",
+            m.conn.refused_per_ip.clone(),
+        );
+        registry.register(
+            "header_timeouts",
+            "Connections closed because a request head, or the handshake before it, took longer than --header-timeout",
+            m.conn.header_timeouts.clone(),
+        );
+        registry.register(
+            "idle_connections_closed",
+            "Connections closed after --idle-timeout without a request",
+            m.conn.idle_closed.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed",
+            m.conn.tls_failures.clone(),
         );
         registry.register(
             "request_duration_seconds",

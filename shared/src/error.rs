@@ -30,6 +30,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// 413: the body is larger than the registry accepts.
     PayloadTooLarge,
+    /// 408: the request body did not arrive within the registry's body timeout.
+    RequestTimeout,
     /// 415: a body was sent with a content type other than JSON.
     UnsupportedMediaType,
     /// 503: the store cannot take writes right now (etcd without quorum).
@@ -66,6 +68,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",

@@ -18,6 +18,7 @@ use trellis_shared::{
     EPOCH_HEADER, INDEX_HEADER,
 };
 
+use super::body_timeout::timed_out;
 use super::ApiState;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -93,6 +94,7 @@ fn body_bytes(
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return Err(ApiError::PayloadTooLarge { limit })
         }
+        Err(e) if timed_out(&e) => return Err(ApiError::BodyTimeout),
         Err(e) => return Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
     };
     json_body(headers, bytes)
@@ -238,6 +240,7 @@ where
             Err(e) => Err(e),
         },
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(e) if timed_out(&*e) => Err(ApiError::BodyTimeout),
         Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
     };
     result.unwrap_or_else(IntoResponse::into_response)

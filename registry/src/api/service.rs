@@ -23,6 +23,7 @@ use axum::Router;
 use tower::ServiceExt;
 use trellis_shared::{InstanceId, ServiceName, STALE_HEADER};
 
+use super::body_timeout::TimedBody;
 use super::handlers::{heartbeat, router};
 use super::route::{heartbeat_path, route_of};
 use super::ApiState;
@@ -82,7 +83,8 @@ impl<S: Store> ApiService<S> {
     /// The service hyper serves on one connection from `peer`:
     /// [`ApiService::call`], which never fails (errors are answers). Each
     /// request carries the peer as a [`ClientAddr`] extension, so per-client
-    /// limits and counters need no connection state of their own.
+    /// limits and counters need no connection state of their own, and its
+    /// body is bounded by `--body-timeout` ([`TimedBody`]).
     pub fn hyper_service(
         &self,
         peer: std::net::SocketAddr,
@@ -94,9 +96,11 @@ impl<S: Store> ApiService<S> {
     > + Clone {
         let api = self.clone();
         let client = ClientAddr(peer.ip());
+        let body_timeout = self.state.config.limits.body_timeout;
         hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let api = api.clone();
             req.extensions_mut().insert(client);
+            let req = req.map(|body| TimedBody::new(body, body_timeout));
             async move { Ok(api.call(req).await) }
         })
     }
