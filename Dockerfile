@@ -9,23 +9,32 @@
 # prebuilt stages come first and never reach the from-source stages at the end.
 # Those need internet (`FROM rust`) and BuildKit, which skips unused stages:
 #   TRELLIS_FROM_SOURCE=1 scripts/images.sh
+#
+# Every image runs as user 65532 (group 65532), not root. scratch has no
+# /etc/passwd, so the user is numeric; nothing in the images needs a name. The
+# binaries write nothing on their own (ready files only where a flag says), so
+# the compose files can also make the root filesystem read-only.
 
 FROM scratch AS registry
 COPY target/docker/registry /usr/local/bin/registry
 EXPOSE 7600
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/registry"]
 
 FROM scratch AS sidecar
 COPY target/docker/sidecar /usr/local/bin/sidecar
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sidecar"]
 
 FROM scratch AS demo-app
 COPY target/docker/demo-app /usr/local/bin/demo-app
 EXPOSE 8080
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-app"]
 
 FROM scratch AS demo-client
 COPY target/docker/demo-client /usr/local/bin/demo-client
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-client"]
 
 # ---- from source: needs internet and BuildKit; never built on the offline CI machine ----
@@ -42,17 +51,21 @@ RUN cargo build --release --workspace --bins \
 FROM scratch AS registry-from-source
 COPY --from=build /out/registry /usr/local/bin/registry
 EXPOSE 7600
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/registry"]
 
 FROM scratch AS sidecar-from-source
 COPY --from=build /out/sidecar /usr/local/bin/sidecar
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sidecar"]
 
 FROM scratch AS demo-app-from-source
 COPY --from=build /out/demo-app /usr/local/bin/demo-app
 EXPOSE 8080
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-app"]
 
 FROM scratch AS demo-client-from-source
 COPY --from=build /out/demo-client /usr/local/bin/demo-client
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-client"]

@@ -31,6 +31,10 @@ pub enum Command {
         #[arg(long, env = "TRELLIS_PROBE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Write a CA, the registry's certificate, an ACL file and one token per
+    /// service into DIR (and etcd's certificates and passwords when asked):
+    /// everything to run with TLS and tokens. Prints what it wrote, never a secret.
+    Init(crate::init::InitArgs),
 }
 
 /// Everything the server needs. Every field has a flag and a `TRELLIS_<FLAG>`

@@ -14,6 +14,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Init(args)) = &cli.command {
+        return match trellis_registry::init::init(args) {
+            Ok(written) => {
+                print!("{}", trellis_registry::init::summary(&written));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("registry init: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut builder = match cli.config.workers {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {

@@ -10,6 +10,11 @@
 //! prints its summary after its in-flight requests end), and asserts. A `Stack`
 //! guard tears the project down when the test ends, also when it fails.
 //!
+//! The demo runs with tokens and TLS: each stack gets credentials of its own,
+//! written at its start by the built registry's `registry init` into a
+//! temporary folder (`TRELLIS_SECRETS`), and the tests read the registry over
+//! HTTPS, trusting that CA, with the `observer` token.
+//!
 //! Without a Docker engine the tests print `SKIPPED: <reason>` and pass, except
 //! with `CI=true`, where a missing engine fails them. Images are built once per
 //! run from the binaries beside the test executable (`scripts/images.sh`, tag
@@ -17,15 +22,15 @@
 //! `docker-compose`, else `docker compose`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use trellis_tests::bin_dir;
 use trellis_tests::ports::foreign_binary_addr;
+use trellis_tests::process::{log_dir, unique_path};
+use trellis_tests::{bin, bin_dir};
 
 /// The service the demo replicas register as.
 const SERVICE: &str = "demo";
@@ -139,6 +144,110 @@ fn setup(test: &str) -> Option<(MutexGuard<'static, ()>, Vec<String>)> {
     Some((guard, compose))
 }
 
+/// The images' user, which `registry init --owner` hands the files to when the tests run as root.
+const IMAGE_USER: &str = "65532:65532";
+
+/// Credentials for one stack, written by the built registry's `init` into a
+/// folder of their own, and the user the registry and sidecars run as to read them.
+struct Secrets {
+    dir: PathBuf,
+    uid: String,
+    gid: String,
+}
+
+impl Secrets {
+    fn generate(test: &str) -> Secrets {
+        let dir = unique_path(&log_dir(), &format!("{test}-secrets"), "d");
+        let euid = uid_of("/proc/self");
+        let mut args = vec!["init".to_string(), dir.display().to_string()];
+        for a in ["--service", "demo", "--service", "client"] {
+            args.push(a.into());
+        }
+        for n in ["registry", "localhost", "127.0.0.1"] {
+            args.extend(["--name".to_string(), n.to_string()]);
+        }
+        let (uid, gid) = if euid == 0 {
+            // Root hands the 0600 files to the images' user, as scripts/demo.sh does.
+            args.extend(["--owner".to_string(), IMAGE_USER.to_string()]);
+            ("65532".to_string(), "65532".to_string())
+        } else {
+            // Otherwise the containers run as the caller, who owns them.
+            (euid.to_string(), gid_of("/proc/self").to_string())
+        };
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&bin("registry").display().to_string(), &refs, &[], Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("[{test}] registry init: {e}"));
+        Secrets { dir, uid, gid }
+    }
+
+    fn token(&self, name: &str) -> String {
+        let p = self.dir.join("tokens").join(format!("{name}.token"));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).trim().to_string()
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn uid_of(path: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+fn gid_of(path: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.gid()).unwrap_or(u32::MAX)
+}
+
+/// The registry as the tests read it: HTTPS on its published loopback port,
+/// trusting the stack's own CA, with the observer token (read everything).
+#[derive(Clone)]
+struct RegistryReader {
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl RegistryReader {
+    fn new(port: u16, secrets: &Secrets) -> RegistryReader {
+        let ca = std::fs::read(secrets.dir.join("ca.pem")).expect("ca.pem");
+        let ca = reqwest::Certificate::from_pem(&ca).expect("ca.pem parses");
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("a TLS client");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the registry reads");
+        RegistryReader {
+            runtime: Arc::new(runtime),
+            client,
+            base: format!("https://127.0.0.1:{port}"),
+            token: secrets.token("observer"),
+        }
+    }
+
+    /// The body of a GET, or `None` unless it answers 200.
+    fn get(&self, path: &str) -> Option<String> {
+        let req = self.client.get(format!("{}{path}", self.base)).bearer_auth(&self.token);
+        self.runtime.block_on(async {
+            let resp = req.send().await.ok()?;
+            if resp.status() != reqwest::StatusCode::OK {
+                return None;
+            }
+            resp.text().await.ok()
+        })
+    }
+}
+
 /// One `stats` or `summary` record of the client.
 #[derive(Debug, Clone, Default)]
 struct Counts {
@@ -208,7 +317,9 @@ struct Stack {
     project: String,
     compose: Vec<String>,
     envs: Vec<(&'static str, String)>,
-    registry_port: u16,
+    registry: RegistryReader,
+    // Dropped after the project is down (fields drop in order, after `Drop::drop`).
+    _secrets: Secrets,
     client_logs: Option<Child>,
     lines: Arc<Mutex<Vec<Line>>>,
     started: Instant,
@@ -221,6 +332,7 @@ impl Stack {
         // Docker publishes the port, and a container restart must find the
         // same one: it is chosen here (see `trellis_tests::ports`).
         let registry_port = foreign_binary_addr().expect("a loopback port").port();
+        let secrets = Secrets::generate(test);
         let mut stack = Stack {
             test: test.to_string(),
             project: format!("trt{}{}", std::process::id(), test.replace('_', "")),
@@ -229,8 +341,12 @@ impl Stack {
                 ("TRELLIS_TAG", "test".to_string()),
                 ("TRELLIS_REGISTRY_PORT", registry_port.to_string()),
                 ("TRELLIS_CLIENT_RATE", RATE.to_string()),
+                ("TRELLIS_SECRETS", secrets.dir.display().to_string()),
+                ("TRELLIS_UID", secrets.uid.clone()),
+                ("TRELLIS_GID", secrets.gid.clone()),
             ],
-            registry_port,
+            registry: RegistryReader::new(registry_port, &secrets),
+            _secrets: secrets,
             client_logs: None,
             lines: Arc::new(Mutex::new(Vec::new())),
             started: Instant::now(),
@@ -282,7 +398,7 @@ impl Stack {
 
     /// Healthy instance ids of the demo service, or `None` when the registry does not answer.
     fn healthy(&self) -> Option<Vec<String>> {
-        healthy_ids(self.registry_port)
+        healthy_ids(&self.registry)
     }
 
     /// Polls the registry until `pred` holds of the healthy ids; returns how long it took.
@@ -432,8 +548,8 @@ impl Drop for Stack {
 }
 
 /// Healthy (passing) instance ids of the demo service, or `None` when the registry does not answer.
-fn healthy_ids(port: u16) -> Option<Vec<String>> {
-    let body = http_get(port, &format!("/v1/services/{SERVICE}"))?;
+fn healthy_ids(registry: &RegistryReader) -> Option<Vec<String>> {
+    let body = registry.get(&format!("/v1/services/{SERVICE}"))?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     let mut ids: Vec<String> = v["instances"]
         .as_array()?
@@ -447,19 +563,6 @@ fn healthy_ids(port: u16) -> Option<Vec<String>> {
 
 fn seen_at(line: &str) -> Option<u128> {
     line.split_whitespace().find_map(|w| w.strip_prefix("at_ms=")).and_then(|v| v.parse().ok())
-}
-
-/// A plain HTTP/1.0 GET on loopback; `None` unless it answers 200.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    // The status line's version echoes the request's (HTTP/1.0).
-    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
 }
 
 fn assert_no_failures(test: &str, window: &Counts) {
@@ -683,11 +786,11 @@ fn compose_scale_up() {
     let stack = Stack::up(test, compose);
     let base = stack.counts();
     // `up` may return after the new sidecar registered: watch the registry meanwhile.
-    let port = stack.registry_port;
+    let registry = stack.registry.clone();
     let watcher = std::thread::spawn(move || {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(120) {
-            if healthy_ids(port).is_some_and(|ids| ids.iter().any(|i| i == "app4")) {
+            if healthy_ids(&registry).is_some_and(|ids| ids.iter().any(|i| i == "app4")) {
                 return Some(unix_ms());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -720,4 +823,105 @@ fn compose_scale_up() {
     // every half second or so, so the first one comes within a few seconds,
     // not at once. Propagation itself is timed by the registry and e2e tests.
     assert!(delay <= 5000, "[{test}] app4 was first served {delay}ms after turning healthy");
+}
+
+/// The user a container's processes run as, from `docker top` (the host's ps):
+/// every process's uid.
+fn process_uids(stack: &Stack, id: &str) -> Vec<u32> {
+    let top = stack.docker(&["top", id, "-eo", "uid,pid,args"]);
+    top.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect()
+}
+
+/// A `Name:` line of /proc/PID/status, when the engine runs on this host.
+fn proc_status(pid: &str, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string())
+}
+
+/// Test 8: Every image runs as a non-root user by itself, and in the running
+/// demo every container's processes run as a non-zero uid, on a read-only root
+/// filesystem, with every capability dropped and no privilege gain; the zones
+/// override keeps all of it.
+#[test]
+fn compose_hardened() {
+    let test = "compose_hardened";
+    let Some((_serial, compose)) = setup(test) else { return };
+    for image in ["registry", "sidecar", "demo-app", "demo-client"] {
+        let image = format!("trellis/{image}:test");
+        let user = run(
+            "docker",
+            &["image", "inspect", "-f", "{{.Config.User}}", &image],
+            &[],
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("[{test}] {e}"));
+        let user = user.trim();
+        println!("[{test}] {image}: Config.User={user:?}");
+        let uid = user.split(':').next().unwrap_or("");
+        assert!(!uid.is_empty() && uid != "0" && uid != "root", "[{test}] {image} runs as root ({user:?})");
+    }
+
+    let stack = Stack::up(test, compose);
+    // The zones override adds only environment: the merged file keeps every service hardened.
+    let zones = root().join("docker-compose.zones.yml").display().to_string();
+    let merged = stack.compose_ok(&["-f", &zones, "--profile", "scale", "config"], Duration::from_secs(60));
+    let services =
+        merged.lines().filter(|l| l.starts_with("  ") && !l.starts_with("   ") && l.ends_with(':')).count();
+    for key in ["read_only: true", "- no-new-privileges:true"] {
+        let n = merged.lines().filter(|l| l.trim() == key).count();
+        assert!(
+            n >= services && services >= 11,
+            "[{test}] the zones config has {key:?} {n} times for {services} services"
+        );
+    }
+
+    let ids: Vec<String> = stack
+        .compose_ok(&["ps", "-q"], Duration::from_secs(60))
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(ids.len(), 9, "[{test}] registry, 3 apps, 3 sidecars, client and its sidecar: {ids:?}");
+    for id in &ids {
+        let info = stack.docker(&[
+            "inspect",
+            "-f",
+            "{{.Name}} {{.State.Pid}} {{.HostConfig.ReadonlyRootfs}} {{json .HostConfig.CapDrop}} {{json .HostConfig.SecurityOpt}}",
+            id,
+        ]);
+        let f: Vec<&str> = info.split_whitespace().collect();
+        let (name, pid, read_only, cap_drop, security) =
+            (f[0], f[1], f[2], f[3], f.get(4).copied().unwrap_or(""));
+        let uids = process_uids(&stack, id);
+        let (caps, nnp) = (proc_status(pid, "CapEff:"), proc_status(pid, "NoNewPrivs:"));
+        println!(
+            "[{test}] {name}: uids {uids:?}, read-only rootfs {read_only}, CapDrop {cap_drop}, SecurityOpt {security}, \
+             /proc CapEff {caps:?} NoNewPrivs {nnp:?}"
+        );
+        assert!(
+            !uids.is_empty() && uids.iter().all(|u| *u != 0),
+            "[{test}] {name} runs a process as root: {uids:?}"
+        );
+        assert_eq!(read_only, "true", "[{test}] {name}: the root filesystem is writable");
+        assert_eq!(cap_drop, r#"["ALL"]"#, "[{test}] {name}");
+        assert!(security.contains("no-new-privileges:true"), "[{test}] {name}: {security}");
+        // Where the engine runs on this host, the kernel's view agrees.
+        if let Some(caps) = caps {
+            assert_eq!(caps, "0000000000000000", "[{test}] {name} holds capabilities");
+        }
+        if let Some(nnp) = nnp {
+            assert_eq!(nnp, "1", "[{test}] {name} may gain privileges");
+        }
+    }
+
+    // Nothing can be written into the image, not even by the registry binary itself.
+    let registry = stack.container("registry");
+    let write = run(
+        "docker",
+        &["exec", &registry, "/usr/local/bin/registry", "init", "/usr/local/bin/creds"],
+        &[],
+        Duration::from_secs(60),
+    );
+    println!("[{test}] writing inside the registry container: {write:?}");
+    let err = write.expect_err("the registry container's root filesystem took a write");
+    assert!(err.contains("Read-only file system"), "[{test}] {err}");
 }
