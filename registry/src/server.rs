@@ -109,7 +109,7 @@ pub async fn serve<S: Store>(
     let acl = match &config.acl.acl_file {
         Some(path) => {
             let acl = Arc::new(Acl::load(path, metrics.clone())?);
-            Some(acl)
+            Some((acl, crate::acl::reload::hangup()))
         }
         None => {
             if !addr.ip().is_loopback() {
@@ -124,9 +124,10 @@ pub async fn serve<S: Store>(
     }
     let stop = CancellationToken::new();
     let background = tokio::spawn(store.clone().background(stop.child_token()));
-    if let Some(acl) = &acl {
-        tokio::spawn(acl.clone().follow(stop.child_token()));
-    }
+    let acl = acl.map(|(acl, hup)| {
+        tokio::spawn(acl.clone().follow(hup, stop.child_token()));
+        acl
+    });
     let watches = Arc::new(
         Watches::new(config.max_watches, stop.clone(), metrics.clone())
             .per_client(config.limits.max_watches_per_client),

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -100,16 +101,8 @@ impl Acl {
         self.metrics.acl_reloads.get_or_create(&crate::metrics::ResultLabels::of(ok)).inc();
     }
 
-    /// Reloads on SIGHUP and on change until `stop`.
-    pub async fn follow(self: Arc<Self>, stop: CancellationToken) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGHUP; the ACL file reloads on change only");
-                None
-            }
-        };
+    /// Reloads on SIGHUP (from `hangup`, see [`hangup`]) and on change until `stop`.
+    pub async fn follow(self: Arc<Self>, mut hup: Option<Signal>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -122,6 +115,18 @@ impl Acl {
                     self.reload("file changed", false);
                 }
             }
+        }
+    }
+}
+
+/// Listens for SIGHUP. Called before the registry reports itself ready: a
+/// SIGHUP that arrives before a listener exists would end the process.
+pub fn hangup() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; the ACL file reloads on change only");
+            None
         }
     }
 }
