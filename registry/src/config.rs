@@ -113,7 +113,11 @@ pub struct Config {
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
     #[command(flatten)]
-    pub limits: crate::server::limits::ConnectionLimits,
+    pub connections: crate::server::limits::ConnectionLimits,
+    #[command(flatten)]
+    pub acl: crate::acl::AclArgs,
+    #[command(flatten)]
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Config {
@@ -172,7 +176,7 @@ impl Config {
             return Err(ConfigError("--max-body must be at least 1024 bytes".into()));
         }
         self.tls.validate().map_err(ConfigError)?;
-        self.limits.validate(self.max_wait).map_err(ConfigError)?;
+        self.connections.validate(self.max_wait).map_err(ConfigError)?;
         Ok(())
     }
 }

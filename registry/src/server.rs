@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use self::limits::ConnectionLimits;
 use self::per_ip::PerIp;
 use self::watchdog::{Activity, Verdict, Watched};
+use crate::acl::Acl;
 use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
@@ -51,6 +52,8 @@ pub enum ServerError {
     ReadyFile(std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("invalid ACL file: {0}")]
+    Acl(#[from] crate::acl::AclFileError),
 }
 
 /// Refused connections being answered at once; past this they are just closed.
@@ -97,7 +100,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     match config.store.clone() {
         StoreSpec::Memory => {
-            let store = Arc::new(MemoryStore::with_guards(metrics.store.clone(), config.guards()));
+            let store = Arc::new(
+                MemoryStore::with_guards(metrics.store.clone(), config.guards())
+                    .with_caps(config.limits.caps()),
+            );
             serve(listener, config, store, metrics, shutdown).await
         }
         StoreSpec::Etcd { endpoints, prefix } => {
@@ -107,6 +113,7 @@ pub async fn run(
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
                 guards: config.guards(),
+                caps: config.limits.caps(),
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {
@@ -139,6 +146,18 @@ pub async fn serve<S: Store>(
     config.validate()?;
     let tls = if config.tls.enabled() { Some(Arc::new(Tls::load(&config.tls)?)) } else { None };
     let addr = listener.local_addr()?;
+    let acl = match &config.acl.acl_file {
+        Some(path) => {
+            let acl = Arc::new(Acl::load(path, metrics.clone())?);
+            Some((acl, crate::acl::reload::hangup()))
+        }
+        None => {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "no --acl-file: anyone who can reach this address can register, change and remove any service's instances");
+            }
+            None
+        }
+    };
     if let Some(path) = &config.ready_file {
         let addrs = std::collections::BTreeMap::from([("listen", addr.to_string())]);
         trellis_shared::ready_file::write(path, &addrs).map_err(ServerError::ReadyFile)?;
@@ -148,12 +167,19 @@ pub async fn serve<S: Store>(
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().reload_on_hangup(stop.child_token()));
     }
-    let watches = Arc::new(Watches::new(config.max_watches, stop.clone(), metrics.clone()));
+    let acl = acl.map(|(acl, hup)| {
+        tokio::spawn(acl.clone().follow(hup, stop.child_token()));
+        acl
+    });
+    let watches = Arc::new(
+        Watches::new(config.max_watches, stop.clone(), metrics.clone())
+            .per_client(config.limits.max_watches_per_client),
+    );
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    let per_ip = PerIp::new(config.limits.max_connections_per_ip);
+    let per_ip = PerIp::new(config.connections.max_connections_per_ip);
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
-    let limits = config.limits.clone();
+    let limits = config.connections.clone();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own header timeout would also close idle keep-alive
@@ -165,7 +191,7 @@ pub async fn serve<S: Store>(
         .keep_alive_interval(limits.http2_keepalive_interval)
         .keep_alive_timeout(limits.http2_keepalive_timeout);
     let shared = Arc::new(Connections {
-        api: ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)),
+        api: ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches).with_acl(acl)),
         builder,
         tls: tls.clone(),
         limits,
