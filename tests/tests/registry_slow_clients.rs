@@ -156,7 +156,7 @@ async fn a_trickling_body_is_answered_408_within_the_body_timeout() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
-    let args = strings(&["--max-wait", "1s", "--idle-timeout", "2s"]);
+    let args = strings(&["--max-wait", "1s", "--header-timeout", "1s", "--idle-timeout", "2s"]);
     let reg = RegistryProc::start("registry-idle", &args).await;
     let mut s = TcpStream::connect(reg.addr).await.unwrap();
     assert!(get_health(&mut s).await.starts_with("HTTP/1.1 200"));
@@ -192,7 +192,8 @@ async fn the_sixth_connection_from_one_address_is_refused_and_another_address_is
     let mut other = connect_from([127, 0, 0, 2], reg.addr).await;
     let answer = get_health(&mut other).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "from 127.0.0.2: {answer}");
-    let client = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 3])).build().unwrap();
+    let client =
+        reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 3])).build().unwrap();
     let metrics = client.get(format!("{}/metrics", reg.url())).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("trellis_registry_connections_refused_per_ip_total 1\n"), "{metrics}");
 

@@ -85,7 +85,8 @@ fn client_trusting(ca_pem: &str) -> reqwest::Client {
 }
 
 async fn metric(reg: &RegistryProc, ca_pem: &str, name: &str) -> f64 {
-    let text = client_trusting(ca_pem).get(https(reg, "/metrics")).send().await.unwrap().text().await.unwrap();
+    let text =
+        client_trusting(ca_pem).get(https(reg, "/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
@@ -129,16 +130,19 @@ async fn https_serves_h2_and_http11_to_curl_and_reqwest_and_refuses_a_wrong_ca_a
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let view: serde_json::Value = client.get(https(&reg, "/v1/services/users")).send().await.unwrap().json().await.unwrap();
+    let view: serde_json::Value =
+        client.get(https(&reg, "/v1/services/users")).send().await.unwrap().json().await.unwrap();
     assert_eq!(view["instances"][0]["id"], "u1");
 
     // A client trusting another CA fails the handshake; nothing is served in clear.
-    let failures_before = metric(&reg, authority.cert_pem(), "trellis_registry_tls_handshake_failures_total").await;
+    let failures_before =
+        metric(&reg, authority.cert_pem(), "trellis_registry_tls_handshake_failures_total").await;
     let (code, out) = curl(&["--cacert", &other_pem, &health]).await;
     println!("curl with the wrong CA: exit {code}, {out}");
     assert_ne!(code, 0, "{out}");
     assert!(!out.contains("\"ok\""), "{out}");
-    let err = client_trusting(&std::fs::read_to_string(&other_pem).unwrap()).get(&health).send().await.unwrap_err();
+    let err =
+        client_trusting(&std::fs::read_to_string(&other_pem).unwrap()).get(&health).send().await.unwrap_err();
     println!("reqwest with the wrong CA: {err:?}");
     assert!(err.is_connect(), "{err:?}");
 
@@ -150,7 +154,8 @@ async fn https_serves_h2_and_http11_to_curl_and_reqwest_and_refuses_a_wrong_ca_a
     let err = reqwest::Client::new().get(format!("http://{}/health", reg.addr)).send().await;
     assert!(err.is_err(), "{err:?}");
 
-    let failures_after = metric(&reg, authority.cert_pem(), "trellis_registry_tls_handshake_failures_total").await;
+    let failures_after =
+        metric(&reg, authority.cert_pem(), "trellis_registry_tls_handshake_failures_total").await;
     println!("TLS handshake failures counted: {failures_before} -> {failures_after}");
     assert!(failures_after >= failures_before + 3.0, "{failures_before} -> {failures_after}");
 
@@ -191,7 +196,8 @@ async fn a_required_client_certificate_must_be_present_and_signed_by_the_client_
 
     let good = ["--cert", &files.path("client-cert.pem"), "--key", &files.path("client-key.pem")];
     for flag in ["--http2", "--http1.1"] {
-        let (code, out) = curl(&[&["--cacert", ca_pem.as_str(), flag], &good[..], &[health.as_str()]].concat()).await;
+        let (code, out) =
+            curl(&[&["--cacert", ca_pem.as_str(), flag], &good[..], &[health.as_str()]].concat()).await;
         assert_eq!((code, out.as_str()), (0, r#"{"status":"ok"}"#), "{flag}");
     }
 
@@ -239,7 +245,8 @@ async fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
         async move { log.contains("TLS reload failed").then_some(()) }
     })
     .await;
-    let line = reg.proc.log_text().lines().find(|l| l.contains("TLS reload failed")).unwrap_or_default().to_string();
+    let line =
+        reg.proc.log_text().lines().find(|l| l.contains("TLS reload failed")).unwrap_or_default().to_string();
     println!("{line}");
     assert!(line.contains("key.pem") && !line.contains("broken"), "{line}");
     assert_eq!(curl(&["--cacert", &second_pem, &health]).await.0, 0, "still serving");
@@ -252,9 +259,33 @@ async fn bad_tls_files_or_flags_stop_the_registry_at_start_with_a_message() {
     issue_into(&files, &authority, Usage::Server, "");
     files.write("garbage.pem", "hello\n");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (trellis_tests::strings(&["--tls-cert", &files.path("missing.pem"), "--tls-key", &files.path("key.pem")]), "missing.pem"),
-        (trellis_tests::strings(&["--tls-cert", &files.path("cert.pem"), "--tls-key", &files.path("garbage.pem")]), "garbage.pem"),
-        (trellis_tests::strings(&["--tls-cert", &files.path("garbage.pem"), "--tls-key", &files.path("key.pem")]), "garbage.pem"),
+        (
+            trellis_tests::strings(&[
+                "--tls-cert",
+                &files.path("missing.pem"),
+                "--tls-key",
+                &files.path("key.pem"),
+            ]),
+            "missing.pem",
+        ),
+        (
+            trellis_tests::strings(&[
+                "--tls-cert",
+                &files.path("cert.pem"),
+                "--tls-key",
+                &files.path("garbage.pem"),
+            ]),
+            "garbage.pem",
+        ),
+        (
+            trellis_tests::strings(&[
+                "--tls-cert",
+                &files.path("garbage.pem"),
+                "--tls-key",
+                &files.path("key.pem"),
+            ]),
+            "garbage.pem",
+        ),
         (trellis_tests::strings(&["--tls-cert", &files.path("cert.pem")]), "--tls-key"),
     ];
     for (args, named) in cases {

@@ -17,7 +17,8 @@ pub struct ConnectionLimits {
     #[arg(long, env = "TRELLIS_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
     /// A connection with no request in progress for this long is closed
-    /// (HTTP/2 with a GOAWAY). Must exceed `--max-wait` (default 5m).
+    /// (HTTP/2 with a GOAWAY). Must exceed `--max-wait` (default 5m) and be at
+    /// least `--header-timeout`.
     #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", default_value = "6m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
     /// HTTP/2: send a PING after this long without a frame from the client.
@@ -43,6 +44,11 @@ impl ConnectionLimits {
         ];
         if let Some((flag, _)) = zero.iter().find(|(_, d)| d.is_zero()) {
             return Err(format!("{flag} must be above zero"));
+        }
+        // The watchdog looks at a busy or new connection once per header
+        // timeout; a shorter idle timeout would be enforced late.
+        if self.idle_timeout < self.header_timeout {
+            return Err("--idle-timeout must be at least --header-timeout".into());
         }
         // A blocking query is a request in progress, so it never counts as
         // idle; the margin keeps the two limits from being confused.

@@ -111,7 +111,9 @@ impl Activity {
             return if now >= deadline { Verdict::HeaderTimeout } else { Verdict::WaitUntil(deadline) };
         }
         // Checked at least every header timeout, so a head that starts while
-        // the task sleeps towards the idle deadline is seen in time.
+        // the task sleeps towards the idle deadline is seen in time, and (as
+        // the idle timeout is at least the header timeout) the end of a
+        // request is seen before its idle deadline.
         let next_look = now + self.header_timeout;
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return Verdict::WaitUntil(next_look);
