@@ -2,7 +2,7 @@
 //! `--acl-file` pointing at a file whose secrets are generated here.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ fn acl_path(name: &str) -> PathBuf {
     unique_path(&log_dir(), name, "acl.toml")
 }
 
-async fn start(name: &str, acl: &PathBuf, extra: &[&str]) -> RegistryProc {
+async fn start(name: &str, acl: &Path, extra: &[&str]) -> RegistryProc {
     let mut args = strings(&["--acl-file", &acl.display().to_string()]);
     args.extend(strings(extra));
     RegistryProc::start(name, &args).await
@@ -351,8 +351,8 @@ async fn a_revoked_token_is_refused_within_a_second_and_an_invalid_file_keeps_th
     std::fs::write(&path, tokens.file("deny", &["billing"])).unwrap();
     let took = until_heartbeat(&reg, "billing", &tokens.billing, StatusCode::UNAUTHORIZED).await;
     println!("revoked token refused after {took:?}");
-    // One poll period plus the time to notice; generous for a loaded machine.
-    assert!(took < Duration::from_millis(2500), "revocation took {took:?}");
+    // The file is read twice a second; the bound is generous for a loaded machine.
+    assert!(took < Duration::from_secs(2), "revocation took {took:?}");
 
     // An invalid file is refused, logged once, and the rules in force stay.
     std::fs::write(&path, format!("{}\nunknown_key = 1\n", tokens.file("deny", &[]))).unwrap();
@@ -370,10 +370,15 @@ async fn a_revoked_token_is_refused_within_a_second_and_an_invalid_file_keeps_th
     )
     .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED, "billing stays revoked");
-    assert_eq!(
-        until_heartbeat(&reg, "users", &tokens.users, StatusCode::NO_CONTENT).await < Duration::from_secs(1),
-        true
-    );
+    let a = call(
+        &http(),
+        Method::PUT,
+        &format!("{}/heartbeat", instance_url(&reg, "users", "a")),
+        Some((&tokens.users, Via::Bearer)),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "users keeps its rights");
     let m = metrics_text(&reg, &tokens.ops).await;
     assert_eq!(metric(&m, "trellis_registry_acl_reloads_total{result=\"ok\"}"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "trellis_registry_acl_reloads_total{result=\"failed\"}"), Some(1.0), "{m}");

@@ -5,11 +5,11 @@
 //! line and keeps the rules in force. Reloads happen on SIGHUP and when the
 //! file's content changes.
 //!
-//! Changes are found by reading the file once a second and comparing the
+//! Changes are found by reading the file twice a second and comparing the
 //! SHA-256 of its content, rather than by inotify: config management and
 //! Kubernetes replace files by renaming (a watch on the old inode sees
 //! nothing), mtimes can be too coarse to see two writes within a second, and
-//! reading a file of a few kilobytes a second costs nothing measurable. It
+//! reading a file of a few kilobytes twice a second costs nothing measurable. It
 //! needs no extra crate and bounds how stale a replica's rules can be.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use crate::lock;
 use crate::metrics::Metrics;
 
 /// How often the file is read for changes.
-pub const POLL_EVERY: Duration = Duration::from_secs(1);
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
 pub struct Acl {
     path: PathBuf,
