@@ -52,7 +52,7 @@ impl RegistryClientArgs {
             cert: self.registry_cert.clone(),
             key: self.registry_key.clone(),
         };
-        trellis_shared::tls::apply(reqwest::Client::builder(), &tls).map_err(|e| bad(e.to_string()))?;
+        let _checked = trellis_shared::tls::apply(reqwest::Client::builder(), &tls).map_err(|e| bad(e.to_string()))?;
         Ok(ClientConfig { token, tls, ..client })
     }
 }
