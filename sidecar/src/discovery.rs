@@ -15,6 +15,9 @@
 //!   watched services through `ArcSwap`; only a miss (a service seen for the
 //!   first time) or an eviction takes the writers' mutex and publishes a new
 //!   map. At most `max_services` entries, so copying it on a change is cheap.
+//! - Endpoints [`crate::refuse`] refuses (the sidecar's own listeners,
+//!   unspecified, multicast and link-local addresses) never enter a set; each
+//!   is logged and counted once per service and address.
 //! - Host names are untrusted: at most `max_services` services are watched.
 //!   At the cap, a service that resolved to nothing is evicted first, then one
 //!   idle for at least [`MIN_IDLE_TO_MAKE_ROOM`]; a service in active use is
@@ -34,6 +37,7 @@ use tracing::{debug, info, warn};
 use trellis_shared::{ClientError, Instance, RegistryClient, ServiceName, ServiceView, Watch};
 
 use crate::endpoints::{Endpoint, EndpointSet, EndpointState, Resolve, ServiceEndpoints};
+use crate::refuse::{EndpointFilter, RefuseReason};
 
 /// A service used within this long is never evicted to make room for another.
 pub const MIN_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
@@ -42,6 +46,10 @@ pub const MIN_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
 pub trait ConnectivitySink: Send + Sync + 'static {
     /// `true` after a successful registry call, `false` after a failed one.
     fn report(&self, ok: bool);
+    /// The registry refused this sidecar's credentials (`401`/`403`).
+    fn auth_refused(&self) {}
+    /// An endpoint was refused (once per service and address).
+    fn endpoint_refused(&self, _reason: RefuseReason) {}
 }
 
 /// One service's stream of registry states ([`Watch`] in production).
@@ -187,11 +195,14 @@ async fn run_watch<S: WatchSource>(
     endpoints: Arc<ServiceEndpoints>,
     retention: Duration,
     sink: Arc<dyn ConnectivitySink>,
+    filter: Arc<EndpointFilter>,
     cancel: CancellationToken,
 ) {
     let name = endpoints.name.clone();
     let mut tracker = Tracker::new(retention);
     let mut failing = false;
+    // Refused addresses already reported, so each is logged and counted once.
+    let mut refused: std::collections::HashSet<(trellis_shared::Address, u16)> = Default::default();
     loop {
         let expiry = tracker.next_expiry();
         tokio::select! {
@@ -221,7 +232,15 @@ async fn run_watch<S: WatchSource>(
             }
         }
         let current = endpoints.load();
-        let instances = tracker.instances();
+        let mut instances = tracker.instances();
+        instances.retain(|i| {
+            let Some(reason) = filter.check(&i.address, i.port) else { return true };
+            if refused.insert((i.address.clone(), i.port)) {
+                warn!(service = %name, instance = %i.id, address = %i.address, port = i.port, reason = reason.as_str(), "refusing an endpoint the registry listed: never connecting to it");
+                sink.endpoint_refused(reason);
+            }
+            false
+        });
         let epoch = tracker.epoch.as_deref().unwrap_or_default();
         match build_set(&current, &instances, tracker.index, epoch) {
             Some(set) => {
@@ -266,6 +285,7 @@ pub struct Directory<W: Watcher = RegistryClient> {
     writes: Mutex<()>,
     clock: Instant,
     sink: Arc<dyn ConnectivitySink>,
+    filter: Arc<EndpointFilter>,
     shutdown: CancellationToken,
 }
 
@@ -284,8 +304,16 @@ impl<W: Watcher> Directory<W> {
             writes: Mutex::new(()),
             clock: Instant::now(),
             sink,
+            filter: Arc::new(EndpointFilter::default()),
             shutdown,
         }
+    }
+
+    /// Refuses endpoints `filter` refuses (by default: unspecified, multicast
+    /// and link-local addresses; the sidecar adds its own listeners).
+    pub fn with_filter(mut self, filter: EndpointFilter) -> Self {
+        self.filter = Arc::new(filter);
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -321,6 +349,7 @@ impl<W: Watcher> Directory<W> {
             Arc::clone(&endpoints),
             self.config.restart_retention,
             Arc::clone(&self.sink),
+            Arc::clone(&self.filter),
             cancel.clone(),
         ));
         debug!(service = %name, pinned, "watching service");
