@@ -542,6 +542,58 @@ mod tests {
         assert!(parse_urls("not a url").is_err());
     }
 
+    /// Serves `body` (with a Content-Length) to every request; returns the
+    /// address and the `Authorization` headers seen.
+    async fn answer_with(body: String) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen_in = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let auth = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+                seen_in.lock().unwrap().push(auth.unwrap_or_default().to_string());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_view_of_another_service_is_a_protocol_error() {
+        let body = r#"{"service":"billing","index":3,"epoch":"e","instances":[]}"#.to_string();
+        let (addr, _) = answer_with(body).await;
+        let client = RegistryClient::from_list(&format!("http://{addr}")).unwrap();
+        let err = client.get(&ServiceName::new("users").unwrap(), false).await.unwrap_err();
+        assert!(matches!(err, ClientError::Protocol { .. }), "{err}");
+        assert!(err.to_string().contains("billing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused_and_the_token_is_sent() {
+        let view = r#"{"service":"users","index":3,"epoch":"e","instances":[]}"#;
+        let body = format!("{view}{}", " ".repeat(2048));
+        let (addr, seen) = answer_with(body).await;
+        let config = ClientConfig {
+            max_answer: 1024,
+            token: TokenSpec::Secret("t0ken-for-test".into()),
+            ..ClientConfig::default()
+        };
+        let client = RegistryClient::new(parse_urls(&format!("http://{addr}")).unwrap(), config).unwrap();
+        let err = client.get(&ServiceName::new("users").unwrap(), false).await.unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge { limit: 1024, .. }), "{err}");
+        assert_eq!(seen.lock().unwrap()[0].to_ascii_lowercase(), "authorization: bearer t0ken-for-test");
+        assert!(!format!("{client:?}").contains("t0ken"));
+    }
+
     #[tokio::test]
     async fn fails_over_to_the_next_replica() {
         // First URL: a port nothing listens on. Second: a tiny server answering one view.

@@ -526,10 +526,13 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct CountSink(Mutex<Vec<bool>>);
+    struct CountSink(Mutex<Vec<bool>>, Mutex<Vec<RefuseReason>>);
     impl ConnectivitySink for CountSink {
         fn report(&self, ok: bool) {
             self.0.lock().unwrap().push(ok);
+        }
+        fn endpoint_refused(&self, reason: RefuseReason) {
+            self.1.lock().unwrap().push(reason);
         }
     }
 
@@ -587,6 +590,25 @@ mod tests {
         w.send("users", Ok(view(4, "e1", vec![inst("a", 9), inst("c", 3)])));
         settle().await;
         assert!(!Arc::ptr_eq(&second.endpoints[0].state, &users.load().endpoints[0].state));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_endpoints_never_enter_a_set_and_are_reported_once() {
+        let (d, w, sink) = directory(DiscoveryConfig::default());
+        let d = d.with_filter(EndpointFilter::new(vec!["127.0.0.1:15000".parse().unwrap()], vec![]));
+        let users = d.resolve(&name("users")).unwrap();
+        let mut metadata_service = inst("meta", 80);
+        metadata_service.address = Address::new("169.254.169.254").unwrap();
+        let own_admin = inst("admin", 15000);
+        w.send("users", Ok(view(1, "e1", vec![inst("a", 1), metadata_service.clone(), own_admin.clone()])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!(ids(&users.load()), vec!["a"]);
+        w.send("users", Ok(view(2, "e1", vec![inst("a", 1), inst("b", 2), metadata_service, own_admin])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b"]);
+        let mut refused = sink.1.lock().unwrap().clone();
+        refused.sort_by_key(|r| r.as_str());
+        assert_eq!(refused, vec![RefuseReason::LinkLocal, RefuseReason::OwnListener]);
     }
 
     #[tokio::test(start_paused = true)]
