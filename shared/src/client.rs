@@ -203,7 +203,9 @@ impl RegistryClient {
             .redirect(reqwest::redirect::Policy::none());
         let builder = crate::tls::apply(builder, &config.tls).map_err(|e| config_err(e.to_string()))?;
         let http = builder.build().map_err(|e| config_err(e.to_string()))?;
-        Ok(RegistryClient { inner: Arc::new(Inner { http, token, urls, current: AtomicUsize::new(0), config }) })
+        Ok(RegistryClient {
+            inner: Arc::new(Inner { http, token, urls, current: AtomicUsize::new(0), config }),
+        })
     }
 
     /// A client for a comma-separated URL list with default settings.
@@ -255,7 +257,9 @@ impl RegistryClient {
         let query: &[(&str, String)] = if all { &[("all", String::new())] } else { &[] };
         let query: Vec<(&str, String)> = query.iter().map(|(k, _)| (*k, "true".to_string())).collect();
         let path = format!("v1/services/{service}");
-        let (url, view) = self.call_at::<(), ServiceView>(Method::GET, &path, &query, None, self.inner.config.request_timeout).await?;
+        let (url, view) = self
+            .call_at::<(), ServiceView>(Method::GET, &path, &query, None, self.inner.config.request_timeout)
+            .await?;
         check_service(url, service, view)
     }
 
@@ -413,7 +417,9 @@ impl RegistryClient {
             req = req.json(b);
         }
         let transport = |source: reqwest::Error| match HandshakeFailure::of(&source) {
-            Some(HandshakeFailure::ServerCertificate) => ClientError::Certificate { url: url.clone(), source },
+            Some(HandshakeFailure::ServerCertificate) => {
+                ClientError::Certificate { url: url.clone(), source }
+            }
             Some(HandshakeFailure::ClientCertificate) => {
                 ClientError::ClientCertificate { url: url.clone(), source }
             }

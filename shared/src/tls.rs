@@ -107,10 +107,17 @@ impl HandshakeFailure {
         let mut next = Some(err);
         while let Some(e) = next {
             let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
-            for candidate in [Some(e), inner.map(|i| i as &(dyn std::error::Error + 'static))].into_iter().flatten() {
+            for candidate in
+                [Some(e), inner.map(|i| i as &(dyn std::error::Error + 'static))].into_iter().flatten()
+            {
                 if let Some(found) = candidate.downcast_ref::<rustls::Error>().and_then(Self::classify) {
                     return Some(found);
                 }
+            }
+            // reqwest may box the connector's error in a type of its own; rustls's
+            // message for a certificate that did not verify is then all there is.
+            if e.to_string().contains("invalid peer certificate") {
+                return Some(HandshakeFailure::ServerCertificate);
             }
             next = e.source();
         }

@@ -103,8 +103,13 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let mut own = vec![bound.outbound, bound.admin];
     own.extend(bound.upstreams.values().copied());
     let directory = Arc::new(
-        Directory::new(client.clone(), settings.discovery.clone(), Arc::clone(&metrics) as _, stop_rest.clone())
-            .with_filter(EndpointFilter::for_listeners(own)),
+        Directory::new(
+            client.clone(),
+            settings.discovery.clone(),
+            Arc::clone(&metrics) as _,
+            stop_rest.clone(),
+        )
+        .with_filter(EndpointFilter::for_listeners(own)),
     );
     for service in &settings.upstream_services {
         directory.watch_pinned(service);

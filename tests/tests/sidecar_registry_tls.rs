@@ -107,8 +107,22 @@ async fn app_sidecar(registry_url: &str, extra: &[String]) -> (AppProc, SidecarP
     let app = AppProc::start("app", "tls-1", &[]).await;
     let addr = app.addr.to_string();
     let mut args = strings(&[
-        "--service", SERVICE, "--app", &addr, "--advertise", &addr, "--instance-id", "tls-1",
-        "--health-interval", "200ms", "--health-timeout", "150ms", "--heartbeat-interval", "500ms", "--ttl", "3s",
+        "--service",
+        SERVICE,
+        "--app",
+        &addr,
+        "--advertise",
+        &addr,
+        "--instance-id",
+        "tls-1",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "150ms",
+        "--heartbeat-interval",
+        "500ms",
+        "--ttl",
+        "3s",
     ]);
     args.extend_from_slice(extra);
     let sidecar = SidecarProc::spawn("tls-sidecar", registry_url, &args).await;
@@ -173,8 +187,7 @@ async fn sidecar_trusting_another_ca_does_not_register() {
     let registry = RegistryProc::start("registry", &[]).await;
     let front = tls_front(registry.addr, &pki, None).await;
     let url = format!("https://localhost:{}", front.port());
-    let (_app, sidecar) =
-        app_sidecar(&url, &strings(&["--registry-ca", &wrong.display().to_string()])).await;
+    let (_app, sidecar) = app_sidecar(&url, &strings(&["--registry-ca", &wrong.display().to_string()])).await;
     assert_not_registered(&registry, &sidecar, "certificate did not verify").await;
 }
 
@@ -205,9 +218,11 @@ async fn a_required_client_certificate_is_presented() {
     drop((sidecar, app));
 
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let (_app, sidecar) =
-        app_sidecar(&url, &strings(&["--registry-ca", &ca, "--registry-cert", &cert, "--registry-key", &key]))
-            .await;
+    let (_app, sidecar) = app_sidecar(
+        &url,
+        &strings(&["--registry-ca", &ca, "--registry-cert", &cert, "--registry-key", &key]),
+    )
+    .await;
     trellis_tests::wait_http_ok(&format!("http://{}/ready", sidecar.admin), WITHIN).await;
     assert_eq!(registered(&registry).await, 1);
 }

@@ -26,7 +26,7 @@ const SERVICE: &str = "users";
 const WITHIN: Duration = Duration::from_secs(30);
 
 fn secret() -> String {
-    let bytes: [u8; 24] = rand::thread_rng().gen();
+    let bytes: [u8; 24] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -63,7 +63,8 @@ fn acl(s: &Secrets, writers: &[(&str, &str)]) -> String {
 
 /// `GET path` on the registry with `token`; the status.
 async fn registry_status(registry: &RegistryProc, path: &str, token: &str) -> u16 {
-    let resp = reqwest::Client::new().get(format!("{}{path}", registry.url())).bearer_auth(token).send().await;
+    let resp =
+        reqwest::Client::new().get(format!("{}{path}", registry.url())).bearer_auth(token).send().await;
     resp.map_or(0, |r| r.status().as_u16())
 }
 
@@ -78,12 +79,18 @@ async fn instances(registry: &RegistryProc, token: &str) -> Vec<serde_json::Valu
 async fn registry_metric(registry: &RegistryProc, name: &str, token: &str) -> f64 {
     let url = format!("{}/metrics", registry.url());
     let text = reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().text().await.unwrap();
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 async fn sidecar_metric(admin: SocketAddr, name: &str) -> f64 {
     let text = reqwest::get(format!("http://{admin}/metrics")).await.unwrap().text().await.unwrap();
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// Waits until `n` more heartbeats than now were accepted by the registry.
@@ -169,7 +176,9 @@ async fn a_token_rotated_through_the_file_costs_no_request() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let auth_failures =
         sidecar_metric(backend.sidecar.admin, "trellis_sidecar_registry_auth_failures_total").await;
-    println!("rotation: {ok} requests succeeded, {failed} failed; backend sidecar auth failures: {auth_failures}");
+    println!(
+        "rotation: {ok} requests succeeded, {failed} failed; backend sidecar auth failures: {auth_failures}"
+    );
     assert_eq!(failed, 0, "requests failed during the rotation");
     let listed = instances(&registry, &s.reader).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -189,7 +198,8 @@ async fn a_refused_token_keeps_the_sidecar_unready_and_says_why() {
     let s = Secrets { old: secret(), new: secret(), reader: secret(), ops: secret() };
     let mut rules = acl(&s, &[("users-writer", &s.old)]);
     let billing = secret();
-    rules += &format!("[[tokens]]\nname = \"billing-writer\"\nsecret = \"{billing}\"\nwrite = [\"billing\"]\n");
+    rules +=
+        &format!("[[tokens]]\nname = \"billing-writer\"\nsecret = \"{billing}\"\nwrite = [\"billing\"]\n");
     let acl_file = new_file("acl", "toml", &rules);
     let registry =
         RegistryProc::start("registry", &strings(&["--acl-file", &acl_file.display().to_string()])).await;
@@ -200,9 +210,24 @@ async fn a_refused_token_keeps_the_sidecar_unready_and_says_why() {
         let addr = app.addr.to_string();
         let token_file = new_file("token", "txt", &token);
         let args = strings(&[
-            "--service", SERVICE, "--app", &addr, "--advertise", &addr, "--instance-id", "users-1",
-            "--health-interval", "200ms", "--health-timeout", "150ms", "--heartbeat-interval", "500ms",
-            "--ttl", "3s", "--token-file", &token_file.display().to_string(),
+            "--service",
+            SERVICE,
+            "--app",
+            &addr,
+            "--advertise",
+            &addr,
+            "--instance-id",
+            "users-1",
+            "--health-interval",
+            "200ms",
+            "--health-timeout",
+            "150ms",
+            "--heartbeat-interval",
+            "500ms",
+            "--ttl",
+            "3s",
+            "--token-file",
+            &token_file.display().to_string(),
         ]);
         let sidecar = SidecarProc::spawn("refused-sidecar", &registry.url(), &args).await;
         wait_for("two refused registrations", WITHIN, || async {

@@ -107,7 +107,11 @@ async fn sidecar_refuses_its_own_admin_port_as_an_endpoint() {
     })
     .await;
     let names = load(client.outbound, SERVICE, 60).await;
-    println!("refused: {refused}; answers: {} from {:?}", names.len(), names.iter().collect::<std::collections::BTreeSet<_>>());
+    println!(
+        "refused: {refused}; answers: {} from {:?}",
+        names.len(),
+        names.iter().collect::<std::collections::BTreeSet<_>>()
+    );
     assert!(names.iter().all(|n| n == "real-1"), "a request went elsewhere than the real backend: {names:?}");
     assert_eq!(metric(client.admin, "trellis_sidecar_endpoints_refused_total", "own_listener").await, 1.0);
     let listed = trellis_tests::admin::endpoint_list(client.admin, SERVICE).await;
@@ -148,7 +152,8 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicU64>) {
     (addr, hits)
 }
 
-type Body = Either<Full<Bytes>, StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>>;
+type Body =
+    Either<Full<Bytes>, StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>>;
 
 fn full(s: String) -> Response<Body> {
     let mut resp = Response::new(Either::Left(Full::new(Bytes::from(s))));
@@ -182,7 +187,9 @@ where
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });

@@ -41,7 +41,9 @@ impl RegistryClientArgs {
     pub fn apply(&self, client: ClientConfig) -> Result<ClientConfig, ConfigError> {
         let env_token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
         let token = match (&self.token_file, env_token) {
-            (Some(_), Some(_)) => return Err(bad(format!("--token-file and {TOKEN_ENV} are both set; pick one"))),
+            (Some(_), Some(_)) => {
+                return Err(bad(format!("--token-file and {TOKEN_ENV} are both set; pick one")))
+            }
             (Some(path), None) => TokenSpec::File(path.clone()),
             (None, Some(secret)) => TokenSpec::Secret(secret),
             (None, None) => TokenSpec::None,
@@ -52,7 +54,8 @@ impl RegistryClientArgs {
             cert: self.registry_cert.clone(),
             key: self.registry_key.clone(),
         };
-        let _checked = trellis_shared::tls::apply(reqwest::Client::builder(), &tls).map_err(|e| bad(e.to_string()))?;
+        let _checked =
+            trellis_shared::tls::apply(reqwest::Client::builder(), &tls).map_err(|e| bad(e.to_string()))?;
         Ok(ClientConfig { token, tls, ..client })
     }
 }
