@@ -5,6 +5,11 @@
 //! transport error, a timeout or a 5xx answer, so that one registry replica dying
 //! costs a caller one failed attempt, not an outage. Watches remember the last
 //! index and epoch they saw, so a failover resumes where it left off.
+//!
+//! Every call carries the token of [`crate::token`] and speaks TLS as
+//! [`crate::tls`] sets up. The registry is trusted only so far: an answer
+//! larger than [`ClientConfig::max_answer`] or a view of another service than
+//! the one asked is an error, and a watch keeps its last good view.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +24,8 @@ use url::Url;
 use crate::backoff::Backoff;
 use crate::error::{ErrorBody, ErrorCode};
 use crate::names::{InstanceId, ServiceName};
+use crate::tls::{HandshakeFailure, TlsFiles};
+use crate::token::{TokenSource, TokenSpec};
 use crate::types::{HeartbeatRequest, InstanceRecord, RegisterRequest, ServiceList, ServiceView};
 
 /// Client settings. Every field has a default suited to a sidecar.
@@ -34,7 +41,16 @@ pub struct ClientConfig {
     pub backoff_base: Duration,
     /// Largest backoff ceiling. Default 5s; the sidecar caps it at its heartbeat interval.
     pub backoff_cap: Duration,
+    /// Largest answer body accepted, in bytes; a larger one is an error. Default 16 MiB.
+    pub max_answer: usize,
+    /// The token sent as `Authorization: Bearer` on every call. Default none.
+    pub token: TokenSpec,
+    /// CA, client certificate and key for `https://` registries. Default: the web roots, no client certificate.
+    pub tls: TlsFiles,
 }
+
+/// Default of [`ClientConfig::max_answer`]: 16 MiB.
+pub const DEFAULT_MAX_ANSWER: usize = 16 << 20;
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -44,6 +60,9 @@ impl Default for ClientConfig {
             watch_wait: Duration::from_secs(30),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
+            max_answer: DEFAULT_MAX_ANSWER,
+            token: TokenSpec::None,
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -62,6 +81,20 @@ pub enum ClientError {
     Api { url: Url, status: StatusCode, body: ErrorBody },
     #[error("registry {url} answered something unexpected: {reason}")]
     Protocol { url: Url, reason: String },
+    #[error("registry {url} sent an answer larger than the {limit}-byte limit; ignoring it")]
+    TooLarge { url: Url, limit: usize },
+    #[error("registry {url}: its TLS certificate did not verify (check --registry-ca): {source}")]
+    Certificate {
+        url: Url,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("registry {url} refused this client's TLS certificate (check --registry-cert/--registry-key): {source}")]
+    ClientCertificate {
+        url: Url,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 impl ClientError {
@@ -78,11 +111,22 @@ impl ClientError {
         self.code() == Some(ErrorCode::UnknownInstance)
     }
 
+    /// The registry refused our credentials: `401` (no or unknown token) or
+    /// `403` (the token lacks the right).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, ClientError::Api { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
+
     /// Worth trying another replica: the registry could not be reached or had
     /// trouble of its own, as opposed to refusing what we sent.
     fn is_failover(&self) -> bool {
         match self {
-            ClientError::Transport { .. } | ClientError::Protocol { .. } => true,
+            ClientError::Transport { .. }
+            | ClientError::Protocol { .. }
+            | ClientError::TooLarge { .. }
+            | ClientError::Certificate { .. }
+            | ClientError::ClientCertificate { .. } => true,
             ClientError::Api { status, .. } => status.is_server_error(),
             ClientError::Config { .. } => false,
         }
@@ -120,6 +164,7 @@ pub struct RegistryClient {
 
 struct Inner {
     http: reqwest::Client,
+    token: Arc<TokenSource>,
     urls: Vec<Url>,
     current: AtomicUsize,
     config: ClientConfig,
@@ -136,15 +181,31 @@ impl RegistryClient {
         if urls.is_empty() {
             return Err(ClientError::Config { url: String::new(), reason: "no registry URL given".into() });
         }
-        let http = reqwest::Client::builder()
+        let config_err = |reason: String| ClientError::Config { url: String::new(), reason };
+        if !config.tls.is_empty() {
+            if let Some(plain) = urls.iter().find(|u| u.scheme() != "https") {
+                // Certificates given but a plain URL: the operator meant TLS; refuse rather than send in clear.
+                return Err(ClientError::Config {
+                    url: plain.to_string(),
+                    reason: "TLS files are given but this URL is not https://".into(),
+                });
+            }
+        }
+        let token = Arc::new(TokenSource::load(&config.token).map_err(|e| config_err(e.to_string()))?);
+        TokenSource::spawn_poll(&token);
+        let builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             // The sidecar sets HTTP_PROXY for its app; its own registry calls must not follow it.
             .no_proxy()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| ClientError::Config { url: String::new(), reason: e.to_string() })?;
-        Ok(RegistryClient { inner: Arc::new(Inner { http, urls, current: AtomicUsize::new(0), config }) })
+            // A redirect would carry the token elsewhere, perhaps in clear.
+            .redirect(reqwest::redirect::Policy::none());
+        let builder = crate::tls::apply(builder, &config.tls).map_err(|e| config_err(e.to_string()))?;
+        let http = builder.build().map_err(|e| config_err(e.to_string()))?;
+        Ok(RegistryClient {
+            inner: Arc::new(Inner { http, token, urls, current: AtomicUsize::new(0), config }),
+        })
     }
 
     /// A client for a comma-separated URL list with default settings.
@@ -196,7 +257,10 @@ impl RegistryClient {
         let query: &[(&str, String)] = if all { &[("all", String::new())] } else { &[] };
         let query: Vec<(&str, String)> = query.iter().map(|(k, _)| (*k, "true".to_string())).collect();
         let path = format!("v1/services/{service}");
-        self.call::<(), _>(Method::GET, &path, &query, None, self.inner.config.request_timeout).await
+        let (url, view) = self
+            .call_at::<(), ServiceView>(Method::GET, &path, &query, None, self.inner.config.request_timeout)
+            .await?;
+        check_service(url, service, view)
     }
 
     /// A blocking query: answers when the service's index exceeds `index`, or
@@ -222,7 +286,8 @@ impl RegistryClient {
         let path = format!("v1/services/{service}");
         // The registry adds up to wait/16 of jitter; leave room for it and the transfer.
         let timeout = wait + wait / 16 + self.inner.config.request_timeout;
-        self.call::<(), _>(Method::GET, &path, &query, None, timeout).await
+        let (url, view) = self.call_at::<(), ServiceView>(Method::GET, &path, &query, None, timeout).await?;
+        check_service(url, service, view)
     }
 
     /// Follows a service: each `next()` returns a state different from the last.
@@ -247,9 +312,23 @@ impl RegistryClient {
         body: Option<&B>,
         timeout: Duration,
     ) -> Result<T, ClientError> {
+        self.call_at(method, path, query, body, timeout).await.map(|(_, t)| t)
+    }
+
+    /// [`Self::call`], also returning the URL that answered.
+    async fn call_at<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<(Url, T), ClientError> {
         let (url, bytes) = self.send(method, path, query, body, timeout).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Protocol { url, reason: format!("bad JSON: {e}") })
+        match serde_json::from_slice(&bytes) {
+            Ok(t) => Ok((url, t)),
+            Err(e) => Err(ClientError::Protocol { url, reason: format!("bad JSON: {e}") }),
+        }
     }
 
     /// Sends to the current replica, moving on to the next ones on failover errors;
@@ -291,6 +370,9 @@ impl RegistryClient {
             .unwrap_or_else(|| ClientError::Config { url: String::new(), reason: "no registry URL".into() }))
     }
 
+    /// One request to one replica. A `401` with a token file re-reads the
+    /// file first: if the token changed (rotated since the last poll), the
+    /// request is sent once more with the new one.
     async fn send_once<B: Serialize>(
         &self,
         base: &Url,
@@ -302,27 +384,87 @@ impl RegistryClient {
     ) -> Result<(Url, bytes::Bytes), ClientError> {
         let url = Url::parse(&format!("{}/{}", base.as_str().trim_end_matches('/'), path))
             .map_err(|e| ClientError::Config { url: base.to_string(), reason: e.to_string() })?;
+        let mut retried = false;
+        loop {
+            let r = self.attempt(&url, method.clone(), query, body, timeout).await;
+            match r {
+                Err(ClientError::Api { status: StatusCode::UNAUTHORIZED, .. })
+                    if !retried && self.inner.token.is_file() && self.inner.token.reload(true) =>
+                {
+                    retried = true;
+                }
+                r => return r.map(|bytes| (url, bytes)),
+            }
+        }
+    }
+
+    async fn attempt<B: Serialize>(
+        &self,
+        url: &Url,
+        method: Method,
+        query: &[(&str, String)],
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, ClientError> {
         let mut req = self.inner.http.request(method, url.clone()).timeout(timeout);
+        if let Some(token) = self.inner.token.header() {
+            req = req.header(reqwest::header::AUTHORIZATION, token);
+        }
         if !query.is_empty() {
             req = req.query(query);
         }
         if let Some(b) = body {
             req = req.json(b);
         }
-        let transport = |source| ClientError::Transport { url: url.clone(), source };
-        let resp = req.send().await.map_err(transport)?;
+        let transport = |source: reqwest::Error| match HandshakeFailure::of(&source) {
+            Some(HandshakeFailure::ServerCertificate) => {
+                ClientError::Certificate { url: url.clone(), source }
+            }
+            Some(HandshakeFailure::ClientCertificate) => {
+                ClientError::ClientCertificate { url: url.clone(), source }
+            }
+            None => ClientError::Transport { url: url.clone(), source },
+        };
+        let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let limit = self.inner.config.max_answer;
+        let too_large = || ClientError::TooLarge { url: url.clone(), limit };
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        // Content-Length may be absent (chunked) or lie: cap while reading too.
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let bytes = bytes.freeze();
         if status.is_success() {
-            return Ok((url, bytes));
+            return Ok(bytes);
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api { url, status, body }),
-            Err(_) => {
-                Err(ClientError::Protocol { url, reason: format!("status {status} without an error body") })
-            }
+            Ok(body) => Err(ClientError::Api { url: url.clone(), status, body }),
+            Err(_) => Err(ClientError::Protocol {
+                url: url.clone(),
+                reason: format!("status {status} without an error body"),
+            }),
         }
     }
+}
+
+/// A view of another service than the one asked is a protocol error: a
+/// confused or hostile registry must not move one service's traffic to
+/// another's instances.
+fn check_service(url: Url, asked: &ServiceName, view: ServiceView) -> Result<ServiceView, ClientError> {
+    if view.service == *asked {
+        return Ok(view);
+    }
+    Err(ClientError::Protocol {
+        url,
+        reason: format!("asked for service {asked:?}, got a view of {:?}", view.service.as_str()),
+    })
 }
 
 /// A watch over one service. The first `next()` answers at once with the current
@@ -404,6 +546,58 @@ mod tests {
         assert!(parse_urls("").is_err());
         assert!(parse_urls("ftp://a").is_err());
         assert!(parse_urls("not a url").is_err());
+    }
+
+    /// Serves `body` (with a Content-Length) to every request; returns the
+    /// address and the `Authorization` headers seen.
+    async fn answer_with(body: String) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen_in = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let auth = head.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+                seen_in.lock().unwrap().push(auth.unwrap_or_default().to_string());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_view_of_another_service_is_a_protocol_error() {
+        let body = r#"{"service":"billing","index":3,"epoch":"e","instances":[]}"#.to_string();
+        let (addr, _) = answer_with(body).await;
+        let client = RegistryClient::from_list(&format!("http://{addr}")).unwrap();
+        let err = client.get(&ServiceName::new("users").unwrap(), false).await.unwrap_err();
+        assert!(matches!(err, ClientError::Protocol { .. }), "{err}");
+        assert!(err.to_string().contains("billing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused_and_the_token_is_sent() {
+        let view = r#"{"service":"users","index":3,"epoch":"e","instances":[]}"#;
+        let body = format!("{view}{}", " ".repeat(2048));
+        let (addr, seen) = answer_with(body).await;
+        let config = ClientConfig {
+            max_answer: 1024,
+            token: TokenSpec::Secret("t0ken-for-test".into()),
+            ..ClientConfig::default()
+        };
+        let client = RegistryClient::new(parse_urls(&format!("http://{addr}")).unwrap(), config).unwrap();
+        let err = client.get(&ServiceName::new("users").unwrap(), false).await.unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge { limit: 1024, .. }), "{err}");
+        assert_eq!(seen.lock().unwrap()[0].to_ascii_lowercase(), "authorization: bearer t0ken-for-test");
+        assert!(!format!("{client:?}").contains("t0ken"));
     }
 
     #[tokio::test]

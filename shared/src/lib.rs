@@ -9,6 +9,8 @@
 //! - [`error`]: the error body every Trellis HTTP error carries, and its codes.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`client`]: the registry client with failover between several registry URLs, and watches.
+//! - [`token`]: the bearer token the client presents, from a file it re-reads or a secret.
+//! - [`tls`]: the CA, client certificate and handshake errors of TLS towards the registry.
 //! - [`ready_file`]: the JSON file a process writes with the addresses it bound (port 0).
 
 pub mod backoff;
@@ -17,6 +19,8 @@ pub mod duration;
 pub mod error;
 pub mod names;
 pub mod ready_file;
+pub mod tls;
+pub mod token;
 pub mod types;
 
 pub use client::{ClientConfig, ClientError, RegistryClient, Watch};

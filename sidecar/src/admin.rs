@@ -40,6 +40,12 @@ impl ConnectivitySink for Metrics {
             self.registry_error();
         }
     }
+    fn auth_refused(&self) {
+        self.registry_auth_failure();
+    }
+    fn endpoint_refused(&self, reason: crate::refuse::RefuseReason) {
+        Metrics::endpoint_refused(self, reason.as_str());
+    }
 }
 
 /// What `/ready` answers from.

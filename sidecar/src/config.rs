@@ -21,9 +21,13 @@ use crate::health::{HealthCheck, HealthConfig};
 use crate::proxy::ProxyConfig;
 
 mod proxy;
+mod registry_client;
+mod upgrade;
 use crate::registration::RegistrationConfig;
 use crate::shutdown::ShutdownConfig;
 pub use proxy::ProxyArgs;
+pub use registry_client::{RegistryClientArgs, TOKEN_ENV};
+pub use upgrade::UpgradeArgs;
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (examples: 500ms, 5s, 1m)"))
@@ -66,6 +70,8 @@ pub struct RunArgs {
     /// Registry base URLs, comma-separated; requests fail over between them. Required.
     #[arg(long, env = "TRELLIS_REGISTRY", value_name = "URL[,URL...]")]
     pub registry: Option<String>,
+    #[command(flatten)]
+    pub registry_client: RegistryClientArgs,
 
     // ---- The local app (all optional: without --service the sidecar only proxies).
     /// Service name to register the local app under.
@@ -154,6 +160,8 @@ pub struct RunArgs {
     // ---- Proxy.
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub upgrade: UpgradeArgs,
 
     // ---- Shutdown.
     /// After deregistering, keep proxying this long so peers' watches catch up.
@@ -265,7 +273,16 @@ impl RunArgs {
                 WireDuration(self.ttl)
             )));
         }
-        let client = ClientConfig { backoff_cap: self.heartbeat_interval, ..ClientConfig::default() };
+        let client = self
+            .registry_client
+            .apply(ClientConfig { backoff_cap: self.heartbeat_interval, ..ClientConfig::default() })?;
+        if !client.tls.is_empty() {
+            if let Some(plain) = registry.iter().find(|u| u.scheme() != "https") {
+                return Err(bad(format!(
+                    "--registry {plain} is plain http:// but registry TLS files are given; use https://"
+                )));
+            }
+        }
 
         let app = match (&self.service, &self.app) {
             (None, None) => None,
@@ -318,6 +335,7 @@ impl RunArgs {
             proxy: {
                 let mut proxy = ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() };
                 proxy.balance.zone.local = self.zone.clone();
+                self.upgrade.apply(&mut proxy)?;
                 proxy
             },
         })

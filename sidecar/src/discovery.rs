@@ -15,6 +15,9 @@
 //!   watched services through `ArcSwap`; only a miss (a service seen for the
 //!   first time) or an eviction takes the writers' mutex and publishes a new
 //!   map. At most `max_services` entries, so copying it on a change is cheap.
+//! - Endpoints [`crate::refuse`] refuses (the sidecar's own listeners,
+//!   unspecified, multicast and link-local addresses) never enter a set; each
+//!   is logged and counted once per service and address.
 //! - Host names are untrusted: at most `max_services` services are watched.
 //!   At the cap, a service that resolved to nothing is evicted first, then one
 //!   idle for at least [`MIN_IDLE_TO_MAKE_ROOM`]; a service in active use is
@@ -34,6 +37,7 @@ use tracing::{debug, info, warn};
 use trellis_shared::{ClientError, Instance, RegistryClient, ServiceName, ServiceView, Watch};
 
 use crate::endpoints::{Endpoint, EndpointSet, EndpointState, Resolve, ServiceEndpoints};
+use crate::refuse::{EndpointFilter, RefuseReason};
 
 /// A service used within this long is never evicted to make room for another.
 pub const MIN_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
@@ -42,6 +46,10 @@ pub const MIN_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
 pub trait ConnectivitySink: Send + Sync + 'static {
     /// `true` after a successful registry call, `false` after a failed one.
     fn report(&self, ok: bool);
+    /// The registry refused this sidecar's credentials (`401`/`403`).
+    fn auth_refused(&self) {}
+    /// An endpoint was refused (once per service and address).
+    fn endpoint_refused(&self, _reason: RefuseReason) {}
 }
 
 /// One service's stream of registry states ([`Watch`] in production).
@@ -187,11 +195,14 @@ async fn run_watch<S: WatchSource>(
     endpoints: Arc<ServiceEndpoints>,
     retention: Duration,
     sink: Arc<dyn ConnectivitySink>,
+    filter: Arc<EndpointFilter>,
     cancel: CancellationToken,
 ) {
     let name = endpoints.name.clone();
     let mut tracker = Tracker::new(retention);
     let mut failing = false;
+    // Refused addresses already reported, so each is logged and counted once.
+    let mut refused: std::collections::HashSet<(trellis_shared::Address, u16)> = Default::default();
     loop {
         let expiry = tracker.next_expiry();
         tokio::select! {
@@ -221,7 +232,15 @@ async fn run_watch<S: WatchSource>(
             }
         }
         let current = endpoints.load();
-        let instances = tracker.instances();
+        let mut instances = tracker.instances();
+        instances.retain(|i| {
+            let Some(reason) = filter.check(&i.address, i.port) else { return true };
+            if refused.insert((i.address.clone(), i.port)) {
+                warn!(service = %name, instance = %i.id, address = %i.address, port = i.port, reason = reason.as_str(), "refusing an endpoint the registry listed: never connecting to it");
+                sink.endpoint_refused(reason);
+            }
+            false
+        });
         let epoch = tracker.epoch.as_deref().unwrap_or_default();
         match build_set(&current, &instances, tracker.index, epoch) {
             Some(set) => {
@@ -266,6 +285,7 @@ pub struct Directory<W: Watcher = RegistryClient> {
     writes: Mutex<()>,
     clock: Instant,
     sink: Arc<dyn ConnectivitySink>,
+    filter: Arc<EndpointFilter>,
     shutdown: CancellationToken,
 }
 
@@ -284,8 +304,16 @@ impl<W: Watcher> Directory<W> {
             writes: Mutex::new(()),
             clock: Instant::now(),
             sink,
+            filter: Arc::new(EndpointFilter::default()),
             shutdown,
         }
+    }
+
+    /// Refuses endpoints `filter` refuses (by default: unspecified, multicast
+    /// and link-local addresses; the sidecar adds its own listeners).
+    pub fn with_filter(mut self, filter: EndpointFilter) -> Self {
+        self.filter = Arc::new(filter);
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -321,6 +349,7 @@ impl<W: Watcher> Directory<W> {
             Arc::clone(&endpoints),
             self.config.restart_retention,
             Arc::clone(&self.sink),
+            Arc::clone(&self.filter),
             cancel.clone(),
         ));
         debug!(service = %name, pinned, "watching service");
@@ -497,10 +526,13 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct CountSink(Mutex<Vec<bool>>);
+    struct CountSink(Mutex<Vec<bool>>, Mutex<Vec<RefuseReason>>);
     impl ConnectivitySink for CountSink {
         fn report(&self, ok: bool) {
             self.0.lock().unwrap().push(ok);
+        }
+        fn endpoint_refused(&self, reason: RefuseReason) {
+            self.1.lock().unwrap().push(reason);
         }
     }
 
@@ -558,6 +590,25 @@ mod tests {
         w.send("users", Ok(view(4, "e1", vec![inst("a", 9), inst("c", 3)])));
         settle().await;
         assert!(!Arc::ptr_eq(&second.endpoints[0].state, &users.load().endpoints[0].state));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_endpoints_never_enter_a_set_and_are_reported_once() {
+        let (d, w, sink) = directory(DiscoveryConfig::default());
+        let d = d.with_filter(EndpointFilter::new(vec!["127.0.0.1:15000".parse().unwrap()], vec![]));
+        let users = d.resolve(&name("users")).unwrap();
+        let mut metadata_service = inst("meta", 80);
+        metadata_service.address = Address::new("169.254.169.254").unwrap();
+        let own_admin = inst("admin", 15000);
+        w.send("users", Ok(view(1, "e1", vec![inst("a", 1), metadata_service.clone(), own_admin.clone()])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!(ids(&users.load()), vec!["a"]);
+        w.send("users", Ok(view(2, "e1", vec![inst("a", 1), inst("b", 2), metadata_service, own_admin])));
+        settle().await;
+        assert_eq!(ids(&users.load()), vec!["a", "b"]);
+        let mut refused = sink.1.lock().unwrap().clone();
+        refused.sort_by_key(|r| r.as_str());
+        assert_eq!(refused, vec![RefuseReason::LinkLocal, RefuseReason::OwnListener]);
     }
 
     #[tokio::test(start_paused = true)]

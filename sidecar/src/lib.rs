@@ -9,6 +9,7 @@
 //! - [`registration`]: registers the app once healthy and heartbeats its status.
 //! - [`discovery`]: one watch per upstream service, publishing [`endpoints::EndpointSet`]s;
 //!   the capped, idle-evicting `Directory` that implements [`endpoints::Resolve`].
+//! - [`refuse`]: endpoints never connected to (own listeners, unspecified, multicast, link-local).
 //! - [`endpoints`]: endpoint and snapshot types, read lock-free by the proxy.
 //! - [`balance`]: least-connections selection, a pure data structure.
 //! - [`outlier`]: passive ejection state machine.
@@ -34,6 +35,7 @@ pub mod host;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
+pub mod refuse;
 pub mod registration;
 pub mod retry;
 pub mod run;

@@ -66,6 +66,11 @@ enum Code {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     code: Code,
 }
@@ -96,6 +101,8 @@ pub struct Metrics {
     endpoints: Family<EndpointLabels, Gauge>,
     registry_up: Gauge,
     registry_errors: Counter,
+    registry_auth_failures: Counter,
+    endpoints_refused: Family<RefusedLabels, Counter>,
     connections: Gauge,
     /// Serialises scrapes so that `clear_endpoints` + `set_endpoints` from one
     /// scrape never interleave with another's encode.
@@ -123,6 +130,8 @@ impl Metrics {
         let endpoints = Family::<EndpointLabels, Gauge>::default();
         let registry_up = Gauge::default();
         let registry_errors = Counter::default();
+        let registry_auth_failures = Counter::default();
+        let endpoints_refused = Family::<RefusedLabels, Counter>::default();
         let connections = Gauge::default();
         registry.register(
             "requests",
@@ -167,6 +176,18 @@ impl Metrics {
         registry.register("registry_up", "1 when the last registry call succeeded", registry_up.clone());
         registry.register("registry_errors", "Failed registry calls", registry_errors.clone());
         registry.register(
+            "registry_auth_failures",
+            "Registrations and heartbeats the registry refused with 401 or 403 (token missing, unknown or \
+             without the right)",
+            registry_auth_failures.clone(),
+        );
+        registry.register(
+            "endpoints_refused",
+            "Endpoints listed by the registry that the sidecar refuses to connect to, once per service and \
+             address, by reason (own_listener, unspecified, multicast, link_local)",
+            endpoints_refused.clone(),
+        );
+        registry.register(
             "open_connections",
             "Open inbound connections on the outbound port",
             connections.clone(),
@@ -185,6 +206,8 @@ impl Metrics {
             endpoints,
             registry_up,
             registry_errors,
+            registry_auth_failures,
+            endpoints_refused,
             connections,
             scrape: Mutex::new(()),
         }
@@ -218,6 +241,14 @@ impl Metrics {
 
     pub fn registry_error(&self) {
         self.registry_errors.inc();
+    }
+
+    pub fn registry_auth_failure(&self) {
+        self.registry_auth_failures.inc();
+    }
+
+    pub fn endpoint_refused(&self, reason: &'static str) {
+        self.endpoints_refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
     /// Counts an error the sidecar answered itself.

@@ -93,7 +93,10 @@
 //!   `grpc-status` of every relayed gRPC response (trailers, or headers of a
 //!   trailers-only answer) is counted in `grpc_responses`.
 //! - **Upgrades** (see [`upgrade`]): an HTTP/1.1 `Upgrade` request goes to one
-//!   endpoint and the two connections are spliced after `101`.
+//!   endpoint and the two connections are spliced after `101`. A spliced
+//!   connection holds one of the `max_connections` permits for its whole life
+//!   (none free: `503 overloaded`) and is closed after `upgrade_idle_timeout`
+//!   without a byte either way.
 //! - **Dedicated ports** ([`Listener::service`]): a listener bound to one
 //!   service sends every request there whatever its Host or `:authority`; the
 //!   upstream sees the service name as Host.
@@ -170,6 +173,9 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per endpoint.
     pub pool_max_idle_per_endpoint: usize,
+    /// An upgraded (WebSocket) connection with no byte either way for this
+    /// long is closed on both sides.
+    pub upgrade_idle_timeout: Duration,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
     pub balance: BalanceConfig,
@@ -194,6 +200,7 @@ impl ProxyConfig {
         discovery_wait: Duration::from_secs(2),
         pool_idle_timeout: Duration::from_secs(30),
         pool_max_idle_per_endpoint: 128,
+        upgrade_idle_timeout: Duration::from_secs(300),
         retry: RetryConfig::DEFAULT,
         outlier: OutlierConfig::DEFAULT,
         balance: BalanceConfig::DEFAULT,
@@ -224,6 +231,9 @@ struct ProxyContext {
     protocols: protocol::Protocols,
     /// Requests waiting for response headers (capped by `max_pending_requests`).
     pending: AtomicUsize,
+    /// The `max_connections` permits: inbound connections and upgraded
+    /// (spliced) connections, which outlive the connection they came from.
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl ProxyContext {

@@ -5,7 +5,11 @@
 //! retried with full-jitter backoff whose ceiling is the heartbeat interval, so
 //! a restarted registry hears from every sidecar within one interval. A
 //! heartbeat answered `404 unknown_instance` (the registry lost its state)
-//! re-registers at once.
+//! re-registers at once. A `401`/`403` (the token is missing, unknown or
+//! lacks the right to this service) is logged as an error each time, quoting
+//! the registry's message (which names the token, never its secret), and
+//! retried with the same backoff: a rotated token file is picked up by the
+//! client, and `/ready` stays 503 until the registration goes through.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -137,7 +141,20 @@ impl<R: RegistryApi> Registration<R> {
     fn failed(&mut self, what: &str, e: &ClientError) -> Duration {
         self.sink.report(false);
         let refused = matches!(e, ClientError::Api { status, .. } if status.is_client_error());
-        if refused {
+        let auth = match e {
+            ClientError::Api { status, body, .. } if e.is_auth() => Some((status, body)),
+            _ => None,
+        };
+        if let Some((status, body)) = auth {
+            self.sink.auth_refused();
+            error!(
+                service = %self.config.service,
+                instance = %self.config.id,
+                status = status.as_u16(),
+                registry_message = %body.message,
+                "{what} refused by the registry: the token is missing, unknown or has no write right on this service; check --token-file or TRELLIS_TOKEN"
+            );
+        } else if refused {
             // The registry answered but refused what we sent (a TTL outside its
             // bounds, say): retrying will not help until someone fixes the flags,
             // so say it loudly every time, at the capped retry pace.

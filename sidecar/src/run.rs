@@ -21,6 +21,7 @@ use crate::endpoints::Resolve;
 use crate::health::{self, HealthReport};
 use crate::metrics::Metrics;
 use crate::proxy;
+use crate::refuse::EndpointFilter;
 use crate::registration::Registration;
 use crate::shutdown::{self, bounded, DEREGISTER_TIMEOUT};
 
@@ -97,12 +98,19 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let stop_proxy = CancellationToken::new();
     let stop_rest = CancellationToken::new();
 
-    let directory = Arc::new(Directory::new(
-        client.clone(),
-        settings.discovery.clone(),
-        Arc::clone(&metrics) as _,
-        stop_rest.clone(),
-    ));
+    // The sidecar's own listeners are never endpoints (a registry entry
+    // pointing at them would loop the proxy or reach the admin API).
+    let mut own = vec![bound.outbound, bound.admin];
+    own.extend(bound.upstreams.values().copied());
+    let directory = Arc::new(
+        Directory::new(
+            client.clone(),
+            settings.discovery.clone(),
+            Arc::clone(&metrics) as _,
+            stop_rest.clone(),
+        )
+        .with_filter(EndpointFilter::for_listeners(own)),
+    );
     for service in &settings.upstream_services {
         directory.watch_pinned(service);
     }

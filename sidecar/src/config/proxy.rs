@@ -124,6 +124,8 @@ impl ProxyArgs {
             discovery_wait: self.discovery_wait.0,
             pool_idle_timeout: self.pool_idle_timeout.0,
             pool_max_idle_per_endpoint: self.pool_max_idle,
+            // Set from --upgrade-idle-timeout (`UpgradeArgs`).
+            upgrade_idle_timeout: ProxyConfig::DEFAULT.upgrade_idle_timeout,
             retry: RetryConfig {
                 budget_ratio: self.retry_budget,
                 min_retries_per_second: self.retry_min_per_second,

@@ -29,6 +29,12 @@ use crate::metrics::Metrics;
 
 const REJECT_SLOTS: usize = 64;
 
+/// HTTP/2 upstream connections are pinged this often, idle or not, so a
+/// connection whose peer vanished (no RST, a dead NAT entry) is found.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A ping unanswered for this long closes the HTTP/2 connection.
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A listening socket of the proxy.
 pub struct Listener {
     pub listener: TcpListener,
@@ -64,8 +70,14 @@ pub async fn serve_all(
     connector.set_nodelay(true);
     let pool =
         pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_endpoint);
+    // HTTP/2 upstream connections: keepalive pings (hyper's http2 client
+    // options, driven by the timer below) and the idle timeout, which is the
+    // pool's: a connection with no request for `pool_idle_timeout` is closed.
     let h2_client = Client::builder(TokioExecutor::new())
         .http2_only(true)
+        .http2_keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .http2_keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -95,6 +107,7 @@ pub async fn serve_all(
         h2_client,
         protocols: protocol::Protocols::default(),
         pending: AtomicUsize::new(0),
+        connections: Arc::clone(&connections),
     });
     let tracker = TaskTracker::new();
     let loops = listeners

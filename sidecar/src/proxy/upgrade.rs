@@ -6,14 +6,25 @@
 //!
 //! Retries: only when connecting failed (nothing was sent). Once the upgrade
 //! request went out it is never sent again, whatever its method.
+//!
+//! Limits: the connection it came on ends when the upgrade completes, so a
+//! spliced connection takes a `max_connections` permit of its own (taken
+//! before connecting, so an upgrade past the cap is answered `503
+//! overloaded`); it holds it, and counts in `open_connections`, until closed.
+//! A spliced connection with no byte either way for `upgrade_idle_timeout` is
+//! closed on both sides, so idle sockets cannot hold permits for ever.
 
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -59,6 +70,10 @@ pub(super) async fn forward(
     }
     let uri: Uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
     let mut body = Some(body);
+    let Ok(permit) = std::sync::Arc::clone(&ctx.connections).try_acquire_owned() else {
+        return Err(ProxyError::Overloaded("too many connections"));
+    };
+    let mut permit = Some(permit);
 
     let overall = async {
         loop {
@@ -136,7 +151,11 @@ pub(super) async fn forward(
             *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             *out.headers_mut() = resp.headers().clone();
             debug!(service = %svc.name, instance = %ep.id, attempt = attempts.made(), "upgraded");
-            tokio::spawn(splice(downstream, upstream, guard));
+            let Some(permit) = permit.take() else {
+                return Err(ProxyError::Overloaded("too many connections"));
+            };
+            let held = Held { guard, _permit: permit, gauge: ctx.metrics.connections().clone() };
+            tokio::spawn(splice(downstream, upstream, held, config.upgrade_idle_timeout));
             return Ok(out);
         }
     };
@@ -146,11 +165,23 @@ pub(super) async fn forward(
     }
 }
 
-/// Copies bytes both ways until either side closes (or fails); the endpoint
-/// stays counted in flight until then. The side that ended has its peer's
-/// write half shut down after everything it sent was passed on; anything
-/// still coming the other way has nobody left to read it.
-async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, guard: InFlight) {
+/// What a spliced connection holds until it closes: the endpoint's in-flight
+/// count, a connection permit, and its place in `open_connections`.
+struct Held {
+    guard: InFlight,
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Size of each direction's copy buffer.
+const SPLICE_BUFFER: usize = 8 * 1024;
+
+/// Copies bytes both ways until either side closes (or fails), or no byte
+/// moved either way for `idle`; the endpoint stays counted in flight until
+/// then. The side that ended has its peer's write half shut down after
+/// everything it sent was passed on; anything still coming the other way has
+/// nobody left to read it.
+async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, held: Held, idle: Duration) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -158,27 +189,61 @@ async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, guard: InFlight) {
             return;
         }
     };
+    held.gauge.inc();
     let (mut down_r, mut down_w) = tokio::io::split(TokioIo::new(down));
     let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(up));
-    let to_upstream = async {
-        let r = tokio::io::copy(&mut down_r, &mut up_w).await;
-        let _ = up_w.shutdown().await;
-        ("client", r)
-    };
-    let to_client = async {
-        let r = tokio::io::copy(&mut up_r, &mut down_w).await;
-        let _ = down_w.shutdown().await;
-        ("endpoint", r)
-    };
-    let (closed_by, result) = tokio::select! {
-        r = to_upstream => r,
-        r = to_client => r,
-    };
-    match result {
-        Ok(bytes) => debug!(instance = %guard.endpoint().id, closed_by, bytes, "upgraded connection closed"),
-        Err(e) => {
-            debug!(instance = %guard.endpoint().id, closed_by, error = %e, "upgraded connection failed")
+    // Milliseconds since `began` at the last byte moved, either way.
+    let began = Instant::now();
+    let activity = AtomicU64::new(0);
+    let (closed_by, result) = {
+        let to_upstream = async { ("client", pass(&mut down_r, &mut up_w, &activity, began).await) };
+        let to_client = async { ("endpoint", pass(&mut up_r, &mut down_w, &activity, began).await) };
+        let watchdog = async {
+            loop {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                let deadline = began + last + idle;
+                if Instant::now() >= deadline {
+                    return ("idle timeout", Ok(0));
+                }
+                tokio::time::sleep_until(deadline).await;
+            }
+        };
+        // Each direction runs to its end or until the splice ends, so no
+        // write is ever cut in the middle while the connection goes on.
+        tokio::select! {
+            r = to_upstream => r,
+            r = to_client => r,
+            r = watchdog => r,
         }
+    };
+    let _ = tokio::join!(up_w.shutdown(), down_w.shutdown());
+    let instance = &held.guard.endpoint().id;
+    match result {
+        Ok(bytes) => debug!(%instance, closed_by, bytes, "upgraded connection closed"),
+        Err(e) => debug!(%instance, closed_by, error = %e, "upgraded connection failed"),
     }
-    drop(guard);
+    held.gauge.dec();
+    drop(held);
+}
+
+/// Copies `from` to `to` until end of stream (then shuts `to` down), noting
+/// the time of each transfer in `activity`; returns the bytes copied.
+async fn pass<R, W>(from: &mut R, to: &mut W, activity: &AtomicU64, began: Instant) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; SPLICE_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        let now = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.store(now, Ordering::Relaxed);
+    }
 }
