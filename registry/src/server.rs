@@ -18,6 +18,8 @@ use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::store::etcd::client::EtcdError;
+use crate::store::etcd::config::{with_scheme, AccessError};
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{MemoryStore, Store, StoreSpec};
 use crate::watch::Watches;
@@ -30,6 +32,10 @@ pub enum ServerError {
     Listener(#[from] std::io::Error),
     #[error("cannot write the ready file: {0}")]
     ReadyFile(std::io::Error),
+    #[error(transparent)]
+    EtcdAccess(#[from] AccessError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
 }
 
 /// Refused connections being answered at once; past this they are just closed.
@@ -73,15 +79,16 @@ pub async fn run(
         }
         StoreSpec::Etcd { endpoints, prefix } => {
             let settings = EtcdSettings {
-                endpoints,
+                endpoints: with_scheme(endpoints, &config.etcd_client.tls),
                 prefix,
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
                 guards: config.guards(),
+                access: config.etcd_client.load()?,
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {
-                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone(), metrics.store.clone()) => Arc::new(s),
+                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone(), metrics.store.clone()) => Arc::new(s?),
                 _ = &mut shutdown => return Ok(()),
             };
             serve(listener, config, store, metrics, shutdown).await
