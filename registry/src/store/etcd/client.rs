@@ -260,6 +260,11 @@ impl EtcdClient {
         })
     }
 
+    /// Whether etcd gave a token (it has auth on) at the last authentication.
+    pub fn has_token(&self) -> bool {
+        self.token().0.is_some()
+    }
+
     /// The etcd user this client authenticates as, if any.
     pub fn user(&self) -> Option<&str> {
         self.session.as_ref().map(|s| s.credentials.user.as_str())

@@ -86,7 +86,21 @@ fn exists_ok(r: Result<Value, EtcdError>) -> Result<bool, EtcdError> {
     }
 }
 
+/// Runs the setup, again from the start while etcd is out of reach or has no
+/// leader yet (every step is idempotent), up to `--wait`.
 pub async fn run(args: &SetupArgs) -> Result<Outcome, SetupError> {
+    let deadline = Instant::now() + args.wait;
+    loop {
+        match attempt(args).await {
+            Err(SetupError::Etcd { source, .. }) if !source.is_fatal() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn attempt(args: &SetupArgs) -> Result<Outcome, SetupError> {
     let StoreSpec::Etcd { endpoints, prefix } = &args.store else { return Err(SetupError::NotEtcd) };
     let prefix = args.prefix.clone().unwrap_or_else(|| prefix.clone());
     if !prefix.starts_with('/') || prefix.ends_with('/') {
@@ -114,17 +128,8 @@ pub async fn run(args: &SetupArgs) -> Result<Outcome, SetupError> {
         .map_err(connect)?;
 
     // Logging in as root tells whether auth is on (a token) or off (none).
-    let deadline = Instant::now() + args.wait;
-    let auth_on = loop {
-        match admin.authenticate(&root).await {
-            Ok(token) => break token.is_some(),
-            Err(e) if !e.is_fatal() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(step("logging in as root")(e)),
-        }
-    };
     admin.login().await.map_err(step("logging in as root"))?;
+    let auth_on = admin.has_token();
 
     if !auth_on {
         let root_pw = json!({"name": "root", "password": root.password.expose()});
