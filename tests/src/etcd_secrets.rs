@@ -69,7 +69,8 @@ impl EtcdSecrets {
             write(&etcd.join(format!("{m}.pem")), &leaf.cert_pem, 0o644, owner)?;
             write(&etcd.join(format!("{m}-key.pem")), &leaf.key_pem, 0o600, owner)?;
         }
-        let client = ca.issue(&["registry-client".into()], Usage::Client, DAY).map_err(other)?;
+        // No common name: etcd's gateway refuses one once auth is on.
+        let client = ca.issue_nameless_client(&["registry-client".into()], DAY).map_err(other)?;
         write(&etcd.join("registry-client.pem"), &client.cert_pem, 0o644, owner)?;
         write(&etcd.join("registry-client-key.pem"), &client.key_pem, 0o600, owner)?;
         for user in ["root", ETCD_USER] {

@@ -305,6 +305,12 @@ impl EtcdClient {
             Err(EtcdError::Refused { message, .. }) if message.contains("authentication is not enabled") => {
                 Ok(None)
             }
+            Err(EtcdError::Refused { message, .. }) if message.contains("CommonName of client") => {
+                Err(EtcdError::Tls(format!(
+                    "etcd refuses --etcd-cert because it has a common name, which etcd's JSON gateway does not \
+                     accept once auth is on: issue it without one (registry init does); etcd said: {message}"
+                )))
+            }
             Err(EtcdError::Refused { message, .. }) => {
                 Err(EtcdError::Auth { user: credentials.user.clone(), message: plain(&message).to_string() })
             }
