@@ -152,9 +152,8 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
-    let label_ok = |l: &str| {
-        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if name.len() > 253 || !name.split('.').all(label_ok) {
         return Err(PkiError::Name {
             name: name.to_string(),

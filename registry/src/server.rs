@@ -144,7 +144,8 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.hyper_service(peer)).into_owned());
+        let conn = graceful
+            .watch(builder.serve_connection(TokioIo::new(stream), api.hyper_service(peer)).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {

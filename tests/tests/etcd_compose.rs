@@ -181,8 +181,12 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
     // their network namespaces) are on `mesh` alone.
     let networks = |service: &str| {
         let id = stack.container(service).expect("container");
-        run("docker", &["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &id], &[])
-            .expect("docker inspect")
+        run(
+            "docker",
+            &["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &id],
+            &[],
+        )
+        .expect("docker inspect")
     };
     for app in ["app1", "client"] {
         let nets = networks(app);

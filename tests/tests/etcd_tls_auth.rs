@@ -88,7 +88,10 @@ async fn etcd_setup_enables_auth_and_a_replica_serves_through_tls_and_auth() {
     println!("first etcd-setup: {out}");
     assert!(ok && out.contains("authentication enabled"), "{out}");
     let after = curl_range_without_token(&etcd, &secrets);
-    assert!(after.contains("user name is empty"), "auth is on: a request without a token is refused: {after}");
+    assert!(
+        after.contains("user name is empty"),
+        "auth is on: a request without a token is refused: {after}"
+    );
     let (ok, out) = etcd_setup(&etcd, &secrets, "/trellis");
     println!("second etcd-setup: {out}");
     assert!(ok && out.contains("already enabled"), "running it again exits 0: {out}");
@@ -172,12 +175,16 @@ async fn wrong_credentials_stop_the_registry_at_start_naming_the_problem() {
     let wrong_pw = trellis_tests::etcd_secrets::password();
     std::fs::write(&wrong_pw_file, &wrong_pw).unwrap();
 
-    let (out, took) = must_fail("registry-bad-password", &store, &replace(&good, "--etcd-password-file", &wrong_pw_file));
+    let (out, took) =
+        must_fail("registry-bad-password", &store, &replace(&good, "--etcd-password-file", &wrong_pw_file));
     assert!(
         out.contains(r#"etcd rejected user "trellis": authentication failed, invalid user ID or password"#),
         "{out}"
     );
-    assert!(!out.contains(&wrong_pw) && !out.contains(&secrets.password(ETCD_USER)), "no password in the output");
+    assert!(
+        !out.contains(&wrong_pw) && !out.contains(&secrets.password(ETCD_USER)),
+        "no password in the output"
+    );
     assert!(took < Duration::from_secs(10), "stopped within seconds, not retrying: {took:?}");
 
     let mut unknown = good.clone();
@@ -197,7 +204,8 @@ async fn wrong_credentials_stop_the_registry_at_start_naming_the_problem() {
     assert!(out.contains("etcd refused our client certificate"), "{out}");
 
     let unreadable = secrets.dir.join("missing.password");
-    let (out, _) = must_fail("registry-missing-file", &store, &replace(&good, "--etcd-password-file", &unreadable));
+    let (out, _) =
+        must_fail("registry-missing-file", &store, &replace(&good, "--etcd-password-file", &unreadable));
     assert!(out.contains("cannot read --etcd-password-file"), "{out}");
 }
 
@@ -234,7 +242,11 @@ async fn heartbeats_keep_working_when_etcd_forgets_the_token() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 204).collect();
-    println!("{} heartbeats over 5s after the etcd restart (token TTL 2s), {} not 204", statuses.len(), failed.len());
+    println!(
+        "{} heartbeats over 5s after the etcd restart (token TTL 2s), {} not 204",
+        statuses.len(),
+        failed.len()
+    );
     assert!(statuses.len() >= 20);
     assert!(failed.is_empty(), "heartbeats failed: {failed:?}");
     // A registration written after the restart lands too (a write, not only keep-alives).
@@ -242,4 +254,7 @@ async fn heartbeats_keep_working_when_etcd_forgets_the_token() {
     assert_eq!(status, 200, "{code}");
     let (view, _) = discover(&http, &replica.url(), "renewed").await.expect("discovery");
     assert_eq!(ids(&view), ["a", "b"]);
+    let log = replica.proc.log_text();
+    assert!(log.contains("renewed"), "the replica renewed its etcd token after the restart");
+    assert!(!log.contains(&secrets.password(ETCD_USER)), "no password in the log");
 }

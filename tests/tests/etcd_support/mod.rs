@@ -198,10 +198,16 @@ impl Etcd {
         ];
         if let Some(secrets) = &self.tls {
             let p = |p: PathBuf| p.display().to_string();
-            let (cert, key, ca) = (p(secrets.member_cert(&m.name)), p(secrets.member_key(&m.name)), p(secrets.ca()));
+            let (cert, key, ca) =
+                (p(secrets.member_cert(&m.name)), p(secrets.member_key(&m.name)), p(secrets.ca()));
             args.extend(strings(&["--cert-file", &cert, "--key-file", &key, "--trusted-ca-file", &ca]));
             args.extend(strings(&["--peer-cert-file", &cert, "--peer-key-file", &key]));
-            args.extend(strings(&["--peer-trusted-ca-file", &ca, "--client-cert-auth", "--peer-client-cert-auth"]));
+            args.extend(strings(&[
+                "--peer-trusted-ca-file",
+                &ca,
+                "--client-cert-auth",
+                "--peer-client-cert-auth",
+            ]));
         }
         args.extend(self.extra.iter().cloned());
         let proc = Proc::spawn_path(&format!("etcd-{}", m.name), &self.bin, &args, &[]);

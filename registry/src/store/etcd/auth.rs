@@ -94,7 +94,8 @@ impl Session {
     pub fn replace(&self, token: Option<&str>) -> Result<(), String> {
         let value = match token {
             Some(t) => {
-                let mut v = HeaderValue::from_str(t).map_err(|_| "etcd sent a token that is no header value")?;
+                let mut v =
+                    HeaderValue::from_str(t).map_err(|_| "etcd sent a token that is no header value")?;
                 v.set_sensitive(true);
                 Some(Arc::new(v))
             }

@@ -381,9 +381,11 @@ impl EtcdClient {
     async fn call<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, EtcdError> {
         let (token, generation) = self.token();
         match self.call_with(path, body, token.as_deref()).await {
-            Err(EtcdError::Refused { code, message }) if self.session.is_some() && is_token_problem(code, &message) => {
-                debug!(path, reason = %message, "etcd token refused; renewing");
+            Err(EtcdError::Refused { code, message })
+                if self.session.is_some() && is_token_problem(code, &message) =>
+            {
                 self.renew(generation).await?;
+                info!(path, reason = %plain(&message), "etcd no longer knew the token; renewed it");
                 let (token, _) = self.token();
                 self.call_with(path, body, token.as_deref()).await
             }

@@ -124,8 +124,8 @@ async fn attempt(args: &SetupArgs) -> Result<Outcome, SetupError> {
         })
     };
     let connect = step("cannot connect");
-    let admin = EtcdClient::new(endpoints.clone(), REQUEST_TIMEOUT, &access(Some(root.clone()))?)
-        .map_err(connect)?;
+    let admin =
+        EtcdClient::new(endpoints.clone(), REQUEST_TIMEOUT, &access(Some(root.clone()))?).map_err(connect)?;
 
     // Logging in as root tells whether auth is on (a token) or off (none).
     admin.login().await.map_err(step("logging in as root"))?;
@@ -178,7 +178,8 @@ async fn attempt(args: &SetupArgs) -> Result<Outcome, SetupError> {
     }
 
     // Proof: the user can log in and read its prefix.
-    let check = EtcdClient::new(endpoints, REQUEST_TIMEOUT, &access(Some(user.clone()))?).map_err(step("checking"))?;
+    let check = EtcdClient::new(endpoints, REQUEST_TIMEOUT, &access(Some(user.clone()))?)
+        .map_err(step("checking"))?;
     check.login().await.map_err(step(format!("logging in as {}", user.user)))?;
     check.check(&key).await.map_err(step(format!("reading {prefix}/ as {}", user.user)))?;
     Ok(if auth_on { Outcome::AlreadyEnabled } else { Outcome::Enabled })
