@@ -12,11 +12,14 @@ use rustls::{AlertDescription, RootCertStore};
 
 use super::config::AccessError;
 
+/// A PEM file's path (for messages) and contents.
+pub type PemFile<'a> = (&'a Path, Vec<u8>);
+
 /// A client configuration trusting only the CA in `ca`, presenting `identity`
 /// (certificate chain, private key) when given.
 pub fn client_config(
     (ca_path, ca): (&Path, &[u8]),
-    identity: Option<((&Path, Vec<u8>), (&Path, Vec<u8>))>,
+    identity: Option<(PemFile<'_>, PemFile<'_>)>,
 ) -> Result<rustls::ClientConfig, AccessError> {
     let invalid = |flag: &'static str, path: &Path, reason: String| AccessError::Invalid {
         flag,
