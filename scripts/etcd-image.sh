@@ -3,7 +3,8 @@
 # pulling anything: Debian's etcd binary (scripts/install-etcd.sh installs it)
 # plus the shared libraries `ldd` says it loads, in a FROM scratch image. The
 # binary is dynamically linked, so the image carries its loader and libc (the
-# 20 MB bound of the Trellis images does not apply to it).
+# 20 MB bound of the Trellis images does not apply to it). It runs as uid 65532,
+# like the Trellis images, and owns only its data directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,11 @@ ETCD=$(readlink -f "$ETCD")
 
 ctx=target/docker-etcd
 rm -rf "$ctx"
-mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/var/lib/etcd" "$ctx/rootfs/tmp"
+mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/tmp" "$ctx/data/etcd"
+# etcd wants its data directory private (0700); COPY keeps the mode, and
+# copying the directory itself (not only its contents) gives it the owner.
+chmod 700 "$ctx/data/etcd"
+chmod 1777 "$ctx/rootfs/tmp"
 cp "$ETCD" "$ctx/rootfs/usr/local/bin/etcd"
 # Every library the binary loads, at the path the loader looks for it.
 for lib in $(ldd "$ETCD" | grep -o '/[^ ]*' | sort -u); do
@@ -27,6 +32,8 @@ done
 cat >"$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
+COPY --chown=65532:65532 data/ /var/lib/
+USER 65532:65532
 EXPOSE 2379 2380
 ENTRYPOINT ["/usr/local/bin/etcd"]
 DOCKERFILE

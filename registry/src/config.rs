@@ -35,6 +35,10 @@ pub enum Command {
     /// service into DIR (and etcd's certificates and passwords when asked):
     /// everything to run with TLS and tokens. Prints what it wrote, never a secret.
     Init(crate::init::InitArgs),
+    /// Prepare etcd for the registry: create the root user, a role with
+    /// readwrite on the prefix, the registry's user with that role, and turn
+    /// etcd's authentication on. Idempotent (exit 0 when already done).
+    EtcdSetup(crate::store::etcd::setup::SetupArgs),
 }
 
 /// Everything the server needs. Every field has a flag and a `TRELLIS_<FLAG>`
@@ -93,6 +97,8 @@ pub struct Config {
     /// two failures in a row mark discovery stale and refuse writes.
     #[arg(long, env = "TRELLIS_ETCD_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub etcd_check_interval: Duration,
+    #[command(flatten)]
+    pub etcd_client: crate::store::etcd::config::EtcdClientArgs,
     /// Expiry brake: pause expiry while fewer than `--brake-threshold` of the
     /// expected renewals arrive (protection from mass expiry). `true` or `false`.
     #[arg(long, env = "TRELLIS_EXPIRY_BRAKE", default_value_t = true, action = clap::ArgAction::Set)]

@@ -6,6 +6,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use trellis_registry::config::{Cli, Command};
 use trellis_registry::probe::{local_addr_for, probe};
+use trellis_registry::store::etcd::setup as etcd_setup;
 
 /// glibc's malloc was about 5 % of the proxy's time in perf profiles (docs/bench.md);
 /// mimalloc's thread-local free lists make the per-request allocations cheap.
@@ -49,6 +50,26 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("registry probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::EtcdSetup(args)) = &cli.command {
+        return match runtime.block_on(etcd_setup::run(args)) {
+            Ok(outcome) => {
+                let prefix = args.prefix.clone().unwrap_or_else(|| match &args.store {
+                    trellis_registry::store::StoreSpec::Etcd { prefix, .. } => prefix.clone(),
+                    trellis_registry::store::StoreSpec::Memory => String::new(),
+                });
+                let done = match outcome {
+                    etcd_setup::Outcome::Enabled => "authentication enabled",
+                    etcd_setup::Outcome::AlreadyEnabled => "authentication was already enabled",
+                };
+                println!("registry etcd-setup: {done}; user {:?} may read and write {prefix}/", args.user);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("registry etcd-setup: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -106,9 +106,34 @@ impl Authority {
     /// A leaf for `names` (DNS names or IP addresses, the first also its
     /// common name), valid for `valid_for`.
     pub fn issue(&self, names: &[String], usage: Usage, valid_for: Duration) -> Result<Issued, PkiError> {
+        let common_name = names.first().map(String::as_str).unwrap_or("trellis");
+        self.sign(names, Some(common_name), usage, valid_for)
+    }
+
+    /// A client leaf for `names` with no common name: with its auth on, etcd
+    /// refuses on its JSON gateway any client certificate that has one (it
+    /// cannot map it to a user there); the registry logs in with a password.
+    pub fn issue_nameless_client(&self, names: &[String], valid_for: Duration) -> Result<Issued, PkiError> {
+        self.sign(names, None, Usage::Client, valid_for)
+    }
+
+    fn sign(
+        &self,
+        names: &[String],
+        common_name: Option<&str>,
+        usage: Usage,
+        valid_for: Duration,
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = subject(names.first().map(String::as_str).unwrap_or("trellis"));
+        params.distinguished_name = match common_name {
+            Some(cn) => subject(cn),
+            None => {
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::OrganizationName, "Trellis");
+                dn
+            }
+        };
         params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match usage {

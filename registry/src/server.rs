@@ -37,6 +37,8 @@ use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::store::etcd::client::EtcdError;
+use crate::store::etcd::config::{with_scheme, AccessError};
 use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::{MemoryStore, Store, StoreSpec};
 use crate::tls::{Tls, TlsError};
@@ -54,6 +56,10 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("invalid ACL file: {0}")]
     Acl(#[from] crate::acl::AclFileError),
+    #[error(transparent)]
+    EtcdAccess(#[from] AccessError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
 }
 
 /// Refused connections being answered at once; past this they are just closed.
@@ -108,16 +114,17 @@ pub async fn run(
         }
         StoreSpec::Etcd { endpoints, prefix } => {
             let settings = EtcdSettings {
-                endpoints,
+                endpoints: with_scheme(endpoints, &config.etcd_client.tls),
                 prefix,
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
                 guards: config.guards(),
                 caps: config.limits.caps(),
+                access: config.etcd_client.load()?,
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {
-                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone(), metrics.store.clone()) => Arc::new(s),
+                s = EtcdStore::connect_retrying(settings, metrics.etcd.clone(), metrics.store.clone()) => Arc::new(s?),
                 _ = &mut shutdown => return Ok(()),
             };
             serve(listener, config, store, metrics, shutdown).await

@@ -7,12 +7,15 @@
 //!   from their ready file (registry, sidecar, demo-app).
 //! - `ports.rs`: ports for binaries that cannot report theirs (etcd, HAProxy, nginx).
 //! - `wait.rs`: waiting for a condition with a generous deadline.
+//! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
+//!   in the layout of `registry init --etcd-member`.
 //!
 //! The binaries come from the same cargo profile and target directory as the
 //! test executable (the test command builds them first, see README), or from
 //! `TRELLIS_BIN_DIR`.
 
 pub mod admin;
+pub mod etcd_secrets;
 pub mod instance;
 pub mod ports;
 pub mod process;

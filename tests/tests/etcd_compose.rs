@@ -3,6 +3,11 @@
 //! member with zero failed client requests (the demo client's own cumulative
 //! `failed=` count, which never retries).
 //!
+//! etcd runs there with TLS and auth on, alone on its `store` network: the
+//! credentials are generated at test start in the layout of `registry init
+//! --etcd-member` (`trellis_tests::etcd_secrets`), given to uid 65532 (the
+//! containers' user) when the test runs as root.
+//!
 //! Images: `scripts/images.sh` and `scripts/etcd-image.sh`, tag `test`, from the
 //! binaries beside the test executable. Without a Docker engine the test prints
 //! SKIPPED and passes, unless `CI=true`.
@@ -12,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use trellis_tests::bin_dir;
+use trellis_tests::etcd_secrets::EtcdSecrets;
 use trellis_tests::ports::foreign_binary_addr;
 
 fn root() -> PathBuf {
@@ -143,6 +149,12 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
     // ones: they are chosen here (see `trellis_tests::ports`).
     let port = || foreign_binary_addr().expect("a loopback port").port();
     let (port1, port2) = (port(), port());
+    let secrets_dir = std::env::temp_dir().join(format!("trellis-ha-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&secrets_dir);
+    // SAFETY: geteuid(2) reads our own credentials; no memory is touched.
+    let owner = (unsafe { libc::geteuid() } == 0).then_some(65532);
+    let secrets =
+        EtcdSecrets::generate(&secrets_dir, &["etcd1", "etcd2", "etcd3"], owner).expect("etcd credentials");
     let stack = Stack {
         compose,
         project: format!("trha{}", std::process::id()),
@@ -150,6 +162,7 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
             ("TRELLIS_TAG", "test".into()),
             ("TRELLIS_REGISTRY1_PORT", port1.to_string()),
             ("TRELLIS_REGISTRY2_PORT", port2.to_string()),
+            ("TRELLIS_SECRETS", secrets.dir.display().to_string()),
         ],
     };
     let started = Instant::now();
@@ -163,6 +176,29 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
         stack.client_stats().filter(|s| s.3 == 3 && s.1 > 0)
     });
     println!("ha stack up and serving in {:.1}s", started.elapsed().as_secs_f64());
+
+    // Only the registries share etcd's network; the apps (and the sidecars in
+    // their network namespaces) are on `mesh` alone.
+    let networks = |service: &str| {
+        let id = stack.container(service).expect("container");
+        run(
+            "docker",
+            &["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &id],
+            &[],
+        )
+        .expect("docker inspect")
+    };
+    for app in ["app1", "client"] {
+        let nets = networks(app);
+        assert!(!nets.contains("_store"), "{app} must not reach etcd's network: {nets}");
+    }
+    assert!(networks("registry1").contains("_store"), "registries reach etcd");
+    let setup_logs = stack.cmd(&["logs", "--no-color", "etcd-setup"]).unwrap_or_default();
+    assert!(setup_logs.contains("authentication enabled"), "etcd-setup turned auth on: {setup_logs}");
+    for user in ["root", "trellis"] {
+        let all = stack.cmd(&["logs", "--no-color"]).unwrap_or_default();
+        assert!(!all.contains(&secrets.password(user)), "no etcd password in any container's log");
+    }
 
     let registry1 = stack.container("registry1").expect("registry1 container");
     let etcd1 = stack.container("etcd1").expect("etcd1 container");
@@ -184,4 +220,6 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
     );
     assert_eq!(failed, 0, "client requests failed after the kills");
     assert!(ok >= 100);
+    drop(stack);
+    let _ = std::fs::remove_dir_all(&secrets_dir);
 }

@@ -17,13 +17,26 @@
 //! the cache (the API flags them), writes answer `unavailable` at once. The flag
 //! clears, and the watch resumes from its last revision, when etcd answers again.
 //!
+//! etcd may want TLS and its own users: the registry then proves itself with
+//! a client certificate and a password, and stops at start when etcd says no
+//! (a wrong password, a certificate that does not verify) instead of retrying
+//! as it does while etcd is merely out of reach.
+//!
 //! - [`client`]: etcd's v3 JSON gateway over reqwest.
+//! - [`config`]: the TLS and auth flags, and the files they name.
+//! - [`tls`]: the rustls client configuration; what a failed handshake means.
+//! - [`auth`]: credentials and the token etcd gives for them, kept fresh.
+//! - [`setup`]: `registry etcd-setup`, which turns etcd's auth on for the registry.
 //! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
 //! - [`cluster_brake`]: the expiry brake across replicas (renewal tallies per replica).
 
+pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod cluster_brake;
+pub mod config;
+pub mod setup;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -56,6 +69,8 @@ pub struct EtcdSettings {
     pub guards: GuardConfig,
     /// Caps on new services and instances, checked against this replica's cache.
     pub caps: crate::store::table::Caps,
+    /// TLS and credentials towards etcd.
+    pub access: config::EtcdAccess,
 }
 
 /// Failed health checks in a row that mark the store stale: one slow read on a
@@ -94,9 +109,21 @@ impl EtcdStore {
         metrics: EtcdMetrics,
         store_metrics: StoreMetrics,
     ) -> Result<Self, EtcdError> {
-        let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout)?;
+        let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout, &settings.access)?;
+        client.login().await?;
         let instances = format!("{}/instances/", settings.prefix).into_bytes();
-        let (header, kvs) = client.range_prefix(&instances).await?;
+        let (header, kvs) = client.range_prefix(&instances).await.map_err(|e| match (e, client.user()) {
+            (EtcdError::Refused { message, .. }, Some(user)) if message.contains("permission denied") => {
+                EtcdError::Auth {
+                    user: user.to_string(),
+                    message: format!(
+                        "permission denied on {}/ (registry etcd-setup grants the user readwrite on the prefix)",
+                        settings.prefix
+                    ),
+                }
+            }
+            (e, _) => e,
+        })?;
         let cache =
             Cache::new(instances.clone(), settings.guards.protection_threshold).with_caps(settings.caps);
         cache.reset(header.revision, &kvs);
@@ -116,16 +143,19 @@ impl EtcdStore {
         })
     }
 
-    /// Like [`EtcdStore::connect`], retrying with backoff until etcd answers.
+    /// Like [`EtcdStore::connect`], retrying with backoff until etcd answers;
+    /// an error that retrying cannot mend ([`EtcdError::is_fatal`]: wrong
+    /// credentials, a certificate that does not verify) is returned at once.
     pub async fn connect_retrying(
         settings: EtcdSettings,
         metrics: EtcdMetrics,
         store_metrics: StoreMetrics,
-    ) -> Self {
+    ) -> Result<Self, EtcdError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             match Self::connect(settings.clone(), metrics.clone(), store_metrics.clone()).await {
-                Ok(s) => return s,
+                Ok(s) => return Ok(s),
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     warn!(error = %e, "cannot reach etcd yet; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -230,7 +260,10 @@ impl EtcdStore {
                         }
                         Ok(Some(r)) if r.canceled => {
                             warn!(reason = %r.cancel_reason, endpoint = %stream.endpoint, "etcd cancelled the watch");
-                            self.client.avoid(&stream.endpoint);
+                            // A stale token is mended by a new one, not by another member.
+                            if !self.client.renew_for_watch(&r.cancel_reason, stream.generation).await {
+                                self.client.avoid(&stream.endpoint);
+                            }
                             break;
                         }
                         Ok(Some(r)) => {
@@ -442,7 +475,12 @@ impl Store for EtcdStore {
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
         let brake =
             self.brake.run(&self.client, &self.cache, &self.settings.prefix, || self.is_stale(), &shutdown);
-        tokio::join!(self.follow(&shutdown), self.check_quorum(&shutdown), brake);
+        tokio::join!(
+            self.follow(&shutdown),
+            self.check_quorum(&shutdown),
+            brake,
+            self.client.refresh_token(&shutdown)
+        );
     }
 }
 

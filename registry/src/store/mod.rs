@@ -49,14 +49,17 @@ pub enum StoreSpec {
 impl std::str::FromStr for StoreSpec {
     type Err = String;
 
-    /// `memory`, or `etcd://host:2379,host:2379[/prefix]`.
+    /// `memory`, or `etcd://host:2379,host:2379[/prefix]` (`etcd+https://`
+    /// for TLS; `etcd://` also becomes TLS with `--etcd-ca` or `--etcd-cert`).
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "memory" {
             return Ok(StoreSpec::Memory);
         }
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            return Err(format!("expected \"memory\" or \"etcd://host:port,...[/prefix]\", got {s:?}"));
+        let (scheme, rest) = match (s.strip_prefix("etcd://"), s.strip_prefix("etcd+https://")) {
+            (Some(rest), _) => ("http", rest),
+            (_, Some(rest)) => ("https", rest),
+            _ => return Err(format!("expected \"memory\" or \"etcd://host:port,...[/prefix]\", got {s:?}")),
         };
         let (hosts, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -66,7 +69,7 @@ impl std::str::FromStr for StoreSpec {
         let mut endpoints = Vec::new();
         for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
             let url =
-                Url::parse(&format!("http://{h}/")).map_err(|e| format!("bad etcd member {h:?}: {e}"))?;
+                Url::parse(&format!("{scheme}://{h}/")).map_err(|e| format!("bad etcd member {h:?}: {e}"))?;
             if url.port().is_none() {
                 return Err(format!("etcd member {h:?} needs a port (etcd's client port is 2379)"));
             }
@@ -88,7 +91,8 @@ impl std::fmt::Display for StoreSpec {
                     .iter()
                     .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port().unwrap_or(2379)))
                     .collect();
-                write!(f, "etcd://{}{}", hosts.join(","), prefix)
+                let tls = endpoints.first().is_some_and(|u| u.scheme() == "https");
+                write!(f, "{}://{}{}", if tls { "etcd+https" } else { "etcd" }, hosts.join(","), prefix)
             }
         }
     }
@@ -227,5 +231,9 @@ mod tests {
         }
         let spec: StoreSpec = "etcd://a:1,b:2/x".parse().unwrap();
         assert_eq!(spec.to_string(), "etcd://a:1,b:2/x");
+        let spec: StoreSpec = "etcd+https://a:1,b:2/x".parse().unwrap();
+        assert_eq!(spec.to_string(), "etcd+https://a:1,b:2/x");
+        let StoreSpec::Etcd { endpoints, .. } = spec else { panic!("not etcd") };
+        assert_eq!(endpoints[0].as_str(), "https://a:1/");
     }
 }

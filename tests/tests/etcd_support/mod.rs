@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+use trellis_tests::etcd_secrets::EtcdSecrets;
 use trellis_tests::ports::{foreign_binary_addr, ATTEMPTS};
 use trellis_tests::{wait_for, wait_http_ok, AppProc, Proc, RegistryProc, SidecarProc};
 
@@ -69,6 +70,15 @@ pub struct Etcd {
     dir: PathBuf,
     token: String,
     members: Vec<Member>,
+    /// With TLS: the credentials (client and peer URLs are https, client
+    /// certificates required); `extra` flags for every member.
+    tls: Option<EtcdSecrets>,
+    extra: Vec<String>,
+}
+
+/// Member names of a cluster: `m0`, `m1`, ...
+pub fn member_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("m{i}")).collect()
 }
 
 impl Etcd {
@@ -76,8 +86,18 @@ impl Etcd {
     /// peers' (see `trellis_tests::ports`): a member that loses a port to
     /// another process makes the whole cluster start again on fresh ports.
     pub async fn start(bin: PathBuf, n: usize) -> Etcd {
+        Etcd::start_with(bin, n, None, &[]).await
+    }
+
+    /// `n` members serving TLS to clients and peers and requiring client
+    /// certificates (issued for [`member_names`] in `secrets`), with `extra` flags.
+    pub async fn start_tls(bin: PathBuf, n: usize, secrets: &EtcdSecrets, extra: &[&str]) -> Etcd {
+        Etcd::start_with(bin, n, Some(secrets.clone()), extra).await
+    }
+
+    async fn start_with(bin: PathBuf, n: usize, tls: Option<EtcdSecrets>, extra: &[&str]) -> Etcd {
         for attempt in 1..=ATTEMPTS {
-            let mut etcd = Etcd::spawn_all(bin.clone(), n);
+            let mut etcd = Etcd::spawn_all(bin.clone(), n, tls.clone(), strings(extra));
             match etcd.wait_started(Duration::from_secs(60)).await {
                 Ok(()) => return etcd,
                 Err(member) => println!("etcd {member} lost a port race (attempt {attempt}); fresh ports"),
@@ -86,17 +106,18 @@ impl Etcd {
         panic!("etcd lost a port race {ATTEMPTS} times");
     }
 
-    fn spawn_all(bin: PathBuf, n: usize) -> Etcd {
+    fn spawn_all(bin: PathBuf, n: usize, tls: Option<EtcdSecrets>, extra: Vec<String>) -> Etcd {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
         let token =
             format!("trellis-test-{}-{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
         let dir = PathBuf::from(base).join(&token);
         let addr = || foreign_binary_addr().expect("a loopback port");
-        let members = (0..n)
-            .map(|i| Member { name: format!("m{i}"), client: addr(), peer: addr(), proc: None })
+        let members = member_names(n)
+            .into_iter()
+            .map(|name| Member { name, client: addr(), peer: addr(), proc: None })
             .collect();
-        let mut etcd = Etcd { bin, dir, token, members };
+        let mut etcd = Etcd { bin, dir, token, members, tls, extra };
         for i in 0..n {
             etcd.spawn(i);
         }
@@ -121,10 +142,24 @@ impl Etcd {
         }
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A client that can talk to the members (with TLS: trusting the CA and
+    /// presenting the registry's client certificate).
+    pub fn http(&self) -> reqwest::Client {
+        self.tls.as_ref().map_or_else(http, EtcdSecrets::http_client)
+    }
+
     async fn healthy(&self) -> bool {
-        let http = http();
+        let http = self.http();
         for m in self.members.iter().filter(|m| m.proc.is_some()) {
-            let url = format!("http://{}/health", m.client);
+            let url = format!("{}://{}/health", self.scheme(), m.client);
             let Ok(r) = http.get(&url).send().await else { return false };
             if r.json::<Value>().await.ok().is_none_or(|v| v["health"] != "true") {
                 return false;
@@ -134,23 +169,24 @@ impl Etcd {
     }
 
     fn spawn(&mut self, i: usize) {
+        let scheme = self.scheme();
         let cluster: Vec<String> =
-            self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+            self.members.iter().map(|m| format!("{}={scheme}://{}", m.name, m.peer)).collect();
         let m = &self.members[i];
         let data = self.dir.join(&m.name);
-        let args = vec![
+        let mut args = vec![
             "--name".into(),
             m.name.clone(),
             "--data-dir".into(),
             data.display().to_string(),
             "--listen-client-urls".into(),
-            format!("http://{}", m.client),
+            format!("{scheme}://{}", m.client),
             "--advertise-client-urls".into(),
-            format!("http://{}", m.client),
+            format!("{scheme}://{}", m.client),
             "--listen-peer-urls".into(),
-            format!("http://{}", m.peer),
+            format!("{scheme}://{}", m.peer),
             "--initial-advertise-peer-urls".into(),
-            format!("http://{}", m.peer),
+            format!("{scheme}://{}", m.peer),
             "--initial-cluster".into(),
             cluster.join(","),
             "--initial-cluster-token".into(),
@@ -160,6 +196,20 @@ impl Etcd {
             "--log-level".into(),
             "warn".into(),
         ];
+        if let Some(secrets) = &self.tls {
+            let p = |p: PathBuf| p.display().to_string();
+            let (cert, key, ca) =
+                (p(secrets.member_cert(&m.name)), p(secrets.member_key(&m.name)), p(secrets.ca()));
+            args.extend(strings(&["--cert-file", &cert, "--key-file", &key, "--trusted-ca-file", &ca]));
+            args.extend(strings(&["--peer-cert-file", &cert, "--peer-key-file", &key]));
+            args.extend(strings(&[
+                "--peer-trusted-ca-file",
+                &ca,
+                "--client-cert-auth",
+                "--peer-client-cert-auth",
+            ]));
+        }
+        args.extend(self.extra.iter().cloned());
         let proc = Proc::spawn_path(&format!("etcd-{}", m.name), &self.bin, &args, &[]);
         self.members[i].proc = Some(proc);
     }
@@ -171,7 +221,7 @@ impl Etcd {
     }
 
     pub fn client_url(&self, i: usize) -> String {
-        format!("http://{}", self.members[i].client)
+        format!("{}://{}", self.scheme(), self.members[i].client)
     }
 
     pub fn kill(&mut self, i: usize) {

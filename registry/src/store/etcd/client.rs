@@ -7,9 +7,18 @@
 //!
 //! The client sticks to one member and moves to the next on a transport error,
 //! a timeout or a 5xx answer (a member without a leader answers 503).
+//!
+//! Over https it trusts what [`super::config`] loaded; with etcd's auth on it
+//! carries the token of its [`Session`] on every request and renews it when
+//! etcd no longer knows it (see [`super::auth`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use reqwest::header::{HeaderValue, AUTHORIZATION};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -17,6 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use url::Url;
+
+use super::auth::{is_token_problem, plain, Credentials, Session};
+use super::config::EtcdAccess;
+use super::tls;
 
 /// gRPC status code etcd answers for a lease it does not know.
 pub const GRPC_NOT_FOUND: i64 = 5;
@@ -33,11 +46,23 @@ pub enum EtcdError {
     Refused { code: i64, message: String },
     #[error("etcd answered something unexpected: {0}")]
     Protocol(String),
+    /// etcd refused the user: wrong password, unknown user, or no right on the prefix.
+    #[error("etcd rejected user {user:?}: {message}")]
+    Auth { user: String, message: String },
+    /// The TLS handshake failed: a certificate did not verify on either side.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl EtcdError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, EtcdError::Refused { code: GRPC_NOT_FOUND, .. })
+    }
+
+    /// etcd said no (credentials, certificates, a refused request) rather than
+    /// being out of reach: retrying will not help, an operator must.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, EtcdError::Auth { .. } | EtcdError::Tls(_) | EtcdError::Refused { .. })
     }
 }
 
@@ -152,6 +177,12 @@ struct GrantResponse {
     error: String,
 }
 
+#[derive(Deserialize)]
+struct AuthenticateResponse {
+    #[serde(default)]
+    token: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct KeepAliveResult {
     #[serde(default, rename = "TTL", deserialize_with = "num")]
@@ -194,22 +225,136 @@ pub struct EtcdClient {
     endpoints: Vec<Url>,
     current: AtomicUsize,
     timeout: Duration,
+    /// Whether `--etcd-ca` was given, to explain certificates that do not verify.
+    private_ca: bool,
+    /// With etcd's auth: the credentials and the current token.
+    session: Option<Session>,
+    token_refresh: Duration,
 }
 
+/// Shortest period of proactive re-authentication, whatever the flag says.
+const MIN_TOKEN_REFRESH: Duration = Duration::from_secs(1);
+
 impl EtcdClient {
-    /// `timeout` bounds each attempt on one member.
-    pub fn new(endpoints: Vec<Url>, timeout: Duration) -> Result<Self, EtcdError> {
+    /// `timeout` bounds each attempt on one member; `access` is the TLS
+    /// configuration and credentials the flags named.
+    pub fn new(endpoints: Vec<Url>, timeout: Duration, access: &EtcdAccess) -> Result<Self, EtcdError> {
         if endpoints.is_empty() {
             return Err(EtcdError::Protocol("no etcd endpoints given".into()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .http1_only()
-            .build()
-            .map_err(|e| EtcdError::Protocol(format!("cannot build the HTTP client: {e}")))?;
-        Ok(EtcdClient { http, endpoints, current: AtomicUsize::new(0), timeout })
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(timeout).tcp_nodelay(true).no_proxy().http1_only();
+        if let Some(tls) = &access.tls {
+            builder = builder.use_preconfigured_tls((**tls).clone());
+        }
+        let http =
+            builder.build().map_err(|e| EtcdError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        Ok(EtcdClient {
+            http,
+            endpoints,
+            current: AtomicUsize::new(0),
+            timeout,
+            private_ca: access.private_ca,
+            session: access.credentials.clone().map(Session::new),
+            token_refresh: access.token_refresh.max(MIN_TOKEN_REFRESH),
+        })
+    }
+
+    /// Whether etcd gave a token (it has auth on) at the last authentication.
+    pub fn has_token(&self) -> bool {
+        self.token().0.is_some()
+    }
+
+    /// The etcd user this client authenticates as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.session.as_ref().map(|s| s.credentials.user.as_str())
+    }
+
+    /// Authenticates once, at start: wrong credentials come out here as
+    /// [`EtcdError::Auth`]. Without credentials there is nothing to do.
+    pub async fn login(&self) -> Result<(), EtcdError> {
+        match &self.session {
+            Some(s) => self.renew(s.generation()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Gets a new token unless another caller already replaced the token of
+    /// generation `seen`.
+    pub async fn renew(&self, seen: u64) -> Result<(), EtcdError> {
+        let Some(session) = &self.session else { return Ok(()) };
+        let _one_at_a_time = session.renewing.lock().await;
+        if session.generation() != seen {
+            return Ok(());
+        }
+        let token = self.authenticate(&session.credentials).await?;
+        if token.is_none() && session.current().0.is_some() {
+            warn!(user = %session.credentials.user, "etcd has authentication off: --etcd-user is not used");
+        }
+        session.replace(token.as_deref()).map_err(EtcdError::Protocol)?;
+        debug!(user = %session.credentials.user, "authenticated with etcd");
+        Ok(())
+    }
+
+    /// A token for `credentials`; `None` when etcd has auth off.
+    pub async fn authenticate(&self, credentials: &Credentials) -> Result<Option<String>, EtcdError> {
+        let body = json!({"name": credentials.user, "password": credentials.password.expose()});
+        match self.call_with::<AuthenticateResponse>("v3/auth/authenticate", &body, None).await {
+            Ok(r) if r.token.is_empty() => Err(EtcdError::Protocol("etcd answered no token".into())),
+            Ok(r) => Ok(Some(r.token)),
+            Err(EtcdError::Refused { message, .. }) if message.contains("authentication is not enabled") => {
+                Ok(None)
+            }
+            Err(EtcdError::Refused { message, .. }) if message.contains("CommonName of client") => {
+                Err(EtcdError::Tls(format!(
+                    "etcd refuses --etcd-cert because it has a common name, which etcd's JSON gateway does not \
+                     accept once auth is on: issue it without one (registry init does); etcd said: {message}"
+                )))
+            }
+            Err(EtcdError::Refused { message, .. }) => {
+                Err(EtcdError::Auth { user: credentials.user.clone(), message: plain(&message).to_string() })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Re-authenticates every `--etcd-token-refresh` until `shutdown`, so a
+    /// token never reaches etcd's TTL; a failure keeps the old token (the
+    /// next request that meets a stale one renews it again).
+    pub async fn refresh_token(&self, shutdown: &CancellationToken) {
+        let Some(session) = &self.session else { return };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.token_refresh) => {}
+            }
+            if let Err(e) = self.renew(session.generation()).await {
+                warn!(user = %session.credentials.user, error = %e, "cannot renew the etcd token");
+            }
+        }
+    }
+
+    /// The token to send and its generation.
+    fn token(&self) -> (Option<Arc<HeaderValue>>, u64) {
+        self.session.as_ref().map(Session::current).unwrap_or((None, 0))
+    }
+
+    /// After etcd cancelled a watch: renews the token when the reason is a
+    /// stale one (the watch was opened with generation `seen`).
+    pub async fn renew_for_watch(&self, reason: &str, seen: u64) -> bool {
+        if self.session.is_none() || !is_token_problem(0, reason) {
+            return false;
+        }
+        match self.renew(seen).await {
+            Ok(()) => {
+                info!("renewed the etcd token for the watch");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew the etcd token for the watch");
+                false
+            }
+        }
     }
 
     pub fn endpoints(&self) -> &[Url] {
@@ -231,26 +376,58 @@ impl EtcdClient {
         );
     }
 
-    /// Posts `body` to `path` on the current member, trying each member once.
+    /// Posts `body` to `path` with the current token; when etcd no longer
+    /// knows the token, renews it and tries once more.
     async fn call<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, EtcdError> {
+        let (token, generation) = self.token();
+        match self.call_with(path, body, token.as_deref()).await {
+            Err(EtcdError::Refused { code, message })
+                if self.session.is_some() && is_token_problem(code, &message) =>
+            {
+                self.renew(generation).await?;
+                info!(path, reason = %plain(&message), "etcd no longer knew the token; renewed it");
+                let (token, _) = self.token();
+                self.call_with(path, body, token.as_deref()).await
+            }
+            other => other,
+        }
+    }
+
+    /// Posts `body` to `path` on the current member, trying each member once.
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&HeaderValue>,
+    ) -> Result<T, EtcdError> {
         let mut last = String::new();
+        let mut tls_failure = None;
         for _ in 0..self.endpoints.len() {
             let i = self.current.load(Ordering::Relaxed);
             let url = self.url(i, path)?;
             let attempt = async {
-                let resp = self.http.post(url.clone()).json(body).send().await?;
+                let mut req = self.http.post(url.clone()).json(body);
+                if let Some(t) = token {
+                    req = req.header(AUTHORIZATION, t.clone());
+                }
+                let resp = req.send().await?;
                 let status = resp.status();
                 let bytes = resp.bytes().await?;
                 Ok::<_, reqwest::Error>((status, bytes))
             };
             match tokio::time::timeout(self.timeout, attempt).await {
                 Err(_) => last = format!("{url}: no answer within {:?}", self.timeout),
-                Ok(Err(e)) => last = format!("{url}: {e}"),
+                Ok(Err(e)) => {
+                    if let Some(why) = tls::diagnose(&e, self.private_ca) {
+                        tls_failure = Some(format!("{}: {why}", origin(&url)));
+                    }
+                    last = format!("{url}: {e}");
+                }
                 Ok(Ok((status, bytes))) if status.is_success() => {
                     return decode_result::<T>(&bytes);
                 }
                 Ok(Ok((status, bytes))) => {
-                    let err: GatewayError = serde_json::from_slice(&bytes).unwrap_or_default();
+                    let err = gateway_error(&bytes);
                     if status.is_client_error() {
                         return Err(EtcdError::Refused { code: err.code, message: err.message });
                     }
@@ -259,7 +436,13 @@ impl EtcdClient {
             }
             self.fail_over(i);
         }
-        Err(EtcdError::Unreachable(last))
+        // Every member failed; if TLS was why for one, that is the news.
+        Err(tls_failure.map_or(EtcdError::Unreachable(last), EtcdError::Tls))
+    }
+
+    /// Any gateway call, with the token (for `registry etcd-setup`'s auth calls).
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        self.call(path, body).await
     }
 
     /// Every key under `prefix`, with a linearizable read.
@@ -326,10 +509,14 @@ impl EtcdClient {
         for _ in 0..self.endpoints.len() {
             let i = self.current.load(Ordering::Relaxed);
             let url = self.url(i, "v3/watch")?;
-            let req = self.http.post(url.clone()).header(REQUIRE_LEADER.0, REQUIRE_LEADER.1).json(&body);
+            let (token, generation) = self.token();
+            let mut req = self.http.post(url.clone()).header(REQUIRE_LEADER.0, REQUIRE_LEADER.1).json(&body);
+            if let Some(t) = token {
+                req = req.header(AUTHORIZATION, (*t).clone());
+            }
             match tokio::time::timeout(self.timeout, req.send()).await {
                 Ok(Ok(resp)) if resp.status().is_success() => {
-                    return Ok(WatchStream { resp, buf: Vec::new(), endpoint: url });
+                    return Ok(WatchStream { resp, buf: Vec::new(), endpoint: url, generation });
                 }
                 Ok(Ok(resp)) => last = format!("{url}: {}", resp.status()),
                 Ok(Err(e)) => last = format!("{url}: {e}"),
@@ -349,6 +536,21 @@ impl EtcdClient {
     }
 }
 
+/// `scheme://host:port` of a member, for messages.
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// The gateway's error body; a body that is not one (a member speaking TLS
+/// answering plain HTTP, a proxy) becomes its first line of text.
+fn gateway_error(bytes: &[u8]) -> GatewayError {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(bytes);
+        let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        GatewayError { code: 0, message: line.chars().take(200).collect() }
+    })
+}
+
 fn decode_result<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, EtcdError> {
     // Streaming calls (keep-alive) wrap their one answer in {"result": ...}.
     if let Ok(Streamed::<T> { result: Some(r), .. }) = serde_json::from_slice(bytes) {
@@ -365,6 +567,8 @@ pub struct WatchStream {
     resp: reqwest::Response,
     buf: Vec<u8>,
     pub endpoint: Url,
+    /// Generation of the token the watch was opened with.
+    pub generation: u64,
 }
 
 impl WatchStream {
