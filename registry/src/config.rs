@@ -106,6 +106,10 @@ pub struct Config {
     /// `"protected": true`. 0 (the default) turns it off.
     #[arg(long, env = "TRELLIS_PROTECTION_THRESHOLD", default_value_t = 0.0)]
     pub protection_threshold: f64,
+    #[command(flatten)]
+    pub acl: crate::acl::AclArgs,
+    #[command(flatten)]
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Config {

@@ -27,6 +27,15 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No token, or one the ACL does not know, where one is needed.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known token without the right; the message names the token, never its secret.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Past `--max-services`, `--max-instances-per-service` or a similar cap.
+    #[error("{0}")]
+    LimitExceeded(String),
     /// A connection past `--max-connections`.
     #[error("too many connections to the registry")]
     Overloaded,
@@ -54,10 +63,18 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             ApiError::Store(StoreError::UnknownInstance { .. }) => ErrorCode::UnknownInstance,
             ApiError::Store(StoreError::Unavailable(_)) => ErrorCode::Unavailable,
+            ApiError::Store(StoreError::LimitExceeded(_)) | ApiError::LimitExceeded(_) => {
+                ErrorCode::LimitExceeded
+            }
+            ApiError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            ApiError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             ApiError::Overloaded => ErrorCode::Overloaded,
         }
     }
 }
+
+/// The challenge a `401` carries (RFC 6750).
+pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"trellis\"";
 
 /// The HTTP status of each error code the registry produces.
 pub fn status_of(code: ErrorCode) -> StatusCode {
@@ -95,6 +112,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.code();
         tracing::debug!(error = %code, message = %self, "request refused");
-        error_response(code, self.to_string())
+        let mut resp = error_response(code, self.to_string());
+        if code == ErrorCode::Unauthenticated {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(WWW_AUTHENTICATE));
+        }
+        resp
     }
 }

@@ -6,6 +6,8 @@
 //! - [`api`]: [`api::ApiService`], the one entry of every request (routing,
 //!   the heartbeat fast path, the stale flag, request metrics); the axum
 //!   handlers behind it.
+//! - [`acl`]: tokens and what each may do (`--acl-file`), reloaded live.
+//! - [`limits`]: caps on services, instances per service and watches per client.
 //! - [`error`]: API errors and their mapping to status and JSON body.
 //! - [`store`]: the `Store` trait and `StoreSpec`; the per-service table,
 //!   snapshots, the memory store and the etcd store.
@@ -16,11 +18,13 @@
 //! - [`pki`]: a small CA (rcgen): what `registry init` writes and tests issue.
 //! - [`probe`]: the `registry probe` healthcheck.
 
+pub mod acl;
 pub mod api;
 pub mod brake;
 pub mod config;
 pub mod error;
 pub mod expiry;
+pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod probe;

@@ -75,6 +75,24 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// `result="ok|failed"` of an ACL reload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+impl ResultLabels {
+    pub fn of(ok: bool) -> Self {
+        ResultLabels { result: if ok { "ok" } else { "failed" } }
+    }
+}
+
+/// `reason="missing|unknown|denied"` of a failed token check (no per-client label: cardinality).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub registrations: Counter,
@@ -87,6 +105,8 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_refused: Counter,
     pub requests: Family<RequestLabels, Histogram>,
+    pub acl_reloads: Family<ResultLabels, Counter>,
+    pub auth_failures: Family<ReasonLabels, Counter>,
     instances: Family<ServiceLabels, Gauge>,
     healthy: Family<ServiceLabels, Gauge>,
 }
@@ -111,6 +131,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_refused: Counter::default(),
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.5, 16))),
+            acl_reloads: Family::default(),
+            auth_failures: Family::default(),
             instances: Family::default(),
             healthy: Family::default(),
             registry: Registry::default(),
@@ -169,6 +191,12 @@ impl Metrics {
             "request_duration_seconds",
             "Time from request to response, by route and status",
             m.requests.clone(),
+        );
+        registry.register("acl_reloads", "Reloads of the ACL file, by result", m.acl_reloads.clone());
+        registry.register(
+            "auth_failures",
+            "Requests refused by the ACL: token missing, unknown, or without the right",
+            m.auth_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::acl::Acl;
 use crate::api::{ApiService, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
@@ -30,6 +31,8 @@ pub enum ServerError {
     Listener(#[from] std::io::Error),
     #[error("cannot write the ready file: {0}")]
     ReadyFile(std::io::Error),
+    #[error("invalid ACL file: {0}")]
+    Acl(#[from] crate::acl::AclFileError),
 }
 
 /// Refused connections being answered at once; past this they are just closed.
@@ -68,7 +71,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     match config.store.clone() {
         StoreSpec::Memory => {
-            let store = Arc::new(MemoryStore::with_guards(metrics.store.clone(), config.guards()));
+            let store = Arc::new(
+                MemoryStore::with_guards(metrics.store.clone(), config.guards())
+                    .with_caps(config.limits.caps()),
+            );
             serve(listener, config, store, metrics, shutdown).await
         }
         StoreSpec::Etcd { endpoints, prefix } => {
@@ -78,6 +84,7 @@ pub async fn run(
                 timeout: config.etcd_timeout,
                 check_interval: config.etcd_check_interval,
                 guards: config.guards(),
+                caps: config.limits.caps(),
             };
             tokio::pin!(shutdown);
             let store = tokio::select! {
@@ -99,17 +106,35 @@ pub async fn serve<S: Store>(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let addr = listener.local_addr()?;
+    let acl = match &config.acl.acl_file {
+        Some(path) => {
+            let acl = Arc::new(Acl::load(path, metrics.clone())?);
+            Some(acl)
+        }
+        None => {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "no --acl-file: anyone who can reach this address can register, change and remove any service's instances");
+            }
+            None
+        }
+    };
     if let Some(path) = &config.ready_file {
         let addrs = std::collections::BTreeMap::from([("listen", addr.to_string())]);
         trellis_shared::ready_file::write(path, &addrs).map_err(ServerError::ReadyFile)?;
     }
     let stop = CancellationToken::new();
     let background = tokio::spawn(store.clone().background(stop.child_token()));
-    let watches = Arc::new(Watches::new(config.max_watches, stop.clone(), metrics.clone()));
+    if let Some(acl) = &acl {
+        tokio::spawn(acl.clone().follow(stop.child_token()));
+    }
+    let watches = Arc::new(
+        Watches::new(config.max_watches, stop.clone(), metrics.clone())
+            .per_client(config.limits.max_watches_per_client),
+    );
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
-    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches));
+    let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches).with_acl(acl));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -137,7 +162,8 @@ pub async fn serve<S: Store>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), api.hyper_service(peer)).into_owned());
+        let conn = graceful
+            .watch(builder.serve_connection(TokioIo::new(stream), api.hyper_service(peer)).into_owned());
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {

@@ -1,6 +1,9 @@
-//! Blocking queries: the query string, the cap on open ones, wait and jitter.
+//! Blocking queries: the query string, the caps on open ones (in all and per
+//! client), wait and jitter.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -129,11 +132,36 @@ pub fn jittered(wait: Duration) -> Duration {
     wait + Duration::from_millis(rand::rng().random_range(0..=max))
 }
 
-/// Holds blocking queries within the cap and releases them on shutdown.
+/// Holds blocking queries within the caps and releases them on shutdown.
+///
+/// Past either cap a query answers at once with the current state, as a poll
+/// would: the client loses nothing but the wait. The per-client cap keeps one
+/// address from taking every slot of the global one; its table is touched only
+/// by queries that are about to wait, and empties as they end.
 pub struct Watches {
     slots: Arc<Semaphore>,
+    per_client: usize,
+    clients: Mutex<HashMap<IpAddr, usize>>,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+}
+
+/// One client's held query, given back on drop.
+struct ClientSlot<'a> {
+    watches: &'a Watches,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut clients = crate::lock(&self.watches.clients);
+        if let Some(n) = clients.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.ip);
+            }
+        }
+    }
 }
 
 struct OpenWatch(Gauge);
@@ -145,18 +173,37 @@ impl Drop for OpenWatch {
 }
 
 impl Watches {
+    /// At most `max` held queries in all; no per-client cap until [`Watches::per_client`].
     pub fn new(max: usize, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
-        Watches { slots: Arc::new(Semaphore::new(max)), shutdown, metrics }
+        let clients = Mutex::new(HashMap::new());
+        Watches { slots: Arc::new(Semaphore::new(max)), per_client: usize::MAX, clients, shutdown, metrics }
+    }
+
+    /// The same, holding at most `max` queries per client address.
+    pub fn per_client(self, max: usize) -> Self {
+        Watches { per_client: max, ..self }
+    }
+
+    fn client_slot(&self, ip: IpAddr) -> Option<ClientSlot<'_>> {
+        let mut clients = crate::lock(&self.clients);
+        let n = clients.entry(ip).or_insert(0);
+        if *n >= self.per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { watches: self, ip })
     }
 
     /// Answers when the service's index differs from `index` or after `wait`
-    /// (plus jitter); at once when the cap is reached or the server is stopping.
+    /// (plus jitter); at once when a cap is reached (in all, or for `client`)
+    /// or the server is stopping.
     pub async fn wait<S: Store>(
         &self,
         store: &S,
         service: &ServiceName,
         index: u64,
         wait: Duration,
+        client: Option<IpAddr>,
     ) -> Arc<ServiceSnapshot> {
         let current = store.snapshot(service);
         let changed = current.index() != index && store.reached(index);
@@ -166,6 +213,14 @@ impl Watches {
         let Ok(_permit) = self.slots.try_acquire() else {
             self.metrics.watches_refused.inc();
             return current;
+        };
+        let _client = match client.map(|ip| self.client_slot(ip)) {
+            Some(None) => {
+                self.metrics.watches_refused.inc();
+                return current;
+            }
+            Some(Some(slot)) => Some(slot),
+            None => None,
         };
         self.metrics.open_watches.inc();
         let _open = OpenWatch(self.metrics.open_watches.clone());
@@ -264,7 +319,7 @@ mod tests {
         async fn a_held_query_ends_after_wait_plus_at_most_a_sixteenth() {
             let (store, watches, _stop, users, index) = setup(10).await;
             let t = Instant::now();
-            let snap = watches.wait(&*store, &users, index, Duration::from_secs(16)).await;
+            let snap = watches.wait(&*store, &users, index, Duration::from_secs(16), None).await;
             assert_eq!(snap.index(), index);
             let e = t.elapsed();
             assert!(e >= Duration::from_secs(16) && e <= Duration::from_secs(17), "{e:?}");
@@ -275,14 +330,14 @@ mod tests {
             let (store, watches, _stop, users, index) = setup(1).await;
             let held = {
                 let (store, watches, users) = (store.clone(), watches.clone(), users.clone());
-                tokio::spawn(
-                    async move { watches.wait(&*store, &users, index, Duration::from_secs(30)).await },
-                )
+                tokio::spawn(async move {
+                    watches.wait(&*store, &users, index, Duration::from_secs(30), None).await
+                })
             };
             tokio::task::yield_now().await;
             assert_eq!(watches.metrics.open_watches.get(), 1);
             let t = Instant::now();
-            watches.wait(&*store, &users, index, Duration::from_secs(30)).await;
+            watches.wait(&*store, &users, index, Duration::from_secs(30), None).await;
             assert_eq!(t.elapsed(), Duration::ZERO);
             assert_eq!(watches.metrics.watches_refused.get(), 1);
             held.await.unwrap();
@@ -290,13 +345,38 @@ mod tests {
         }
 
         #[tokio::test(start_paused = true)]
+        async fn past_its_own_cap_a_client_answers_at_once_and_others_still_wait() {
+            let (store, watches, _stop, users, index) = setup(10).await;
+            let watches = Arc::new(Arc::into_inner(watches).unwrap().per_client(1));
+            let (a, b) = (Some(IpAddr::from([10, 0, 0, 1])), Some(IpAddr::from([10, 0, 0, 2])));
+            let hold = |client| {
+                let (store, watches, users) = (store.clone(), watches.clone(), users.clone());
+                tokio::spawn(async move {
+                    watches.wait(&*store, &users, index, Duration::from_secs(30), client).await
+                })
+            };
+            let held = hold(a);
+            tokio::task::yield_now().await;
+            let t = Instant::now();
+            watches.wait(&*store, &users, index, Duration::from_secs(30), a).await;
+            assert_eq!(t.elapsed(), Duration::ZERO, "a second query of the same client is not held");
+            assert_eq!(watches.metrics.watches_refused.get(), 1);
+            let other = hold(b);
+            tokio::task::yield_now().await;
+            assert_eq!(watches.metrics.open_watches.get(), 2, "another client still waits");
+            held.await.unwrap();
+            other.await.unwrap();
+            assert!(crate::lock(&watches.clients).is_empty(), "slots given back");
+        }
+
+        #[tokio::test(start_paused = true)]
         async fn shutdown_answers_held_queries_at_once() {
             let (store, watches, stop, users, index) = setup(10).await;
             let held = {
                 let (store, watches, users) = (store.clone(), watches.clone(), users.clone());
-                tokio::spawn(
-                    async move { watches.wait(&*store, &users, index, Duration::from_secs(30)).await },
-                )
+                tokio::spawn(async move {
+                    watches.wait(&*store, &users, index, Duration::from_secs(30), None).await
+                })
             };
             tokio::task::yield_now().await;
             let t = Instant::now();
@@ -304,7 +384,7 @@ mod tests {
             let snap = held.await.unwrap();
             assert_eq!((t.elapsed(), snap.index()), (Duration::ZERO, index));
             // And new ones do not wait either.
-            watches.wait(&*store, &users, index, Duration::from_secs(30)).await;
+            watches.wait(&*store, &users, index, Duration::from_secs(30), None).await;
             assert_eq!(t.elapsed(), Duration::ZERO);
         }
     }

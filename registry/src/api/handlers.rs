@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -18,7 +18,8 @@ use trellis_shared::{
     EPOCH_HEADER, INDEX_HEADER,
 };
 
-use super::ApiState;
+use super::{ApiState, ClientAddr};
+use crate::acl::Need;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::store::{Heartbeat, LeasedInstance, ServiceSnapshot, Store};
@@ -82,20 +83,22 @@ fn instance_path(
     Ok((ServiceName::new(service)?, InstanceId::new(id)?))
 }
 
-/// The request body, after the content type and size checks; `None` when empty.
-fn body_bytes(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<Option<Bytes>, ApiError> {
-    let bytes = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge { limit })
-        }
-        Err(e) => return Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
-    };
-    json_body(headers, bytes)
+/// The request body read within `limit`, after the content type check; `None` when empty.
+async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Option<Bytes>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => json_body(headers, c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
+    }
+}
+
+/// The client address a request carries (absent in tests that call the service directly).
+fn client_of<B>(req: &Request<B>) -> Option<ClientAddr> {
+    req.extensions().get::<ClientAddr>().copied()
 }
 
 /// A body read whole: `None` when empty, an error unless it is JSON.
@@ -120,7 +123,14 @@ async fn health() -> Response {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
-async fn metrics_text<S: Store>(State(st): State<Arc<ApiState<S>>>) -> Response {
+async fn metrics_text<S: Store>(
+    State(st): State<Arc<ApiState<S>>>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = st.authorize(&headers, client.map(|c| c.0), Need::Metrics) {
+        return e.into_response();
+    }
     let text = st.metrics.render(&st.store.list());
     let mut resp = (StatusCode::OK, text).into_response();
     resp.headers_mut().insert(
@@ -132,22 +142,31 @@ async fn metrics_text<S: Store>(State(st): State<Arc<ApiState<S>>>) -> Response 
 
 async fn list<S: Store>(
     State(st): State<Arc<ApiState<S>>>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
+    let grant = st.authorize(&headers, client.map(|c| c.0), Need::List)?;
     if q.is_some_and(|q| !q.is_empty()) {
         return Err(ApiError::InvalidQuery("GET /v1/services takes no parameters".into()));
     }
-    let body = ServiceList { services: st.store.list(), epoch: st.store.epoch().to_string() };
+    let mut services = st.store.list();
+    services.retain(|s| grant.may_read(&s.name));
+    let body = ServiceList { services, epoch: st.store.epoch().to_string() };
     Ok(json_response(StatusCode::OK, to_json(&body)))
 }
 
 async fn get_service<S: Store>(
     State(st): State<Arc<ApiState<S>>>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let Path(service) = path.map_err(bad_path)?;
     let service = ServiceName::new(service)?;
+    let client = client.map(|c| c.0);
+    st.authorize(&headers, client, Need::Read(&service))?;
     let q = parse_query(q.as_deref(), st.config.max_wait)?;
     let snap: Arc<ServiceSnapshot> = match q.index {
         None => st.store.snapshot(&service),
@@ -157,7 +176,7 @@ async fn get_service<S: Store>(
             } else {
                 q.wait.unwrap_or(DEFAULT_WAIT.min(st.config.max_wait))
             };
-            st.watches.wait(&*st.store, &service, index, wait).await
+            st.watches.wait(&*st.store, &service, index, wait, client.map(|c| c.0)).await
         }
     };
     let resp = json_response(StatusCode::OK, snap.json(st.store.epoch(), q.all));
@@ -167,11 +186,13 @@ async fn get_service<S: Store>(
 async fn register<S: Store>(
     State(st): State<Arc<ApiState<S>>>,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let (service, id) = instance_path(path)?;
-    let bytes = body_bytes(&headers, body, st.config.max_body)?.ok_or_else(|| {
+    // Checked before the body is read: a refused writer costs no body.
+    st.authorize(req.headers(), client_of(&req), Need::Write(&service))?;
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(&parts.headers, body, st.config.max_body).await?.ok_or_else(|| {
         ApiError::InvalidJson("a registration needs a JSON body with address and port".into())
     })?;
     let req: RegisterRequest = serde_json::from_slice(&bytes).map_err(ApiError::from_json)?;
@@ -230,15 +251,14 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let limit = st.config.max_body;
+    // Checked before the body is read: a refused writer costs no body.
+    if let Err(e) = st.authorize(req.headers(), client_of(&req), Need::Write(&service)) {
+        return e.into_response();
+    }
     let (parts, body) = req.into_parts();
-    let result = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => match json_body(&parts.headers, c.to_bytes()) {
-            Ok(body) => renew(st, service, id, body).await,
-            Err(e) => Err(e),
-        },
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-        Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
+    let result = match read_body(&parts.headers, body, st.config.max_body).await {
+        Ok(body) => renew(st, service, id, body).await,
+        Err(e) => Err(e),
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -264,9 +284,12 @@ async fn renew<S: Store>(
 
 async fn deregister<S: Store>(
     State(st): State<Arc<ApiState<S>>>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (service, id) = instance_path(path)?;
+    st.authorize(&headers, client.map(|c| c.0), Need::Write(&service))?;
     let index = st.store.deregister(&service, &id).await?;
     st.metrics.deregistrations.inc();
     Ok(with_index(StatusCode::NO_CONTENT.into_response(), index, &st))

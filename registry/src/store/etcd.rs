@@ -54,6 +54,8 @@ pub struct EtcdSettings {
     pub check_interval: Duration,
     /// The expiry brake and the protection threshold (`protection_threshold`).
     pub guards: GuardConfig,
+    /// Caps on new services and instances, checked against this replica's cache.
+    pub caps: crate::store::table::Caps,
 }
 
 /// Failed health checks in a row that mark the store stale: one slow read on a
@@ -95,7 +97,8 @@ impl EtcdStore {
         let client = EtcdClient::new(settings.endpoints.clone(), settings.timeout)?;
         let instances = format!("{}/instances/", settings.prefix).into_bytes();
         let (header, kvs) = client.range_prefix(&instances).await?;
-        let cache = Cache::new(instances.clone(), settings.guards.protection_threshold);
+        let cache =
+            Cache::new(instances.clone(), settings.guards.protection_threshold).with_caps(settings.caps);
         cache.reset(header.revision, &kvs);
         let epoch = format!("etcd-{:016x}", header.cluster_id as u64);
         info!(epoch = %epoch, revision = header.revision, instances = kvs.len(), prefix = %settings.prefix, "etcd store connected");
@@ -323,6 +326,13 @@ impl Store for EtcdStore {
         self.check_writable()?;
         let id = reg.instance.id.clone();
         let existing = self.find(service, &id).await?;
+        if existing.is_none() {
+            // Checked against this replica's cache before the write: replicas
+            // registering new services at the same instant can overshoot a
+            // cap by a few, which is fine for a bound on memory, and a
+            // cluster-wide count would cost a consensus round per registration.
+            self.cache.admit(service, &id)?;
+        }
         if let Some((old, index)) = &existing {
             let unchanged = old.instance.same_membership(&reg.instance)
                 && old.instance.output == reg.instance.output

@@ -74,6 +74,11 @@ impl MemoryStore {
         }
     }
 
+    /// The same store, refusing new services and instances past `caps`.
+    pub fn with_caps(self, caps: super::table::Caps) -> Self {
+        MemoryStore { table: self.table.with_caps(caps), ..self }
+    }
+
     /// Number of services the store keeps an entry for (for tests).
     pub fn known_services(&self) -> usize {
         self.table.known()
@@ -206,6 +211,7 @@ impl Store for MemoryStore {
                     (WriteOutcome { change, index, previous_status: Some(previous) }, enqueue)
                 }
                 None => {
+                    self.table.admit(service, &state, &id)?;
                     let status = reg.instance.status;
                     self.brake.added(reg.ttl);
                     let slot = Slot {

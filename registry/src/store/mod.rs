@@ -102,6 +102,9 @@ pub enum StoreError {
     /// The store cannot take writes now (an etcd store without quorum).
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// A new service or instance past `--max-services` or `--max-instances-per-service`.
+    #[error("{0}")]
+    LimitExceeded(String),
 }
 
 /// A validated registration: the instance as it will be stored and the length

@@ -12,13 +12,14 @@
 //! threshold, so both stores show the same instances for the same state.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
-use super::ServiceSnapshot;
+use super::{ServiceSnapshot, StoreError};
 use crate::lock;
 
 /// What a store keeps per instance; the table needs only what discovery shows.
@@ -32,6 +33,25 @@ pub struct ServiceTable<M> {
     /// At or below this healthy share, discovery shows every instance of the
     /// service flagged `protected`; 0 turns it off.
     protection_threshold: f64,
+    caps: Caps,
+    /// Services with at least one instance, kept by [`ServiceTable::publish`].
+    occupied: AtomicUsize,
+}
+
+/// Size caps on what registrations may add (`--max-services`,
+/// `--max-instances-per-service`). Only additions are capped: an instance
+/// already registered always re-registers and renews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub max_services: usize,
+    pub max_instances_per_service: usize,
+}
+
+impl Default for Caps {
+    /// No caps.
+    fn default() -> Self {
+        Caps { max_services: usize::MAX, max_instances_per_service: usize::MAX }
+    }
 }
 
 /// One service: its members, its published snapshot, its watchers' channel.
@@ -40,6 +60,8 @@ pub struct ServiceEntry<M> {
     members: Mutex<Members<M>>,
     snapshot: ArcSwap<ServiceSnapshot>,
     index_tx: watch::Sender<u64>,
+    /// Whether the last publish had instances (for the table's `occupied` count).
+    occupied: AtomicBool,
 }
 
 /// A service's members and the index of its last published change.
@@ -62,7 +84,60 @@ impl<M> ServiceEntry<M> {
 
 impl<M: Member> ServiceTable<M> {
     pub fn new(protection_threshold: f64) -> Self {
-        ServiceTable { services: RwLock::new(HashMap::new()), protection_threshold }
+        ServiceTable {
+            services: RwLock::new(HashMap::new()),
+            protection_threshold,
+            caps: Caps::default(),
+            occupied: AtomicUsize::new(0),
+        }
+    }
+
+    /// The same table, refusing additions past `caps`.
+    pub fn with_caps(self, caps: Caps) -> Self {
+        ServiceTable { caps, ..self }
+    }
+
+    /// Whether `members` (of `service`, locked by the caller) may take
+    /// instance `id`: always when it is already there; else within the caps.
+    ///
+    /// Two registrations of new services racing on different services can
+    /// both pass the service cap and overshoot it by one each: the cap bounds
+    /// memory, it is not an exact quota, and a global lock on every
+    /// registration would cost more than the overshoot.
+    pub fn admit(
+        &self,
+        service: &ServiceName,
+        members: &Members<M>,
+        id: &InstanceId,
+    ) -> Result<(), StoreError> {
+        if members.instances.contains_key(id) {
+            return Ok(());
+        }
+        let max = self.caps.max_instances_per_service;
+        if members.instances.len() >= max {
+            return Err(StoreError::LimitExceeded(format!(
+                "service {service} already has {max} instances, the most --max-instances-per-service allows"
+            )));
+        }
+        let max = self.caps.max_services;
+        if members.instances.is_empty() && self.occupied.load(Ordering::Relaxed) >= max {
+            return Err(StoreError::LimitExceeded(format!(
+                "the registry already holds {max} services, the most --max-services allows"
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`ServiceTable::admit`] by name, for a store that checks before a
+    /// remote write (the etcd store).
+    pub fn admit_by_name(&self, service: &ServiceName, id: &InstanceId) -> Result<(), StoreError> {
+        match self.get(service) {
+            Some(entry) => self.admit(service, &entry.lock(), id),
+            None => {
+                let empty = Members { index: 0, instances: BTreeMap::new() };
+                self.admit(service, &empty, id)
+            }
+        }
     }
 
     pub fn get(&self, service: &ServiceName) -> Option<Arc<ServiceEntry<M>>> {
@@ -83,6 +158,7 @@ impl<M: Member> ServiceTable<M> {
                     members: Mutex::new(Members { index: 0, instances: BTreeMap::new() }),
                     snapshot: ArcSwap::from_pointee(ServiceSnapshot::empty(service.clone())),
                     index_tx,
+                    occupied: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -99,6 +175,14 @@ impl<M: Member> ServiceTable<M> {
     pub fn publish(&self, entry: &ServiceEntry<M>, members: &mut Members<M>, index: Option<u64>) -> u64 {
         if let Some(i) = index {
             members.index = i;
+        }
+        let occupied = !members.instances.is_empty();
+        if entry.occupied.swap(occupied, Ordering::Relaxed) != occupied {
+            if occupied {
+                self.occupied.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.occupied.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         let instances: Vec<Arc<Instance>> =
             members.instances.values().map(|m| m.instance().clone()).collect();
@@ -211,6 +295,29 @@ mod tests {
             let all = table.snapshot(&users).view("e", true);
             assert!(!all.protected && all.instances.len() == 4, "{label}");
         }
+    }
+
+    #[test]
+    fn caps_refuse_new_services_and_instances_but_never_existing_ones() {
+        let table = ServiceTable::new(0.0).with_caps(Caps { max_services: 1, max_instances_per_service: 2 });
+        let (users, billing) = (ServiceName::new("users").unwrap(), ServiceName::new("billing").unwrap());
+        let id = |s: &str| InstanceId::new(s).unwrap();
+        let entry = table.entry(&users);
+        for i in ["a", "b"] {
+            let mut members = entry.lock();
+            table.admit(&users, &members, &id(i)).unwrap();
+            members.instances.insert(id(i), plain(i, HealthStatus::Passing));
+            table.publish(&entry, &mut members, Some(1));
+        }
+        let refused = |r: Result<(), StoreError>| matches!(r, Err(StoreError::LimitExceeded(_)));
+        assert!(refused(table.admit(&users, &entry.lock(), &id("c"))), "third instance");
+        assert!(table.admit(&users, &entry.lock(), &id("a")).is_ok(), "re-registration");
+        assert!(refused(table.admit_by_name(&billing, &id("a"))), "second service");
+        let mut members = entry.lock();
+        members.instances.clear();
+        table.publish(&entry, &mut members, Some(2));
+        drop(members);
+        assert!(table.admit_by_name(&billing, &id("a")).is_ok(), "users emptied: room again");
     }
 
     #[tokio::test(start_paused = true)]

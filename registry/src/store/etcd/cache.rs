@@ -60,6 +60,16 @@ impl Cache {
         Cache { prefix, table: ServiceTable::new(protection_threshold), revision }
     }
 
+    /// The same cache, refusing new services and instances past `caps`.
+    pub fn with_caps(self, caps: crate::store::table::Caps) -> Self {
+        Cache { table: self.table.with_caps(caps), ..self }
+    }
+
+    /// Whether a registration of `id` in `service` stays within the caps, by this cache's count.
+    pub fn admit(&self, service: &ServiceName, id: &InstanceId) -> Result<(), crate::store::StoreError> {
+        self.table.admit_by_name(service, id)
+    }
+
     pub fn key(&self, service: &ServiceName, id: &InstanceId) -> Vec<u8> {
         let mut k = self.prefix.clone();
         k.extend_from_slice(service.as_str().as_bytes());
