@@ -30,7 +30,7 @@ use super::heartbeat_load::{
     heartbeats, register_all, service, Fleet, Secret, HEARTBEAT_CONNS, HEARTBEAT_INTERVAL,
 };
 use super::{ratio, us, Sizes};
-use crate::http1::{get_request, Dial};
+use crate::http1::{get_request, request_with_token, Dial};
 use crate::peers::{Env, ANY_PORT};
 use crate::procs::Proc;
 use crate::procstat;
@@ -217,6 +217,17 @@ async fn wait_health(dial: &Dial, addr: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// A token row means something only if the registry checks tokens: one
+/// heartbeat without a token must be refused with 401.
+async fn refuses_without_token(dial: &Dial, addr: SocketAddr) -> Result<(), String> {
+    let req = request_with_token("PUT", "/v1/services/svc-0000/instances/i-0/heartbeat", None, "{}");
+    let mut conn = dial.connect(addr).await.map_err(|e| e.to_string())?;
+    match conn.roundtrip(&req).await.map_err(|e| e.to_string())? {
+        401 => Ok(()),
+        s => Err(format!("a heartbeat without a token was answered {s}, not 401: the ACL is not in force")),
+    }
+}
+
 fn measure(setup: Setup, env: &Env, sizes: &Sizes, creds: &Credentials) -> Result<Row, String> {
     let (n, services) = (sizes.security_instances, sizes.security_services);
     let (proc, ready) = Proc::spawn_ready(
@@ -242,6 +253,9 @@ fn measure(setup: Setup, env: &Env, sizes: &Sizes, creds: &Credentials) -> Resul
     let log_tail = |e: String| format!("{e}; log:\n{}", proc.log_tail());
     rt.block_on(async move {
         wait_health(&dial, addr).await?;
+        if setup.tokens() {
+            refuses_without_token(&dial, addr).await?;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let idle_kib = procstat::rss_kib(pid);
         register_all(&dial, addr, fleet.clone()).await.map_err(|e| format!("registering: {e}"))?;
