@@ -421,7 +421,7 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         (Some(p), Some(t)) => {
             let _ = write!(
                 b,
-                "- TLS, as measured: {:.2} ms per 1k heartbeats, {} over plain, with {} handshakes for {} \
+                "- TLS, as measured: {:.2} ms per 1k heartbeats, {} vs plain, with {} handshakes for {} \
                  connections kept open, each carrying about {:.0} heartbeats/s",
                 t.cpu_per_1k_ms,
                 pct_over(t.cpu_per_1k_ms, p.cpu_per_1k_ms),
@@ -433,7 +433,7 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 Some(tt) => {
                     let _ = writeln!(
                         b,
-                        "; tokens on top of TLS: {:.2} ms, {} over TLS alone",
+                        "; tokens on top of TLS: {:.2} ms, {} vs TLS alone",
                         tt.cpu_per_1k_ms,
                         pct_over(tt.cpu_per_1k_ms, t.cpu_per_1k_ms)
                     );
