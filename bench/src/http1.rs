@@ -5,6 +5,12 @@
 //! they share a core with the backends; a full client (hyper) would make the
 //! load side the limit sooner.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+
 /// What a buffer holds so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parse {
@@ -99,24 +105,53 @@ pub fn get_request(host: &str, path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: trellis-bench\r\n\r\n").into_bytes()
 }
 
+/// How a generator reaches its target: plain TCP, or TLS over it trusting
+/// the given roots (the registry's private CA in case 6). A `Dial` is cheap to
+/// clone: one per generator task.
+#[derive(Clone, Debug)]
+pub enum Dial {
+    Plain,
+    Tls(Arc<rustls::ClientConfig>, ServerName<'static>),
+}
+
+/// What a [`Conn`] reads and writes: a TCP stream or a TLS stream over one.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+impl Dial {
+    /// A new connection; over TLS the handshake is complete when it returns.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<Conn> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let s: Box<dyn Stream> = match self {
+            Dial::Plain => Box::new(tcp),
+            Dial::Tls(config, name) => {
+                Box::new(tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp).await?)
+            }
+        };
+        Ok(Conn { s, buf: Vec::with_capacity(8192), head_len: 0, len: 0 })
+    }
+}
+
 /// A keep-alive client connection for the registry and etcd workloads.
 pub struct Conn {
-    s: tokio::net::TcpStream,
+    s: Box<dyn Stream>,
     buf: Vec<u8>,
     head_len: usize,
     len: usize,
 }
 
 impl Conn {
-    pub async fn connect(addr: std::net::SocketAddr) -> std::io::Result<Conn> {
-        let s = tokio::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        Ok(Conn { s, buf: Vec::with_capacity(8192), head_len: 0, len: 0 })
+    /// A plain TCP connection.
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        Dial::Plain.connect(addr).await
     }
 
     pub async fn send(&mut self, req: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.s.write_all(req).await
+        self.s.write_all(req).await?;
+        // TLS may hold the last record back until flushed; for TCP this is a no-op.
+        self.s.flush().await
     }
 
     async fn fill(&mut self) -> std::io::Result<()> {
@@ -174,11 +209,20 @@ impl Conn {
 
 /// A request with a JSON (or empty) body.
 pub fn request(method: &str, path: &str, body: &str) -> Vec<u8> {
-    format!(
-        "{method} {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    request_with_token(method, path, None, body)
+}
+
+/// A request with a JSON (or empty) body, carrying `token` as a bearer token
+/// when given.
+pub fn request_with_token(method: &str, path: &str, token: Option<&str>, body: &str) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: bench\r\n");
+    if let Some(token) = token {
+        head.push_str("authorization: Bearer ");
+        head.push_str(token);
+        head.push_str("\r\n");
+    }
+    format!("{head}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
 }
 
 #[cfg(test)]
@@ -197,6 +241,20 @@ mod tests {
         let r = b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         assert_eq!(parse_response(r).unwrap(), Parse::Complete { status: 503, len: r.len(), close: true });
         assert_eq!(parse_response(&r[..r.len() - 1]).unwrap(), Parse::Incomplete);
+    }
+
+    #[test]
+    fn a_token_is_one_more_header() {
+        let plain = request("PUT", "/x", "{}");
+        assert_eq!(
+            plain,
+            b"PUT /x HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        );
+        let with = request_with_token("PUT", "/x", Some("s3cr3t"), "{}");
+        assert_eq!(
+            with,
+            b"PUT /x HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer s3cr3t\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        );
     }
 
     #[test]

@@ -6,12 +6,17 @@
 //! - `registry`: case 4, the registry at scale against etcd.
 //! - `failover`: case 5, one backend killed, killed while another is slow, or
 //!   paused (SIGSTOP), under steady load.
+//! - `security`: case 6, the registry's heartbeat CPU with tokens, with TLS
+//!   and with both, beside the plain figure.
+//! - `heartbeat_load`: the heartbeat workload cases 4 and 6 share.
 
 mod failover;
 mod fixed_rate;
+mod heartbeat_load;
 mod http2;
 mod registry;
 mod saturation;
+mod security;
 
 pub use registry::etcd_command_example;
 
@@ -41,8 +46,8 @@ pub struct RunArgs {
     /// Do not pin processes to cores with taskset.
     #[arg(long, env = "TRELLIS_NO_PIN")]
     pub no_pin: bool,
-    /// Cases to run (1-5).
-    #[arg(long, env = "TRELLIS_CASES", value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5])]
+    /// Cases to run (1-6).
+    #[arg(long, env = "TRELLIS_CASES", value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6])]
     pub cases: Vec<u8>,
     /// The command line to print in the report.
     #[arg(long, env = "TRELLIS_COMMAND", default_value = "scripts/bench.sh")]
@@ -70,6 +75,9 @@ pub struct Sizes {
     pub registry_duration: Duration,
     pub etcd_instances: usize,
     pub watchers: usize,
+    pub security_instances: usize,
+    pub security_services: usize,
+    pub security_duration: Duration,
 }
 
 impl Sizes {
@@ -91,6 +99,9 @@ impl Sizes {
                 registry_duration: Duration::from_secs(3),
                 etcd_instances: 1_000,
                 watchers: 100,
+                security_instances: 2_000,
+                security_services: 20,
+                security_duration: Duration::from_secs(3),
             }
         } else {
             Sizes {
@@ -109,6 +120,9 @@ impl Sizes {
                 registry_duration: Duration::from_secs(20),
                 etcd_instances: 2_000,
                 watchers: 1_000,
+                security_instances: 20_000,
+                security_services: 200,
+                security_duration: Duration::from_secs(20),
             }
         }
     }
@@ -157,6 +171,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             3 => http2::run(&env, &sizes),
             4 => registry::run(&env, &sizes, &args.charts, &charts_rel),
             5 => failover::run(&env, &sizes),
+            6 => security::run(&env, &sizes),
             other => Section::error(&format!("Case {other}"), "no such case"),
         };
         eprintln!("trellis-bench: case {case} done in {:.1}s", t.elapsed().as_secs_f64());

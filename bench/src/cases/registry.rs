@@ -17,8 +17,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::heartbeat_load::{
+    heartbeats, register_all, register_request, service, Fleet, BULK_TTL_SECS, HEARTBEAT_CONNS,
+    HEARTBEAT_INTERVAL,
+};
 use super::{us, Sizes};
-use crate::http1::{request, Conn};
+use crate::http1::{request, Conn, Dial};
 use crate::load::new_histogram;
 use crate::peers::Env;
 use crate::peers::ANY_PORT;
@@ -26,15 +30,8 @@ use crate::procs::{foreign_binary_addr, wait_http_ok, Proc, ATTEMPTS};
 use crate::procstat;
 use crate::report::Section;
 
-/// The sidecar's default heartbeat interval and TTL.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// The sidecar's default TTL.
 const PROBE_TTL_SECS: u64 = 5;
-/// Bulk instances get a longer TTL so the registration burst itself cannot
-/// expire the first instances before their first heartbeat.
-const BULK_TTL_SECS: u64 = 120;
-/// Connections carrying the heartbeats (100,000 sidecars would hold one each;
-/// the file-descriptor limit here does not allow that).
-const HEARTBEAT_CONNS: usize = 256;
 const PROBES: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,10 +115,6 @@ fn b64(data: &[u8]) -> String {
     out
 }
 
-fn service(k: usize, services: usize) -> String {
-    format!("svc-{:04}", k % services)
-}
-
 fn etcd_key(svc: &str, id: &str) -> String {
     format!("/trellis/{svc}/{id}")
 }
@@ -132,11 +125,6 @@ fn lease_id(body: &[u8]) -> Option<String> {
     let rest = &s[s.find("\"ID\":")? + 5..];
     let id: String = rest.trim_start_matches('"').chars().take_while(|c| c.is_ascii_digit()).collect();
     (!id.is_empty()).then_some(id)
-}
-
-fn trellis_register(svc: &str, id: &str, ttl: u64) -> Vec<u8> {
-    let body = format!(r#"{{"address":"127.0.0.1","port":{},"ttl":"{ttl}s"}}"#, 10_000 + id.len());
-    request("PUT", &format!("/v1/services/{svc}/instances/{id}"), &body)
 }
 
 fn etcd_put(svc: &str, id: &str, lease: Option<&str>) -> Vec<u8> {
@@ -164,13 +152,9 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// Registers every bulk instance; for etcd returns the lease of each.
-async fn register_all(
-    sys: System,
-    addr: SocketAddr,
-    n: usize,
-    services: usize,
-) -> std::io::Result<Vec<String>> {
+/// Registers every bulk instance in etcd, each under a lease of its own;
+/// returns the lease of each.
+async fn register_all_etcd(addr: SocketAddr, n: usize, services: usize) -> std::io::Result<Vec<String>> {
     let conns = 64.min(n.max(1));
     let mut tasks = Vec::new();
     for c in 0..conns {
@@ -179,28 +163,18 @@ async fn register_all(
             let mut leases = Vec::new();
             for k in (c..n).step_by(conns) {
                 let (svc, id) = (service(k, services), format!("i-{k}"));
-                match sys {
-                    System::Trellis | System::TrellisEtcd | System::Floor => {
-                        let st = conn.roundtrip(&trellis_register(&svc, &id, BULK_TTL_SECS)).await?;
-                        if !(200..300).contains(&st) {
-                            return Err(io_err(format!("register answered {st}")));
-                        }
-                    }
-                    System::Etcd => {
-                        conn.roundtrip(&etcd_grant(BULK_TTL_SECS)).await?;
-                        let lease = lease_id(conn.body()).ok_or_else(|| io_err("lease grant without ID"))?;
-                        let st = conn.roundtrip(&etcd_put(&svc, &id, Some(&lease))).await?;
-                        if !(200..300).contains(&st) {
-                            return Err(io_err(format!("put answered {st}")));
-                        }
-                        leases.push((k, lease));
-                    }
+                conn.roundtrip(&etcd_grant(BULK_TTL_SECS)).await?;
+                let lease = lease_id(conn.body()).ok_or_else(|| io_err("lease grant without ID"))?;
+                let st = conn.roundtrip(&etcd_put(&svc, &id, Some(&lease))).await?;
+                if !(200..300).contains(&st) {
+                    return Err(io_err(format!("put answered {st}")));
                 }
+                leases.push((k, lease));
             }
             Ok::<_, std::io::Error>(leases)
         }));
     }
-    let mut leases = vec![String::new(); if sys == System::Etcd { n } else { 0 }];
+    let mut leases = vec![String::new(); n];
     for t in tasks {
         for (k, l) in t.await.map_err(io_err)?? {
             leases[k] = l;
@@ -209,92 +183,9 @@ async fn register_all(
     Ok(leases)
 }
 
-struct HbStats {
-    ok: u64,
-    failed: u64,
-    hist: Histogram<u64>,
-}
-
-/// The heartbeat (etcd: keep-alive) request of every instance, built once so
-/// the generator spends its core on sending, not formatting.
-fn heartbeat_requests(sys: System, n: usize, services: usize, leases: &[String]) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|k| match sys {
-            System::Trellis | System::TrellisEtcd | System::Floor => request(
-                "PUT",
-                &format!("/v1/services/{}/instances/i-{k}/heartbeat", service(k, services)),
-                r#"{"status":"passing"}"#,
-            ),
-            System::Etcd => request(
-                "POST",
-                "/v3/lease/keepalive",
-                &format!(r#"{{"ID":"{}"}}"#, leases.get(k).map_or("", |l| l)),
-            ),
-        })
-        .collect()
-}
-
-/// Heartbeats on a fixed schedule: instance k's are due at
-/// t0 + k/rate + m × interval; latency runs from the due time.
-async fn heartbeats(
-    addr: SocketAddr,
-    reqs: Arc<Vec<Vec<u8>>>,
-    (from, to, stop): (Instant, Instant, Instant),
-) -> HbStats {
-    let n = reqs.len();
-    let rate = n as f64 / HEARTBEAT_INTERVAL.as_secs_f64();
-    let conns = HEARTBEAT_CONNS.min(n);
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..conns {
-        let reqs = reqs.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut st = HbStats { ok: 0, failed: 0, hist: new_histogram() };
-            let mut conn = Conn::connect(addr).await.ok();
-            let mut j = c as u64;
-            loop {
-                let due = t0 + Duration::from_secs_f64(j as f64 / rate);
-                let now = Instant::now();
-                // A generator behind schedule stops on time too.
-                if due >= stop || now >= stop {
-                    break;
-                }
-                if due > now {
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let req = &reqs[(j % n as u64) as usize];
-                let counted = due >= from && due < to;
-                let res = match conn.as_mut() {
-                    Some(cn) => Some(cn.roundtrip(req).await),
-                    None => None,
-                };
-                match res {
-                    Some(Ok(s)) if (200..300).contains(&s) => {
-                        if counted {
-                            st.ok += 1;
-                            let _ = st.hist.record(due.elapsed().as_nanos() as u64);
-                        }
-                    }
-                    Some(Ok(_)) => st.failed += counted as u64,
-                    _ => {
-                        st.failed += counted as u64;
-                        conn = Conn::connect(addr).await.ok();
-                    }
-                }
-                j += conns as u64;
-            }
-            st
-        }));
-    }
-    let mut out = HbStats { ok: 0, failed: 0, hist: new_histogram() };
-    for t in tasks {
-        if let Ok(s) = t.await {
-            out.ok += s.ok;
-            out.failed += s.failed;
-            let _ = out.hist.add(&s.hist);
-        }
-    }
-    out
+/// One lease keep-alive per instance, built once like the heartbeats.
+fn keepalive_requests(leases: &[String]) -> Vec<Vec<u8>> {
+    leases.iter().map(|l| request("POST", "/v3/lease/keepalive", &format!(r#"{{"ID":"{l}"}}"#))).collect()
 }
 
 /// What one sidecar sees: heartbeats of the first instances at a modest
@@ -415,7 +306,7 @@ async fn propagation(
         let id = "prop-watch";
         // Alternating from where the last call left off, so each round changes something.
         let req = match (sys.trellis_api(), (first + r) % 2) {
-            (true, 0) => trellis_register(svc, id, BULK_TTL_SECS),
+            (true, 0) => register_request(svc, id, BULK_TTL_SECS, None),
             (true, _) => request("DELETE", &format!("/v1/services/{svc}/instances/{id}"), ""),
             (false, 0) => etcd_put(svc, id, None),
             (false, _) => request(
@@ -462,7 +353,7 @@ async fn expiry(sys: System, addr: SocketAddr) -> Vec<f64> {
                     // registry's deadline can only be later, so this never
                     // understates lateness.
                     let sent = Instant::now();
-                    conn.roundtrip(&trellis_register(&svc, &id, PROBE_TTL_SECS)).await?;
+                    conn.roundtrip(&register_request(&svc, &id, PROBE_TTL_SECS, None)).await?;
                     conn.roundtrip(&request("GET", &format!("/v1/services/{svc}"), "")).await?;
                     let mut index = view_index(conn.body()).ok_or_else(|| io_err("no index"))?;
                     let give_up = Instant::now() + ttl * 4;
@@ -641,14 +532,21 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
     let rounds = if sizes.quick { 1 } else { 3 };
     let window = sizes.registry_duration;
     rt.block_on(async move {
+        let fleet = Arc::new(Fleet::new(n, services));
         let t = Instant::now();
-        let leases = register_all(sys, addr, n, services).await.map_err(|e| format!("registering: {e}"))?;
+        let leases = if sys == System::Etcd {
+            register_all_etcd(addr, n, services).await
+        } else {
+            register_all(&Dial::Plain, addr, fleet.clone()).await.map(|()| Vec::new())
+        }
+        .map_err(|e| format!("registering: {e}"))?;
         let register_secs = t.elapsed().as_secs_f64();
+        let reqs = if sys == System::Etcd { keepalive_requests(&leases) } else { fleet.heartbeat_requests() };
         let from = Instant::now() + Duration::from_secs(2);
         let to = from + window;
         let stop = to + Duration::from_secs(if sizes.quick { 12 } else { 20 });
-        let reqs = Arc::new(heartbeat_requests(sys, n, services, &leases));
-        let hb = tokio::spawn(heartbeats(addr, reqs.clone(), (from, to, stop)));
+        let reqs = Arc::new(reqs);
+        let hb = tokio::spawn(heartbeats(Dial::Plain, addr, reqs.clone(), (from, to, stop)));
         let probe = std::thread::spawn(move || probe_heartbeats(addr, reqs, from, to));
         tokio::time::sleep_until(from.into()).await;
         let cpu0: Vec<Duration> = pids.iter().map(|(_, pid)| procstat::cpu_time(*pid)).collect();
