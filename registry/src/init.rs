@@ -300,9 +300,10 @@ fn plan(args: &InitArgs) -> Result<(Vec<Planned>, Vec<String>), InitError> {
                 mode: Mode::Secret,
             });
         }
-        // etcd maps a client certificate's common name to a user; the registry
-        // logs in with the password anyway, so the name only has to be stable.
-        let client = ca.issue(&[ETCD_CLIENT.to_string()], Usage::Client, args.cert_ttl)?;
+        // etcd's JSON gateway refuses every request whose client certificate has a
+        // common name once auth is on (it would take the name for the user), so
+        // the registry's certificate towards etcd has none.
+        let client = ca.issue_nameless_client(&[ETCD_CLIENT.to_string()], args.cert_ttl)?;
         files.push(Planned {
             path: etcd.join(format!("{ETCD_CLIENT}.pem")),
             contents: client.cert_pem,

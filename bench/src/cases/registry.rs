@@ -460,8 +460,10 @@ fn registry_args(store: Option<SocketAddr>) -> Vec<String> {
     // One worker, like every proxy in cases 1-3: a current-thread runtime on
     // the one core the registry has (no work-stealing hand-offs between two
     // threads sharing a core).
+    // Every connection comes from 127.0.0.1 here (heartbeats, 1,000 watchers,
+    // probes): the per-address cap is for fleets, not for one generator.
     let mut args =
-        vec!["--listen".to_string(), ANY_PORT.to_string(), "--workers".to_string(), "1".to_string()];
+        ["--listen", ANY_PORT, "--workers", "1", "--max-connections-per-ip", "0"].map(String::from).to_vec();
     if let Some(etcd) = store {
         args.extend(["--store".to_string(), format!("etcd://{etcd}")]);
     }
