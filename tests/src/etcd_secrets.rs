@@ -15,13 +15,11 @@
 //! Keys and passwords are 0600, certificates 0644; `owner` gives everything to
 //! another uid (the images' 65532) when the test runs as root.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::distr::{Alphanumeric, SampleString};
-use trellis_registry::pki::{Authority, Usage};
+use trellis_registry::init::{init, InitArgs, Owner};
 
 /// The etcd user the registry runs as.
 pub const ETCD_USER: &str = "trellis";
@@ -34,48 +32,26 @@ pub struct EtcdSecrets {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-fn write(path: &Path, contents: &str, mode: u32, owner: Option<u32>) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(mode).open(path)?;
-    f.write_all(contents.as_bytes())?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    if let Some(uid) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
-    }
-    Ok(())
-}
-
 /// A random password; only ever in the files, never in the test's output.
 pub fn password() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 32)
 }
 
 impl EtcdSecrets {
-    /// A new CA, certificates for `members` and the registry, and two passwords, in `dir`.
+    /// A new CA, certificates for `members` and the registry, and two
+    /// passwords, in `dir`: what `registry init` writes, by the same code.
     pub fn generate(dir: &Path, members: &[&str], owner: Option<u32>) -> std::io::Result<EtcdSecrets> {
-        let other = |e: trellis_registry::pki::PkiError| std::io::Error::other(e.to_string());
-        let etcd = dir.join("etcd");
-        for d in [dir, &etcd] {
-            std::fs::create_dir_all(d)?;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
-            if let Some(uid) = owner {
-                std::os::unix::fs::chown(d, Some(uid), Some(uid))?;
-            }
-        }
-        let ca = Authority::generate("Trellis test CA", DAY).map_err(other)?;
-        write(&dir.join("ca.pem"), ca.cert_pem(), 0o644, owner)?;
-        for m in members {
-            let names = [m.to_string(), "localhost".into(), "127.0.0.1".into()];
-            let leaf = ca.issue(&names, Usage::Both, DAY).map_err(other)?;
-            write(&etcd.join(format!("{m}.pem")), &leaf.cert_pem, 0o644, owner)?;
-            write(&etcd.join(format!("{m}-key.pem")), &leaf.key_pem, 0o600, owner)?;
-        }
-        // No common name: etcd's gateway refuses one once auth is on.
-        let client = ca.issue_nameless_client(&["registry-client".into()], DAY).map_err(other)?;
-        write(&etcd.join("registry-client.pem"), &client.cert_pem, 0o644, owner)?;
-        write(&etcd.join("registry-client-key.pem"), &client.key_pem, 0o600, owner)?;
-        for user in ["root", ETCD_USER] {
-            write(&etcd.join(format!("{user}.password")), &format!("{}\n", password()), 0o600, owner)?;
-        }
+        let args = InitArgs {
+            dir: dir.to_path_buf(),
+            names: Vec::new(),
+            services: Vec::new(),
+            etcd_members: members.iter().map(|m| m.to_string()).collect(),
+            ca_ttl: DAY,
+            cert_ttl: DAY,
+            owner: owner.map(|uid| Owner { uid, gid: Some(uid) }),
+            force: true,
+        };
+        init(&args).map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(EtcdSecrets { dir: dir.to_path_buf() })
     }
 
