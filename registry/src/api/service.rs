@@ -141,15 +141,9 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn heartbeats_on_either_path_keep_the_checks_errors_and_metrics() {
-        let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
-        let metrics = Arc::new(Metrics::new());
-        let config = Config { max_body: 1024, ..Config::default() };
-        let watches = Arc::new(Watches::new(10, CancellationToken::new(), metrics.clone()));
-        let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches));
-        let users = ServiceName::new("users").unwrap();
-        let instance = Instance {
+    /// The one instance these tests heartbeat: `users/u1`.
+    fn instance_u1() -> Instance {
+        Instance {
             id: InstanceId::new("u1").unwrap(),
             address: Address::new("10.0.0.1").unwrap(),
             port: 80,
@@ -158,7 +152,18 @@ mod tests {
             metadata: BTreeMap::new(),
             status: HealthStatus::Passing,
             output: String::new(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_on_either_path_keep_the_checks_errors_and_metrics() {
+        let store = Arc::new(MemoryStore::new(StoreMetrics::default()));
+        let metrics = Arc::new(Metrics::new());
+        let config = Config { max_body: 1024, ..Config::default() };
+        let watches = Arc::new(Watches::new(10, CancellationToken::new(), metrics.clone()));
+        let api = ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches));
+        let users = ServiceName::new("users").unwrap();
+        let instance = instance_u1();
         store.register(&users, LeasedInstance { instance, ttl: Duration::from_secs(60) }).await.unwrap();
         let hb = "/v1/services/users/instances/u1/heartbeat";
         assert!(plain_heartbeat(hb).is_some(), "served on the fast path");
@@ -231,16 +236,7 @@ mod tests {
         let mut best = [f64::MAX; 2];
         let apis = [api(false), api(true)];
         for (store, _) in &apis {
-            let instance = Instance {
-                id: InstanceId::new("u1").unwrap(),
-                address: Address::new("10.0.0.1").unwrap(),
-                port: 80,
-                zone: None,
-                weight: 100,
-                metadata: BTreeMap::new(),
-                status: HealthStatus::Passing,
-                output: String::new(),
-            };
+            let instance = instance_u1();
             store.register(&users, LeasedInstance { instance, ttl: Duration::from_secs(600) }).await.unwrap();
         }
         const N: u32 = 100_000;
