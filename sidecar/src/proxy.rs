@@ -94,9 +94,10 @@
 //!   trailers-only answer) is counted in `grpc_responses`.
 //! - **Upgrades** (see [`upgrade`]): an HTTP/1.1 `Upgrade` request goes to one
 //!   endpoint and the two connections are spliced after `101`. A spliced
-//!   connection holds one of the `max_connections` permits for its whole life
-//!   (none free: `503 overloaded`) and is closed after `upgrade_idle_timeout`
-//!   without a byte either way.
+//!   connection keeps the `max_connections` permit of the connection it came
+//!   on for its whole life (so N WebSockets fill a cap of N, and one more
+//!   connection is answered `503 overloaded`) and is closed after
+//!   `upgrade_idle_timeout` without a byte either way.
 //! - **Dedicated ports** ([`Listener::service`]): a listener bound to one
 //!   service sends every request there whatever its Host or `:authority`; the
 //!   upstream sees the service name as Host.

@@ -7,6 +7,7 @@
 //!   from their ready file (registry, sidecar, demo-app).
 //! - `ports.rs`: ports for binaries that cannot report theirs (etcd, HAProxy, nginx).
 //! - `wait.rs`: waiting for a condition with a generous deadline.
+//! - `ws.rs`: a WebSocket echo server for the proxy's upgrade tests.
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -21,6 +22,7 @@ pub mod ports;
 pub mod process;
 pub mod ready;
 pub mod wait;
+pub mod ws;
 
 use std::path::PathBuf;
 

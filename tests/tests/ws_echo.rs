@@ -4,7 +4,6 @@
 
 mod proxy_support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,34 +15,9 @@ use trellis_sidecar::endpoints::ServiceEndpoints;
 use trellis_sidecar::metrics::Metrics;
 use trellis_sidecar::proxy::{self, Listener};
 use trellis_tests::wait_for;
+use trellis_tests::ws::echo_server;
 
 use proxy_support::{service, FixedResolver};
-
-/// A WebSocket server echoing every text and binary message, prefixed with its name.
-async fn echo_server(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    let reply = match msg {
-                        Message::Text(t) => Message::text(format!("{name}:{t}")),
-                        Message::Binary(b) => Message::binary(b),
-                        Message::Close(_) => break,
-                        _ => continue,
-                    };
-                    if ws.send(reply).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, task)
-}
 
 fn in_flight(svc: &ServiceEndpoints) -> usize {
     svc.load().endpoints.iter().map(|e| e.state.in_flight()).sum()
@@ -81,9 +55,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_by_host_and_by_dedicated_port() {
-    let (a, _ta) = echo_server("a").await;
-    let (b, _tb) = echo_server("b").await;
-    let svc = service("chat", &[a, b]);
+    let (a, b) = (echo_server("a").await, echo_server("b").await);
+    let svc = service("chat", &[a.addr, b.addr]);
     let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dedicated = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (o, d) = (outbound.local_addr().unwrap(), dedicated.local_addr().unwrap());
@@ -131,8 +104,8 @@ async fn websocket_echo_by_host_and_by_dedicated_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_to_a_refusing_endpoint_is_retried_on_another() {
-    let (a, _ta) = echo_server("a").await;
-    let svc = service("chat", &[proxy_support::refused_addr(), a]);
+    let a = echo_server("a").await;
+    let svc = service("chat", &[proxy_support::refused_addr(), a.addr]);
     let proxy =
         proxy_support::start_proxy(FixedResolver::default().with(Arc::clone(&svc)), proxy_support::config())
             .await;

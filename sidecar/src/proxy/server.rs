@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use trellis_shared::{ErrorCode, ServiceName};
 
-use super::{pool, protocol, route, ProxyConfig, ProxyContext};
+use super::{pool, protocol, route, upgrade, ProxyConfig, ProxyContext};
 use crate::endpoints::Resolve;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -184,7 +184,7 @@ async fn serve_connection(
     shared: Arc<ProxyContext>,
     service: Option<Arc<ServiceName>>,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let gauge = shared.metrics.connections().clone();
     gauge.inc();
@@ -193,9 +193,14 @@ async fn serve_connection(
     let head_timeout = shared.config.header_read_timeout;
     let seen = Arc::new(AtomicBool::new(false));
     let seen_in_service = Arc::clone(&seen);
-    let service = service_fn(move |req: Request<Incoming>| {
+    // An upgraded connection takes this connection's permit over when it ends.
+    let permit = upgrade::ConnectionPermit::new(permit);
+    let service = service_fn(move |mut req: Request<Incoming>| {
         if !seen_in_service.load(Ordering::Relaxed) {
             seen_in_service.store(true, Ordering::Relaxed);
+        }
+        if upgrade::is_upgrade(&req) {
+            req.extensions_mut().insert(permit.clone());
         }
         let shared = Arc::clone(&shared);
         let target = service.clone();

@@ -7,10 +7,13 @@
 //! Retries: only when connecting failed (nothing was sent). Once the upgrade
 //! request went out it is never sent again, whatever its method.
 //!
-//! Limits: the connection it came on ends when the upgrade completes, so a
-//! spliced connection takes a `max_connections` permit of its own (taken
-//! before connecting, so an upgrade past the cap is answered `503
-//! overloaded`); it holds it, and counts in `open_connections`, until closed.
+//! Limits: the connection it came on ends when the upgrade completes, so the
+//! spliced connection takes over that connection's `max_connections` permit
+//! (handed over in a [`ConnectionPermit`]; taking a second one would leave
+//! room for only `max_connections - 1` WebSockets, and none at a cap of one);
+//! it holds it, and counts in `open_connections`, until closed. An upgrade
+//! arriving without its connection's permit takes one of its own before
+//! connecting, and past the cap is answered `503 overloaded`.
 //! A spliced connection with no byte either way for `upgrade_idle_timeout` is
 //! closed on both sides, so idle sockets cannot hold permits for ever.
 
@@ -20,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -48,6 +52,22 @@ fn connection_has_upgrade(h: &HeaderMap) -> bool {
         .any(|v| v.to_str().unwrap_or("").split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
+/// The `max_connections` permit of the connection an upgrade request came
+/// on, put in that request's extensions so the upgraded connection can take
+/// it over once the endpoint switched protocols.
+#[derive(Clone)]
+pub(super) struct ConnectionPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl ConnectionPermit {
+    pub(super) fn new(permit: OwnedSemaphorePermit) -> ConnectionPermit {
+        ConnectionPermit(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
 pub(super) async fn forward(
     ctx: &ProxyContext,
     svc: &ServiceEndpoints,
@@ -70,10 +90,16 @@ pub(super) async fn forward(
     }
     let uri: Uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
     let mut body = Some(body);
-    let Ok(permit) = std::sync::Arc::clone(&ctx.connections).try_acquire_owned() else {
-        return Err(ProxyError::Overloaded("too many connections"));
+    // Taken from the connection only on `101`: until then the connection
+    // goes on (a declined upgrade leaves it open for the next request).
+    let handed_over = parts.extensions.remove::<ConnectionPermit>();
+    let mut permit = match handed_over {
+        Some(_) => None,
+        None => match Arc::clone(&ctx.connections).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => return Err(ProxyError::Overloaded("too many connections")),
+        },
     };
-    let mut permit = Some(permit);
 
     let overall = async {
         loop {
@@ -151,7 +177,9 @@ pub(super) async fn forward(
             *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             *out.headers_mut() = resp.headers().clone();
             debug!(service = %svc.name, instance = %ep.id, attempt = attempts.made(), "upgraded");
-            let Some(permit) = permit.take() else {
+            let Some(permit) =
+                permit.take().or_else(|| handed_over.as_ref().and_then(ConnectionPermit::take))
+            else {
                 return Err(ProxyError::Overloaded("too many connections"));
             };
             let held = Held { guard, _permit: permit, gauge: ctx.metrics.connections().clone() };
