@@ -27,28 +27,34 @@ impl AppInstance {
     ) -> AppInstance {
         let app = AppProc::start(&format!("{name}-app"), name, &strings(app_args)).await;
         let addr = app.addr.to_string();
-        let mut args = strings(&[
-            "--service",
-            service,
-            "--app",
-            &addr,
-            // The app listens on loopback; by default the sidecar would
-            // advertise this host's first non-loopback address.
-            "--advertise",
-            &addr,
-            "--instance-id",
-            name,
-            "--health-interval",
-            "200ms",
-            "--health-timeout",
-            "150ms",
-            "--heartbeat-interval",
-            "500ms",
-            "--ttl",
-            "3s",
-        ]);
+        let mut args = registering_args(service, &addr, name);
         args.extend(strings(sidecar_args));
         let sidecar = SidecarProc::start(&format!("{name}-sidecar"), registry, &args, within).await;
         AppInstance { sidecar, app }
     }
+}
+
+/// The flags of a sidecar registering the app at `app` as instance `id` of
+/// `service`: the app listens on loopback (by default the sidecar would
+/// advertise this host's first non-loopback address), and health, heartbeat
+/// and TTL are short so the instance shows up (and goes) fast.
+pub fn registering_args(service: &str, app: &str, id: &str) -> Vec<String> {
+    strings(&[
+        "--service",
+        service,
+        "--app",
+        app,
+        "--advertise",
+        app,
+        "--instance-id",
+        id,
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "150ms",
+        "--heartbeat-interval",
+        "500ms",
+        "--ttl",
+        "3s",
+    ])
 }

@@ -26,7 +26,7 @@ pub mod ws;
 
 use std::path::PathBuf;
 
-pub use instance::AppInstance;
+pub use instance::{registering_args, AppInstance};
 pub use process::{Launch, Proc};
 pub use ready::{start_ready, AppProc, Ready, RegistryProc, SidecarProc};
 pub use wait::{wait_for, wait_http_ok, wait_until};

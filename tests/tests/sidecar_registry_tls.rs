@@ -20,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_registry::pki::{Authority, Usage};
 use trellis_tests::process::{log_dir, unique_path};
-use trellis_tests::{strings, wait_for, AppProc, RegistryProc, SidecarProc};
+use trellis_tests::{registering_args, strings, wait_for, AppProc, RegistryProc, SidecarProc};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -106,24 +106,7 @@ async fn ready_status(sidecar: &SidecarProc) -> u16 {
 async fn app_sidecar(registry_url: &str, extra: &[String]) -> (AppProc, SidecarProc) {
     let app = AppProc::start("app", "tls-1", &[]).await;
     let addr = app.addr.to_string();
-    let mut args = strings(&[
-        "--service",
-        SERVICE,
-        "--app",
-        &addr,
-        "--advertise",
-        &addr,
-        "--instance-id",
-        "tls-1",
-        "--health-interval",
-        "200ms",
-        "--health-timeout",
-        "150ms",
-        "--heartbeat-interval",
-        "500ms",
-        "--ttl",
-        "3s",
-    ]);
+    let mut args = registering_args(SERVICE, &addr, "tls-1");
     args.extend_from_slice(extra);
     let sidecar = SidecarProc::spawn("tls-sidecar", registry_url, &args).await;
     (app, sidecar)

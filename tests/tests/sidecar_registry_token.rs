@@ -18,7 +18,7 @@ use std::time::Duration;
 use rand::Rng;
 use trellis_tests::instance::AppInstance;
 use trellis_tests::process::{log_dir, unique_path};
-use trellis_tests::{strings, wait_for, AppProc, RegistryProc, SidecarProc};
+use trellis_tests::{registering_args, strings, wait_for, AppProc, RegistryProc, SidecarProc};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -209,26 +209,8 @@ async fn a_refused_token_keeps_the_sidecar_unready_and_says_why() {
         let app = AppProc::start("app", "users-1", &[]).await;
         let addr = app.addr.to_string();
         let token_file = new_file("token", "txt", &token);
-        let args = strings(&[
-            "--service",
-            SERVICE,
-            "--app",
-            &addr,
-            "--advertise",
-            &addr,
-            "--instance-id",
-            "users-1",
-            "--health-interval",
-            "200ms",
-            "--health-timeout",
-            "150ms",
-            "--heartbeat-interval",
-            "500ms",
-            "--ttl",
-            "3s",
-            "--token-file",
-            &token_file.display().to_string(),
-        ]);
+        let mut args = registering_args(SERVICE, &addr, "users-1");
+        args.extend(strings(&["--token-file", &token_file.display().to_string()]));
         let sidecar = SidecarProc::spawn("refused-sidecar", &registry.url(), &args).await;
         wait_for("two refused registrations", WITHIN, || async {
             (sidecar_metric(sidecar.admin, "trellis_sidecar_registry_auth_failures_total").await >= 2.0)
