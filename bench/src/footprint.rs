@@ -54,6 +54,8 @@ async fn fill(metadata: bool) -> Result<(), String> {
                 metadata: extra.clone(),
                 status: HealthStatus::Passing,
                 output: String::new(),
+                tags: Vec::new(),
+                mesh_tls: false,
             };
             let registration = LeasedInstance { instance, ttl: Duration::from_secs(30) };
             store.register(&service, registration).await.map_err(|e| e.to_string())?;

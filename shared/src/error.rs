@@ -49,6 +49,8 @@ pub enum ErrorCode {
     Timeout,
     /// 400: the request cannot be routed (no usable Host, malformed).
     BadRequest,
+    /// 403: a sidecar's inbound side refuses this caller (`--allow-from`).
+    NotAllowed,
     /// Any code this version does not know (a newer peer).
     #[serde(other)]
     Unknown,
@@ -77,6 +79,7 @@ impl ErrorCode {
             ErrorCode::UpstreamFailed => "upstream_failed",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotAllowed => "not_allowed",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -19,6 +19,10 @@ pub const MAX_METADATA_KEY_LEN: usize = 128;
 pub const MAX_METADATA_BYTES: usize = 4096;
 /// Longest health output text, in bytes.
 pub const MAX_OUTPUT_LEN: usize = 4096;
+/// Most tags one instance may carry.
+pub const MAX_TAGS: usize = 32;
+/// Longest tag, in bytes.
+pub const MAX_TAG_LEN: usize = 64;
 
 /// Health of an instance as its sidecar reports it (Consul's three states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -66,6 +70,13 @@ pub struct RegisterRequest {
     /// Initial health; `passing` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<HealthStatus>,
+    /// Short labels (Consul's tags), checked by [`validate_tags`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The advertised port is a sidecar's inbound side, which speaks only
+    /// mutual TLS with the mesh's certificates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mesh_tls: bool,
 }
 
 impl RegisterRequest {
@@ -78,6 +89,8 @@ impl RegisterRequest {
             weight: None,
             metadata: BTreeMap::new(),
             status: None,
+            tags: Vec::new(),
+            mesh_tls: false,
         }
     }
 
@@ -96,8 +109,30 @@ impl RegisterRequest {
                 ));
             }
         }
-        validate_metadata(&self.metadata)
+        validate_metadata(&self.metadata)?;
+        validate_tags(&self.tags)
     }
+}
+
+/// Checks tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_LEN`] bytes of
+/// printable ASCII without spaces or commas (so a tag list can be written
+/// comma-separated on a command line), and no duplicates.
+pub fn validate_tags(tags: &[String]) -> Result<(), String> {
+    if tags.len() > MAX_TAGS {
+        return Err(format!("{} tags, at most {MAX_TAGS} are allowed", tags.len()));
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN {
+            return Err(format!("tags must be 1 to {MAX_TAG_LEN} bytes"));
+        }
+        if !tag.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+            return Err(format!("tag {tag:?} may hold only printable ASCII without spaces or commas"));
+        }
+        if tags[..i].contains(tag) {
+            return Err(format!("tag {tag:?} appears twice"));
+        }
+    }
+    Ok(())
 }
 
 /// Checks metadata against the documented bounds.
@@ -156,6 +191,11 @@ pub struct Instance {
     pub status: HealthStatus,
     #[serde(default)]
     pub output: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Reached only over mutual TLS, as the service's identity (see `RegisterRequest::mesh_tls`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mesh_tls: bool,
 }
 
 impl Instance {
@@ -169,6 +209,8 @@ impl Instance {
             && self.weight == other.weight
             && self.metadata == other.metadata
             && self.status == other.status
+            && self.tags == other.tags
+            && self.mesh_tls == other.mesh_tls
     }
 }
 
@@ -241,6 +283,15 @@ mod tests {
         assert!(serde_json::from_str::<RegisterRequest>(r#"{"address":"a","port":70000}"#).is_err());
         assert!(serde_json::from_str::<RegisterRequest>(r#"{"address":"a","port":1,"bogus":1}"#).is_err());
         assert!(serde_json::from_str::<RegisterRequest>(r#"{"port":1}"#).is_err());
+        let mut r = base.clone();
+        r.tags = vec!["v1".into(), "primary".into()];
+        assert!(r.validate().is_ok());
+        for bad in [vec!["".to_string()], vec!["a b".into()], vec!["a,b".into()], vec!["x".into(), "x".into()]] {
+            r.tags = bad;
+            assert!(r.validate().is_err(), "{:?}", r.tags);
+        }
+        r.tags = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
+        assert!(r.validate().is_err());
     }
 
     #[test]
@@ -254,6 +305,8 @@ mod tests {
             metadata: BTreeMap::new(),
             status: HealthStatus::Passing,
             output: String::new(),
+            tags: Vec::new(),
+            mesh_tls: false,
         };
         let mut b = a.clone();
         b.output = "ok".into();

@@ -33,6 +33,9 @@ pub enum ProxyError {
     /// A limit was reached (connections, pending requests, watched services).
     #[error("{0}")]
     Overloaded(&'static str),
+    /// The inbound side refuses this caller's service (`--allow-from`).
+    #[error("service {caller} may not call {callee}")]
+    NotAllowed { caller: ServiceName, callee: ServiceName },
 }
 
 impl ProxyError {
@@ -43,6 +46,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => ErrorCode::UpstreamFailed,
             ProxyError::Timeout { .. } => ErrorCode::Timeout,
             ProxyError::Overloaded(_) => ErrorCode::Overloaded,
+            ProxyError::NotAllowed { .. } => ErrorCode::NotAllowed,
         }
     }
 
@@ -65,6 +69,8 @@ impl ProxyError {
         let grpc_status: &'static str = match code {
             ErrorCode::Timeout => "4",
             ErrorCode::BadRequest => "13",
+            // gRPC maps HTTP 403 to PERMISSION_DENIED.
+            ErrorCode::NotAllowed => "7",
             _ => "14",
         };
         let mut resp = Response::new(body);
@@ -99,6 +105,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::UpstreamFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::NotAllowed => StatusCode::FORBIDDEN,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

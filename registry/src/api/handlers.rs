@@ -210,6 +210,8 @@ async fn register<S: Store>(
         metadata: req.metadata,
         status: req.status.unwrap_or_default(),
         output: String::new(),
+        tags: req.tags,
+        mesh_tls: req.mesh_tls,
     };
     let record = InstanceRecord { service: service.clone(), instance: instance.clone(), ttl: ttl.into() };
     let outcome = st.store.register(&service, LeasedInstance { instance, ttl }).await?;

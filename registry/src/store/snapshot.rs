@@ -142,6 +142,8 @@ pub(crate) mod tests {
             metadata: BTreeMap::new(),
             status,
             output: String::new(),
+        tags: Vec::new(),
+        mesh_tls: false,
         })
     }
 
