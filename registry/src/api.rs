@@ -8,10 +8,12 @@
 //! - [`body_timeout`]: request bodies that must arrive within `--body-timeout`.
 //! - [`handlers`]: the axum router and its handlers, and the body checks that
 //!   the heartbeat fast path shares.
+//! - [`identity`]: `POST /v1/identity/sign`, the mesh CA's route.
 
 pub mod auth;
 pub mod body_timeout;
 pub mod handlers;
+pub mod identity;
 pub mod route;
 pub mod service;
 
@@ -22,6 +24,7 @@ use axum::http::HeaderValue;
 pub use self::service::{ApiService, ClientAddr};
 use crate::acl::Acl;
 use crate::config::Config;
+use crate::identity::MeshCa;
 use crate::metrics::Metrics;
 use crate::watch::Watches;
 
@@ -35,6 +38,8 @@ pub struct ApiState<S> {
     pub watches: Arc<Watches>,
     /// The live ACL; `None` without `--acl-file` (everything allowed).
     pub acl: Option<Arc<Acl>>,
+    /// The mesh CA; `None` without `--ca-cert` (no identities issued).
+    pub mesh_ca: Option<Arc<MeshCa>>,
     /// `X-Trellis-Epoch`; a store's epoch never changes while it runs.
     epoch: Option<HeaderValue>,
 }
@@ -42,11 +47,16 @@ pub struct ApiState<S> {
 impl<S: crate::store::Store> ApiState<S> {
     pub fn new(store: Arc<S>, config: Config, metrics: Arc<Metrics>, watches: Arc<Watches>) -> Self {
         let epoch = HeaderValue::from_str(store.epoch()).ok();
-        ApiState { store, config, metrics, watches, acl: None, epoch }
+        ApiState { store, config, metrics, watches, acl: None, mesh_ca: None, epoch }
     }
 
     /// The same state, checking requests against `acl`.
     pub fn with_acl(self, acl: Option<Arc<Acl>>) -> Self {
         ApiState { acl, ..self }
+    }
+
+    /// The same state, signing mesh identities with `mesh_ca`.
+    pub fn with_mesh_ca(self, mesh_ca: Option<Arc<MeshCa>>) -> Self {
+        ApiState { mesh_ca, ..self }
     }
 }

@@ -124,6 +124,8 @@ pub struct Config {
     pub acl: crate::acl::AclArgs,
     #[command(flatten)]
     pub limits: crate::limits::Limits,
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityArgs,
 }
 
 impl Default for Config {
@@ -182,6 +184,7 @@ impl Config {
             return Err(ConfigError("--max-body must be at least 1024 bytes".into()));
         }
         self.tls.validate().map_err(ConfigError)?;
+        self.identity.validate().map_err(ConfigError)?;
         self.connections.validate(self.max_wait).map_err(ConfigError)?;
         Ok(())
     }

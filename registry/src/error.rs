@@ -4,6 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use trellis_shared::{ErrorBody, ErrorCode, NameError};
 
+use crate::identity::{CsrError, SignFailure};
 use crate::store::StoreError;
 
 /// Everything a request can fail with. `docs/api.md` lists each code and status.
@@ -42,6 +43,15 @@ pub enum ApiError {
     /// A connection past `--max-connections` or `--max-connections-per-ip`.
     #[error("too many connections to the registry")]
     Overloaded,
+    /// `POST /v1/identity/sign` to a registry without `--ca-cert`/`--ca-key`.
+    #[error("this registry issues no identities: it was started without --ca-cert and --ca-key")]
+    NoMeshCa,
+    /// A certificate request that cannot be signed.
+    #[error(transparent)]
+    InvalidCsr(#[from] CsrError),
+    /// The mesh CA failed to sign a good request.
+    #[error(transparent)]
+    SignFailed(#[from] SignFailure),
 }
 
 impl ApiError {
@@ -73,6 +83,9 @@ impl ApiError {
             ApiError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             ApiError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             ApiError::Overloaded => ErrorCode::Overloaded,
+            ApiError::NoMeshCa => ErrorCode::NotFound,
+            ApiError::InvalidCsr(_) => ErrorCode::InvalidField,
+            ApiError::SignFailed(_) => ErrorCode::Internal,
         }
     }
 }

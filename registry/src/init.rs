@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! DIR/ca.pem               the CA every client trusts (--registry-ca, --tls-client-ca)
-//! DIR/ca-key.pem           its key (0600): keep it offline once the leaves are issued
+//! DIR/ca-key.pem           its key (0600): the registry's --ca-key when it signs mesh identities
+//!                          (docs/mtls.md), otherwise keep it offline once the leaves are issued
 //! DIR/registry.pem         the registry's certificate for the --name values
 //! DIR/registry-key.pem     its key (0600)
 //! DIR/acl.toml             --acl-file: default deny, one token per --service, admin, observer
@@ -393,8 +394,9 @@ pub fn summary(w: &Written) -> String {
     let _ = write!(
         s,
         "next:\n  \
-         registry --acl-file {d}/acl.toml --tls-cert {d}/registry.pem --tls-key {d}/registry-key.pem\n  \
-         sidecar --registry https://registry:7600 --registry-ca {d}/ca.pem --token-file {d}/tokens/SERVICE.token ...\n  \
+         registry --acl-file {d}/acl.toml --tls-cert {d}/registry.pem --tls-key {d}/registry-key.pem \
+         --ca-cert {d}/ca.pem --ca-key {d}/ca-key.pem\n  \
+         sidecar --registry https://registry:7600 --registry-ca {d}/ca.pem --token-file {d}/tokens/SERVICE.token --mtls ...\n  \
          curl --cacert {d}/ca.pem -H \"Authorization: Bearer $(cat {d}/tokens/observer.token)\" \
          https://127.0.0.1:7600/v1/services\n"
     );

@@ -17,6 +17,7 @@
 //! - [`watch`]: blocking queries: parameters, cap, wait and jitter.
 //! - [`metrics`]: Prometheus metrics, the stores' groups included.
 //! - [`pki`]: a small CA (rcgen): what `registry init` writes and tests issue.
+//! - [`identity`]: the mesh CA (`--ca-*`) signing sidecars' certificate requests.
 //! - [`init`]: `registry init DIR`: CA, certificates, ACL file and tokens in one command.
 //! - [`probe`]: the `registry probe` healthcheck.
 //! - [`tls`]: the `--tls-*` flags, the rustls configuration and its reload on SIGHUP.
@@ -27,6 +28,7 @@ pub mod brake;
 pub mod config;
 pub mod error;
 pub mod expiry;
+pub mod identity;
 pub mod init;
 pub mod limits;
 pub mod metrics;

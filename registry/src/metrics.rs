@@ -52,6 +52,8 @@ pub enum Route {
     Watch,
     Health,
     Metrics,
+    /// `POST /v1/identity/sign`.
+    IdentitySign,
     Other,
 }
 
@@ -66,6 +68,7 @@ impl Route {
             Route::Watch => "watch",
             Route::Health => "health",
             Route::Metrics => "metrics",
+            Route::IdentitySign => "identity_sign",
             Route::Other => "other",
         }
     }
@@ -121,6 +124,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Histogram>,
     pub acl_reloads: Family<ResultLabels, Counter>,
     pub auth_failures: Family<ReasonLabels, Counter>,
+    /// `POST /v1/identity/sign` answers by `result` (`ok`, `invalid`, `refused`, `no_ca`, `failed`).
+    pub certificates: Family<ResultLabels, Counter>,
     instances: Family<ServiceLabels, Gauge>,
     healthy: Family<ServiceLabels, Gauge>,
 }
@@ -148,6 +153,7 @@ impl Metrics {
             requests: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.5, 16))),
             acl_reloads: Family::default(),
             auth_failures: Family::default(),
+            certificates: Family::default(),
             instances: Family::default(),
             healthy: Family::default(),
             registry: Registry::default(),
@@ -162,6 +168,11 @@ impl Metrics {
             "registrations",
             "Successful registrations and re-registrations",
             m.registrations.clone(),
+        );
+        registry.register(
+            "certificates_signed",
+            "Mesh identity requests (POST /v1/identity/sign) by result: ok, invalid, refused, no_ca, failed",
+            m.certificates.clone(),
         );
         registry.register("heartbeats", "Heartbeats accepted", m.heartbeats.clone());
         registry.register("deregistrations", "Instances removed by a DELETE", m.deregistrations.clone());

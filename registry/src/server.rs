@@ -60,6 +60,8 @@ pub enum ServerError {
     EtcdAccess(#[from] AccessError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error("mesh CA: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// Refused connections being answered at once; past this they are just closed.
@@ -165,6 +167,13 @@ pub async fn serve<S: Store>(
             None
         }
     };
+    let mesh_ca = crate::identity::MeshCa::load(&config.identity)?.map(Arc::new);
+    if let Some(ca) = &mesh_ca {
+        info!(trust_domain = ca.trust_domain(), cert_ttl = %humantime::format_duration(config.identity.cert_ttl), "signing mesh identities");
+        if acl.is_none() {
+            warn!("mesh CA without --acl-file: anyone who can reach the registry can get a certificate for any service");
+        }
+    }
     if let Some(path) = &config.ready_file {
         let addrs = std::collections::BTreeMap::from([("listen", addr.to_string())]);
         trellis_shared::ready_file::write(path, &addrs).map_err(ServerError::ReadyFile)?;
@@ -198,7 +207,9 @@ pub async fn serve<S: Store>(
         .keep_alive_interval(limits.http2_keepalive_interval)
         .keep_alive_timeout(limits.http2_keepalive_timeout);
     let shared = Arc::new(Connections {
-        api: ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches).with_acl(acl)),
+        api: ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)
+            .with_acl(acl)
+            .with_mesh_ca(mesh_ca)),
         builder,
         tls: tls.clone(),
         limits,

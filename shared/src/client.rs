@@ -1,5 +1,5 @@
-//! The async registry client: register, heartbeat, deregister, list, get, and
-//! watches built on blocking queries.
+//! The async registry client: register, heartbeat, deregister, list, get,
+//! watches built on blocking queries, and the mesh identity's signing.
 //!
 //! It is given several registry URLs, sticks to one, and moves to the next on a
 //! transport error, a timeout or a 5xx answer, so that one registry replica dying
@@ -23,6 +23,7 @@ use url::Url;
 
 use crate::backoff::Backoff;
 use crate::error::{ErrorBody, ErrorCode};
+use crate::identity::{SignRequest, SignResponse};
 use crate::names::{InstanceId, ServiceName};
 use crate::tls::{HandshakeFailure, TlsFiles};
 use crate::token::{TokenSource, TokenSpec};
@@ -288,6 +289,12 @@ impl RegistryClient {
         let timeout = wait + wait / 16 + self.inner.config.request_timeout;
         let (url, view) = self.call_at::<(), ServiceView>(Method::GET, &path, &query, None, timeout).await?;
         check_service(url, service, view)
+    }
+
+    /// Has the registry certify the key of `req.csr` as `req.service`
+    /// (`POST /v1/identity/sign`; needs a token with write on the service).
+    pub async fn sign(&self, req: &SignRequest) -> Result<SignResponse, ClientError> {
+        self.call(Method::POST, "v1/identity/sign", &[], Some(req), self.inner.config.request_timeout).await
     }
 
     /// Follows a service: each `next()` returns a state different from the last.

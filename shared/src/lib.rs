@@ -10,6 +10,7 @@
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`client`]: the registry client with failover between several registry URLs, and watches.
 //! - [`token`]: the bearer token the client presents, from a file it re-reads or a secret.
+//! - [`identity`]: the mesh identity's wire types (`POST /v1/identity/sign`) and SPIFFE IDs.
 //! - [`tls`]: the CA, client certificate and handshake errors of TLS towards the registry.
 //! - [`ready_file`]: the JSON file a process writes with the addresses it bound (port 0).
 
@@ -17,6 +18,7 @@ pub mod backoff;
 pub mod client;
 pub mod duration;
 pub mod error;
+pub mod identity;
 pub mod names;
 pub mod ready_file;
 pub mod tls;

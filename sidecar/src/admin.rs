@@ -1,7 +1,8 @@
 //! The admin listener (localhost by default): `/ready`, `/metrics`, `/endpoints`.
 //!
-//! - `GET /ready`: 200 when the outbound proxy listens and, if a service is
-//!   configured, the app is registered; 503 otherwise and while shutting down.
+//! - `GET /ready`: 200 when the outbound proxy listens, the mesh certificate
+//!   is installed (with `--mtls`) and, if a service is configured, the app is
+//!   registered; 503 otherwise and while shutting down.
 //! - `GET /metrics`: Prometheus text; endpoint gauges are refreshed from the
 //!   directory at scrape time.
 //! - `GET /endpoints`: JSON, every known upstream endpoint with its zone,
@@ -28,6 +29,7 @@ use tracing::debug;
 use trellis_shared::{ErrorBody, ErrorCode};
 
 use crate::discovery::{ConnectivitySink, Directory, Watcher};
+use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
 
 /// Most admin connections served at once; the admin port is for probes and scrapes.
@@ -53,6 +55,8 @@ impl ConnectivitySink for Metrics {
 pub struct Readiness {
     /// `Some` when a service is configured: its registration state.
     registered: Option<watch::Receiver<bool>>,
+    /// `Some` with `--mtls`: ready once it holds a certificate.
+    identity: Option<MeshIdentity>,
     proxy_listening: AtomicBool,
     shutting_down: AtomicBool,
 }
@@ -61,9 +65,15 @@ impl Readiness {
     pub fn new(registered: Option<watch::Receiver<bool>>) -> Self {
         Readiness {
             registered,
+            identity: None,
             proxy_listening: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// The same readiness, also waiting for `identity`'s first certificate.
+    pub fn with_identity(self, identity: Option<MeshIdentity>) -> Self {
+        Readiness { identity, ..self }
     }
 
     pub fn set_proxy_listening(&self) {
@@ -82,6 +92,9 @@ impl Readiness {
         if !self.proxy_listening.load(Ordering::Acquire) {
             return Err("outbound proxy not listening yet");
         }
+        if self.identity.as_ref().is_some_and(|i| i.not_after().is_none()) {
+            return Err("no mesh certificate yet");
+        }
         match &self.registered {
             Some(r) if !*r.borrow() => Err("app not registered yet"),
             _ => Ok(()),
@@ -94,6 +107,8 @@ pub struct Admin<W: Watcher> {
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub directory: Arc<Directory<W>>,
+    /// The mesh identity, with `--mtls`: its expiry is a metric.
+    pub identity: Option<MeshIdentity>,
 }
 
 #[derive(Serialize)]
@@ -169,6 +184,9 @@ impl<W: Watcher> Admin<W> {
     }
 
     fn metrics_text(&self) -> String {
+        if let Some(identity) = &self.identity {
+            self.metrics.identity.set_expiry(identity.not_after());
+        }
         self.metrics.clear_endpoints();
         for s in self.directory.services() {
             let set = s.load();

@@ -20,11 +20,13 @@ use crate::discovery::DiscoveryConfig;
 use crate::health::{HealthCheck, HealthConfig};
 use crate::proxy::ProxyConfig;
 
+mod identity;
 mod proxy;
 mod registry_client;
 mod upgrade;
 use crate::registration::RegistrationConfig;
 use crate::shutdown::ShutdownConfig;
+pub use identity::{IdentityArgs, IdentitySettings};
 pub use proxy::ProxyArgs;
 pub use registry_client::{RegistryClientArgs, TOKEN_ENV};
 pub use upgrade::UpgradeArgs;
@@ -163,6 +165,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub upgrade: UpgradeArgs,
 
+    // ---- Mesh identity.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
     // ---- Shutdown.
     /// After deregistering, keep proxying this long so peers' watches catch up.
     #[arg(long, env = "TRELLIS_DRAIN", default_value = "2s", value_parser = duration)]
@@ -207,6 +213,8 @@ pub struct Settings {
     pub shutdown: ShutdownConfig,
     pub log_level: String,
     pub proxy: ProxyConfig,
+    /// `None` without `--mtls` (and what implies it): no mesh identity.
+    pub identity: Option<IdentitySettings>,
 }
 
 /// Splits `host:port` (`[v6]:port` for IPv6); the host may be a hostname.
@@ -314,6 +322,7 @@ impl RunArgs {
             return Err(bad("--upstream-idle-timeout must be above zero"));
         }
         self.proxy.check()?;
+        let identity = self.identity.settings(self.service.as_ref(), false)?;
 
         Ok(Settings {
             registry,
@@ -338,6 +347,7 @@ impl RunArgs {
                 self.upgrade.apply(&mut proxy)?;
                 proxy
             },
+            identity,
         })
     }
 
@@ -548,6 +558,27 @@ mod tests {
         for (args, needle) in cases {
             let e = parse(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
             assert!(e.contains(needle), "{args:?}: {e:?} does not mention {needle}");
+        }
+    }
+
+    #[test]
+    fn mesh_identity_flags() {
+        let r = ["--registry", "http://r:1"];
+        assert!(parse(&r).unwrap().identity.is_none());
+        let app = ["--service", "users", "--app", "127.0.0.1:8080"];
+        let s = parse(&[&r[..], &app[..], &["--mtls"]].concat()).unwrap().identity.unwrap();
+        assert_eq!(s.service.as_str(), "users");
+        assert_eq!(s.trust_domain.as_str(), "trellis.local");
+        let client = parse(&[&r[..], &["--identity", "web", "--trust-domain", "prod.example"]].concat()).unwrap();
+        let s = client.identity.unwrap();
+        assert_eq!((s.service.as_str(), s.trust_domain.as_str()), ("web", "prod.example"));
+        for (args, needle) in [
+            (&["--mtls"][..], "--identity"),
+            (&["--identity", "web", "--service", "users", "--app", "127.0.0.1:1"][..], "differs"),
+            (&["--mtls", "--identity", "web", "--trust-domain", "Bad Domain"][..], "--trust-domain"),
+        ] {
+            let e = parse(&[&r[..], args].concat()).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
         }
     }
 

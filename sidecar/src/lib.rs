@@ -6,6 +6,7 @@
 //! - [`config`]: CLI flags and environment variables, mapped to the structs below.
 //! - [`host`]: the host's name and address, for registration defaults.
 //! - [`health`]: checks of the local app with consecutive thresholds.
+//! - [`identity`]: the mesh identity (key, leaf, roots) and its renewal from the registry.
 //! - [`registration`]: registers the app once healthy and heartbeats its status.
 //! - [`discovery`]: one watch per upstream service, publishing [`endpoints::EndpointSet`]s;
 //!   the capped, idle-evicting `Directory` that implements [`endpoints::Resolve`].

@@ -104,6 +104,8 @@ pub struct Metrics {
     registry_auth_failures: Counter,
     endpoints_refused: Family<RefusedLabels, Counter>,
     connections: Gauge,
+    /// The mesh identity's renewals and expiry.
+    pub identity: crate::identity::renew::IdentityMetrics,
     /// Serialises scrapes so that `clear_endpoints` + `set_endpoints` from one
     /// scrape never interleave with another's encode.
     scrape: Mutex<()>,
@@ -133,6 +135,8 @@ impl Metrics {
         let registry_auth_failures = Counter::default();
         let endpoints_refused = Family::<RefusedLabels, Counter>::default();
         let connections = Gauge::default();
+        let identity = crate::identity::renew::IdentityMetrics::default();
+        identity.register(&mut registry);
         registry.register(
             "requests",
             "Proxied requests by upstream service and response status class",
@@ -209,6 +213,7 @@ impl Metrics {
             registry_auth_failures,
             endpoints_refused,
             connections,
+            identity,
             scrape: Mutex::new(()),
         }
     }

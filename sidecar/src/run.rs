@@ -19,6 +19,8 @@ use crate::config::Settings;
 use crate::discovery::Directory;
 use crate::endpoints::Resolve;
 use crate::health::{self, HealthReport};
+use crate::identity::renew::Renewer;
+use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::refuse::EndpointFilter;
@@ -98,6 +100,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let stop_proxy = CancellationToken::new();
     let stop_rest = CancellationToken::new();
 
+    // The mesh identity first: the listeners that need it refuse handshakes
+    // until its first certificate, and `/ready` waits for it.
+    let identity = settings.identity.as_ref().map(|s| {
+        let identity = MeshIdentity::new(s.trust_domain.clone(), s.service.clone());
+        let renewer = Renewer::new(client.clone(), identity.clone(), metrics.identity.clone(), s.renew.clone());
+        info!(service = %s.service, trust_domain = s.trust_domain.as_str(), "getting a mesh certificate from the registry");
+        tokio::spawn(renewer.run(stop_rest.clone()));
+        identity
+    });
+
     // The sidecar's own listeners are never endpoints (a registry entry
     // pointing at them would loop the proxy or reach the admin API).
     let mut own = vec![bound.outbound, bound.admin];
@@ -140,11 +152,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         registered = Some(registered_rx);
     }
 
-    let readiness = Arc::new(Readiness::new(registered));
+    let readiness = Arc::new(Readiness::new(registered).with_identity(identity.clone()));
     let admin_state = Arc::new(Admin {
         readiness: Arc::clone(&readiness),
         metrics: Arc::clone(&metrics),
         directory: Arc::clone(&directory),
+        identity: identity.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin_state, stop_rest.clone()));
 

@@ -8,6 +8,8 @@
 //! - `ports.rs`: ports for binaries that cannot report theirs (etcd, HAProxy, nginx).
 //! - `wait.rs`: waiting for a condition with a generous deadline.
 //! - `ws.rs`: a WebSocket echo server for the proxy's upgrade tests.
+//! - `mesh.rs`: the CA, ACL file and tokens of a mesh (`registry init`'s code),
+//!   and the flags of a registry that signs identities and a sidecar holding one.
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod etcd_secrets;
 pub mod instance;
+pub mod mesh;
 pub mod ports;
 pub mod process;
 pub mod ready;

@@ -8,7 +8,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -40,19 +40,20 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/v1/services/{service}", get(get_service::<S>))
         .route("/v1/services/{service}/instances/{id}", put(register::<S>).delete(deregister::<S>))
         .route("/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat_route::<S>))
+        .route("/v1/identity/sign", post(super::identity::sign::<S>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 
-fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+pub(super) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut resp = (status, body.into()).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // Our wire types serialise infallibly (string keys, no non-finite floats).
     serde_json::to_vec(value).unwrap_or_default()
 }
@@ -85,7 +86,7 @@ fn instance_path(
 }
 
 /// The request body read within `limit`, after the content type check; `None` when empty.
-async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Option<Bytes>, ApiError>
+pub(super) async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Option<Bytes>, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -99,7 +100,7 @@ where
 }
 
 /// The client address a request carries (absent in tests that call the service directly).
-fn client_of<B>(req: &Request<B>) -> Option<ClientAddr> {
+pub(super) fn client_of<B>(req: &Request<B>) -> Option<ClientAddr> {
     req.extensions().get::<ClientAddr>().copied()
 }
 

@@ -12,6 +12,7 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
     match path {
         "/health" => return Route::Health,
         "/metrics" => return Route::Metrics,
+        "/v1/identity/sign" => return Route::IdentitySign,
         "/v1/services" if method == Method::GET => return Route::List,
         _ => {}
     }
@@ -73,6 +74,8 @@ mod tests {
             (Method::GET, "/v1/services/", None, Route::Other),
             (Method::PUT, "/v1/services/users/instances/a/heartbeat/x", None, Route::Other),
             (Method::GET, "/v2/services", None, Route::Other),
+            (Method::POST, "/v1/identity/sign", None, Route::IdentitySign),
+            (Method::POST, "/v1/identity/sign/x", None, Route::Other),
         ];
         for (method, path, query, route) in cases {
             assert_eq!(route_of(&method, path, query), route, "{method} {path} {query:?}");
