@@ -11,6 +11,7 @@
 //! wants as the TLS server name `<service>.svc.<trust-domain>` (see [`MeshIdentity::server_name`]), and
 //! the verifier maps that name back to the SPIFFE ID the peer must present.
 
+pub mod renew;
 mod verify;
 
 use std::fmt;

@@ -2,12 +2,11 @@
 //! service, in which trust domain (docs/mtls.md).
 
 use clap::Args;
-use trellis_shared::identity::DEFAULT_TRUST_DOMAIN;
 use trellis_shared::ServiceName;
 
 use super::{bad, ConfigError};
 use crate::identity::renew::RenewConfig;
-use crate::identity::TrustDomain;
+use crate::identity::{TrustDomain, DEFAULT_TRUST_DOMAIN};
 
 /// Mesh identity flags.
 #[derive(Debug, Args)]

@@ -29,7 +29,7 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use trellis_shared::backoff::Backoff;
-use trellis_shared::identity::{spiffe_id, SignRequest, SignResponse};
+use trellis_shared::identity::{SignRequest, SignResponse};
 use trellis_shared::{ClientError, RegistryClient};
 
 use super::{IdentityError, MeshIdentity};
@@ -206,8 +206,8 @@ impl<S: Signer> Renewer<S> {
         }
     }
 
-    fn spiffe_id(&self) -> String {
-        spiffe_id(self.identity.trust_domain().as_str(), self.identity.service())
+    fn spiffe_id(&self) -> &str {
+        self.identity.spiffe_id()
     }
 
     /// One round: key, request, signature, installation. Returns the new
@@ -222,7 +222,7 @@ impl<S: Signer> Renewer<S> {
         let signed = self.signer.sign(&req).await?;
         let wanted = self.spiffe_id();
         if signed.spiffe_id != wanted {
-            return Err(RenewError::WrongIdentity { got: signed.spiffe_id, wanted });
+            return Err(RenewError::WrongIdentity { got: signed.spiffe_id, wanted: wanted.to_string() });
         }
         let lifetime = signed
             .expires()
@@ -285,7 +285,7 @@ mod tests {
         fn sign(&self, req: &SignRequest, ttl: Duration) -> SignResponse {
             let csr = CertificateSigningRequestParams::from_pem(&req.csr).unwrap();
             assert!(csr.params.subject_alt_names.is_empty(), "the request carries no names");
-            let id = spiffe_id("trellis.local", &req.service);
+            let id = trellis_shared::identity::spiffe_id("trellis.local", &req.service);
             let mut params = CertificateParams::default();
             params.distinguished_name = DistinguishedName::new();
             params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap())];
@@ -323,9 +323,16 @@ mod tests {
         async fn sign(&self, req: &SignRequest) -> Result<SignResponse, ClientError> {
             let answer = self.script.lock().unwrap().pop_front().unwrap_or(Answer::Sign);
             let ok = matches!(answer, Answer::Sign);
-            self.calls.lock().unwrap().push((Instant::now(), ok));
+            let signed_before = {
+                let mut calls = self.calls.lock().unwrap();
+                let n = calls.iter().filter(|(_, ok)| *ok).count() as u32;
+                calls.push((Instant::now(), ok));
+                n
+            };
             if ok {
-                return Ok(self.ca.sign(req, self.ttl));
+                // The wall clock hardly moves under a paused tokio clock: each
+                // leaf lives a second longer than the last, so leaves differ.
+                return Ok(self.ca.sign(req, self.ttl + Duration::from_secs(signed_before.into())));
             }
             Err(ClientError::Api {
                 url: "http://registry".parse().unwrap(),
@@ -377,9 +384,12 @@ mod tests {
         let calls = h.calls();
         assert!(calls.len() >= 4, "{calls:?}");
         assert_eq!(calls[0], (0, true), "the first round runs at once");
-        for pair in calls.windows(2) {
+        for (i, pair) in calls.windows(2).enumerate() {
+            // Leaf i lives 100 + i s, less up to 1 s: not_after has whole seconds.
+            let lifetime = 100_000 + 1000 * i as u128;
+            let (low, high) = ((lifetime - 1000) * 63 / 100, lifetime * 77 / 100);
             let gap = pair[1].0 - pair[0].0;
-            assert!((62_900..=77_000).contains(&gap), "renewed after {gap} ms of a 100 s leaf: {calls:?}");
+            assert!((low..=high).contains(&gap), "renewed after {gap} ms of a {lifetime} ms leaf: {calls:?}");
         }
         assert!(h.identity.not_after().is_some());
         assert_eq!(h.metrics.renewals(true), calls.len() as u64);
