@@ -8,6 +8,8 @@
 //! - `ports.rs`: ports for binaries that cannot report theirs (etcd, HAProxy, nginx).
 //! - `wait.rs`: waiting for a condition with a generous deadline.
 //! - `ws.rs`: a WebSocket echo server for the proxy's upgrade tests.
+//! - `mesh_pki.rs`: mesh certificates (SPIFFE URI SAN leaves, an expired one, another CA)
+//!   for the mTLS tests.
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod etcd_secrets;
 pub mod instance;
+pub mod mesh_pki;
 pub mod ports;
 pub mod process;
 pub mod ready;
