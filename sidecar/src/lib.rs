@@ -33,6 +33,7 @@ pub mod error;
 pub mod health;
 pub mod hedge;
 pub mod host;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outlier;
