@@ -319,7 +319,9 @@ impl Metrics {
     /// One calling service's decision counters; taken once per connection.
     pub fn caller(&self, caller: &str) -> CallerCounters {
         let c = |decision| {
-            self.inbound_requests.get_or_create(&CallerLabels { caller: caller.to_string(), decision }).clone()
+            self.inbound_requests
+                .get_or_create(&CallerLabels { caller: caller.to_string(), decision })
+                .clone()
         };
         CallerCounters { allowed: c("allowed"), not_allowed: c("not_allowed"), overloaded: c("overloaded") }
     }

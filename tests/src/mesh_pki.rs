@@ -5,8 +5,8 @@
 //! in the PEM strings handed to the code under test.
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// The trust domain the tests use (the sidecar's default).
@@ -50,12 +50,18 @@ impl MeshCa {
         self.leaf_valid(service, date_time_ymd(2020, 1, 1), date_time_ymd(2021, 1, 1))
     }
 
-    fn leaf_valid(&self, service: &str, not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Leaf {
+    fn leaf_valid(
+        &self,
+        service: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
         let key = KeyPair::generate().expect("generate a leaf key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf parameters");
         let uri = format!("spiffe://{TRUST_DOMAIN}/svc/{service}");
         params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("a SPIFFE ID is IA5"))];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
         params.not_after = not_after;

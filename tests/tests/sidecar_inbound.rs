@@ -52,14 +52,19 @@ fn name(s: &str) -> ServiceName {
 }
 
 fn identity(ca: &MeshCa, service: &str, leaf: &Leaf) -> MeshIdentity {
-    MeshIdentity::from_pem(TrustDomain::default(), name(service), &ca.cert_pem, &leaf.chain_pem, &leaf.key_pem)
-        .expect("an identity from test certificates")
+    MeshIdentity::from_pem(
+        TrustDomain::default(),
+        name(service),
+        &ca.cert_pem,
+        &leaf.chain_pem,
+        &leaf.key_pem,
+    )
+    .expect("an identity from test certificates")
 }
 
 // ---- The app behind the inbound side.
 
 /// What the test app saw.
-#[derive(Default)]
 struct AppState {
     /// Every request that reached it.
     hits: AtomicUsize,
@@ -125,7 +130,11 @@ async fn app_answer(state: Arc<AppState>, req: Request<Incoming>) -> Response<Ap
 async fn app() -> (SocketAddr, Arc<AppState>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = Arc::new(AppState::default());
+    let state = Arc::new(AppState {
+        hits: AtomicUsize::new(0),
+        held: AtomicUsize::new(0),
+        release: Semaphore::new(0),
+    });
     let s = Arc::clone(&state);
     tokio::spawn(async move {
         loop {
@@ -170,7 +179,8 @@ async fn mesh(app: SocketAddr, allow_from: AllowFrom, max_concurrency: usize) ->
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    let config = InboundConfig { app: app.to_string(), allow_from, max_concurrency, ..InboundConfig::DEFAULT };
+    let config =
+        InboundConfig { app: app.to_string(), allow_from, max_concurrency, ..InboundConfig::DEFAULT };
     let served =
         tokio::spawn(inbound::serve(listener, server, config, Arc::clone(&metrics), shutdown.clone()));
     Mesh { ca, addr, metrics, shutdown, served }
@@ -354,7 +364,10 @@ async fn server_sent_events_stream_event_by_event() {
     assert_eq!(got, "data: event 0\n\ndata: event 1\n\ndata: event 2\n\n");
     // The app spaces the events 400 ms in all: the first cannot have waited for the last.
     assert!(total >= Duration::from_millis(400), "{total:?}");
-    assert!(total - first_at >= Duration::from_millis(300), "the first event was held back: {first_at:?} of {total:?}");
+    assert!(
+        total - first_at >= Duration::from_millis(300),
+        "the first event was held back: {first_at:?} of {total:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,11 +445,12 @@ impl ServerCertVerifier for AnyServer {
 
 /// A client presenting `leaf` (or nothing), trusting any server.
 fn client(leaf: Option<&Leaf>) -> TlsConnector {
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer));
     let mut config = match leaf {
         None => builder.with_no_client_auth(),
         Some(l) => {
@@ -475,7 +489,11 @@ async fn connections_without_a_valid_certificate_fail_at_the_handshake() {
     plain.write_all(b"GET /caller HTTP/1.1\r\nhost: users\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(WITHIN, plain.read_to_end(&mut answer)).await.expect("the server closes");
-    assert!(!answer.starts_with(b"HTTP/"), "plain text got an HTTP answer: {:?}", String::from_utf8_lossy(&answer));
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain text got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
 
     let other_ca = MeshCa::new("another CA");
     let cases: [(&str, Option<Leaf>, &str); 3] = [
@@ -550,8 +568,10 @@ async fn shutdown_stops_accepting_and_lets_a_request_in_flight_finish() {
     })
     .await;
     m.shutdown.cancel();
-    wait_for("the listener to close", WITHIN, || async { TcpStream::connect(m.addr).await.is_err().then_some(()) })
-        .await;
+    wait_for("the listener to close", WITHIN, || async {
+        TcpStream::connect(m.addr).await.is_err().then_some(())
+    })
+    .await;
     assert!(!m.served.is_finished(), "it waits for the request in flight");
     app.release.add_permits(1);
     assert_eq!(in_flight.await.unwrap(), (StatusCode::OK, "released".to_string()));

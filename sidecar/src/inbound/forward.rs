@@ -50,8 +50,6 @@ pub(super) struct Context {
     /// Whether the app speaks HTTP/2 (learnt on the first HTTP/2 request).
     pub protocols: protocol::Protocols,
     pub builder: auto::Builder<TokioExecutor>,
-    /// The `max_connections` permits (upgraded connections keep theirs).
-    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Context {
@@ -65,7 +63,7 @@ impl Context {
         }
     }
 
-    fn app_failed(&self, cause: String) -> ProxyError {
+    pub(super) fn app_failed(&self, cause: String) -> ProxyError {
         ProxyError::UpstreamFailed { service: self.identity.service().clone(), attempts: 1, cause }
     }
 }
@@ -75,7 +73,8 @@ pub(super) async fn handle(ctx: &Context, caller: &Caller, req: Request<Incoming
     let is_grpc = grpc::is_grpc(req.headers());
     if !caller.allowed {
         caller.counters.not_allowed.inc();
-        let e = ProxyError::NotAllowed { caller: caller.service.clone(), callee: ctx.identity.service().clone() };
+        let e =
+            ProxyError::NotAllowed { caller: caller.service.clone(), callee: ctx.identity.service().clone() };
         return ctx.error(&e, is_grpc);
     }
     let guard = ctx.app.begin_timed(false);
@@ -143,7 +142,9 @@ async fn forward(
     loop {
         let (tx, reused) = match ctx.pool.checkout(&app.authority) {
             Some(tx) => (tx, true),
-            None => (ctx.pool.connect(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?, false),
+            None => {
+                (ctx.pool.connect(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?, false)
+            }
         };
         match ctx.pool.send_on(&app.authority, tx, reused, up).await {
             Ok((resp, checkin)) => return Ok(relay(resp, guard, Some(checkin))),

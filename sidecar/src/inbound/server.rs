@@ -27,7 +27,7 @@ use trellis_shared::InstanceId;
 use super::caller::Caller;
 use super::forward::{self, Context};
 use super::InboundConfig;
-use crate::endpoints::{Endpoint, EndpointState};
+use crate::endpoints::Endpoint;
 use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::proxy::{pool, protocol, upgrade};
@@ -86,7 +86,6 @@ pub async fn serve(
         h2,
         protocols: protocol::Protocols::default(),
         builder,
-        connections: Arc::clone(&connections),
     });
     let local = listener.local_addr()?;
     info!(addr = %local, app = %ctx.app.authority, allow_from = ?ctx.config.allow_from, "inbound listening");
@@ -187,7 +186,9 @@ async fn connection(
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = ctx.builder.serve_connection_with_upgrades(TokioIo::new(Watched::new(tls, activity.clone())), service);
+    let conn = ctx
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(Watched::new(tls, activity.clone())), service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {

@@ -63,7 +63,8 @@ pub(super) async fn forward(
     });
     let mut up = Request::new(body);
     *up.method_mut() = parts.method;
-    *up.uri_mut() = Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    *up.uri_mut() =
+        Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
     *up.version_mut() = Version::HTTP_11;
     *up.headers_mut() = parts.headers;
     let mut resp = sender.send_request(up).await.map_err(|e| ctx.app_failed(cause::chain(&e)))?;
