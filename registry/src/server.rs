@@ -10,7 +10,7 @@
 
 pub mod limits;
 pub mod per_ip;
-pub mod watchdog;
+pub use trellis_shared::watchdog;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -305,7 +305,7 @@ where
     let api = shared.api.hyper_service(peer);
     let tracked = activity.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let in_flight = tracked.start(req.version());
+        let in_flight = tracked.start(req.version() == hyper::Version::HTTP_2);
         let answer = api.call(req);
         async move {
             let resp = answer.await;

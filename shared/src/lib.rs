@@ -1,7 +1,7 @@
 //! Trellis shared crate: the registry's wire types and the async registry client.
 //!
 //! Both the registry and the sidecar depend on this crate and never on each other.
-//! It holds no server runtime.
+//! It holds no server runtime beyond [`watchdog`], the connection deadlines both servers share.
 //!
 //! - [`names`]: validated service names, instance ids, zones and addresses.
 //! - [`duration`]: durations on the wire as strings like `500ms`, `5s`, `1m`.
@@ -13,6 +13,8 @@
 //! - [`identity`]: the mesh identity's wire types (`POST /v1/identity/sign`) and SPIFFE IDs.
 //! - [`tls`]: the CA, client certificate and handshake errors of TLS towards the registry.
 //! - [`ready_file`]: the JSON file a process writes with the addresses it bound (port 0).
+//! - [`watchdog`]: a server connection's header and idle deadlines (the registry's listener,
+//!   the sidecar's inbound side); the one piece of server plumbing kept here, so it is written once.
 
 pub mod backoff;
 pub mod client;
@@ -24,6 +26,7 @@ pub mod ready_file;
 pub mod tls;
 pub mod token;
 pub mod types;
+pub mod watchdog;
 
 pub use client::{ClientConfig, ClientError, RegistryClient, Watch};
 pub use duration::WireDuration;

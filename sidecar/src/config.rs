@@ -18,15 +18,18 @@ use trellis_shared::{
 
 use crate::discovery::DiscoveryConfig;
 use crate::health::{HealthCheck, HealthConfig};
+use crate::inbound::InboundConfig;
 use crate::proxy::ProxyConfig;
 
 mod identity;
+mod inbound;
 mod proxy;
 mod registry_client;
 mod upgrade;
 use crate::registration::RegistrationConfig;
 use crate::shutdown::ShutdownConfig;
 pub use identity::{IdentityArgs, IdentitySettings};
+pub use inbound::InboundArgs;
 pub use proxy::ProxyArgs;
 pub use registry_client::{RegistryClientArgs, TOKEN_ENV};
 pub use upgrade::UpgradeArgs;
@@ -132,7 +135,8 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// Once every listener is bound, write their addresses here as JSON:
-    /// `{"outbound":"IP:PORT","admin":"IP:PORT","upstreams":{"NAME":"IP:PORT"}}`
+    /// `{"outbound":"IP:PORT","admin":"IP:PORT","upstreams":{"NAME":"IP:PORT"}}`, and
+    /// `"inbound":"IP:PORT"` with --inbound
     /// (how a caller learns the ports when a listener was given port 0).
     #[arg(long, env = "TRELLIS_READY_FILE", value_name = "PATH")]
     pub ready_file: Option<std::path::PathBuf>,
@@ -168,6 +172,9 @@ pub struct RunArgs {
     // ---- Mesh identity.
     #[command(flatten)]
     pub identity: IdentityArgs,
+    // ---- Inbound (mutual TLS in front of the app).
+    #[command(flatten)]
+    pub inbound: InboundArgs,
 
     // ---- Shutdown.
     /// After deregistering, keep proxying this long so peers' watches catch up.
@@ -215,6 +222,15 @@ pub struct Settings {
     pub proxy: ProxyConfig,
     /// `None` without `--mtls` (and what implies it): no mesh identity.
     pub identity: Option<IdentitySettings>,
+    /// The inbound side (`--inbound`), when on.
+    pub inbound: Option<InboundSettings>,
+}
+
+/// Where the inbound side listens and how it behaves.
+#[derive(Debug, Clone)]
+pub struct InboundSettings {
+    pub listen: SocketAddr,
+    pub config: InboundConfig,
 }
 
 /// Splits `host:port` (`[v6]:port` for IPv6); the host may be a hostname.
@@ -322,7 +338,17 @@ impl RunArgs {
             return Err(bad("--upstream-idle-timeout must be above zero"));
         }
         self.proxy.check()?;
-        let identity = self.identity.settings(self.service.as_ref(), false)?;
+        let proxy = {
+            let mut proxy = ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() };
+            proxy.balance.zone.local = self.zone.clone();
+            self.upgrade.apply(&mut proxy)?;
+            proxy
+        };
+        let inbound = self
+            .inbound
+            .config(app.as_ref().map(|a| a.health.target.as_str()), &proxy)?
+            .map(|(listen, config)| InboundSettings { listen, config });
+        let identity = self.identity.settings(self.service.as_ref(), inbound.is_some())?;
 
         Ok(Settings {
             registry,
@@ -341,21 +367,19 @@ impl RunArgs {
             workers: self.workers,
             shutdown: ShutdownConfig { drain: self.drain, grace: self.grace },
             log_level: self.log_level.clone(),
-            proxy: {
-                let mut proxy = ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() };
-                proxy.balance.zone.local = self.zone.clone();
-                self.upgrade.apply(&mut proxy)?;
-                proxy
-            },
+            proxy,
+            inbound,
             identity,
         })
     }
 
     fn app_settings(&self, service: &ServiceName, app: &str) -> Result<AppSettings, ConfigError> {
         let (app_host, app_port) = parse_host_port(app, "--app")?;
-        let (address, port) = match &self.advertise {
-            Some(a) => parse_host_port(a, "--advertise")?,
-            None => (crate::host::default_advertise_host(&app_host), app_port),
+        // Behind an inbound side, peers reach the app through it only.
+        let (address, port) = match (&self.advertise, self.inbound.inbound) {
+            (Some(a), _) => parse_host_port(a, "--advertise")?,
+            (None, Some(inbound)) => (crate::host::default_advertise_host(&app_host), inbound.port()),
+            (None, None) => (crate::host::default_advertise_host(&app_host), app_port),
         };
         let id = match &self.instance_id {
             Some(id) => id.clone(),
@@ -395,7 +419,14 @@ impl RunArgs {
         request.weight = Some(self.weight);
         request.metadata = parse_metadata(&self.metadata)?;
         request.status = Some(HealthStatus::Passing);
-        request.validate().map_err(bad)?;
+        request.mesh_tls = self.inbound.inbound.is_some();
+        // An inbound port of 0 is chosen by the kernel; `run` advertises the
+        // bound port, so only the rest is checked here.
+        let mut checked = request.clone();
+        if checked.port == 0 {
+            checked.port = 1;
+        }
+        checked.validate().map_err(bad)?;
         Ok(AppSettings {
             registration: RegistrationConfig {
                 service: service.clone(),
@@ -579,6 +610,67 @@ mod tests {
         ] {
             let e = parse(&[&r[..], args].concat()).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn inbound_is_advertised_with_mesh_tls_and_forwards_to_the_app() {
+        let app = ["--registry", "http://r:1", "--service", "users", "--app", "127.0.0.1:8080"];
+        let with = |extra: &[&str]| {
+            let mut args = app.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).unwrap()
+        };
+        let s = with(&["--inbound", "0.0.0.0:15006", "--allow-from", "web,admin", "--allow-from", "web"]);
+        let request = &s.app.as_ref().unwrap().registration.request;
+        assert_eq!((request.port, request.mesh_tls), (15006, true));
+        let inbound = s.inbound.unwrap();
+        assert_eq!(inbound.listen, "0.0.0.0:15006".parse().unwrap());
+        assert_eq!(inbound.config.app, "127.0.0.1:8080");
+        let allowed = vec![ServiceName::new("admin").unwrap(), ServiceName::new("web").unwrap()];
+        assert_eq!(inbound.config.allow_from, crate::inbound::AllowFrom::Only(allowed));
+        assert_eq!(inbound.config.max_concurrency, InboundConfig::DEFAULT.max_concurrency);
+        // Port 0: `run` advertises the port bound.
+        let s = with(&["--inbound", "127.0.0.1:0"]);
+        assert_eq!(s.app.unwrap().registration.request.port, 0);
+        assert_eq!(s.inbound.unwrap().config.allow_from, crate::inbound::AllowFrom::Any);
+        // --advertise still wins.
+        let s = with(&["--inbound", "0.0.0.0:15006", "--advertise", "users-1:443"]);
+        assert_eq!(s.app.unwrap().registration.request.port, 443);
+        // Without --inbound: the app's own port, in plain text.
+        let s = with(&[]);
+        let request = &s.app.as_ref().unwrap().registration.request;
+        assert_eq!((request.port, request.mesh_tls), (8080, false));
+        assert!(s.inbound.is_none());
+    }
+
+    #[test]
+    fn inbound_flags_are_checked() {
+        let app = ["--service", "users", "--app", "127.0.0.1:8080", "--inbound", "127.0.0.1:0"];
+        let cases: &[(&[&str], &str)] = &[
+            (&["--inbound", "127.0.0.1:15006"], "--inbound needs --service"),
+            (&["--allow-from", "web"], "--allow-from needs --inbound"),
+            (&["--inbound", "nowhere"], "--inbound"),
+            (&["--allow-from", "Not_A_Name"], "--allow-from"),
+        ];
+        for (args, needle) in cases {
+            let mut all = vec!["--registry", "http://r:1"];
+            all.extend_from_slice(args);
+            let e = parse(&all).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(e.contains(needle), "{args:?}: {e:?} does not mention {needle}");
+        }
+        let with_app: &[(&[&str], &str)] = &[
+            (&["--inbound-max-concurrency", "0"], "--inbound-max-concurrency"),
+            (&["--inbound-max-connections", "0"], "--inbound-max-connections"),
+            (&["--inbound-header-timeout", "0s"], "--inbound-header-timeout"),
+            (&["--inbound-idle-timeout", "5s"], "--inbound-idle-timeout"),
+        ];
+        for (args, needle) in with_app {
+            let mut all = vec!["--registry", "http://r:1"];
+            all.extend_from_slice(&app);
+            all.extend_from_slice(args);
+            let e = parse(&all).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(e.contains(needle), "{args:?}: {e:?} does not mention {needle}");
         }
     }
 

@@ -18,6 +18,7 @@
 //! - [`zone`]: zone-aware routing: keep traffic in the caller's zone, spill over with hysteresis.
 //! - [`retry`]: retry policy and retry budget.
 //! - [`proxy`]: the outbound proxy server.
+//! - [`inbound`]: the inbound side: mutual TLS in front of the app, `--allow-from`, `x-trellis-caller`.
 //! - [`error`]: sidecar-produced errors mapped to status and JSON in one place.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: `/ready`, `/metrics`, `/endpoints`.
@@ -34,6 +35,7 @@ pub mod health;
 pub mod hedge;
 pub mod host;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;

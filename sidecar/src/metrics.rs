@@ -62,7 +62,19 @@ enum Code {
     timeout,
     bad_request,
     overloaded,
+    not_allowed,
     other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabels {
+    caller: String,
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,6 +118,9 @@ pub struct Metrics {
     connections: Gauge,
     /// The mesh identity's renewals and expiry.
     pub identity: crate::identity::renew::IdentityMetrics,
+    inbound_requests: Family<CallerLabels, Counter>,
+    inbound_closed: Family<ClosedLabels, Counter>,
+    inbound_connections: Gauge,
     /// Serialises scrapes so that `clear_endpoints` + `set_endpoints` from one
     /// scrape never interleave with another's encode.
     scrape: Mutex<()>,
@@ -137,6 +152,9 @@ impl Metrics {
         let connections = Gauge::default();
         let identity = crate::identity::renew::IdentityMetrics::default();
         identity.register(&mut registry);
+        let inbound_requests = Family::<CallerLabels, Counter>::default();
+        let inbound_closed = Family::<ClosedLabels, Counter>::default();
+        let inbound_connections = Gauge::default();
         registry.register(
             "requests",
             "Proxied requests by upstream service and response status class",
@@ -196,6 +214,23 @@ impl Metrics {
             "Open inbound connections on the outbound port",
             connections.clone(),
         );
+        registry.register(
+            "inbound_requests",
+            "Requests on the inbound port by calling service (from its certificate) and decision (allowed, \
+             not_allowed by --allow-from, overloaded past --inbound-max-concurrency)",
+            inbound_requests.clone(),
+        );
+        registry.register(
+            "inbound_connections_closed",
+            "Inbound connections closed by the sidecar, by reason (over_limit, no_certificate, \
+             bad_certificate, not_tls, handshake_failed, handshake_timeout, no_identity, header_timeout, idle)",
+            inbound_closed.clone(),
+        );
+        registry.register(
+            "inbound_open_connections",
+            "Open connections on the inbound port (upgraded ones included)",
+            inbound_connections.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -214,6 +249,9 @@ impl Metrics {
             endpoints_refused,
             connections,
             identity,
+            inbound_requests,
+            inbound_closed,
+            inbound_connections,
             scrape: Mutex::new(()),
         }
     }
@@ -264,6 +302,7 @@ impl Metrics {
             ErrorCode::Timeout => Code::timeout,
             ErrorCode::BadRequest => Code::bad_request,
             ErrorCode::Overloaded => Code::overloaded,
+            ErrorCode::NotAllowed => Code::not_allowed,
             _ => Code::other,
         };
         self.errors.get_or_create(&ErrorLabels { code }).inc();
@@ -271,6 +310,25 @@ impl Metrics {
 
     pub(crate) fn connections(&self) -> &Gauge {
         &self.connections
+    }
+
+    pub(crate) fn inbound_connections(&self) -> &Gauge {
+        &self.inbound_connections
+    }
+
+    /// Counts an inbound connection the sidecar closed, by reason.
+    pub fn inbound_closed(&self, reason: &'static str) {
+        self.inbound_closed.get_or_create(&ClosedLabels { reason }).inc();
+    }
+
+    /// One calling service's decision counters; taken once per connection.
+    pub fn caller(&self, caller: &str) -> CallerCounters {
+        let c = |decision| {
+            self.inbound_requests
+                .get_or_create(&CallerLabels { caller: caller.to_string(), decision })
+                .clone()
+        };
+        CallerCounters { allowed: c("allowed"), not_allowed: c("not_allowed"), overloaded: c("overloaded") }
     }
 
     /// The handles of one upstream service's metrics; cheap to use per request.
@@ -319,6 +377,14 @@ impl ServiceMetrics {
         self.requests[class].inc();
         self.duration.observe(seconds);
     }
+}
+
+/// The inbound decisions about one calling service.
+#[derive(Debug, Clone)]
+pub struct CallerCounters {
+    pub allowed: Counter,
+    pub not_allowed: Counter,
+    pub overloaded: Counter,
 }
 
 /// One service's `grpc_responses` counters, one per status code.

@@ -107,16 +107,18 @@
 
 mod attempts;
 mod body;
-mod cause;
+// Shared with the inbound side: cause, forward's `ensure_host`, grpc,
+// headers, pool, protocol and upgrade's splice.
+pub(crate) mod cause;
 mod connect;
-mod forward;
-mod grpc;
-mod headers;
-mod pool;
-mod protocol;
+pub(crate) mod forward;
+pub(crate) mod grpc;
+pub(crate) mod headers;
+pub(crate) mod pool;
+pub(crate) mod protocol;
 mod route;
 mod server;
-mod upgrade;
+pub(crate) mod upgrade;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The sidecar assembled: binds the listeners, starts health checks,
-//! registration, discovery, the admin server and the outbound proxy, and shuts
+//! registration, discovery, the admin server, the outbound proxy and the
+//! inbound side (with `--inbound`), and shuts
 //! them down in order (see [`crate::shutdown`]). `main.rs` only parses the
 //! command line, sets up logging and the runtime, and calls [`run`].
 
@@ -21,6 +22,7 @@ use crate::endpoints::Resolve;
 use crate::health::{self, HealthReport};
 use crate::identity::renew::Renewer;
 use crate::identity::MeshIdentity;
+use crate::inbound;
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::refuse::EndpointFilter;
@@ -40,6 +42,8 @@ pub enum RunError {
     Client(ClientError),
     #[error("the outbound proxy stopped: {0}")]
     ProxyStopped(String),
+    #[error("the inbound side stopped: {0}")]
+    InboundStopped(String),
 }
 
 /// What `--ready-file` reports: the addresses actually bound.
@@ -48,10 +52,16 @@ struct BoundAddrs {
     outbound: SocketAddr,
     admin: SocketAddr,
     upstreams: std::collections::BTreeMap<String, SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inbound: Option<SocketAddr>,
 }
 
 impl BoundAddrs {
-    fn of(listeners: &[proxy::Listener], admin: &TcpListener) -> std::io::Result<Self> {
+    fn of(
+        listeners: &[proxy::Listener],
+        admin: &TcpListener,
+        inbound: Option<&TcpListener>,
+    ) -> std::io::Result<Self> {
         let mut outbound = None;
         let mut upstreams = std::collections::BTreeMap::new();
         for l in listeners {
@@ -64,7 +74,17 @@ impl BoundAddrs {
             }
         }
         let outbound = outbound.ok_or_else(|| std::io::Error::other("no outbound listener"))?;
-        Ok(BoundAddrs { outbound, admin: admin.local_addr()?, upstreams })
+        let inbound = inbound.map(TcpListener::local_addr).transpose()?;
+        Ok(BoundAddrs { outbound, admin: admin.local_addr()?, upstreams, inbound })
+    }
+}
+
+/// Why a listener's task ended on its own.
+fn stopped(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "it stopped unexpectedly".into(),
+        Ok(Err(e)) => format!("it failed: {e}"),
+        Err(e) => format!("it crashed: {e}"),
     }
 }
 
@@ -84,8 +104,13 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         listeners.push(proxy::Listener { listener, service: Some(service.clone()) });
     }
     let admin_listener = bind(settings.admin, "--admin").await?;
-    let bound = BoundAddrs::of(&listeners, &admin_listener).map_err(RunError::Listener)?;
-    info!(outbound = %bound.outbound, admin = %bound.admin, "listeners bound");
+    let inbound_listener = match &settings.inbound {
+        Some(inbound) => Some(bind(inbound.listen, "--inbound").await?),
+        None => None,
+    };
+    let bound =
+        BoundAddrs::of(&listeners, &admin_listener, inbound_listener.as_ref()).map_err(RunError::Listener)?;
+    info!(outbound = %bound.outbound, admin = %bound.admin, inbound = ?bound.inbound, "listeners bound");
     if let Some(path) = &settings.ready_file {
         trellis_shared::ready_file::write(path, &bound)
             .map_err(|source| RunError::ReadyFile { path: path.clone(), source })?;
@@ -114,6 +139,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     // pointing at them would loop the proxy or reach the admin API).
     let mut own = vec![bound.outbound, bound.admin];
     own.extend(bound.upstreams.values().copied());
+    own.extend(bound.inbound);
     let directory = Arc::new(
         Directory::new(
             client.clone(),
@@ -130,11 +156,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let mut registration_task = None;
     let mut registered = None;
-    if let Some(app) = settings.app.clone() {
+    if let Some(mut app) = settings.app.clone() {
+        // `--inbound` on port 0 without `--advertise`: advertise the port bound.
+        if let (0, Some(inbound)) = (app.registration.request.port, bound.inbound) {
+            app.registration.request.port = inbound.port();
+        }
         info!(
             service = %app.registration.service,
             instance = %app.registration.id,
             advertise = %format!("{}:{}", app.registration.request.address, app.registration.request.port),
+            mesh_tls = app.registration.request.mesh_tls,
             app = %app.health.target,
             "registering the local app once healthy"
         );
@@ -169,6 +200,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         Arc::clone(&metrics),
         stop_proxy.clone(),
     ));
+    let mut inbound_task = match (inbound_listener, &settings.inbound, &identity) {
+        (Some(listener), Some(inbound), Some(identity)) => {
+            // `--inbound` implies the identity (config.rs); until its first
+            // certificate is installed every handshake fails.
+            let identity = identity.clone();
+            Some(tokio::spawn(inbound::serve(
+                listener,
+                identity,
+                inbound.config.clone(),
+                Arc::clone(&metrics),
+                stop_proxy.clone(),
+            )))
+        }
+        _ => None,
+    };
     readiness.set_proxy_listening();
     info!(outbound = %bound.outbound, admin = %bound.admin, registry = %client.current_url(), "sidecar started");
 
@@ -176,11 +222,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         sig = shutdown::signal() => info!(signal = sig, "shutting down: deregistering, then draining"),
         r = &mut proxy_task => {
             stop_rest.cancel();
-            return Err(match r {
-                Ok(Ok(())) => RunError::ProxyStopped("it stopped unexpectedly".into()),
-                Ok(Err(e)) => RunError::ProxyStopped(format!("it failed: {e}")),
-                Err(e) => RunError::ProxyStopped(format!("it crashed: {e}")),
-            });
+            return Err(RunError::ProxyStopped(stopped(r)));
+        }
+        Some(r) = async { Some((&mut inbound_task.as_mut()?).await) } => {
+            stop_proxy.cancel();
+            stop_rest.cancel();
+            return Err(RunError::InboundStopped(stopped(r)));
         }
     }
     let started = tokio::time::Instant::now();
@@ -223,6 +270,13 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => error!(error = %e, "outbound proxy ended with an error"),
                 Err(e) => error!(error = %e, "outbound proxy crashed"),
+            }
+            if let Some(task) = inbound_task.as_mut() {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => error!(error = %e, "inbound side ended with an error"),
+                    Err(e) => error!(error = %e, "inbound side crashed"),
+                }
             }
         },
         &force,

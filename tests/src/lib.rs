@@ -10,6 +10,8 @@
 //! - `ws.rs`: a WebSocket echo server for the proxy's upgrade tests.
 //! - `mesh.rs`: the CA, ACL file and tokens of a mesh (`registry init`'s code),
 //!   and the flags of a registry that signs identities and a sidecar holding one.
+//! - `mesh_pki.rs`: mesh certificates (SPIFFE URI SAN leaves, an expired one, another CA)
+//!   for the mTLS tests.
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -21,6 +23,7 @@ pub mod admin;
 pub mod etcd_secrets;
 pub mod instance;
 pub mod mesh;
+pub mod mesh_pki;
 pub mod ports;
 pub mod process;
 pub mod ready;

@@ -424,7 +424,7 @@ async fn read_whole(
 
 /// Absolute-form or HTTP/2 without Host: the upstream sees the service name
 /// it was addressed by, not the endpoint's address.
-pub(super) fn ensure_host(parts: &mut http::request::Parts) {
+pub(crate) fn ensure_host(parts: &mut http::request::Parts) {
     if !parts.headers.contains_key(http::header::HOST) {
         if let Some(a) = parts.uri.authority() {
             if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {

@@ -20,7 +20,7 @@
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,14 +56,14 @@ fn connection_has_upgrade(h: &HeaderMap) -> bool {
 /// on, put in that request's extensions so the upgraded connection can take
 /// it over once the endpoint switched protocols.
 #[derive(Clone)]
-pub(super) struct ConnectionPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub(crate) struct ConnectionPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
 
 impl ConnectionPermit {
-    pub(super) fn new(permit: OwnedSemaphorePermit) -> ConnectionPermit {
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> ConnectionPermit {
         ConnectionPermit(Arc::new(Mutex::new(Some(permit))))
     }
 
-    fn take(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn take(&self) -> Option<OwnedSemaphorePermit> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 }
@@ -206,9 +206,7 @@ const SPLICE_BUFFER: usize = 8 * 1024;
 
 /// Copies bytes both ways until either side closes (or fails), or no byte
 /// moved either way for `idle`; the endpoint stays counted in flight until
-/// then. The side that ended has its peer's write half shut down after
-/// everything it sent was passed on; anything still coming the other way has
-/// nobody left to read it.
+/// then.
 async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, held: Held, idle: Duration) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -218,12 +216,33 @@ async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, held: Held, idle: Du
         }
     };
     held.gauge.inc();
+    let (closed_by, result) = splice_upgraded(down, up, idle).await;
+    let instance = &held.guard.endpoint().id;
+    match result {
+        Ok(bytes) => debug!(%instance, closed_by, bytes, "upgraded connection closed"),
+        Err(e) => debug!(%instance, closed_by, error = %e, "upgraded connection failed"),
+    }
+    held.gauge.dec();
+    drop(held);
+}
+
+/// Copies bytes both ways between two upgraded connections until either side
+/// closes (or fails), or no byte moved either way for `idle`; returns which
+/// side ended it (`client`, `endpoint` or `idle timeout`) and the bytes the
+/// ending side passed on. The side that ended has its peer's write half shut
+/// down after everything it sent was passed on; anything still coming the
+/// other way has nobody left to read it.
+pub(crate) async fn splice_upgraded(
+    down: Upgraded,
+    up: Upgraded,
+    idle: Duration,
+) -> (&'static str, std::io::Result<u64>) {
     let (mut down_r, mut down_w) = tokio::io::split(TokioIo::new(down));
     let (mut up_r, mut up_w) = tokio::io::split(TokioIo::new(up));
     // Milliseconds since `began` at the last byte moved, either way.
     let began = Instant::now();
     let activity = AtomicU64::new(0);
-    let (closed_by, result) = {
+    let ended = {
         let to_upstream = async { ("client", pass(&mut down_r, &mut up_w, &activity, began).await) };
         let to_client = async { ("endpoint", pass(&mut up_r, &mut down_w, &activity, began).await) };
         let watchdog = async {
@@ -245,13 +264,7 @@ async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, held: Held, idle: Du
         }
     };
     let _ = tokio::join!(up_w.shutdown(), down_w.shutdown());
-    let instance = &held.guard.endpoint().id;
-    match result {
-        Ok(bytes) => debug!(%instance, closed_by, bytes, "upgraded connection closed"),
-        Err(e) => debug!(%instance, closed_by, error = %e, "upgraded connection failed"),
-    }
-    held.gauge.dec();
-    drop(held);
+    ended
 }
 
 /// Copies `from` to `to` until end of stream (then shuts `to` down), noting

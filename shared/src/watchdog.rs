@@ -1,4 +1,5 @@
-//! What each connection is doing, and when it has been silent or idle too long.
+//! What each server connection is doing, and when it has been silent or idle
+//! too long: the registry's listener and the sidecar's inbound side share it.
 //!
 //! hyper's own HTTP/1.1 header timeout cannot serve here: it starts when the
 //! connection goes idle, so it also closes keep-alive connections after that
@@ -83,9 +84,9 @@ impl Activity {
         self.opened + Duration::from_millis(ms)
     }
 
-    /// A request head arrived and is about to be served.
-    pub fn start(self: &Arc<Self>, version: hyper::Version) -> InFlight {
-        if version == hyper::Version::HTTP_2 {
+    /// A request head arrived and is about to be served (`http2`: over HTTP/2).
+    pub fn start(self: &Arc<Self>, http2: bool) -> InFlight {
+        if http2 {
             self.http2.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -220,7 +221,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_after_requests_then_a_slow_second_head() {
         let a = Activity::new(HEADER, IDLE);
-        let req = a.start(hyper::Version::HTTP_11);
+        let req = a.start(false);
         tokio::time::advance(Duration::from_secs(100)).await;
         assert!(matches!(a.verdict(Instant::now()), Verdict::WaitUntil(_)), "busy is never idle");
         drop(req);
@@ -239,14 +240,14 @@ mod tests {
         assert_eq!(a.verdict(first_byte), Verdict::WaitUntil(first_byte + HEADER));
         assert_eq!(a.verdict(first_byte + HEADER), Verdict::HeaderTimeout);
         // The head completes: the rules start over.
-        let _req = a.start(hyper::Version::HTTP_11);
+        let _req = a.start(false);
         assert!(matches!(a.verdict(first_byte + HEADER), Verdict::WaitUntil(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn http2_reads_while_idle_are_not_heads() {
         let a = Activity::new(HEADER, IDLE);
-        drop(a.start(hyper::Version::HTTP_2));
+        drop(a.start(true));
         let ended = Instant::now();
         a.bytes_read();
         assert_eq!(a.verdict(ended + HEADER), Verdict::WaitUntil(ended + IDLE));
