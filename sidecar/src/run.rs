@@ -109,7 +109,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             Arc::clone(&metrics) as _,
             stop_rest.clone(),
         )
-        .with_filter(EndpointFilter::for_listeners(own)),
+        .with_filter(EndpointFilter::for_listeners(own).require_mtls(settings.proxy.require_mtls)),
     );
     for service in &settings.upstream_services {
         directory.watch_pinned(service);
