@@ -32,6 +32,7 @@ pub mod error;
 pub mod health;
 pub mod hedge;
 pub mod host;
+pub mod identity;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
