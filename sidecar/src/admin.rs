@@ -140,6 +140,8 @@ struct EndpointBody {
     in_flight: usize,
     state: &'static str,
     ejections: u32,
+    /// Reached over mutual TLS, proving the service's identity.
+    mesh_tls: bool,
 }
 
 impl<W: Watcher> Admin<W> {
@@ -164,6 +166,7 @@ impl<W: Watcher> Admin<W> {
                             in_flight: e.state.in_flight(),
                             state,
                             ejections,
+                            mesh_tls: e.mesh_tls.is_some(),
                         }
                     })
                     .collect();

@@ -155,13 +155,20 @@ impl Tracker {
 
 /// Builds the next snapshot, carrying each endpoint's shared state over from
 /// `current`; `None` when nothing the proxy uses changed.
-fn build_set(current: &EndpointSet, instances: &[&Instance], index: u64, epoch: &str) -> Option<EndpointSet> {
+fn build_set(
+    service: &ServiceName,
+    current: &EndpointSet,
+    instances: &[&Instance],
+    index: u64,
+    epoch: &str,
+) -> Option<EndpointSet> {
     let unchanged = current.endpoints.len() == instances.len()
         && current.endpoints.iter().zip(instances).all(|(e, i)| {
             e.same_target(&i.id, &i.address, i.port)
                 && e.weight == i.weight.max(1)
                 && e.zone == i.zone
                 && e.metadata == i.metadata
+                && e.mesh_tls.is_some() == i.mesh_tls
         });
     if unchanged {
         return None;
@@ -175,7 +182,7 @@ fn build_set(current: &EndpointSet, instances: &[&Instance], index: u64, epoch: 
                 .find(|e| e.same_target(&i.id, &i.address, i.port))
                 .map(|e| Arc::clone(&e.state))
                 .unwrap_or_else(|| Arc::new(EndpointState::default()));
-            Arc::new(Endpoint::new(
+            let endpoint = Endpoint::new(
                 i.id.clone(),
                 i.address.clone(),
                 i.port,
@@ -183,7 +190,8 @@ fn build_set(current: &EndpointSet, instances: &[&Instance], index: u64, epoch: 
                 i.zone.clone(),
                 i.metadata.clone(),
                 state,
-            ))
+            );
+            Arc::new(if i.mesh_tls { endpoint.with_mesh_tls(service.clone()) } else { endpoint })
         })
         .collect();
     Some(EndpointSet { endpoints, index, epoch: epoch.to_string() })
@@ -234,7 +242,7 @@ async fn run_watch<S: WatchSource>(
         let current = endpoints.load();
         let mut instances = tracker.instances();
         instances.retain(|i| {
-            let Some(reason) = filter.check(&i.address, i.port) else { return true };
+            let Some(reason) = filter.check_instance(i) else { return true };
             if refused.insert((i.address.clone(), i.port)) {
                 warn!(service = %name, instance = %i.id, address = %i.address, port = i.port, reason = reason.as_str(), "refusing an endpoint the registry listed: never connecting to it");
                 sink.endpoint_refused(reason);
@@ -242,7 +250,7 @@ async fn run_watch<S: WatchSource>(
             false
         });
         let epoch = tracker.epoch.as_deref().unwrap_or_default();
-        match build_set(&current, &instances, tracker.index, epoch) {
+        match build_set(&name, &current, &instances, tracker.index, epoch) {
             Some(set) => {
                 info!(service = %name, endpoints = set.endpoints.len(), index = set.index, "endpoints updated");
                 endpoints.publish(set);
@@ -611,6 +619,31 @@ mod tests {
         let mut refused = sink.1.lock().unwrap().clone();
         refused.sort_by_key(|r| r.as_str());
         assert_eq!(refused, vec![RefuseReason::LinkLocal, RefuseReason::OwnListener]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mesh_endpoints_carry_their_service_and_require_mtls_drops_plain_ones() {
+        let mesh = |id: &str, port| Instance { mesh_tls: true, ..inst(id, port) };
+        let (d, w, _) = directory(DiscoveryConfig::default());
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![mesh("a", 1), inst("b", 2)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        let set = users.load();
+        assert_eq!(set.endpoints[0].mesh_tls, Some(name("users")));
+        assert_eq!(set.endpoints[0].pool_key, "127.0.0.1:1/users");
+        assert_eq!((set.endpoints[1].mesh_tls.as_ref(), set.endpoints[1].pool_key.as_str()), (None, "127.0.0.1:2"));
+        // Turning mesh TLS on at the same address is a change the proxy must see.
+        w.send("users", Ok(view(2, "e1", vec![mesh("a", 1), mesh("b", 2)])));
+        settle().await;
+        assert!(users.load().endpoints.iter().all(|e| e.mesh_tls.is_some()));
+
+        let (d, w, sink) = directory(DiscoveryConfig::default());
+        let d = d.with_filter(EndpointFilter::new(vec![], vec![]).require_mtls(true));
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![mesh("a", 1), inst("b", 2), inst("c", 3)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!(ids(&users.load()), vec!["a"]);
+        assert_eq!(sink.1.lock().unwrap().as_slice(), &[RefuseReason::PlainText, RefuseReason::PlainText]);
     }
 
     #[tokio::test(start_paused = true)]

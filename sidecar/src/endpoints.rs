@@ -60,6 +60,13 @@ pub struct Endpoint {
     pub zone: Option<Zone>,
     pub metadata: BTreeMap<String, String>,
     pub state: Arc<EndpointState>,
+    /// The service whose identity the endpoint must prove over mutual TLS,
+    /// when it registered `mesh_tls` (see [`Endpoint::with_mesh_tls`]).
+    pub mesh_tls: Option<ServiceName>,
+    /// What its pooled connections are kept under: `authority`, and for a
+    /// mesh endpoint the service too, so a connection verified as one
+    /// service is never lent to a request for another.
+    pub pool_key: String,
     /// `authority` parsed once for request URIs (cloning it is a reference-count increment).
     pub(crate) uri_authority: Option<http::uri::Authority>,
 }
@@ -80,7 +87,26 @@ impl Endpoint {
         };
         let uri_authority =
             http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority.clone())).ok();
-        Endpoint { id, host, port, authority, weight: weight.max(1), zone, metadata, state, uri_authority }
+        Endpoint {
+            id,
+            host,
+            port,
+            pool_key: authority.clone(),
+            authority,
+            weight: weight.max(1),
+            zone,
+            metadata,
+            state,
+            mesh_tls: None,
+            uri_authority,
+        }
+    }
+
+    /// The endpoint reached only over mutual TLS, as `service`.
+    pub fn with_mesh_tls(mut self, service: ServiceName) -> Self {
+        self.pool_key = format!("{}/{service}", self.authority);
+        self.mesh_tls = Some(service);
+        self
     }
 
     /// Counts a request as in flight until the returned guard drops. The proxy

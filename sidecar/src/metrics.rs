@@ -83,6 +83,17 @@ struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MtlsFailureLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     code: Code,
 }
@@ -121,6 +132,8 @@ pub struct Metrics {
     inbound_requests: Family<CallerLabels, Counter>,
     inbound_closed: Family<ClosedLabels, Counter>,
     inbound_connections: Gauge,
+    mtls_failures: Family<MtlsFailureLabels, Counter>,
+    mtls_handshakes: Family<HandshakeLabels, Counter>,
     /// Serialises scrapes so that `clear_endpoints` + `set_endpoints` from one
     /// scrape never interleave with another's encode.
     scrape: Mutex<()>,
@@ -155,6 +168,8 @@ impl Metrics {
         let inbound_requests = Family::<CallerLabels, Counter>::default();
         let inbound_closed = Family::<ClosedLabels, Counter>::default();
         let inbound_connections = Gauge::default();
+        let mtls_failures = Family::<MtlsFailureLabels, Counter>::default();
+        let mtls_handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "requests",
             "Proxied requests by upstream service and response status class",
@@ -206,7 +221,7 @@ impl Metrics {
         registry.register(
             "endpoints_refused",
             "Endpoints listed by the registry that the sidecar refuses to connect to, once per service and \
-             address, by reason (own_listener, unspecified, multicast, link_local)",
+             address, by reason (own_listener, unspecified, multicast, link_local, plain_text)",
             endpoints_refused.clone(),
         );
         registry.register(
@@ -231,6 +246,17 @@ impl Metrics {
             "Open connections on the inbound port (upgraded ones included)",
             inbound_connections.clone(),
         );
+        registry.register(
+            "mtls_failures",
+            "Outbound mTLS handshakes that failed, by upstream service and reason (wrong_identity, \
+             untrusted, expired, handshake, no_identity); each is a failed attempt, retried elsewhere",
+            mtls_failures.clone(),
+        );
+        registry.register(
+            "mtls_handshakes",
+            "Outbound mTLS handshakes completed, by kind (full, resumed)",
+            mtls_handshakes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -252,6 +278,8 @@ impl Metrics {
             inbound_requests,
             inbound_closed,
             inbound_connections,
+            mtls_failures,
+            mtls_handshakes,
             scrape: Mutex::new(()),
         }
     }
@@ -292,6 +320,18 @@ impl Metrics {
 
     pub fn endpoint_refused(&self, reason: &'static str) {
         self.endpoints_refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Counts an outbound mTLS handshake that failed (never on a request's
+    /// success path: a failure also ejects the endpoint).
+    pub fn mtls_failure(&self, service: &str, reason: &'static str) {
+        self.mtls_failures.get_or_create(&MtlsFailureLabels { service: service.to_string(), reason }).inc();
+    }
+
+    /// The `full` and `resumed` handshake counters, taken once by the connector.
+    pub fn mtls_handshake_counters(&self) -> (Counter, Counter) {
+        let kind = |kind| self.mtls_handshakes.get_or_create(&HandshakeLabels { kind }).clone();
+        (kind("full"), kind("resumed"))
     }
 
     /// Counts an error the sidecar answered itself.

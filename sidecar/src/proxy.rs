@@ -114,6 +114,8 @@ mod connect;
 pub(crate) mod forward;
 pub(crate) mod grpc;
 pub(crate) mod headers;
+pub(crate) mod mesh;
+mod mesh_h2;
 pub(crate) mod pool;
 pub(crate) mod protocol;
 mod route;
@@ -131,7 +133,8 @@ use hyper_util::client::legacy::Client;
 use trellis_shared::ServiceName;
 
 pub use body::{BoxError, ReplayBody, ResponseBody};
-pub use server::{serve, serve_all, Listener};
+pub use mesh::MeshFailure;
+pub use server::{serve, serve_all, serve_all_with_identity, Listener};
 
 use crate::balance::BalanceConfig;
 use crate::endpoints::Resolve;
@@ -185,6 +188,10 @@ pub struct ProxyConfig {
     /// Services whose late idempotent requests are hedged, and after how long
     /// (see [`crate::hedge`]); none by default.
     pub hedges: Vec<(ServiceName, HedgeDelay)>,
+    /// Only endpoints registered as mesh TLS are used; discovery drops the
+    /// others ([`crate::refuse`]). Off: plain-text endpoints are reached as
+    /// before, beside mesh ones (a mixed mesh).
+    pub require_mtls: bool,
 }
 
 impl ProxyConfig {
@@ -208,6 +215,7 @@ impl ProxyConfig {
         outlier: OutlierConfig::DEFAULT,
         balance: BalanceConfig::DEFAULT,
         hedges: Vec::new(),
+        require_mtls: false,
     };
 }
 
@@ -230,6 +238,11 @@ struct ProxyContext {
     pool: Arc<pool::Pool>,
     /// HTTP/2 with prior knowledge: one multiplexed connection per endpoint.
     h2_client: UpstreamClient,
+    /// Mesh endpoints over HTTP/2: one multiplexed mutual-TLS connection per
+    /// endpoint (mesh endpoints over HTTP/1.1 are in `pool`).
+    mesh_h2: Arc<mesh_h2::MeshH2>,
+    /// The mutual-TLS handshakes (with upgrades' own connections).
+    mesh: Arc<mesh::MeshConnector>,
     /// Which endpoints speak HTTP/2 (learnt for HTTP/2 callers).
     protocols: protocol::Protocols,
     /// Requests waiting for response headers (capped by `max_pending_requests`).

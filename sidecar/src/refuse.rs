@@ -7,7 +7,10 @@
 //! - an unspecified address (`0.0.0.0`, `::`), which connects to this host;
 //! - a multicast address;
 //! - a link-local address (`169.254.0.0/16`, `fe80::/10`), home of the cloud
-//!   metadata service at `169.254.169.254`.
+//!   metadata service at `169.254.169.254`;
+//! - with `--require-mtls`, an instance not registered as mesh TLS: in a mesh
+//!   that has fully moved to mutual TLS, a plain-text endpoint is either left
+//!   over or forged, and it could not prove which service it is.
 //!
 //! Loopback endpoints stay allowed (a single-host setup registers them).
 //! An address given as a host name is not resolved here and is not checked.
@@ -16,7 +19,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use trellis_shared::Address;
+use trellis_shared::{Address, Instance};
 
 /// Why an endpoint is refused (the `reason` label of `endpoints_refused`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,6 +28,7 @@ pub enum RefuseReason {
     Unspecified,
     Multicast,
     LinkLocal,
+    PlainText,
 }
 
 impl RefuseReason {
@@ -34,6 +38,7 @@ impl RefuseReason {
             RefuseReason::Unspecified => "unspecified",
             RefuseReason::Multicast => "multicast",
             RefuseReason::LinkLocal => "link_local",
+            RefuseReason::PlainText => "plain_text",
         }
     }
 }
@@ -45,12 +50,28 @@ pub struct EndpointFilter {
     own: Vec<SocketAddr>,
     /// This host's interface addresses, for listeners bound to an unspecified address.
     host_ips: Vec<IpAddr>,
+    /// `--require-mtls`: only mesh TLS instances are endpoints.
+    require_mtls: bool,
 }
 
 impl EndpointFilter {
     /// A filter refusing `own` listeners as well as the address classes above.
     pub fn new(own: Vec<SocketAddr>, host_ips: Vec<IpAddr>) -> Self {
-        EndpointFilter { own, host_ips }
+        EndpointFilter { own, host_ips, require_mtls: false }
+    }
+
+    /// Refuses instances not registered as mesh TLS too (`--require-mtls`).
+    pub fn require_mtls(mut self, require: bool) -> Self {
+        self.require_mtls = require;
+        self
+    }
+
+    /// Why the registry's `instance` must not be connected to, if it must not.
+    pub fn check_instance(&self, instance: &Instance) -> Option<RefuseReason> {
+        if self.require_mtls && !instance.mesh_tls {
+            return Some(RefuseReason::PlainText);
+        }
+        self.check(&instance.address, instance.port)
     }
 
     /// A filter for `own` listeners, with this host's addresses read from its interfaces.

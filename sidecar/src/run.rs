@@ -147,7 +147,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             Arc::clone(&metrics) as _,
             stop_rest.clone(),
         )
-        .with_filter(EndpointFilter::for_listeners(own)),
+        .with_filter(EndpointFilter::for_listeners(own).require_mtls(settings.proxy.require_mtls)),
     );
     for service in &settings.upstream_services {
         directory.watch_pinned(service);
@@ -193,11 +193,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tokio::spawn(admin::serve(admin_listener, admin_state, stop_rest.clone()));
 
     let resolver: Arc<dyn Resolve> = directory.clone();
-    let mut proxy_task = tokio::spawn(proxy::serve_all(
+    let mut proxy_task = tokio::spawn(proxy::serve_all_with_identity(
         listeners,
         resolver,
         settings.proxy.clone(),
         Arc::clone(&metrics),
+        identity.clone(),
         stop_proxy.clone(),
     ));
     let mut inbound_task = match (inbound_listener, &settings.inbound, &identity) {

@@ -105,6 +105,11 @@ pub struct ProxyArgs {
     /// Idle pooled connections kept per endpoint.
     #[arg(long, env = "TRELLIS_POOL_MAX_IDLE", default_value_t = ProxyConfig::DEFAULT.pool_max_idle_per_endpoint)]
     pub pool_max_idle: usize,
+    /// Refuse every endpoint not registered as mesh TLS (a mesh that has fully moved to mutual
+    /// TLS); they are dropped before the balancer and counted in endpoints_refused{reason="plain_text"}.
+    /// Without it, plain-text endpoints are reached as before.
+    #[arg(long, env = "TRELLIS_REQUIRE_MTLS", default_value_t = ProxyConfig::DEFAULT.require_mtls, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub require_mtls: bool,
 }
 
 impl ProxyArgs {
@@ -151,6 +156,7 @@ impl ProxyArgs {
                 },
             },
             hedges: Vec::new(),
+            require_mtls: self.require_mtls,
         }
     }
 }

@@ -143,7 +143,7 @@ async fn forward(
         let (tx, reused) = match ctx.pool.checkout(&app.authority) {
             Some(tx) => (tx, true),
             None => {
-                (ctx.pool.connect(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?, false)
+                (ctx.pool.connect_plain(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?, false)
             }
         };
         match ctx.pool.send_on(&app.authority, tx, reused, up).await {

@@ -30,6 +30,7 @@ use super::InboundConfig;
 use crate::endpoints::Endpoint;
 use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
+use crate::proxy::mesh::MeshConnector;
 use crate::proxy::{pool, protocol, upgrade};
 
 /// Serves the inbound port until `shutdown` is cancelled, then stops
@@ -58,7 +59,9 @@ pub async fn serve(
         .build(connector);
     // Every inbound request goes to the one app: keep as many idle
     // connections as requests may be in flight.
-    let pool = pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.max_concurrency);
+    // The app is plain text on localhost: the pool's mesh connector is never used.
+    let plain = Arc::new(MeshConnector::new(None, metrics.clone()));
+    let pool = pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.max_concurrency, plain);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own header timeout would also close idle keep-alive

@@ -70,11 +70,11 @@ pub(super) async fn connect<'a>(
     guard: InFlight,
     deadline: Instant,
 ) -> Result<Connected<'a>, NotConnected<'a>> {
-    if let Some(tx) = ctx.pool.checkout(&pick.endpoint.authority) {
+    if let Some(tx) = ctx.pool.checkout(&pick.endpoint.pool_key) {
         return Ok(Connected { pick, guard, tx, reused: true });
     }
     let delay = ctx.config.connect_hedge;
-    let first = ctx.pool.connect(&pick.endpoint.authority);
+    let first = ctx.pool.connect(pick.endpoint);
     tokio::pin!(first);
     let mut next_hedge = Instant::now() + delay;
     if delay.is_zero() || next_hedge >= deadline {
@@ -127,17 +127,17 @@ pub(super) async fn connect<'a>(
                 let pool = &ctx.pool;
                 match attempts.as_deref_mut().and_then(|a| a.alternative(&pick)) {
                     Some(alt) => {
-                        let authority = &alt.endpoint.authority;
-                        debug!(slow = %pick.endpoint.authority, hedge = %authority, "connect still pending; hedging");
+                        let endpoint = alt.endpoint;
+                        debug!(slow = %pick.endpoint.authority, hedge = %endpoint.authority, "connect still pending; hedging");
                         let slot = others.len();
-                        racing.push(Box::pin(async move { (Some(slot), pool.connect(authority).await) }));
+                        racing.push(Box::pin(async move { (Some(slot), pool.connect(endpoint).await) }));
                         let alt_guard = ctx.begin(alt.endpoint);
                         others.push(Some((alt, alt_guard)));
                     }
                     None => {
-                        let authority = &pick.endpoint.authority;
-                        debug!(slow = %authority, "connect still pending and no other endpoint; connecting again");
-                        racing.push(Box::pin(async move { (None, pool.connect(authority).await) }));
+                        let endpoint = pick.endpoint;
+                        debug!(slow = %endpoint.authority, "connect still pending and no other endpoint; connecting again");
+                        racing.push(Box::pin(async move { (None, pool.connect(endpoint).await) }));
                     }
                 }
             },

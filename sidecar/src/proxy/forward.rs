@@ -70,6 +70,8 @@ pub(super) async fn forward(
         let ep = pick.endpoint;
         let guard = ctx.begin(ep);
         let h2 = ep.metadata.get("protocol").is_some_and(|p| p == "h2c")
+            // A mesh endpoint's sidecar speaks both, and ALPN settles it: no probe.
+            || (downstream_h2 && ep.mesh_tls.is_some())
             || (downstream_h2 && {
                 let probe = ctx.protocols.speaks_h2(&ep.authority, config.connect_timeout);
                 match tokio::time::timeout_at(deadline, probe).await {
@@ -113,7 +115,7 @@ pub(super) async fn forward(
         let mut conn = None;
         let attempt_end = sent_at + per_try;
         let (mut pick, guard, sent) = if h2 {
-            let sent = tokio::time::timeout_at(attempt_end, send_h2(ctx, up)).await.map_err(|_| TimedOut);
+            let sent = tokio::time::timeout_at(attempt_end, send_h2(ctx, ep, up)).await.map_err(|_| TimedOut);
             (pick, guard, sent)
         } else {
             let hedge_after = policy
@@ -221,7 +223,7 @@ fn root() -> PathAndQuery {
 
 fn upstream_uri(ep: &Endpoint, path: Option<&PathAndQuery>) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(if ep.mesh_tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
     parts.authority = Some(ep.uri_authority.clone()?);
     parts.path_and_query = Some(path.cloned().unwrap_or_else(root));
     Uri::from_parts(parts).ok()
@@ -235,8 +237,12 @@ struct TimedOut;
 type Sent = Result<(Response<Incoming>, Option<Checkin>), SendError>;
 
 /// Sends one attempt over HTTP/2 through hyper-util's client (one multiplexed
-/// connection per endpoint).
-async fn send_h2(ctx: &ProxyContext, up: Request<ReplayBody<Incoming>>) -> Sent {
+/// connection per endpoint), or to a mesh endpoint over its mutual-TLS
+/// connection ([`super::mesh_h2`]).
+async fn send_h2(ctx: &ProxyContext, ep: &Endpoint, up: Request<ReplayBody<Incoming>>) -> Sent {
+    if ep.mesh_tls.is_some() {
+        return ctx.mesh_h2.send(ep, up).await.map(|r| (r, None));
+    }
     match ctx.h2_client.request(up).await {
         Ok(r) => Ok((r, None)),
         Err(e) if e.is_connect() => {
@@ -272,7 +278,7 @@ async fn send_h1<'a>(
                 }
             };
         let sent =
-            tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.authority, tx, reused, up)).await;
+            tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.pool_key, tx, reused, up)).await;
         match sent {
             Err(_) => return (on, held, Err(TimedOut)),
             Ok(Ok((resp, checkin))) => return (on, held, Ok(Ok((resp, Some(checkin))))),

@@ -8,7 +8,10 @@
 //! (or connects), sends on it, and the response body hands the connection
 //! back when its last byte has been read ([`Checkin`]).
 //!
-//! - **Key**: the endpoint's `host:port`.
+//! - **Key**: the endpoint's `host:port` ([`Endpoint::pool_key`]: with the
+//!   service's name for a mesh endpoint, whose connections are mutual TLS,
+//!   made by [`MeshConnector`] and offering ALPN `http/1.1`; they are pooled
+//!   and reused the same way, so a handshake is paid once per connection).
 //! - **Reuse**: last in, first out, so a burst's extra connections age out.
 //!   Only a connection whose response body was read to the end goes back; one
 //!   whose body was abandoned, or that closed, is dropped (and hyper closes it).
@@ -33,8 +36,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
+use trellis_shared::ServiceName;
 
 use super::body::ReplayBody;
+use super::mesh::MeshConnector;
+use crate::endpoints::Endpoint;
 
 pub type Sender = SendRequest<ReplayBody<Incoming>>;
 
@@ -89,6 +95,7 @@ impl Hasher for Fnv {
 /// Idle HTTP/1.1 connections per endpoint.
 pub struct Pool {
     idle: Mutex<IdleMap>,
+    mesh: Arc<MeshConnector>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -96,8 +103,13 @@ pub struct Pool {
 
 impl Pool {
     /// A pool and its sweeper task, which ends once the pool is dropped.
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
-        let pool = Arc::new(Pool { idle: Mutex::default(), connect_timeout, idle_timeout, max_idle });
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+        mesh: Arc<MeshConnector>,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Pool { idle: Mutex::default(), mesh, connect_timeout, idle_timeout, max_idle });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
     }
@@ -119,7 +131,7 @@ impl Pool {
         loop {
             let (tx, reused) = match self.checkout(authority) {
                 Some(tx) => (tx, true),
-                None => match self.connect(authority).await {
+                None => match self.connect_to(authority, None).await {
                     Ok(tx) => (tx, false),
                     Err((refused, cause)) => {
                         let headers = Some(req.into_parts().0.headers);
@@ -180,30 +192,32 @@ impl Pool {
         None
     }
 
-    /// A new connection to `authority`, within the connect timeout;
-    /// `Err((refused, cause))`.
-    pub async fn connect(&self, authority: &str) -> Result<Sender, (bool, String)> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err((
-                    e.kind() == std::io::ErrorKind::ConnectionRefused,
-                    format!("tcp connect error: {e}"),
-                ))
+    /// A new connection to `ep` (mutual TLS for a mesh endpoint), within the
+    /// connect timeout; `Err((refused, cause))`. A failed mesh handshake
+    /// counts as refused: nothing was sent, and the endpoint could not prove
+    /// it is the service.
+    pub async fn connect(&self, ep: &Endpoint) -> Result<Sender, (bool, String)> {
+        self.connect_to(&ep.authority, ep.mesh_tls.as_ref()).await
+    }
+
+    /// A new plain-text connection to `authority` (the inbound side's app).
+    pub async fn connect_plain(&self, authority: &str) -> Result<Sender, (bool, String)> {
+        self.connect_to(authority, None).await
+    }
+
+    async fn connect_to(&self, authority: &str, mesh: Option<&ServiceName>) -> Result<Sender, (bool, String)> {
+        let stream = tcp_connect(authority, self.connect_timeout).await?;
+        match mesh {
+            None => handshake(authority, stream).await,
+            Some(service) => {
+                let tls = self
+                    .mesh
+                    .handshake(stream, service, authority, false, self.connect_timeout)
+                    .await
+                    .map_err(|e| (true, e.cause))?;
+                handshake(authority, tls).await
             }
-            Err(_) => return Err((false, format!("tcp connect timed out after {:?}", self.connect_timeout))),
-        };
-        let _ = stream.set_nodelay(true);
-        let (tx, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| (false, format!("http/1.1 handshake: {e}")))?;
-        let authority = authority.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%authority, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(tx)
+        }
     }
 
     fn put(&self, authority: String, tx: Sender) {
@@ -240,6 +254,35 @@ impl Pool {
     fn idle_count(&self, authority: &str) -> usize {
         self.lock().get(authority).map_or(0, VecDeque::len)
     }
+}
+
+/// A TCP connection to `authority` within `timeout`; `Err((refused, cause))`.
+pub(super) async fn tcp_connect(authority: &str, timeout: Duration) -> Result<TcpStream, (bool, String)> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err((e.kind() == std::io::ErrorKind::ConnectionRefused, format!("tcp connect error: {e}")))
+        }
+        Err(_) => return Err((false, format!("tcp connect timed out after {timeout:?}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own.
+async fn handshake<T>(authority: &str, io: T) -> Result<Sender, (bool, String)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, conn) =
+        http1::handshake(TokioIo::new(io)).await.map_err(|e| (false, format!("http/1.1 handshake: {e}")))?;
+    let authority = authority.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%authority, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(tx)
 }
 
 async fn sweep(pool: Weak<Pool>) {
@@ -338,6 +381,10 @@ mod tests {
         (addr, accepted)
     }
 
+    fn no_mesh() -> Arc<MeshConnector> {
+        Arc::new(MeshConnector::new(None, Arc::new(crate::metrics::Metrics::new())))
+    }
+
     fn request(addr: &str) -> Request<ReplayBody<Incoming>> {
         let mut req = Request::new(ReplayBody::empty());
         req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_str(addr).unwrap());
@@ -347,7 +394,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_is_reused_only_after_its_body_was_read() {
         let (addr, accepted) = server().await;
-        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8);
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8, no_mesh());
         let (resp, mut checkin) = pool.send(&addr, request(&addr)).await.unwrap();
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
         checkin.release();
@@ -377,7 +424,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_capped_per_endpoint() {
         let (addr, _) = server().await;
-        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 2);
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 2, no_mesh());
         three_returned(&pool, &addr).await;
         assert_eq!(pool.idle_count(&addr), 2);
     }
@@ -385,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn expired_idle_connections_are_not_used() {
         let (addr, accepted) = server().await;
-        let pool = Pool::new(Duration::from_secs(1), Duration::ZERO, 8);
+        let pool = Pool::new(Duration::from_secs(1), Duration::ZERO, 8, no_mesh());
         three_returned(&pool, &addr).await;
         assert_eq!(pool.idle_count(&addr), 3);
         assert!(pool.checkout(&addr).is_none());
@@ -398,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connect_is_reported_as_such() {
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().to_string();
-        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8);
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(30), 8, no_mesh());
         match pool.send(&gone, request(&gone)).await {
             Err(SendError::Connect { refused: true, .. }) => {}
             other => panic!("expected a refused connect, got {other:?}"),

@@ -22,8 +22,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use trellis_shared::{ErrorCode, ServiceName};
 
+use super::mesh::MeshConnector;
+use super::mesh_h2::MeshH2;
 use super::{pool, protocol, route, upgrade, ProxyConfig, ProxyContext};
 use crate::endpoints::Resolve;
+use crate::identity::MeshIdentity;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 
@@ -65,11 +68,32 @@ pub async fn serve_all(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_all_with_identity(listeners, resolver, config, metrics, None, shutdown).await
+}
+
+/// Like [`serve_all`], with this sidecar's mesh `identity` for endpoints
+/// registered as mesh TLS (see [`super::mesh`]); without one, such endpoints
+/// fail every attempt, counted as `no_identity`.
+pub async fn serve_all_with_identity(
+    listeners: Vec<Listener>,
+    resolver: Arc<dyn Resolve>,
+    config: ProxyConfig,
+    metrics: Arc<Metrics>,
+    identity: Option<MeshIdentity>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mesh = Arc::new(MeshConnector::new(identity, Arc::clone(&metrics)));
+    let mesh_h2 = MeshH2::new(
+        Arc::clone(&mesh),
+        config.connect_timeout,
+        config.pool_idle_timeout,
+        (H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT),
+    );
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
     let pool =
-        pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_endpoint);
+        pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_endpoint, Arc::clone(&mesh));
     // HTTP/2 upstream connections: keepalive pings (hyper's http2 client
     // options, driven by the timer below) and the idle timeout, which is the
     // pool's: a connection with no request for `pool_idle_timeout` is closed.
@@ -105,6 +129,8 @@ pub async fn serve_all(
         metrics,
         pool,
         h2_client,
+        mesh_h2,
+        mesh,
         protocols: protocol::Protocols::default(),
         pending: AtomicUsize::new(0),
         connections: Arc::clone(&connections),

@@ -4,6 +4,9 @@
 //! spliced byte for byte until either side closes. The endpoint's
 //! in-flight count covers the upgraded connection's whole life.
 //!
+//! A mesh endpoint's connection is mutual TLS offering ALPN `http/1.1` (see
+//! [`super::mesh`]); a failed handshake is a refused connect.
+//!
 //! Retries: only when connecting failed (nothing was sent). Once the upgrade
 //! request went out it is never sent again, whatever its method.
 //!
@@ -34,6 +37,7 @@ use tracing::debug;
 
 use super::attempts::Attempts;
 use super::forward::ensure_host;
+use super::pool::tcp_connect;
 use super::{cause, headers, ProxyContext, ProxyResponse, ResponseBody};
 use crate::endpoints::{EndpointSet, InFlight, ServiceEndpoints, ServicePolicy};
 use crate::error::ProxyError;
@@ -107,18 +111,22 @@ pub(super) async fn forward(
             let ep = pick.endpoint;
             // Untimed: an upgraded connection's lifetime says nothing about load.
             let guard = ep.begin_timed(false);
-            let connected =
-                tokio::time::timeout(config.connect_timeout, TcpStream::connect(ep.authority.as_str())).await;
-            let stream = match connected {
-                Ok(Ok(s)) => s,
-                failed => {
-                    let (outcome, cause) = match failed {
-                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            (Outcome::Refused, e.to_string())
-                        }
-                        Ok(Err(e)) => (Outcome::Failure, e.to_string()),
-                        _ => (Outcome::Failure, format!("no connection within {:?}", config.connect_timeout)),
-                    };
+            let stream = tcp_connect(&ep.authority, config.connect_timeout).await;
+            // A mesh endpoint: mutual TLS offering `http/1.1`, whose failure is a refusal.
+            let stream = match (stream, &ep.mesh_tls) {
+                (Ok(tcp), Some(service)) => ctx
+                    .mesh
+                    .handshake(tcp, service, &ep.authority, false, config.connect_timeout)
+                    .await
+                    .map(Upstream::Mesh)
+                    .map_err(|e| (true, e.cause)),
+                (Ok(tcp), None) => Ok(Upstream::Plain(tcp)),
+                (Err(e), _) => Err(e),
+            };
+            let stream = match stream {
+                Ok(s) => s,
+                Err((refused, cause)) => {
+                    let outcome = if refused { Outcome::Refused } else { Outcome::Failure };
                     attempts.failed(&mut pick, outcome);
                     drop(guard);
                     // Nothing was sent: any upgrade may go elsewhere.
@@ -132,18 +140,17 @@ pub(super) async fn forward(
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(h) => h,
+            let handshake = match stream {
+                Upstream::Plain(tcp) => handshake(tcp).await,
+                Upstream::Mesh(tls) => handshake(tls).await,
+            };
+            let mut sender = match handshake {
+                Ok(sender) => sender,
                 Err(e) => {
                     attempts.failed(&mut pick, Outcome::Failure);
                     return Err(attempts.exhausted(cause::chain(&e)));
                 }
             };
-            tokio::spawn(async move {
-                // Ends when the response body is done, or hands the socket over on 101.
-                let _ = conn.with_upgrades().await;
-            });
             let Some(body) = body.take() else {
                 attempts.failed(&mut pick, Outcome::Failure);
                 return Err(attempts.exhausted("the upgrade request was already sent".into()));
@@ -191,6 +198,26 @@ pub(super) async fn forward(
         Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout { service: svc.name.clone(), waited: config.overall_timeout }),
     }
+}
+
+/// The connection an upgrade goes out on.
+enum Upstream {
+    Plain(TcpStream),
+    Mesh(tokio_rustls::client::TlsStream<TcpStream>),
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own that hands
+/// the socket over on `101`.
+async fn handshake<T>(io: T) -> hyper::Result<hyper::client::conn::http1::SendRequest<Incoming>>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        // Ends when the response body is done, or hands the socket over on 101.
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// What a spliced connection holds until it closes: the endpoint's in-flight
