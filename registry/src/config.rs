@@ -124,6 +124,8 @@ pub struct Config {
     pub acl: crate::acl::AclArgs,
     #[command(flatten)]
     pub limits: crate::limits::Limits,
+    #[command(flatten)]
+    pub consul: crate::consul::config::ConsulArgs,
 }
 
 impl Default for Config {

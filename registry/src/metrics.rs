@@ -52,6 +52,10 @@ pub enum Route {
     Watch,
     Health,
     Metrics,
+    /// The Consul-compatible API (`/v1/agent/`, `/v1/catalog/`, `/v1/health/`).
+    Consul,
+    /// A blocking query of the Consul-compatible API.
+    ConsulWatch,
     Other,
 }
 
@@ -66,6 +70,8 @@ impl Route {
             Route::Watch => "watch",
             Route::Health => "health",
             Route::Metrics => "metrics",
+            Route::Consul => "consul",
+            Route::ConsulWatch => "consul_watch",
             Route::Other => "other",
         }
     }
