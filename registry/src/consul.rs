@@ -86,7 +86,10 @@ fn prepare<S: Store>(
     let q = query::parse(raw, takes, st.config.max_wait)?;
     let served = &st.config.consul.datacenter;
     if let Some(dc) = q.dc.as_deref().filter(|dc| dc != served) {
-        return Err(ApiError::UnknownDatacenter { asked: dc.chars().take(64).collect(), served: served.clone() });
+        return Err(ApiError::UnknownDatacenter {
+            asked: dc.chars().take(64).collect(),
+            served: served.clone(),
+        });
     }
     // Consul's followers refuse non-stale reads while they know no leader.
     if st.store.stale() && q.consistency != Consistency::Stale {
@@ -253,15 +256,16 @@ async fn health_service<S: Store>(
 /// takes registrations only through its own API, from its sidecars.
 async fn read_only(uri: Uri) -> ApiError {
     let path = uri.path();
-    let trellis = if path.starts_with("/v1/agent/service/register") || path.starts_with("/v1/catalog/register") {
-        "PUT /v1/services/{service}/instances/{id}"
-    } else if path.contains("/deregister") {
-        "DELETE /v1/services/{service}/instances/{id}"
-    } else if path.starts_with("/v1/agent/check/") || path.starts_with("/v1/agent/service/maintenance/") {
-        "PUT /v1/services/{service}/instances/{id}/heartbeat"
-    } else {
-        "GET"
-    };
+    let trellis =
+        if path.starts_with("/v1/agent/service/register") || path.starts_with("/v1/catalog/register") {
+            "PUT /v1/services/{service}/instances/{id}"
+        } else if path.contains("/deregister") {
+            "DELETE /v1/services/{service}/instances/{id}"
+        } else if path.starts_with("/v1/agent/check/") || path.starts_with("/v1/agent/service/maintenance/") {
+            "PUT /v1/services/{service}/instances/{id}/heartbeat"
+        } else {
+            "GET"
+        };
     ApiError::ReadOnly { path: path.chars().take(200).collect(), trellis }
 }
 

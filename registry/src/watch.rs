@@ -343,8 +343,8 @@ mod tests {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             };
             let w = store
                 .register(&users, LeasedInstance { instance, ttl: Duration::from_secs(600) })

@@ -115,12 +115,24 @@ async fn prometheus_finds_every_instance_through_consul_sd_and_drops_a_killed_on
     }
     let registry = RegistryProc::start("consul-prom-registry", &[]).await;
     let url = registry.url();
-    let users1 = AppInstance::start(&url, "users", "u1", &[], &["--tag", "v1", "--metadata", "metrics_port=15000"], READY).await;
+    let users1 = AppInstance::start(
+        &url,
+        "users",
+        "u1",
+        &[],
+        &["--tag", "v1", "--metadata", "metrics_port=15000"],
+        READY,
+    )
+    .await;
     let mut users2 = AppInstance::start(&url, "users", "u2", &[], &["--tag", "v2"], READY).await;
     let billing = AppInstance::start(&url, "billing", "b1", &[], &[], READY).await;
     let prometheus = Prometheus::start(&bin.unwrap(), &registry.addr.to_string()).await;
 
-    let expected = [("users", "u1", users1.app.addr), ("users", "u2", users2.app.addr), ("billing", "b1", billing.app.addr)];
+    let expected = [
+        ("users", "u1", users1.app.addr),
+        ("users", "u2", users2.app.addr),
+        ("billing", "b1", billing.app.addr),
+    ];
     let started = Instant::now();
     let targets = wait_for("prometheus to list all three instances", Duration::from_secs(60), || {
         let p = &prometheus;
@@ -228,7 +240,9 @@ async fn py_consul_lists_filters_and_blocks_until_an_instance_registers() {
         let metrics = metrics.clone();
         async move {
             let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
-            let open = text.lines().find_map(|l| l.strip_prefix("trellis_registry_open_watches ")?.trim().parse::<u64>().ok());
+            let open = text
+                .lines()
+                .find_map(|l| l.strip_prefix("trellis_registry_open_watches ")?.trim().parse::<u64>().ok());
             (open == Some(1)).then_some(())
         }
     })
@@ -243,10 +257,16 @@ async fn py_consul_lists_filters_and_blocks_until_an_instance_registers() {
     assert!(resp.status().is_success(), "{}", resp.status());
     let changed = next(&mut lines).await;
     let answered = registered.elapsed();
-    println!("py-consul's blocking query returned {answered:?} after the registration (held {} ms)", changed["held_ms"]);
+    println!(
+        "py-consul's blocking query returned {answered:?} after the registration (held {} ms)",
+        changed["held_ms"]
+    );
     assert_eq!(changed["ids"], serde_json::json!(["o1"]), "{changed}");
     assert_eq!(changed["ports"], serde_json::json!([9]), "{changed}");
     assert!(changed["index"].as_u64() > holding["index"].as_u64(), "{changed} after {holding}");
-    assert!(answered < Duration::from_secs(5), "{answered:?}: a blocking query answers on the change, not at its wait");
+    assert!(
+        answered < Duration::from_secs(5),
+        "{answered:?}: a blocking query answers on the change, not at its wait"
+    );
     assert!(child.wait().await.unwrap().success());
 }

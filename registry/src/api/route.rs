@@ -17,7 +17,9 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
     }
     if ["/v1/agent/", "/v1/catalog/", "/v1/health/"].iter().any(|p| path.starts_with(p)) {
         return match query {
-            Some(q) if q.split('&').any(|kv| kv.starts_with("index=") && kv != "index=0") => Route::ConsulWatch,
+            Some(q) if q.split('&').any(|kv| kv.starts_with("index=") && kv != "index=0") => {
+                Route::ConsulWatch
+            }
             _ => Route::Consul,
         };
     }

@@ -147,12 +147,8 @@ pub fn parse(raw: Option<&str>, takes: Takes, max_wait: Duration) -> Result<Cons
 /// `1.5s`); a bare `0` is zero. Values past ten minutes saturate (the caller
 /// caps them anyway).
 pub fn parse_wait(v: &str) -> Result<Duration, ApiError> {
-    let err = || {
-        bad(format!(
-            "wait must be a duration like \"10s\", \"120000ms\" or \"5m\", got {:?}",
-            clip(v)
-        ))
-    };
+    let err =
+        || bad(format!("wait must be a duration like \"10s\", \"120000ms\" or \"5m\", got {:?}", clip(v)));
     if v == "0" {
         return Ok(Duration::ZERO);
     }
@@ -214,7 +210,10 @@ mod tests {
     fn parses_what_consul_clients_send() {
         // Prometheus: wait without index on its first call, stale as a bare flag.
         let q = parse(Some("wait=120000ms&stale="), ALL, MAX).unwrap();
-        assert_eq!((q.index, q.wait, q.consistency), (None, Some(Duration::from_secs(120)), Consistency::Stale));
+        assert_eq!(
+            (q.index, q.wait, q.consistency),
+            (None, Some(Duration::from_secs(120)), Consistency::Stale)
+        );
         // py-consul: index, wait, passing=1, repeated tags, dc.
         let q = parse(Some("index=7&wait=10s&passing=1&tag=a&tag=b&dc=dc1"), ALL, MAX).unwrap();
         assert_eq!(q.index, Some(7));
@@ -225,7 +224,10 @@ mod tests {
         assert_eq!(parse(Some("passing"), ALL, MAX).unwrap().passing, true);
         assert_eq!(parse(Some("passing=false"), ALL, MAX).unwrap().passing, false);
         assert_eq!(parse(Some("consistent"), ALL, MAX).unwrap().consistency, Consistency::Consistent);
-        assert_eq!(parse(Some("index=1&wait=1h"), ALL, Duration::from_secs(900)).unwrap().wait, Some(CONSUL_MAX_WAIT));
+        assert_eq!(
+            parse(Some("index=1&wait=1h"), ALL, Duration::from_secs(900)).unwrap().wait,
+            Some(CONSUL_MAX_WAIT)
+        );
         assert!(parse(Some("ns=default&partition=&cached&near=_agent"), ALL, MAX).is_ok());
     }
 

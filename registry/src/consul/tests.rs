@@ -160,7 +160,11 @@ async fn writes_are_refused_with_405_naming_trelliss_route() {
         (Method::PUT, "/v1/catalog/register", "PUT /v1/services/{service}/instances/{id}"),
         (Method::PUT, "/v1/agent/service/deregister/u1", "DELETE /v1/services/{service}/instances/{id}"),
         (Method::PUT, "/v1/catalog/deregister", "DELETE /v1/services/{service}/instances/{id}"),
-        (Method::PUT, "/v1/agent/check/pass/service:u1", "PUT /v1/services/{service}/instances/{id}/heartbeat"),
+        (
+            Method::PUT,
+            "/v1/agent/check/pass/service:u1",
+            "PUT /v1/services/{service}/instances/{id}/heartbeat",
+        ),
         (Method::DELETE, "/v1/catalog/services", "GET only"),
         (Method::PUT, "/v1/health/service/users", "GET only"),
     ] {

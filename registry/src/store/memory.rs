@@ -371,8 +371,8 @@ mod tests {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             },
             ttl: Duration::from_millis(ttl_ms),
         }
@@ -613,8 +613,8 @@ mod guards {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             },
             ttl,
         }

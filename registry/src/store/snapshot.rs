@@ -69,7 +69,8 @@ impl ServiceSnapshot {
         if self.instances.is_empty() {
             return None;
         }
-        let mut tags: Vec<&str> = self.instances.iter().flat_map(|i| i.tags.iter().map(String::as_str)).collect();
+        let mut tags: Vec<&str> =
+            self.instances.iter().flat_map(|i| i.tags.iter().map(String::as_str)).collect();
         tags.sort_unstable();
         tags.dedup();
         Some(tags)
@@ -154,8 +155,8 @@ pub(crate) mod tests {
             metadata: BTreeMap::new(),
             status,
             output: String::new(),
-        tags: Vec::new(),
-        mesh_tls: false,
+            tags: Vec::new(),
+            mesh_tls: false,
         })
     }
 
