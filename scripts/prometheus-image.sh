@@ -11,12 +11,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TAG=${TRELLIS_TAG:-dev}
-PROM=$(command -v prometheus || true)
+# TRELLIS_PROMETHEUS names another build (see below).
+PROM=${TRELLIS_PROMETHEUS:-$(command -v prometheus || true)}
 if [ -z "$PROM" ]; then
   scripts/install-consul-clients.sh
   PROM=$(command -v prometheus)
 fi
 PROM=$(readlink -f "$PROM")
+# Debian bookworm's prometheus 2.42 is built without Consul service discovery
+# ("Disable Consul SD until its Debian package is back in shape"), and the
+# demo's configuration needs it: refuse rather than build an image that exits.
+if ! grep -q consul_sd_configs "$PROM"; then
+  echo "prometheus-image.sh: $PROM is built without Consul service discovery (Debian bookworm's 2.42 disables it);" >&2
+  echo "  set TRELLIS_PROMETHEUS to a prometheus binary built with it (a later Debian's, or upstream's)" >&2
+  exit 1
+fi
 
 ctx=target/docker-prometheus
 rm -rf "$ctx"

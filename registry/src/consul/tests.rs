@@ -261,3 +261,85 @@ fn a_reported_index_of_one_stands_for_zero() {
     assert_eq!(wait_from(7, 7), 7);
     assert_eq!(wait_from(5, 7), 5, "a different index answers at once");
 }
+
+/// A replica whose copy may be behind: the memory store, flagged stale.
+struct StaleReplica(MemoryStore);
+
+impl Store for StaleReplica {
+    fn epoch(&self) -> &str {
+        self.0.epoch()
+    }
+    async fn register(
+        &self,
+        service: &ServiceName,
+        registration: LeasedInstance,
+    ) -> Result<crate::store::WriteOutcome, crate::store::StoreError> {
+        self.0.register(service, registration).await
+    }
+    async fn heartbeat(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        heartbeat: crate::store::Heartbeat,
+    ) -> Result<crate::store::WriteOutcome, crate::store::StoreError> {
+        self.0.heartbeat(service, id, heartbeat).await
+    }
+    async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, crate::store::StoreError> {
+        self.0.deregister(service, id).await
+    }
+    fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
+        self.0.snapshot(service)
+    }
+    async fn watch_from(&self, service: &ServiceName, index: u64) -> Arc<ServiceSnapshot> {
+        self.0.watch_from(service, index).await
+    }
+    fn list(&self) -> Vec<trellis_shared::ServiceSummary> {
+        self.0.list()
+    }
+    fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
+        self.0.catalog()
+    }
+    async fn watch_catalog_from(&self, index: u64) -> u64 {
+        self.0.watch_catalog_from(index).await
+    }
+    fn stale(&self) -> bool {
+        true
+    }
+    fn last_contact(&self) -> Duration {
+        Duration::from_millis(4200)
+    }
+    async fn background(self: Arc<Self>, _shutdown: CancellationToken) {}
+}
+
+#[tokio::test]
+async fn a_stale_replica_says_so_the_way_consul_does() {
+    let store = Arc::new(StaleReplica(MemoryStore::new(StoreMetrics::default())));
+    register(&store.0, "users", "u1", HealthStatus::Passing, &[]).await;
+    let metrics = Arc::new(Metrics::new());
+    let watches = Arc::new(Watches::new(10, CancellationToken::new(), metrics.clone()));
+    let api = ApiService::new(ApiState::new(store, Config::default(), metrics, watches));
+    let call = |uri: &'static str| {
+        let api = api.clone();
+        async move {
+            let resp = api.call(req(Method::GET, uri)).await;
+            let (status, headers) = (resp.status(), resp.headers().clone());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, headers, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        }
+    };
+    // Without ?stale (and with ?consistent) a follower without a leader refuses.
+    for uri in ["/v1/health/service/users", "/v1/catalog/services?consistent"] {
+        let (status, _, body) = call(uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+        assert_eq!(body["error"], "unavailable");
+        assert!(body["message"].as_str().unwrap().contains("?stale"), "{body}");
+    }
+    // With ?stale it answers from its copy and says how old it may be.
+    let (status, headers, body) = call("/v1/health/service/users?stale").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body[0]["Service"]["ID"], "u1");
+    assert_eq!(headers["x-consul-knownleader"], "false");
+    assert_eq!(headers["x-consul-lastcontact"], "4200");
+    assert_eq!(headers["x-consul-effective-consistency"], "stale");
+    assert_eq!(headers[trellis_shared::STALE_HEADER], "true");
+}
