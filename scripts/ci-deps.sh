@@ -45,4 +45,7 @@ if ! timeout 10 docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&
 fi
 # etcd (Debian's etcd-server) for the etcd store's tests and the ha image.
 bash "$(dirname "$0")/install-etcd.sh"
+# Consul clients nobody here wrote, for tests/tests/consul_clients.rs and the
+# demo's metrics profile: Debian's prometheus and py-consul from PyPI.
+bash "$(dirname "$0")/install-consul-clients.sh"
 echo "ci-deps: ok"

@@ -10,7 +10,7 @@
 # runs keep them; delete the folder for new ones.
 #
 #   scripts/demo.sh          build, start, follow the client (Ctrl-C stops following; the demo keeps running)
-#   scripts/demo.sh down     stop and remove the demo (the fourth replica too)
+#   scripts/demo.sh down     stop and remove the demo (the fourth replica and Prometheus too)
 #
 # Without a Rust toolchain but with internet and BuildKit, compile inside Docker:
 #   TRELLIS_FROM_SOURCE=1 scripts/demo.sh
@@ -28,7 +28,7 @@ compose() {
 case "${1:-up}" in
   up) ;;
   down)
-    compose --profile scale down -v --remove-orphans
+    compose --profile scale --profile metrics down -v --remove-orphans
     exit 0
     ;;
   *)

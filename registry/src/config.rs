@@ -126,6 +126,8 @@ pub struct Config {
     pub limits: crate::limits::Limits,
     #[command(flatten)]
     pub identity: crate::identity::IdentityArgs,
+    #[command(flatten)]
+    pub consul: crate::consul::config::ConsulArgs,
 }
 
 impl Default for Config {

@@ -52,6 +52,26 @@ pub enum ApiError {
     /// The mesh CA failed to sign a good request.
     #[error(transparent)]
     SignFailed(#[from] SignFailure),
+    /// A Consul write route, or a method other than GET on a Consul read
+    /// route: `trellis` names Trellis's own route for it ("GET" when none).
+    #[error("{}", read_only_message(path, trellis))]
+    ReadOnly { path: String, trellis: &'static str },
+    /// A Consul query whose `dc` is not the registry's `--datacenter`.
+    #[error("unknown datacenter {asked:?}: this registry serves {served:?}")]
+    UnknownDatacenter { asked: String, served: String },
+    /// A Consul read without `stale` on a replica whose copy may be behind.
+    #[error("this replica cannot confirm its copy is current (its etcd has no quorum); add ?stale to read it anyway, as with Consul")]
+    NoQuorum,
+}
+
+fn read_only_message(path: &str, trellis: &str) -> String {
+    if trellis == "GET" {
+        format!("Trellis serves Consul's API read-only: {path} answers GET only")
+    } else {
+        format!(
+            "Trellis serves Consul's API read-only: {path} is not served; use Trellis's own route {trellis} (docs/api.md)"
+        )
+    }
 }
 
 impl ApiError {
@@ -86,6 +106,9 @@ impl ApiError {
             ApiError::NoMeshCa => ErrorCode::NotFound,
             ApiError::InvalidCsr(_) => ErrorCode::InvalidField,
             ApiError::SignFailed(_) => ErrorCode::Internal,
+            ApiError::ReadOnly { .. } => ErrorCode::MethodNotAllowed,
+            ApiError::UnknownDatacenter { .. } => ErrorCode::NotFound,
+            ApiError::NoQuorum => ErrorCode::Unavailable,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`api`]: [`api::ApiService`], the one entry of every request (routing,
 //!   the heartbeat fast path, the stale flag, request metrics); the axum
 //!   handlers behind it.
+//! - [`consul`]: the Consul-compatible read API (`/v1/agent/self`,
+//!   `/v1/catalog/*`, `/v1/health/service/*`) and its `--datacenter`.
 //! - [`acl`]: tokens and what each may do (`--acl-file`), reloaded live.
 //! - [`limits`]: caps on services, instances per service and watches per client.
 //! - [`error`]: API errors and their mapping to status and JSON body.
@@ -26,6 +28,7 @@ pub mod acl;
 pub mod api;
 pub mod brake;
 pub mod config;
+pub mod consul;
 pub mod error;
 pub mod expiry;
 pub mod identity;

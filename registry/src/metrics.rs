@@ -54,6 +54,10 @@ pub enum Route {
     Metrics,
     /// `POST /v1/identity/sign`.
     IdentitySign,
+    /// The Consul-compatible API (`/v1/agent/`, `/v1/catalog/`, `/v1/health/`).
+    Consul,
+    /// A blocking query of the Consul-compatible API.
+    ConsulWatch,
     Other,
 }
 
@@ -69,6 +73,8 @@ impl Route {
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::IdentitySign => "identity_sign",
+            Route::Consul => "consul",
+            Route::ConsulWatch => "consul_watch",
             Route::Other => "other",
         }
     }

@@ -207,17 +207,53 @@ impl Watches {
     ) -> Arc<ServiceSnapshot> {
         let current = store.snapshot(service);
         let changed = current.index() != index && store.reached(index);
-        if changed || wait.is_zero() || self.shutdown.is_cancelled() {
+        if changed {
             return current;
+        }
+        match self.hold(wait, client, store.watch_from(service, index)).await {
+            Some(snap) => snap,
+            None => store.snapshot(service),
+        }
+    }
+
+    /// The same for the catalog (Consul's `/v1/catalog/services`): answers
+    /// with the catalog's index once it differs from `index`, or after `wait`.
+    pub async fn wait_catalog<S: Store>(
+        &self,
+        store: &S,
+        index: u64,
+        wait: Duration,
+        client: Option<IpAddr>,
+    ) -> u64 {
+        let current = store.catalog().0;
+        if current != index && store.reached(index) {
+            return current;
+        }
+        match self.hold(wait, client, store.watch_catalog_from(index)).await {
+            Some(i) => i,
+            None => store.catalog().0,
+        }
+    }
+
+    /// Holds `change` within the caps for `wait` plus jitter: `None` when it
+    /// did not resolve in time, a cap was reached or the server is stopping.
+    async fn hold<F: std::future::Future>(
+        &self,
+        wait: Duration,
+        client: Option<IpAddr>,
+        change: F,
+    ) -> Option<F::Output> {
+        if wait.is_zero() || self.shutdown.is_cancelled() {
+            return None;
         }
         let Ok(_permit) = self.slots.try_acquire() else {
             self.metrics.watches_refused.inc();
-            return current;
+            return None;
         };
         let _client = match client.map(|ip| self.client_slot(ip)) {
             Some(None) => {
                 self.metrics.watches_refused.inc();
-                return current;
+                return None;
             }
             Some(Some(slot)) => Some(slot),
             None => None,
@@ -225,9 +261,9 @@ impl Watches {
         self.metrics.open_watches.inc();
         let _open = OpenWatch(self.metrics.open_watches.clone());
         tokio::select! {
-            snap = store.watch_from(service, index) => snap,
-            _ = tokio::time::sleep(jittered(wait)) => store.snapshot(service),
-            _ = self.shutdown.cancelled() => store.snapshot(service),
+            out = change => Some(out),
+            _ = tokio::time::sleep(jittered(wait)) => None,
+            _ = self.shutdown.cancelled() => None,
         }
     }
 }

@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// Metadata key=value; repeat the flag, or comma-separate in the environment variable.
     #[arg(long = "metadata", env = "TRELLIS_METADATA", value_name = "K=V", value_delimiter = ',')]
     pub metadata: Vec<String>,
+    /// A tag of this instance (Consul's tags: shown by the registry's API and
+    /// its Consul-compatible routes, where `?tag=` filters on them); repeat
+    /// the flag, or comma-separate in the environment variable.
+    #[arg(long = "tag", env = "TRELLIS_TAGS", value_name = "TAG", value_delimiter = ',')]
+    pub tags: Vec<String>,
 
     // ---- Health and registration.
     /// App health check: `tcp` (connect to the app port) or `http:/path` (GET, 2xx passes).
@@ -418,6 +423,8 @@ impl RunArgs {
         request.zone = self.zone.clone();
         request.weight = Some(self.weight);
         request.metadata = parse_metadata(&self.metadata)?;
+        request.tags = self.tags.clone();
+        trellis_shared::types::validate_tags(&request.tags).map_err(|e| bad(format!("--tag: {e}")))?;
         request.status = Some(HealthStatus::Passing);
         request.mesh_tls = self.inbound.inbound.is_some();
         // An inbound port of 0 is chosen by the kernel; `run` advertises the
@@ -506,6 +513,10 @@ mod tests {
             "version=2",
             "--metadata",
             "track=canary",
+            "--tag",
+            "v2",
+            "--tag",
+            "canary",
             "--health",
             "http:/health",
             "--upstream-service",
@@ -517,6 +528,7 @@ mod tests {
         assert_eq!(app.registration.request.address.as_str(), "users-1");
         assert_eq!(app.registration.request.port, 8080);
         assert_eq!(app.registration.request.metadata.len(), 2);
+        assert_eq!(app.registration.request.tags, ["v2", "canary"]);
         assert_eq!(app.registration.request.ttl, Some(WireDuration(Duration::from_secs(5))));
         assert!(app.registration.id.as_str().ends_with("-8080"));
         assert_eq!(app.health.target, "127.0.0.1:8080");
@@ -576,6 +588,7 @@ mod tests {
                 "KEY=VALUE",
             ),
             (&["--registry", "http://r", "--service", "u", "--app", "a:1", "--weight", "0"], "--weight"),
+            (&["--registry", "http://r", "--service", "u", "--app", "a:1", "--tag", "a b"], "--tag"),
             (
                 &["--registry", "http://r", "--service", "u", "--app", "a:1", "--health-timeout", "2s"],
                 "--health-timeout",

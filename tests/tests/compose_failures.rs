@@ -1,4 +1,4 @@
-//! Failure tests across containers: the docker-compose demo (docker-compose.yml)
+//! Failure tests across containers, and the `metrics` profile: the docker-compose demo (docker-compose.yml)
 //! started for real, faults injected with the Docker CLI, and the demo client's
 //! own counts asserted on (it never retries, so `failed=` is what the mesh let
 //! through).
@@ -539,7 +539,7 @@ impl Drop for Stack {
             let _ = c.wait();
         }
         if let Err(e) = self.compose(
-            &["--profile", "scale", "down", "-v", "--remove-orphans", "-t", "3"],
+            &["--profile", "scale", "--profile", "metrics", "down", "-v", "--remove-orphans", "-t", "3"],
             Duration::from_secs(180),
         ) {
             eprintln!("[{}] teardown failed: {e}", self.test);
@@ -924,4 +924,67 @@ fn compose_hardened() {
     println!("[{test}] writing inside the registry container: {write:?}");
     let err = write.expect_err("the registry container's root filesystem took a write");
     assert!(err.contains("Read-only file system"), "[{test}] {err}");
+}
+
+static PROMETHEUS_IMAGE: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Test: the `metrics` profile's Prometheus finds every replica's sidecar
+/// through the registry's Consul-compatible API (over TLS, with the observer
+/// token) and scrapes its admin `/metrics`: three sidecar targets up, plus the
+/// client's sidecar, named statically because it registers nothing.
+#[test]
+fn compose_metrics_profile() {
+    let test = "compose_metrics_profile";
+    let Some((_serial, compose)) = setup(test) else { return };
+    // Debian's prometheus 2.42 is built without Consul service discovery
+    // (tests/tests/consul_clients.rs::has_consul_sd); the image carries that binary.
+    let debian = std::fs::read("/usr/bin/prometheus").unwrap_or_default();
+    if !debian.windows(b"consul_sd_configs".len()).any(|w| w == b"consul_sd_configs") {
+        println!("SKIPPED: {test}: /usr/bin/prometheus is built without Consul service discovery");
+        return;
+    }
+    let built = PROMETHEUS_IMAGE.get_or_init(|| {
+        let script = root().join("scripts/prometheus-image.sh");
+        let out =
+            run(&script.display().to_string(), &[], &[("TRELLIS_TAG", "test".to_string())], Duration::from_secs(600))?;
+        print!("{out}");
+        Ok(())
+    });
+    if let Err(e) = built {
+        panic!("[{test}] building trellis/prometheus:test failed: {e}");
+    }
+    let mut stack = Stack::up(test, compose);
+    let port = foreign_binary_addr().expect("a loopback port").port();
+    stack.envs.push(("TRELLIS_PROMETHEUS_PORT", port.to_string()));
+    let started = Instant::now();
+    stack.compose_ok(&["--profile", "metrics", "up", "-d", "--no-deps", "prometheus"], Duration::from_secs(120));
+    let url = format!("http://127.0.0.1:{port}/api/v1/targets?state=active");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a client");
+    let mut last = String::new();
+    let up = loop {
+        let body = stack.registry.runtime.block_on(async {
+            client.get(&url).send().await.ok()?.json::<serde_json::Value>().await.ok()
+        });
+        if let Some(body) = body {
+            let targets = body["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+            let up: Vec<String> = targets
+                .iter()
+                .filter(|t| t["health"] == "up")
+                .map(|t| t["labels"]["instance_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            last = targets
+                .iter()
+                .map(|t| format!("{}={} {}", t["labels"]["instance_id"], t["health"], t["lastError"]))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut sorted = up.clone();
+            sorted.sort();
+            if sorted == ["app1", "app2", "app3", "client"] {
+                break started.elapsed();
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "[{test}] targets never all up: {last}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("[{test}] prometheus had the 3 sidecars (found through the Consul API) and the client up after {up:?}: {last}");
 }

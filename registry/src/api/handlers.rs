@@ -41,6 +41,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/v1/services/{service}/instances/{id}", put(register::<S>).delete(deregister::<S>))
         .route("/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat_route::<S>))
         .route("/v1/identity/sign", post(super::identity::sign::<S>))
+        .merge(crate::consul::routes::<S>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

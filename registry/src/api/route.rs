@@ -16,6 +16,14 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
         "/v1/services" if method == Method::GET => return Route::List,
         _ => {}
     }
+    if ["/v1/agent/", "/v1/catalog/", "/v1/health/"].iter().any(|p| path.starts_with(p)) {
+        return match query {
+            Some(q) if q.split('&').any(|kv| kv.starts_with("index=") && kv != "index=0") => {
+                Route::ConsulWatch
+            }
+            _ => Route::Consul,
+        };
+    }
     let Some(rest) = path.strip_prefix("/v1/services/") else { return Route::Other };
     let mut segments = [""; 4];
     let mut n = 0;
@@ -76,6 +84,10 @@ mod tests {
             (Method::GET, "/v2/services", None, Route::Other),
             (Method::POST, "/v1/identity/sign", None, Route::IdentitySign),
             (Method::POST, "/v1/identity/sign/x", None, Route::Other),
+            (Method::GET, "/v1/catalog/services", Some("wait=120000ms"), Route::Consul),
+            (Method::GET, "/v1/health/service/users", Some("index=0"), Route::Consul),
+            (Method::GET, "/v1/health/service/users", Some("passing=1&index=9&wait=5s"), Route::ConsulWatch),
+            (Method::PUT, "/v1/agent/service/register", None, Route::Consul),
         ];
         for (method, path, query, route) in cases {
             assert_eq!(route_of(&method, path, query), route, "{method} {path} {query:?}");

@@ -85,6 +85,8 @@ pub struct EtcdStore {
     epoch: String,
     settings: EtcdSettings,
     stale: AtomicBool,
+    /// When a health read last succeeded with the watch up.
+    fresh_at: std::sync::Mutex<tokio::time::Instant>,
     watch_up: AtomicBool,
     failed_checks: AtomicU32,
     metrics: EtcdMetrics,
@@ -135,6 +137,7 @@ impl EtcdStore {
             instances,
             epoch,
             stale: AtomicBool::new(false),
+            fresh_at: std::sync::Mutex::new(tokio::time::Instant::now()),
             watch_up: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
             metrics,
@@ -336,6 +339,9 @@ impl EtcdStore {
                 }
             };
             watch_down = if self.watch_up.load(Ordering::Relaxed) { 0 } else { watch_down + 1 };
+            if failed == 0 && watch_down == 0 {
+                *crate::lock(&self.fresh_at) = tokio::time::Instant::now();
+            }
             let stale = failed >= STALE_AFTER || watch_down >= STALE_AFTER;
             if self.stale.swap(stale, Ordering::Relaxed) != stale {
                 self.metrics.stale.set(i64::from(stale));
@@ -461,6 +467,22 @@ impl Store for EtcdStore {
 
     fn stale(&self) -> bool {
         self.is_stale()
+    }
+
+    fn last_contact(&self) -> Duration {
+        if self.is_stale() {
+            crate::lock(&self.fresh_at).elapsed()
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
+        self.cache.catalog()
+    }
+
+    async fn watch_catalog_from(&self, index: u64) -> u64 {
+        self.cache.watch_catalog_from(index).await
     }
 
     fn reached(&self, index: u64) -> bool {

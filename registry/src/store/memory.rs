@@ -295,6 +295,14 @@ impl Store for MemoryStore {
         self.table.list()
     }
 
+    fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
+        (self.table.catalog_index(), self.table.occupied())
+    }
+
+    async fn watch_catalog_from(&self, index: u64) -> u64 {
+        self.table.watch_catalog_from(index).await
+    }
+
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
         // The brake's window advances once per bucket, whether or not leases fall due.
         let mut tick = tokio::time::interval(BUCKET);

@@ -192,6 +192,21 @@ pub trait Store: Send + Sync + 'static {
     /// Every service with at least one instance, sorted by name.
     fn list(&self) -> Vec<ServiceSummary>;
 
+    /// The catalog (Consul's `/v1/catalog/services`): its index, then the
+    /// snapshot of every service with at least one instance, sorted by name.
+    /// The index is read first, so it never runs ahead of the services.
+    fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>);
+
+    /// Resolves with the catalog's index once it differs from `index` (see
+    /// [`table::ServiceTable::watch_catalog_from`]). Cancel-safe.
+    fn watch_catalog_from(&self, index: u64) -> impl Future<Output = u64> + Send;
+
+    /// How long ago the store last confirmed its copy is current (Consul's
+    /// `X-Consul-LastContact`); zero for a store that is its own truth.
+    fn last_contact(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// Whether reads come from a copy the store cannot refresh right now (an
     /// etcd store without quorum); the API flags such answers.
     fn stale(&self) -> bool {

@@ -63,6 +63,19 @@ impl ServiceSnapshot {
         self.protected
     }
 
+    /// What the service adds to the catalog: `None` without instances, else
+    /// the union of its instances' tags, sorted.
+    pub fn catalog_entry(&self) -> Option<Vec<&str>> {
+        if self.instances.is_empty() {
+            return None;
+        }
+        let mut tags: Vec<&str> =
+            self.instances.iter().flat_map(|i| i.tags.iter().map(String::as_str)).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        Some(tags)
+    }
+
     pub fn summary(&self) -> ServiceSummary {
         ServiceSummary { name: self.service.clone(), instances: self.instances.len(), healthy: self.healthy }
     }

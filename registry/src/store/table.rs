@@ -36,6 +36,10 @@ pub struct ServiceTable<M> {
     caps: Caps,
     /// Services with at least one instance, kept by [`ServiceTable::publish`].
     occupied: AtomicUsize,
+    /// The catalog's index: it moves when a service gains its first instance,
+    /// loses its last, or changes the union of its tags (Consul's
+    /// `/v1/catalog/services`), and wakes that listing's watchers only.
+    catalog_tx: watch::Sender<u64>,
 }
 
 /// Size caps on what registrations may add (`--max-services`,
@@ -89,6 +93,7 @@ impl<M: Member> ServiceTable<M> {
             protection_threshold,
             caps: Caps::default(),
             occupied: AtomicUsize::new(0),
+            catalog_tx: watch::channel(0).0,
         }
     }
 
@@ -188,11 +193,37 @@ impl<M: Member> ServiceTable<M> {
             members.instances.values().map(|m| m.instance().clone()).collect();
         let protected = self.protected(&instances);
         let snapshot = ServiceSnapshot::new(entry.name.clone(), members.index, instances, protected);
-        entry.snapshot.store(Arc::new(snapshot));
+        let previous = entry.snapshot.swap(Arc::new(snapshot));
         if index.is_some() {
+            if previous.catalog_entry() != entry.snapshot.load().catalog_entry() {
+                self.catalog_moved(members.index);
+            }
             entry.index_tx.send_replace(members.index);
         }
         members.index
+    }
+
+    /// Moves the catalog's index to `index`, or one past its current value
+    /// when changes published out of order (two services of the memory store)
+    /// or in one revision (an etcd transaction) would not move it: the index
+    /// must never repeat for a different catalog.
+    fn catalog_moved(&self, index: u64) {
+        self.catalog_tx.send_modify(|v| *v = if index > *v { index } else { *v + 1 });
+    }
+
+    /// The catalog's index (0 before any service had an instance).
+    pub fn catalog_index(&self) -> u64 {
+        *self.catalog_tx.borrow()
+    }
+
+    /// Resolves with the catalog's index once it differs from `index`.
+    /// Cancel-safe.
+    pub async fn watch_catalog_from(&self, index: u64) -> u64 {
+        let mut rx = self.catalog_tx.subscribe();
+        // The sender lives in the table, which we borrow, so this cannot fail.
+        let _ = rx.wait_for(|current| *current != index).await;
+        let current = *rx.borrow();
+        current
     }
 
     /// The protection threshold: too few healthy instances to carry the load,
@@ -234,6 +265,18 @@ impl<M: Member> ServiceTable<M> {
             .map(|s| s.summary())
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The snapshot of every service with at least one instance, sorted by name.
+    pub fn occupied(&self) -> Vec<Arc<ServiceSnapshot>> {
+        let mut out: Vec<Arc<ServiceSnapshot>> = self
+            .entries()
+            .iter()
+            .map(|e| e.snapshot.load_full())
+            .filter(|s| !s.instances().is_empty())
+            .collect();
+        out.sort_by(|a, b| a.service().cmp(b.service()));
         out
     }
 

@@ -243,6 +243,16 @@ impl Cache {
     pub fn list(&self) -> Vec<ServiceSummary> {
         self.table.list()
     }
+
+    pub fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
+        (self.table.catalog_index(), self.table.occupied())
+    }
+
+    /// Like [`Cache::watch_from`], for the catalog's index.
+    pub async fn watch_catalog_from(&self, index: u64) -> u64 {
+        self.reach(index).await;
+        self.table.watch_catalog_from(index).await
+    }
 }
 
 #[cfg(test)]
