@@ -39,6 +39,9 @@ pub enum Command {
     /// readwrite on the prefix, the registry's user with that role, and turn
     /// etcd's authentication on. Idempotent (exit 0 when already done).
     EtcdSetup(crate::store::etcd::setup::SetupArgs),
+    /// The operator commands: services, show, watch, deregister.
+    #[command(flatten)]
+    Operator(crate::cli::Command),
 }
 
 /// Everything the server needs. Every field has a flag and a `TRELLIS_<FLAG>`

@@ -22,11 +22,14 @@
 //! - [`identity`]: the mesh CA (`--ca-*`) signing sidecars' certificate requests.
 //! - [`init`]: `registry init DIR`: CA, certificates, ACL file and tokens in one command.
 //! - [`probe`]: the `registry probe` healthcheck.
+//! - [`cli`]: the operator commands (`services`, `show`, `watch`, `deregister`)
+//!   against a running registry.
 //! - [`tls`]: the `--tls-*` flags, the rustls configuration and its reload on SIGHUP.
 
 pub mod acl;
 pub mod api;
 pub mod brake;
+pub mod cli;
 pub mod config;
 pub mod consul;
 pub mod error;

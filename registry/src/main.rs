@@ -27,6 +27,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Operator(command)) = &cli.command {
+        return trellis_registry::cli::run(command);
+    }
     let mut builder = match cli.config.workers {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
