@@ -383,6 +383,12 @@ impl RunArgs {
         // Behind an inbound side, peers reach the app through it only.
         let (address, port) = match (&self.advertise, self.inbound.inbound) {
             (Some(a), _) => parse_host_port(a, "--advertise")?,
+            // An inbound side bound to one address is reachable there only.
+            (None, Some(inbound)) if !inbound.ip().is_unspecified() => {
+                let host =
+                    Address::new(inbound.ip().to_string()).map_err(|e| bad(format!("--inbound: {e}")))?;
+                (host, inbound.port())
+            }
             (None, Some(inbound)) => (crate::host::default_advertise_host(&app_host), inbound.port()),
             (None, None) => (crate::host::default_advertise_host(&app_host), app_port),
         };
@@ -613,7 +619,8 @@ mod tests {
         let s = parse(&[&r[..], &app[..], &["--mtls"]].concat()).unwrap().identity.unwrap();
         assert_eq!(s.service.as_str(), "users");
         assert_eq!(s.trust_domain.as_str(), "trellis.local");
-        let client = parse(&[&r[..], &["--identity", "web", "--trust-domain", "prod.example"]].concat()).unwrap();
+        let client =
+            parse(&[&r[..], &["--identity", "web", "--trust-domain", "prod.example"]].concat()).unwrap();
         let s = client.identity.unwrap();
         assert_eq!((s.service.as_str(), s.trust_domain.as_str()), ("web", "prod.example"));
         for (args, needle) in [
@@ -643,9 +650,10 @@ mod tests {
         let allowed = vec![ServiceName::new("admin").unwrap(), ServiceName::new("web").unwrap()];
         assert_eq!(inbound.config.allow_from, crate::inbound::AllowFrom::Only(allowed));
         assert_eq!(inbound.config.max_concurrency, InboundConfig::DEFAULT.max_concurrency);
-        // Port 0: `run` advertises the port bound.
+        // Port 0: `run` advertises the port bound, at the one address it binds.
         let s = with(&["--inbound", "127.0.0.1:0"]);
-        assert_eq!(s.app.unwrap().registration.request.port, 0);
+        let request = &s.app.as_ref().unwrap().registration.request;
+        assert_eq!((request.address.as_str(), request.port), ("127.0.0.1", 0));
         assert_eq!(s.inbound.unwrap().config.allow_from, crate::inbound::AllowFrom::Any);
         // --advertise still wins.
         let s = with(&["--inbound", "0.0.0.0:15006", "--advertise", "users-1:443"]);

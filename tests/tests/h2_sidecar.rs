@@ -46,7 +46,7 @@ impl Cluster {
         let app_sidecar = SidecarProc::start("users-sidecar", &registry_url, &args, ready).await.proc;
 
         let upstream = strings(&["--upstream", "users=127.0.0.1:0"]);
-        let SidecarProc { proc: client, admin, outbound, upstreams } =
+        let SidecarProc { proc: client, admin, outbound, upstreams, .. } =
             SidecarProc::start("client-sidecar", &registry_url, &upstream, ready).await;
         let dedicated = upstreams["users"];
         wait_for("the client sidecar to see users", Duration::from_secs(30), || async move {

@@ -142,9 +142,10 @@ async fn forward(
     loop {
         let (tx, reused) = match ctx.pool.checkout(&app.authority) {
             Some(tx) => (tx, true),
-            None => {
-                (ctx.pool.connect_plain(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?, false)
-            }
+            None => (
+                ctx.pool.connect_plain(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?,
+                false,
+            ),
         };
         match ctx.pool.send_on(&app.authority, tx, reused, up).await {
             Ok((resp, checkin)) => return Ok(relay(resp, guard, Some(checkin))),

@@ -61,7 +61,8 @@ pub async fn serve(
     // connections as requests may be in flight.
     // The app is plain text on localhost: the pool's mesh connector is never used.
     let plain = Arc::new(MeshConnector::new(None, metrics.clone()));
-    let pool = pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.max_concurrency, plain);
+    let pool =
+        pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.max_concurrency, plain);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own header timeout would also close idle keep-alive
