@@ -286,7 +286,9 @@ mod tests {
         let mut r = base.clone();
         r.tags = vec!["v1".into(), "primary".into()];
         assert!(r.validate().is_ok());
-        for bad in [vec!["".to_string()], vec!["a b".into()], vec!["a,b".into()], vec!["x".into(), "x".into()]] {
+        for bad in
+            [vec!["".to_string()], vec!["a b".into()], vec!["a,b".into()], vec!["x".into(), "x".into()]]
+        {
             r.tags = bad;
             assert!(r.validate().is_err(), "{:?}", r.tags);
         }

@@ -152,8 +152,8 @@ mod tests {
             metadata: BTreeMap::new(),
             status: HealthStatus::Passing,
             output: String::new(),
-        tags: Vec::new(),
-        mesh_tls: false,
+            tags: Vec::new(),
+            mesh_tls: false,
         }
     }
 

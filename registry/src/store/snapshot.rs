@@ -142,8 +142,8 @@ pub(crate) mod tests {
             metadata: BTreeMap::new(),
             status,
             output: String::new(),
-        tags: Vec::new(),
-        mesh_tls: false,
+            tags: Vec::new(),
+            mesh_tls: false,
         })
     }
 
