@@ -20,6 +20,7 @@
 //! - [`init`]: `registry init DIR`: CA, certificates, ACL file and tokens in one command.
 //! - [`probe`]: the `registry probe` healthcheck.
 //! - [`tls`]: the `--tls-*` flags, the rustls configuration and its reload on SIGHUP.
+//! - [`ui`]: the dashboard's files, compiled in and served under `/ui/`.
 
 pub mod acl;
 pub mod api;
@@ -35,6 +36,7 @@ pub mod probe;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod ui;
 pub mod watch;
 
 pub use config::Config;

@@ -52,6 +52,12 @@ pub enum Route {
     Watch,
     Health,
     Metrics,
+    /// `GET /v1/status`.
+    Status,
+    /// `GET /v1/overview`, blocking or not.
+    Overview,
+    /// The dashboard's files under `/ui/`.
+    Ui,
     Other,
 }
 
@@ -66,6 +72,9 @@ impl Route {
             Route::Watch => "watch",
             Route::Health => "health",
             Route::Metrics => "metrics",
+            Route::Status => "status",
+            Route::Overview => "overview",
+            Route::Ui => "ui",
             Route::Other => "other",
         }
     }

@@ -207,17 +207,58 @@ impl Watches {
     ) -> Arc<ServiceSnapshot> {
         let current = store.snapshot(service);
         let changed = current.index() != index && store.reached(index);
-        if changed || wait.is_zero() || self.shutdown.is_cancelled() {
+        if changed {
             return current;
+        }
+        match self.hold(wait, client, store.watch_from(service, index)).await {
+            Some(snap) => snap,
+            None => store.snapshot(service),
+        }
+    }
+
+    /// Waits for a change of any service: resolves once the registry's
+    /// highest index differs from `index`, or after `wait` (plus jitter),
+    /// under the same caps as [`Watches::wait`]. Returns the current highest index.
+    pub async fn wait_any<S: Store>(
+        &self,
+        store: &S,
+        index: u64,
+        wait: Duration,
+        client: Option<IpAddr>,
+    ) -> u64 {
+        let mut changes = store.changes();
+        let current = *changes.borrow_and_update();
+        if current != index {
+            return current;
+        }
+        let changed = async move {
+            // The sender lives in the store, which the caller borrows: this cannot fail.
+            let _ = changes.wait_for(|i| *i != index).await;
+        };
+        self.hold(wait, client, changed).await;
+        *store.changes().borrow()
+    }
+
+    /// Holds a query until `changed` resolves (`Some`) or, within the caps,
+    /// `wait` plus jitter passes or the server stops (`None`). Past a cap, or
+    /// with no wait, it answers `None` at once.
+    async fn hold<T>(
+        &self,
+        wait: Duration,
+        client: Option<IpAddr>,
+        changed: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        if wait.is_zero() || self.shutdown.is_cancelled() {
+            return None;
         }
         let Ok(_permit) = self.slots.try_acquire() else {
             self.metrics.watches_refused.inc();
-            return current;
+            return None;
         };
         let _client = match client.map(|ip| self.client_slot(ip)) {
             Some(None) => {
                 self.metrics.watches_refused.inc();
-                return current;
+                return None;
             }
             Some(Some(slot)) => Some(slot),
             None => None,
@@ -225,9 +266,9 @@ impl Watches {
         self.metrics.open_watches.inc();
         let _open = OpenWatch(self.metrics.open_watches.clone());
         tokio::select! {
-            snap = store.watch_from(service, index) => snap,
-            _ = tokio::time::sleep(jittered(wait)) => store.snapshot(service),
-            _ = self.shutdown.cancelled() => store.snapshot(service),
+            v = changed => Some(v),
+            _ = tokio::time::sleep(jittered(wait)) => None,
+            _ = self.shutdown.cancelled() => None,
         }
     }
 }
@@ -307,8 +348,8 @@ mod tests {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             };
             let w = store
                 .register(&users, LeasedInstance { instance, ttl: Duration::from_secs(600) })

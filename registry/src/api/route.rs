@@ -13,6 +13,10 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
         "/health" => return Route::Health,
         "/metrics" => return Route::Metrics,
         "/v1/services" if method == Method::GET => return Route::List,
+        "/v1/status" => return Route::Status,
+        "/v1/overview" => return Route::Overview,
+        "/ui" => return Route::Ui,
+        p if p.starts_with("/ui/") => return Route::Ui,
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v1/services/") else { return Route::Other };
@@ -27,7 +31,7 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
     }
     match (&segments[..n], method) {
         ([_], &Method::GET) if query.is_some_and(|q| q.contains("index=")) => Route::Watch,
-        ([_], &Method::GET) => Route::Get,
+        ([_], &Method::GET) | ([_, "leases"], &Method::GET) => Route::Get,
         ([_, "instances", _], &Method::PUT) => Route::Register,
         ([_, "instances", _], &Method::DELETE) => Route::Deregister,
         ([_, "instances", _, "heartbeat"], &Method::PUT) => Route::Heartbeat,
@@ -73,6 +77,12 @@ mod tests {
             (Method::GET, "/v1/services/", None, Route::Other),
             (Method::PUT, "/v1/services/users/instances/a/heartbeat/x", None, Route::Other),
             (Method::GET, "/v2/services", None, Route::Other),
+            (Method::GET, "/v1/services/users/leases", None, Route::Get),
+            (Method::GET, "/v1/status", None, Route::Status),
+            (Method::GET, "/v1/overview", Some("index=3&wait=10s"), Route::Overview),
+            (Method::GET, "/ui/", None, Route::Ui),
+            (Method::GET, "/ui/app.js", None, Route::Ui),
+            (Method::GET, "/uix", None, Route::Other),
         ];
         for (method, path, query, route) in cases {
             assert_eq!(route_of(&method, path, query), route, "{method} {path} {query:?}");

@@ -16,7 +16,9 @@ use tracing::{debug, info};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
 use super::table::{Member, ServiceEntry, ServiceTable};
-use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use super::{
+    Change, Heartbeat, LeaseState, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome,
+};
 use crate::brake::{ExpiryBrake, GuardConfig, RateEstimate, BUCKET};
 use crate::expiry::ExpiryQueue;
 use crate::lock;
@@ -295,6 +297,32 @@ impl Store for MemoryStore {
         self.table.list()
     }
 
+    fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.table.snapshots()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.table.changes()
+    }
+
+    async fn leases(&self, service: &ServiceName) -> Vec<LeaseState> {
+        let Some(entry) = self.table.get(service) else { return Vec::new() };
+        let now = Instant::now();
+        let state = entry.lock();
+        state
+            .instances
+            .iter()
+            .map(|(id, slot)| LeaseState {
+                id: id.clone(),
+                ttl: slot.ttl,
+                // Every renewal sets the deadline to now + ttl.
+                since_renewal: Some(now.saturating_duration_since(slot.deadline - slot.ttl)),
+                left: Some(slot.deadline.saturating_duration_since(now)),
+                held: now >= slot.deadline,
+            })
+            .collect()
+    }
+
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
         // The brake's window advances once per bucket, whether or not leases fall due.
         let mut tick = tokio::time::interval(BUCKET);
@@ -363,8 +391,8 @@ mod tests {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             },
             ttl: Duration::from_millis(ttl_ms),
         }
@@ -605,8 +633,8 @@ mod guards {
                 metadata: BTreeMap::new(),
                 status: HealthStatus::Passing,
                 output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
+                tags: Vec::new(),
+                mesh_tls: false,
             },
             ttl,
         }

@@ -243,6 +243,21 @@ impl Cache {
     pub fn list(&self) -> Vec<ServiceSummary> {
         self.table.list()
     }
+
+    pub fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.table.snapshots()
+    }
+
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.table.changes()
+    }
+
+    /// The cached instances of `service` (sorted by id).
+    pub fn members(&self, service: &ServiceName) -> Vec<(InstanceId, Cached)> {
+        let Some(entry) = self.table.get(service) else { return Vec::new() };
+        let state = entry.lock();
+        state.instances.iter().map(|(id, c)| (id.clone(), c.clone())).collect()
+    }
 }
 
 #[cfg(test)]
