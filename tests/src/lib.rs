@@ -8,6 +8,7 @@
 //! - `ports.rs`: ports for binaries that cannot report theirs (etcd, HAProxy, nginx).
 //! - `wait.rs`: waiting for a condition with a generous deadline.
 //! - `ws.rs`: a WebSocket echo server for the proxy's upgrade tests.
+//! - `browser.rs`: headless Chromium driven over the DevTools protocol (the dashboard's tests).
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -16,6 +17,7 @@
 //! `TRELLIS_BIN_DIR`.
 
 pub mod admin;
+pub mod browser;
 pub mod etcd_secrets;
 pub mod instance;
 pub mod ports;
