@@ -436,3 +436,74 @@ async fn the_emergency_banner_shows_while_the_expiry_brake_holds() {
         f.0.store(true, Ordering::Relaxed);
     }
 }
+
+/// The dashboard's files are public; its data routes keep the token rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_routes_keep_the_token_rules() {
+    let (admin, reader) = (hex(&rand::random::<[u8; 32]>()), hex(&rand::random::<[u8; 32]>()));
+    let acl = unique_path(&log_dir(), "dashboard-acl", "toml");
+    let token = |name: &str, secret: &str, rights: &str| {
+        format!(
+            "[[tokens]]\nname = \"{name}\"\nsecret_sha256 = \"{}\"\n{rights}\n",
+            hex(&digest_of(secret.as_bytes()))
+        )
+    };
+    let file = format!(
+        "default = \"deny\"\n{}{}",
+        token("ops", &admin, "admin = true"),
+        token("reader", &reader, "read = [\"users\"]")
+    );
+    std::fs::write(&acl, file).unwrap();
+    let reg =
+        RegistryProc::start("registry-dashboard-acl", &strings(&["--acl-file", &acl.display().to_string()]))
+            .await;
+    let (ops, reads, nobody) =
+        (Api::new(&reg, Some(&admin)), Api::new(&reg, Some(&reader)), Api::new(&reg, None));
+    ops.register("users", "u1", instance(8080, json!({}))).await;
+    ops.register("billing", "b1", instance(9000, json!({}))).await;
+    let get = |api: &Api, path: &str| api.req(reqwest::Method::GET, path).send();
+
+    for (path, content_type) in
+        [("/ui/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")]
+    {
+        let r = get(&nobody, path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path} needs no token");
+        let h = r.headers();
+        assert!(h["content-type"].to_str().unwrap().starts_with(content_type), "{path}: {h:?}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+    }
+    let r = get(&nobody, "/ui").await.unwrap();
+    assert_eq!(r.url().path(), "/ui/", "redirected to the page");
+
+    let code = |v: &Value| v["error"].as_str().unwrap_or("").to_string();
+    let r = get(&nobody, "/v1/overview").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let names = |v: &Value| -> Vec<String> {
+        v["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    };
+    let v: Value = get(&reads, "/v1/overview").await.unwrap().json().await.unwrap();
+    assert_eq!(names(&v), ["users"], "a reader sees what it may read: {v}");
+    let v: Value = get(&ops, "/v1/overview").await.unwrap().json().await.unwrap();
+    assert_eq!(names(&v), ["billing", "users"], "{v}");
+
+    let r = get(&reads, "/v1/status").await.unwrap();
+    assert_eq!(r.status(), 403, "the status needs what /metrics needs");
+    assert_eq!(code(&r.json().await.unwrap()), "permission_denied");
+    assert_eq!(get(&ops, "/v1/status").await.unwrap().status(), 200);
+
+    let r = get(&reads, "/v1/services/billing/leases").await.unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = get(&reads, "/v1/services/users/leases").await.unwrap().json().await.unwrap();
+    assert_eq!(v["leases"][0]["id"], "u1", "{v}");
+    assert_eq!(v["leases"][0]["ttl_ms"], 300_000, "{v}");
+
+    for bad in
+        ["/v1/status?x=1", "/v1/overview?all=true", "/v1/overview?wait=5s", "/v1/services/users/leases?all=1"]
+    {
+        let r = get(&ops, bad).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(code(&r.json().await.unwrap()), "invalid_query", "{bad}");
+    }
+}
