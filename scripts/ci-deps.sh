@@ -4,7 +4,8 @@
 # Needed: rustfmt and clippy (rustup components), strip (binutils, for the
 # images), the docker CLI and docker-compose (the compose failure tests; the
 # engine itself is the machine's), wrk and python3 (the overlapping-failure
-# tests load Python backends through a sidecar with wrk).
+# tests load Python backends through a sidecar with wrk), chromium (the dashboard's
+# browser test drives it headless).
 set -euo pipefail
 
 if command -v rustup >/dev/null 2>&1; then
@@ -17,6 +18,7 @@ command -v strip >/dev/null 2>&1 || missing+=(binutils)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
 command -v docker >/dev/null 2>&1 || missing+=(docker.io)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   missing+=(docker-compose)

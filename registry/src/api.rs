@@ -9,13 +9,21 @@
 //! - [`handlers`]: the axum router and its handlers, and the body checks that
 //!   the heartbeat fast path shares.
 //! - [`identity`]: `POST /v1/identity/sign`, the mesh CA's route.
+//! - [`status`]: `GET /v1/status` (store, replica, uptime, rates, the brake)
+//!   and [`status::Activity`], the sampled rates behind it.
+//! - [`overview`]: `GET /v1/overview`, every service's health counts, blocking
+//!   on a change of any service.
+//! - [`leases`]: `GET /v1/services/{service}/leases`, each instance's lease.
 
 pub mod auth;
 pub mod body_timeout;
 pub mod handlers;
 pub mod identity;
+pub mod leases;
+pub mod overview;
 pub mod route;
 pub mod service;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -40,6 +48,8 @@ pub struct ApiState<S> {
     pub acl: Option<Arc<Acl>>,
     /// The mesh CA; `None` without `--ca-cert` (no identities issued).
     pub mesh_ca: Option<Arc<MeshCa>>,
+    /// Uptime and the sampled request rates `GET /v1/status` shows.
+    pub activity: Arc<status::Activity>,
     /// `X-Trellis-Epoch`; a store's epoch never changes while it runs.
     epoch: Option<HeaderValue>,
 }
@@ -47,7 +57,8 @@ pub struct ApiState<S> {
 impl<S: crate::store::Store> ApiState<S> {
     pub fn new(store: Arc<S>, config: Config, metrics: Arc<Metrics>, watches: Arc<Watches>) -> Self {
         let epoch = HeaderValue::from_str(store.epoch()).ok();
-        ApiState { store, config, metrics, watches, acl: None, mesh_ca: None, epoch }
+        let activity = Arc::new(status::Activity::default());
+        ApiState { store, config, metrics, watches, acl: None, mesh_ca: None, activity, epoch }
     }
 
     /// The same state, checking requests against `acl`.

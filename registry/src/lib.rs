@@ -25,6 +25,7 @@
 //! - [`cli`]: the operator commands (`services`, `show`, `watch`, `deregister`)
 //!   against a running registry.
 //! - [`tls`]: the `--tls-*` flags, the rustls configuration and its reload on SIGHUP.
+//! - [`ui`]: the dashboard's files, compiled in and served under `/ui/`.
 
 pub mod acl;
 pub mod api;
@@ -43,6 +44,7 @@ pub mod probe;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod ui;
 pub mod watch;
 
 pub use config::Config;

@@ -58,6 +58,12 @@ pub enum Route {
     Consul,
     /// A blocking query of the Consul-compatible API.
     ConsulWatch,
+    /// `GET /v1/status`.
+    Status,
+    /// `GET /v1/overview`, blocking or not.
+    Overview,
+    /// The dashboard's files under `/ui/`.
+    Ui,
     Other,
 }
 
@@ -75,6 +81,9 @@ impl Route {
             Route::IdentitySign => "identity_sign",
             Route::Consul => "consul",
             Route::ConsulWatch => "consul_watch",
+            Route::Status => "status",
+            Route::Overview => "overview",
+            Route::Ui => "ui",
             Route::Other => "other",
         }
     }

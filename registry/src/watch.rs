@@ -235,14 +235,38 @@ impl Watches {
         }
     }
 
-    /// Holds `change` within the caps for `wait` plus jitter: `None` when it
-    /// did not resolve in time, a cap was reached or the server is stopping.
-    async fn hold<F: std::future::Future>(
+    /// Waits for a change of any service: resolves once the registry's
+    /// highest index differs from `index`, or after `wait` (plus jitter),
+    /// under the same caps as [`Watches::wait`]. Returns the current highest index.
+    pub async fn wait_any<S: Store>(
+        &self,
+        store: &S,
+        index: u64,
+        wait: Duration,
+        client: Option<IpAddr>,
+    ) -> u64 {
+        let mut changes = store.changes();
+        let current = *changes.borrow_and_update();
+        if current != index {
+            return current;
+        }
+        let changed = async move {
+            // The sender lives in the store, which the caller borrows: this cannot fail.
+            let _ = changes.wait_for(|i| *i != index).await;
+        };
+        self.hold(wait, client, changed).await;
+        *store.changes().borrow()
+    }
+
+    /// Holds a query until `changed` resolves (`Some`) or, within the caps,
+    /// `wait` plus jitter passes or the server stops (`None`). Past a cap, or
+    /// with no wait, it answers `None` at once.
+    async fn hold<T>(
         &self,
         wait: Duration,
         client: Option<IpAddr>,
-        change: F,
-    ) -> Option<F::Output> {
+        changed: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
         if wait.is_zero() || self.shutdown.is_cancelled() {
             return None;
         }
@@ -261,7 +285,7 @@ impl Watches {
         self.metrics.open_watches.inc();
         let _open = OpenWatch(self.metrics.open_watches.clone());
         tokio::select! {
-            out = change => Some(out),
+            v = changed => Some(v),
             _ = tokio::time::sleep(jittered(wait)) => None,
             _ = self.shutdown.cancelled() => None,
         }

@@ -12,6 +12,7 @@
 //!   and the flags of a registry that signs identities and a sidecar holding one.
 //! - `mesh_pki.rs`: mesh certificates (SPIFFE URI SAN leaves, an expired one, another CA)
 //!   for the mTLS tests.
+//! - `browser.rs`: headless Chromium driven over the DevTools protocol (the dashboard's tests).
 //! - `etcd_secrets.rs`: CA, certificates and passwords for a TLS etcd with auth,
 //!   in the layout of `registry init --etcd-member`.
 //!
@@ -20,6 +21,7 @@
 //! `TRELLIS_BIN_DIR`.
 
 pub mod admin;
+pub mod browser;
 pub mod etcd_secrets;
 pub mod instance;
 pub mod mesh;

@@ -42,6 +42,10 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat_route::<S>))
         .route("/v1/identity/sign", post(super::identity::sign::<S>))
         .merge(crate::consul::routes::<S>())
+        .route("/v1/services/{service}/leases", get(super::leases::leases::<S>))
+        .route("/v1/status", get(super::status::status::<S>))
+        .route("/v1/overview", get(super::overview::overview::<S>))
+        .merge(crate::ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -59,7 +63,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn with_index<S>(mut resp: Response, index: u64, st: &ApiState<S>) -> Response {
+pub(super) fn with_index<S>(mut resp: Response, index: u64, st: &ApiState<S>) -> Response {
     let h = resp.headers_mut();
     h.insert(INDEX_NAME.clone(), HeaderValue::from(index));
     if let Some(v) = &st.epoch {
@@ -68,7 +72,7 @@ fn with_index<S>(mut resp: Response, index: u64, st: &ApiState<S>) -> Response {
     resp
 }
 
-fn bad_path(e: PathRejection) -> ApiError {
+pub(super) fn bad_path(e: PathRejection) -> ApiError {
     ApiError::InvalidName(trellis_shared::NameError {
         what: "path",
         value: String::new(),

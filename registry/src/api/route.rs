@@ -14,6 +14,10 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
         "/metrics" => return Route::Metrics,
         "/v1/identity/sign" => return Route::IdentitySign,
         "/v1/services" if method == Method::GET => return Route::List,
+        "/v1/status" => return Route::Status,
+        "/v1/overview" => return Route::Overview,
+        "/ui" => return Route::Ui,
+        p if p.starts_with("/ui/") => return Route::Ui,
         _ => {}
     }
     if ["/v1/agent/", "/v1/catalog/", "/v1/health/"].iter().any(|p| path.starts_with(p)) {
@@ -36,7 +40,7 @@ pub fn route_of(method: &Method, path: &str, query: Option<&str>) -> Route {
     }
     match (&segments[..n], method) {
         ([_], &Method::GET) if query.is_some_and(|q| q.contains("index=")) => Route::Watch,
-        ([_], &Method::GET) => Route::Get,
+        ([_], &Method::GET) | ([_, "leases"], &Method::GET) => Route::Get,
         ([_, "instances", _], &Method::PUT) => Route::Register,
         ([_, "instances", _], &Method::DELETE) => Route::Deregister,
         ([_, "instances", _, "heartbeat"], &Method::PUT) => Route::Heartbeat,
@@ -88,6 +92,12 @@ mod tests {
             (Method::GET, "/v1/health/service/users", Some("index=0"), Route::Consul),
             (Method::GET, "/v1/health/service/users", Some("passing=1&index=9&wait=5s"), Route::ConsulWatch),
             (Method::PUT, "/v1/agent/service/register", None, Route::Consul),
+            (Method::GET, "/v1/services/users/leases", None, Route::Get),
+            (Method::GET, "/v1/status", None, Route::Status),
+            (Method::GET, "/v1/overview", Some("index=3&wait=10s"), Route::Overview),
+            (Method::GET, "/ui/", None, Route::Ui),
+            (Method::GET, "/ui/app.js", None, Route::Ui),
+            (Method::GET, "/uix", None, Route::Other),
         ];
         for (method, path, query, route) in cases {
             assert_eq!(route_of(&method, path, query), route, "{method} {path} {query:?}");

@@ -306,6 +306,15 @@ impl Store for StaleReplica {
     async fn watch_catalog_from(&self, index: u64) -> u64 {
         self.0.watch_catalog_from(index).await
     }
+    fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.0.snapshots()
+    }
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.changes()
+    }
+    async fn leases(&self, service: &ServiceName) -> Vec<crate::store::LeaseState> {
+        self.0.leases(service).await
+    }
     fn stale(&self) -> bool {
         true
     }

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use trellis_shared::backoff::Backoff;
@@ -51,7 +52,9 @@ use url::Url;
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
 use self::cluster_brake::ClusterBrake;
-use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use super::{
+    Change, Heartbeat, LeaseState, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome,
+};
 use crate::brake::GuardConfig;
 use crate::metrics::{EtcdMetrics, StoreMetrics};
 
@@ -463,6 +466,41 @@ impl Store for EtcdStore {
 
     fn list(&self) -> Vec<ServiceSummary> {
         self.cache.list()
+    }
+
+    fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.cache.snapshots()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cache.changes()
+    }
+
+    fn replica(&self) -> Option<&str> {
+        Some(self.brake.replica())
+    }
+
+    /// Asks etcd for each lease's time to live: any replica may have renewed
+    /// it, so this replica's own counts would not tell. A keep-alive resets a
+    /// lease to its granted TTL, so the time since the last renewal is the
+    /// granted TTL less what is left (in etcd's whole seconds).
+    async fn leases(&self, service: &ServiceName) -> Vec<LeaseState> {
+        let members = self.cache.members(service);
+        futures_util::stream::iter(members)
+            .map(|(id, cached)| async move {
+                let ttl = self.client.time_to_live(cached.lease).await.ok().flatten();
+                let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+                LeaseState {
+                    id,
+                    ttl: ttl.map(|(_, granted)| secs(granted)).unwrap_or(cached.ttl),
+                    since_renewal: ttl.map(|(left, granted)| secs(granted - left)),
+                    left: ttl.map(|(left, _)| secs(left)),
+                    held: false,
+                }
+            })
+            .buffered(16)
+            .collect()
+            .await
     }
 
     fn stale(&self) -> bool {

@@ -16,7 +16,9 @@ use tracing::{debug, info};
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 
 use super::table::{Member, ServiceEntry, ServiceTable};
-use super::{Change, Heartbeat, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome};
+use super::{
+    Change, Heartbeat, LeaseState, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome,
+};
 use crate::brake::{ExpiryBrake, GuardConfig, RateEstimate, BUCKET};
 use crate::expiry::ExpiryQueue;
 use crate::lock;
@@ -296,11 +298,37 @@ impl Store for MemoryStore {
     }
 
     fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
-        (self.table.catalog_index(), self.table.occupied())
+        (self.table.catalog_index(), self.table.snapshots())
     }
 
     async fn watch_catalog_from(&self, index: u64) -> u64 {
         self.table.watch_catalog_from(index).await
+    }
+
+    fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.table.snapshots()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.table.changes()
+    }
+
+    async fn leases(&self, service: &ServiceName) -> Vec<LeaseState> {
+        let Some(entry) = self.table.get(service) else { return Vec::new() };
+        let now = Instant::now();
+        let state = entry.lock();
+        state
+            .instances
+            .iter()
+            .map(|(id, slot)| LeaseState {
+                id: id.clone(),
+                ttl: slot.ttl,
+                // Every renewal sets the deadline to now + ttl.
+                since_renewal: Some(now.saturating_duration_since(slot.deadline - slot.ttl)),
+                left: Some(slot.deadline.saturating_duration_since(now)),
+                held: now >= slot.deadline,
+            })
+            .collect()
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {

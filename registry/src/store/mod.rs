@@ -27,6 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use trellis_shared::{HealthStatus, Instance, InstanceId, ServiceName, ServiceSummary};
 use url::Url;
@@ -146,6 +147,21 @@ pub struct WriteOutcome {
     pub previous_status: Option<HealthStatus>,
 }
 
+/// An instance's lease as the store keeps it, for the dashboard's service page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    pub id: InstanceId,
+    /// The lease's length, as registered (etcd: as granted, whole seconds).
+    pub ttl: Duration,
+    /// Time since the last renewal (a heartbeat or a registration); `None`
+    /// when the store cannot tell (an etcd lease it could not look up).
+    pub since_renewal: Option<Duration>,
+    /// Time until the lease runs out unless renewed; zero once it has.
+    pub left: Option<Duration>,
+    /// The lease ran out and the instance is still listed: the expiry brake holds it.
+    pub held: bool,
+}
+
 /// Storage of registrations with revision-numbered changes and watches.
 ///
 /// Writes are async because a distributed store answers over the network; reads
@@ -205,6 +221,22 @@ pub trait Store: Send + Sync + 'static {
     /// `X-Consul-LastContact`); zero for a store that is its own truth.
     fn last_contact(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// The snapshot of every service with at least one instance, sorted by name.
+    fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>>;
+
+    /// The highest index any service has moved to; it changes on every change
+    /// of any service (a watch of the whole registry).
+    fn changes(&self) -> watch::Receiver<u64>;
+
+    /// The lease of each instance of `service`, sorted by id; empty when unknown.
+    fn leases(&self, service: &ServiceName) -> impl Future<Output = Vec<LeaseState>> + Send;
+
+    /// This registry's name among the replicas sharing the store; `None` for a
+    /// store of one (the memory store).
+    fn replica(&self) -> Option<&str> {
+        None
     }
 
     /// Whether reads come from a copy the store cannot refresh right now (an

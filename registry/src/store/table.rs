@@ -40,6 +40,9 @@ pub struct ServiceTable<M> {
     /// loses its last, or changes the union of its tags (Consul's
     /// `/v1/catalog/services`), and wakes that listing's watchers only.
     catalog_tx: watch::Sender<u64>,
+    /// The highest index any service moved to: wakes whoever watches the
+    /// whole table (the dashboard's overview) on any change.
+    changes: watch::Sender<u64>,
 }
 
 /// Size caps on what registrations may add (`--max-services`,
@@ -94,6 +97,7 @@ impl<M: Member> ServiceTable<M> {
             caps: Caps::default(),
             occupied: AtomicUsize::new(0),
             catalog_tx: watch::channel(0).0,
+            changes: watch::channel(0).0,
         }
     }
 
@@ -199,6 +203,14 @@ impl<M: Member> ServiceTable<M> {
                 self.catalog_moved(members.index);
             }
             entry.index_tx.send_replace(members.index);
+            let moved = members.index;
+            self.changes.send_if_modified(|last| {
+                let later = moved > *last;
+                if later {
+                    *last = moved;
+                }
+                later
+            });
         }
         members.index
     }
@@ -257,19 +269,11 @@ impl<M: Member> ServiceTable<M> {
 
     /// Every service with at least one instance, sorted by name.
     pub fn list(&self) -> Vec<ServiceSummary> {
-        let mut out: Vec<ServiceSummary> = self
-            .entries()
-            .iter()
-            .map(|e| e.snapshot.load())
-            .filter(|s| !s.instances().is_empty())
-            .map(|s| s.summary())
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        self.snapshots().iter().map(|s| s.summary()).collect()
     }
 
     /// The snapshot of every service with at least one instance, sorted by name.
-    pub fn occupied(&self) -> Vec<Arc<ServiceSnapshot>> {
+    pub fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
         let mut out: Vec<Arc<ServiceSnapshot>> = self
             .entries()
             .iter()
@@ -278,6 +282,11 @@ impl<M: Member> ServiceTable<M> {
             .collect();
         out.sort_by(|a, b| a.service().cmp(b.service()));
         out
+    }
+
+    /// The highest index published so far; it changes whenever any service's does.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Forgets services with no instances that nobody uses: no watcher, no
@@ -381,12 +390,23 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "a publish without an index wakes no one");
         assert_eq!(table.list().len(), 1, "but readers see it");
+        let mut changes = table.changes();
+        assert_eq!(*changes.borrow_and_update(), 0, "nothing moved yet");
         table.publish(&entry, &mut entry.lock(), Some(7));
         assert_eq!(waiter.await.unwrap().index(), 7);
+        assert!(
+            changes.has_changed().unwrap() && *changes.borrow_and_update() == 7,
+            "the whole table's watch moved"
+        );
+        // Another service at a lower index than the highest seen does not move it back.
+        let billing = table.entry(&ServiceName::new("billing").unwrap());
+        table.publish(&billing, &mut billing.lock(), Some(5));
+        assert_eq!((changes.has_changed().unwrap(), *changes.borrow()), (false, 7));
+        drop(billing);
         // Emptied and unused: forgotten; a second, never registered, too.
         entry.lock().instances.clear();
         drop(entry);
         table.entry(&ServiceName::new("ghost").unwrap());
-        assert_eq!((table.known(), table.sweep(), table.known()), (2, 2, 0));
+        assert_eq!((table.known(), table.sweep(), table.known()), (3, 3, 0));
     }
 }

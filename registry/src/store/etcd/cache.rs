@@ -245,13 +245,28 @@ impl Cache {
     }
 
     pub fn catalog(&self) -> (u64, Vec<Arc<ServiceSnapshot>>) {
-        (self.table.catalog_index(), self.table.occupied())
+        (self.table.catalog_index(), self.table.snapshots())
     }
 
     /// Like [`Cache::watch_from`], for the catalog's index.
     pub async fn watch_catalog_from(&self, index: u64) -> u64 {
         self.reach(index).await;
         self.table.watch_catalog_from(index).await
+    }
+
+    pub fn snapshots(&self) -> Vec<Arc<ServiceSnapshot>> {
+        self.table.snapshots()
+    }
+
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.table.changes()
+    }
+
+    /// The cached instances of `service` (sorted by id).
+    pub fn members(&self, service: &ServiceName) -> Vec<(InstanceId, Cached)> {
+        let Some(entry) = self.table.get(service) else { return Vec::new() };
+        let state = entry.lock();
+        state.instances.iter().map(|(id, c)| (id.clone(), c.clone())).collect()
     }
 }
 

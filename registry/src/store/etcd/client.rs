@@ -189,6 +189,14 @@ struct KeepAliveResult {
     ttl: i64,
 }
 
+#[derive(Debug, Deserialize)]
+struct TimeToLiveResult {
+    #[serde(default, rename = "TTL", deserialize_with = "num")]
+    ttl: i64,
+    #[serde(default, rename = "grantedTTL", deserialize_with = "num")]
+    granted: i64,
+}
+
 /// A streamed answer is `{"result": ...}` or `{"error": ...}` per line.
 #[derive(Debug, Deserialize)]
 struct Streamed<T> {
@@ -490,6 +498,12 @@ impl EtcdClient {
     pub async fn keep_alive(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
         let r: KeepAliveResult = self.call("v3/lease/keepalive", &json!({"ID": lease.to_string()})).await?;
         Ok((r.ttl > 0).then_some(r.ttl))
+    }
+
+    /// `(seconds left, seconds granted)` of a lease; `None` once it has expired.
+    pub async fn time_to_live(&self, lease: i64) -> Result<Option<(i64, i64)>, EtcdError> {
+        let r: TimeToLiveResult = self.call("v3/lease/timetolive", &json!({"ID": lease.to_string()})).await?;
+        Ok((r.ttl >= 0 && r.granted > 0).then_some((r.ttl, r.granted)))
     }
 
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {

@@ -153,6 +153,11 @@ impl ClusterBrake {
         }
     }
 
+    /// The name this replica publishes its tally under.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     /// Counts a renewal of the instance stored at `key` served by this replica.
     pub fn renewed(&self, key: &[u8], ttl: Duration) {
         lock(&self.renewals).renewed(Instant::now(), key, ttl);
