@@ -945,8 +945,12 @@ fn compose_metrics_profile() {
     }
     let built = PROMETHEUS_IMAGE.get_or_init(|| {
         let script = root().join("scripts/prometheus-image.sh");
-        let out =
-            run(&script.display().to_string(), &[], &[("TRELLIS_TAG", "test".to_string())], Duration::from_secs(600))?;
+        let out = run(
+            &script.display().to_string(),
+            &[],
+            &[("TRELLIS_TAG", "test".to_string())],
+            Duration::from_secs(600),
+        )?;
         print!("{out}");
         Ok(())
     });
@@ -957,14 +961,18 @@ fn compose_metrics_profile() {
     let port = foreign_binary_addr().expect("a loopback port").port();
     stack.envs.push(("TRELLIS_PROMETHEUS_PORT", port.to_string()));
     let started = Instant::now();
-    stack.compose_ok(&["--profile", "metrics", "up", "-d", "--no-deps", "prometheus"], Duration::from_secs(120));
+    stack.compose_ok(
+        &["--profile", "metrics", "up", "-d", "--no-deps", "prometheus"],
+        Duration::from_secs(120),
+    );
     let url = format!("http://127.0.0.1:{port}/api/v1/targets?state=active");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a client");
     let mut last = String::new();
     let up = loop {
-        let body = stack.registry.runtime.block_on(async {
-            client.get(&url).send().await.ok()?.json::<serde_json::Value>().await.ok()
-        });
+        let body = stack
+            .registry
+            .runtime
+            .block_on(async { client.get(&url).send().await.ok()?.json::<serde_json::Value>().await.ok() });
         if let Some(body) = body {
             let targets = body["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
             let up: Vec<String> = targets

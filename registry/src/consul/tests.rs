@@ -284,7 +284,11 @@ impl Store for StaleReplica {
     ) -> Result<crate::store::WriteOutcome, crate::store::StoreError> {
         self.0.heartbeat(service, id, heartbeat).await
     }
-    async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, crate::store::StoreError> {
+    async fn deregister(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<u64, crate::store::StoreError> {
         self.0.deregister(service, id).await
     }
     fn snapshot(&self, service: &ServiceName) -> Arc<ServiceSnapshot> {
