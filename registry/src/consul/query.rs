@@ -221,8 +221,8 @@ mod tests {
         assert!(q.passing);
         assert_eq!(q.tags, ["a", "b"]);
         assert_eq!(q.dc.as_deref(), Some("dc1"));
-        assert_eq!(parse(Some("passing"), ALL, MAX).unwrap().passing, true);
-        assert_eq!(parse(Some("passing=false"), ALL, MAX).unwrap().passing, false);
+        assert!(parse(Some("passing"), ALL, MAX).unwrap().passing);
+        assert!(!parse(Some("passing=false"), ALL, MAX).unwrap().passing);
         assert_eq!(parse(Some("consistent"), ALL, MAX).unwrap().consistency, Consistency::Consistent);
         assert_eq!(
             parse(Some("index=1&wait=1h"), ALL, Duration::from_secs(900)).unwrap().wait,

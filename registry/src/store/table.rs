@@ -233,8 +233,10 @@ impl<M: Member> ServiceTable<M> {
     pub async fn watch_catalog_from(&self, index: u64) -> u64 {
         let mut rx = self.catalog_tx.subscribe();
         // The sender lives in the table, which we borrow, so this cannot fail.
-        let _ = rx.wait_for(|current| *current != index).await;
-        let current = *rx.borrow();
+        let current = match rx.wait_for(|current| *current != index).await {
+            Ok(current) => *current,
+            Err(_) => index,
+        };
         current
     }
 
