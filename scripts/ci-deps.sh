@@ -48,6 +48,7 @@ fi
 # etcd (Debian's etcd-server) for the etcd store's tests and the ha image.
 bash "$(dirname "$0")/install-etcd.sh"
 # Consul clients nobody here wrote, for tests/tests/consul_clients.rs and the
-# demo's metrics profile: Debian's prometheus and py-consul from PyPI.
+# demo's metrics profile: Debian bullseye's prometheus (the last with Consul SD)
+# in /opt/trellis/prometheus and py-consul from PyPI.
 bash "$(dirname "$0")/install-consul-clients.sh"
 echo "ci-deps: ok"

@@ -1,29 +1,25 @@
 #!/usr/bin/env bash
 # Builds trellis/prometheus:$TRELLIS_TAG (default dev) for the demo's `metrics`
-# compose profile without pulling anything: Debian's prometheus binary
-# (scripts/install-consul-clients.sh installs it), the shared libraries `ldd`
-# says it loads, and the web UI's templates and assets Debian's build reads
-# from /usr/share/prometheus/web, in a FROM scratch image, as
-# scripts/etcd-image.sh packages etcd. It runs as uid 65532 and owns only its
-# data directory; its configuration is deploy/prometheus/prometheus.yml,
+# compose profile without pulling anything: the Prometheus that
+# scripts/install-consul-clients.sh puts in /opt/trellis/prometheus (Debian
+# bullseye's 2.24.1, the last Debian build with Consul service discovery), the
+# shared libraries `ldd` says it loads, and its web UI's templates and assets,
+# which Debian's build reads from /usr/share/prometheus/web, in a FROM scratch
+# image, as scripts/etcd-image.sh packages etcd. It runs as uid 65532 and owns
+# only its data directory; its configuration is deploy/prometheus/prometheus.yml,
 # mounted read-only by docker-compose.yml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TAG=${TRELLIS_TAG:-dev}
-# TRELLIS_PROMETHEUS names another build (see below).
-PROM=${TRELLIS_PROMETHEUS:-$(command -v prometheus || true)}
-if [ -z "$PROM" ]; then
+INSTALLED=/opt/trellis/prometheus
+if [ ! -x "$INSTALLED/prometheus" ]; then
   scripts/install-consul-clients.sh
-  PROM=$(command -v prometheus)
 fi
-PROM=$(readlink -f "$PROM")
-# Debian bookworm's prometheus 2.42 is built without Consul service discovery
-# ("Disable Consul SD until its Debian package is back in shape"), and the
-# demo's configuration needs it: refuse rather than build an image that exits.
-if ! grep -q consul_sd_configs "$PROM"; then
-  echo "prometheus-image.sh: $PROM is built without Consul service discovery (Debian bookworm's 2.42 disables it);" >&2
-  echo "  set TRELLIS_PROMETHEUS to a prometheus binary built with it (a later Debian's, or upstream's)" >&2
+PROM=$INSTALLED/prometheus
+# Go keeps the package path of every function it links.
+if ! grep -q 'prometheus/discovery/consul' "$PROM"; then
+  echo "prometheus-image.sh: $PROM is built without Consul service discovery; rerun scripts/install-consul-clients.sh" >&2
   exit 1
 fi
 
@@ -32,13 +28,8 @@ rm -rf "$ctx"
 mkdir -p "$ctx/rootfs/usr/bin" "$ctx/rootfs/tmp" "$ctx/rootfs/etc/prometheus" "$ctx/data/prometheus"
 chmod 1777 "$ctx/rootfs/tmp"
 cp "$PROM" "$ctx/rootfs/usr/bin/prometheus"
-if [ -d /usr/share/prometheus/web ]; then
-  mkdir -p "$ctx/rootfs/usr/share/prometheus"
-  cp -rL /usr/share/prometheus/web "$ctx/rootfs/usr/share/prometheus/web"
-  # moment-timezone's source data is 200 MB; the UI loads only its built files.
-  tz="$ctx/rootfs/usr/share/prometheus/web/static/moment-timezone"
-  [ -d "$tz" ] && find "$tz" -mindepth 1 -maxdepth 1 ! -name '*.js' -exec rm -rf {} +
-fi
+mkdir -p "$ctx/rootfs/usr/share/prometheus"
+cp -r "$INSTALLED/web" "$ctx/rootfs/usr/share/prometheus/web"
 for lib in $(ldd "$PROM" | grep -o '/[^ ]*' | sort -u); do
   mkdir -p "$ctx/rootfs$(dirname "$lib")"
   cp -L "$lib" "$ctx/rootfs$lib"

@@ -1,6 +1,6 @@
 //! Consul clients nobody here wrote, against a real registry with real
-//! sidecars registering demo apps: Prometheus (Debian's `prometheus`) with
-//! `consul_sd_configs`, and py-consul (PyPI). `scripts/ci-deps.sh` installs
+//! sidecars registering demo apps: Prometheus (Debian bullseye's, the last
+//! Debian build with Consul SD) with `consul_sd_configs`, and py-consul (PyPI). `scripts/ci-deps.sh` installs
 //! both; without them the tests print SKIPPED and pass, unless `CI=true`.
 
 use std::path::{Path, PathBuf};
@@ -30,22 +30,26 @@ fn present(test: &str, missing: Option<String>) -> bool {
     }
 }
 
-/// `TRELLIS_PROMETHEUS`, else Debian's.
+/// Where `scripts/install-consul-clients.sh` puts the Prometheus it tests with.
+const INSTALLED_PROMETHEUS: &str = "/opt/trellis/prometheus/prometheus";
+
+/// `TRELLIS_PROMETHEUS`, else the one the install script put in place.
 fn prometheus_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TRELLIS_PROMETHEUS") {
         return Some(PathBuf::from(p));
     }
-    ["/usr/bin/prometheus", "/usr/local/bin/prometheus"].iter().map(PathBuf::from).find(|p| p.is_file())
+    Some(PathBuf::from(INSTALLED_PROMETHEUS)).filter(|p| p.is_file())
 }
 
-/// Whether a Prometheus binary was built with Consul service discovery.
-/// Debian's 2.42 (bookworm) was not: its changelog says "Disable Consul SD
-/// until its Debian package is back in shape", and its config loader refuses
-/// `consul_sd_configs`. No install fixes that, so such a binary skips the
-/// test even under CI, saying why; `TRELLIS_PROMETHEUS` names another build.
+/// Whether a Prometheus binary was built with Consul service discovery: Go
+/// keeps the package path of every function it links. Debian dropped it after
+/// 2.33 ("Disable Consul SD until its Debian package is back in shape"), so
+/// bookworm's `/usr/bin/prometheus` refuses `consul_sd_configs`; the install
+/// script fetches bullseye's 2.24.1, the last Debian build with it.
 fn has_consul_sd(bin: &Path) -> bool {
+    const PACKAGE: &[u8] = b"prometheus/discovery/consul";
     let bytes = std::fs::read(bin).unwrap_or_default();
-    bytes.windows(b"consul_sd_configs".len()).any(|w| w == b"consul_sd_configs")
+    bytes.windows(PACKAGE.len()).any(|w| w == PACKAGE)
 }
 
 /// Prometheus scraping nothing but what Trellis's Consul API lists, on a
@@ -127,16 +131,12 @@ fn label<'a>(labels: &'a Value, name: &str) -> &'a str {
 async fn prometheus_finds_every_instance_through_consul_sd_and_drops_a_killed_one() {
     let test = "prometheus_finds_every_instance_through_consul_sd_and_drops_a_killed_one";
     let bin = prometheus_bin();
-    if !present(test, bin.is_none().then(|| "Debian's prometheus is not installed".into())) {
+    if !present(test, bin.is_none().then(|| format!("{INSTALLED_PROMETHEUS} is not installed"))) {
         return;
     }
     let bin = bin.unwrap();
-    if !has_consul_sd(&bin) {
-        println!(
-            "SKIPPED: {test}: {} is built without Consul service discovery (Debian's 2.42 disables it); \
-             set TRELLIS_PROMETHEUS to a build with it",
-            bin.display()
-        );
+    let without_sd = format!("{} is built without Consul service discovery", bin.display());
+    if !present(test, (!has_consul_sd(&bin)).then_some(without_sd)) {
         return;
     }
     let registry = RegistryProc::start("consul-prom-registry", &[]).await;
