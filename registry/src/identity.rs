@@ -129,7 +129,11 @@ impl std::fmt::Debug for MeshCa {
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<String, IdentityError> {
-    std::fs::read_to_string(path).map_err(|source| IdentityError::Read { flag, path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl MeshCa {
@@ -146,7 +150,9 @@ impl MeshCa {
         };
         let ca = Self::from_pem(&cert_pem, &key_pem, bundle, &args.trust_domain, args.cert_ttl);
         ca.map(Some).map_err(|e| match (e, &args.ca_bundle) {
-            (IdentityError::Bundle { reason, .. }, Some(path)) => IdentityError::Bundle { path: path.clone(), reason },
+            (IdentityError::Bundle { reason, .. }, Some(path)) => {
+                IdentityError::Bundle { path: path.clone(), reason }
+            }
             (e, _) => e,
         })
     }
@@ -168,7 +174,10 @@ impl MeshCa {
             return Err(bad("the certificate is not a CA (basic constraints)".into()));
         }
         if !cert.validity().is_valid() {
-            return Err(bad(format!("the certificate is not valid now (until {})", cert.validity().not_after)));
+            return Err(bad(format!(
+                "the certificate is not valid now (until {})",
+                cert.validity().not_after
+            )));
         }
         let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("the key cannot be read: {e}")))?;
         if key.subject_public_key_info() != cert.tbs_certificate.subject_pki.raw {
@@ -203,7 +212,8 @@ impl MeshCa {
         let uri = id.clone().try_into().map_err(|e: rcgen::Error| SignFailure(e.into()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         // rcgen's default serial is a hash of the key: a renewal with the same
         // key would repeat it.
@@ -224,8 +234,10 @@ impl MeshCa {
 
 /// The public key of a PEM certificate request whose signature it verifies.
 fn requested_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, CsrError> {
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|_| CsrError::NotPem)?;
-    let (_, csr) = X509CertificationRequest::from_der(der.as_ref()).map_err(|e| CsrError::Parse(e.to_string()))?;
+    let der =
+        CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|_| CsrError::NotPem)?;
+    let (_, csr) =
+        X509CertificationRequest::from_der(der.as_ref()).map_err(|e| CsrError::Parse(e.to_string()))?;
     csr.verify_signature().map_err(|_| CsrError::Signature)?;
     // The algorithm is matched on the key's own identifier (curve included),
     // not on the request's signature algorithm, which does not name a curve.
@@ -246,7 +258,8 @@ mod tests {
     fn ca(ttl: Duration) -> (Authority, MeshCa) {
         let root = Authority::generate("test mesh CA", Duration::from_secs(3600)).unwrap();
         let mesh =
-            MeshCa::from_pem(root.cert_pem(), root.key_pem(), root.cert_pem().into(), "trellis.local", ttl).unwrap();
+            MeshCa::from_pem(root.cert_pem(), root.key_pem(), root.cert_pem().into(), "trellis.local", ttl)
+                .unwrap();
         (root, mesh)
     }
 
@@ -273,9 +286,13 @@ mod tests {
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert!(!leaf.is_ca());
-        let lifetime = leaf.validity().not_after.timestamp() - before.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let lifetime = leaf.validity().not_after.timestamp()
+            - before.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!((599..=601).contains(&lifetime), "{lifetime}");
-        assert_eq!(signed.expires().map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64), Some(leaf.validity().not_after.timestamp()));
+        assert_eq!(
+            signed.expires().map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64),
+            Some(leaf.validity().not_after.timestamp())
+        );
         // Two leaves for one key still differ in serial.
         let again = mesh.sign(&users, &csr(&key, &[])).unwrap();
         let der2 = CertificateDer::from_pem_slice(again.certificate.as_bytes()).unwrap();
@@ -297,7 +314,8 @@ mod tests {
         assert!(refused(&csr(&ed, &[])).contains("P-256"));
         // A request whose signature was made by another key.
         let good = csr(&KeyPair::generate().unwrap(), &[]);
-        let mut der = CertificateSigningRequestDer::from_pem_slice(good.as_bytes()).unwrap().as_ref().to_vec();
+        let mut der =
+            CertificateSigningRequestDer::from_pem_slice(good.as_bytes()).unwrap().as_ref().to_vec();
         let last = der.len() - 1;
         der[last] ^= 1;
         let tampered = format!(
@@ -318,7 +336,8 @@ mod tests {
         assert!(e.to_string().contains("does not hold"), "{e}");
         let two = format!("{}{}", b.cert_pem(), a.cert_pem());
         let mesh = MeshCa::from_pem(a.cert_pem(), a.key_pem(), two.clone(), "t", ttl).unwrap();
-        let signed = mesh.sign(&ServiceName::new("x").unwrap(), &csr(&KeyPair::generate().unwrap(), &[])).unwrap();
+        let signed =
+            mesh.sign(&ServiceName::new("x").unwrap(), &csr(&KeyPair::generate().unwrap(), &[])).unwrap();
         assert_eq!(signed.ca_bundle, two);
         let leaf = a.issue(&["leaf".into()], crate::pki::Usage::Server, ttl).unwrap();
         let e = MeshCa::from_pem(&leaf.cert_pem, &leaf.key_pem, leaf.cert_pem.clone(), "t", ttl).unwrap_err();

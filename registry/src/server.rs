@@ -207,9 +207,11 @@ pub async fn serve<S: Store>(
         .keep_alive_interval(limits.http2_keepalive_interval)
         .keep_alive_timeout(limits.http2_keepalive_timeout);
     let shared = Arc::new(Connections {
-        api: ApiService::new(ApiState::new(store.clone(), config, metrics.clone(), watches)
-            .with_acl(acl)
-            .with_mesh_ca(mesh_ca)),
+        api: ApiService::new(
+            ApiState::new(store.clone(), config, metrics.clone(), watches)
+                .with_acl(acl)
+                .with_mesh_ca(mesh_ca),
+        ),
         builder,
         tls: tls.clone(),
         limits,

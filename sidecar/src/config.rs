@@ -569,7 +569,8 @@ mod tests {
         let s = parse(&[&r[..], &app[..], &["--mtls"]].concat()).unwrap().identity.unwrap();
         assert_eq!(s.service.as_str(), "users");
         assert_eq!(s.trust_domain.as_str(), "trellis.local");
-        let client = parse(&[&r[..], &["--identity", "web", "--trust-domain", "prod.example"]].concat()).unwrap();
+        let client =
+            parse(&[&r[..], &["--identity", "web", "--trust-domain", "prod.example"]].concat()).unwrap();
         let s = client.identity.unwrap();
         assert_eq!((s.service.as_str(), s.trust_domain.as_str()), ("web", "prod.example"));
         for (args, needle) in [

@@ -127,7 +127,12 @@ async fn a_token_gets_a_leaf_for_its_own_service_only() {
     // Another service's token, no token, an unknown token.
     let billing = mesh.token("billing");
     let denied = sign_json(&reg, Some(&billing), "users", &csr(&key, &[])).await;
-    assert_eq!((denied.status, denied.code()), (StatusCode::FORBIDDEN, "permission_denied"), "{}", denied.body);
+    assert_eq!(
+        (denied.status, denied.code()),
+        (StatusCode::FORBIDDEN, "permission_denied"),
+        "{}",
+        denied.body
+    );
     let anonymous = sign_json(&reg, None, "users", &csr(&key, &[])).await;
     assert_eq!((anonymous.status, anonymous.code()), (StatusCode::UNAUTHORIZED, "unauthenticated"));
     let unknown = sign_json(&reg, Some("not-a-token"), "users", &csr(&key, &[])).await;
@@ -138,7 +143,12 @@ async fn a_token_gets_a_leaf_for_its_own_service_only() {
 
     // Bad requests: 400 with a JSON body naming what is wrong.
     let garbage = sign_json(&reg, Some(&users), "users", "-----BEGIN CERTIFICATE REQUEST-----\nnope\n").await;
-    assert_eq!((garbage.status, garbage.code()), (StatusCode::BAD_REQUEST, "invalid_field"), "{}", garbage.body);
+    assert_eq!(
+        (garbage.status, garbage.code()),
+        (StatusCode::BAD_REQUEST, "invalid_field"),
+        "{}",
+        garbage.body
+    );
     assert!(garbage.body["message"].as_str().unwrap().contains("csr"), "{}", garbage.body);
     let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
     let wrong_curve = sign_json(&reg, Some(&users), "users", &csr(&p384, &[])).await;
@@ -155,7 +165,8 @@ async fn a_token_gets_a_leaf_for_its_own_service_only() {
 
     let text = metrics(&reg, &mesh.token("admin")).await;
     let count = |result: &str| {
-        metric(&text, &format!("trellis_registry_certificates_signed_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+        metric(&text, &format!("trellis_registry_certificates_signed_total{{result=\"{result}\"}}"))
+            .unwrap_or(0.0)
     };
     assert_eq!(count("ok"), 1.0, "{text}");
     assert_eq!(count("refused"), 4.0);

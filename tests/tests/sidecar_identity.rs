@@ -114,7 +114,10 @@ async fn a_registry_outage_keeps_the_certificate_and_renewal_resumes() {
     .await;
     let fresh = expiry(sc.admin).await;
     let failures = renewals(sc.admin, "failed").await;
-    println!("renewed {:?} after the restart, after {failures} failures; {fresh:.1} s left", restarted.elapsed());
+    println!(
+        "renewed {:?} after the restart, after {failures} failures; {fresh:.1} s left",
+        restarted.elapsed()
+    );
     assert!(fresh > 20.0, "a fresh 30 s leaf ({fresh} s left)");
     assert!(sc.proc.log_text().contains("keeping the current one"), "failures are logged");
     drop(back);

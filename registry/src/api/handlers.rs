@@ -86,7 +86,11 @@ fn instance_path(
 }
 
 /// The request body read within `limit`, after the content type check; `None` when empty.
-pub(super) async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Option<Bytes>, ApiError>
+pub(super) async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Option<Bytes>, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

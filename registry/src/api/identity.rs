@@ -38,9 +38,9 @@ async fn signed<S: Store>(st: &ApiState<S>, req: Request) -> Result<Response, Ap
     let ca = st.mesh_ca.as_ref().ok_or(ApiError::NoMeshCa)?;
     let client = client_of(&req);
     let (parts, body) = req.into_parts();
-    let bytes = read_body(&parts.headers, body, st.config.max_body)
-        .await?
-        .ok_or_else(|| ApiError::InvalidJson("a signing request needs a JSON body with service and csr".into()))?;
+    let bytes = read_body(&parts.headers, body, st.config.max_body).await?.ok_or_else(|| {
+        ApiError::InvalidJson("a signing request needs a JSON body with service and csr".into())
+    })?;
     let req: SignRequest = serde_json::from_slice(&bytes).map_err(ApiError::from_json)?;
     st.authorize(&parts.headers, client, Need::Write(&req.service))?;
     let signed = ca.sign(&req.service, &req.csr).map_err(|e| match e {

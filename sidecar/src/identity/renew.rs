@@ -241,8 +241,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use rcgen::{
-        BasicConstraints, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose,
-        SanType,
+        BasicConstraints, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyUsagePurpose, SanType,
     };
     use tokio::time::Instant;
     use trellis_shared::{ErrorBody, ErrorCode, ServiceName};
@@ -369,7 +369,13 @@ mod tests {
     impl Harness {
         /// Each call's time since the start (ms) and whether it was signed.
         fn calls(&self) -> Vec<(u128, bool)> {
-            self.fake.calls.lock().unwrap().iter().map(|(t, ok)| ((*t - self.start).as_millis(), *ok)).collect()
+            self.fake
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, ok)| ((*t - self.start).as_millis(), *ok))
+                .collect()
         }
     }
 
@@ -417,7 +423,10 @@ mod tests {
         let ceilings = [200, 400, 800, 1600, 2000, 2000];
         for (i, ceiling) in ceilings.iter().enumerate() {
             let gap = calls[i + 2].0 - calls[i + 1].0;
-            assert!(gap <= ceiling + 1, "retry {i} after {gap} ms, above its {ceiling} ms ceiling: {calls:?}");
+            assert!(
+                gap <= ceiling + 1,
+                "retry {i} after {gap} ms, above its {ceiling} ms ceiling: {calls:?}"
+            );
         }
         assert!(calls[7].1, "signed again once the registry answers: {calls:?}");
         assert_eq!(h.metrics.renewals(false), 6);
