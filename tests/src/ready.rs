@@ -28,6 +28,11 @@ impl Ready {
         self.0[key].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no {key} in {}", self.0))
     }
 
+    /// The address under `key`, if the child reported one (the sidecar's `inbound`).
+    pub fn addr_if(&self, key: &str) -> Option<SocketAddr> {
+        self.0[key].as_str().and_then(|s| s.parse().ok())
+    }
+
     /// The addresses of a list under `key` (the bench backend's `listen`).
     pub fn addrs(&self, key: &str) -> Vec<SocketAddr> {
         let list = self.0[key].as_array().unwrap_or_else(|| panic!("no {key} list in {}", self.0));
@@ -126,6 +131,8 @@ pub struct SidecarProc {
     pub outbound: SocketAddr,
     /// The `--upstream` listeners, by service.
     pub upstreams: BTreeMap<String, SocketAddr>,
+    /// The `--inbound` listener, when on.
+    pub inbound: Option<SocketAddr>,
 }
 
 impl SidecarProc {
@@ -160,6 +167,7 @@ impl SidecarProc {
             admin: ready.addr("admin"),
             outbound: ready.addr("outbound"),
             upstreams: ready.upstreams(),
+            inbound: ready.addr_if("inbound"),
         }
     }
 }
