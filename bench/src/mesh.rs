@@ -344,8 +344,10 @@ pub fn trellis_registry_args(link: Link, dir: &Path) -> Vec<String> {
 }
 
 /// The server-side sidecar of the mTLS chain: registers the app as
-/// `bench-backend`, advertising its inbound port.
-pub fn trellis_server_args(registry: SocketAddr, app: SocketAddr) -> Vec<String> {
+/// `bench-backend`, advertising its inbound port. The port is chosen here:
+/// left to itself, a sidecar whose app is on loopback advertises the host's
+/// interface address, not loopback.
+pub fn trellis_server_args(registry: SocketAddr, app: SocketAddr, inbound: SocketAddr) -> Vec<String> {
     [
         "--registry",
         &format!("http://{registry}"),
@@ -354,7 +356,9 @@ pub fn trellis_server_args(registry: SocketAddr, app: SocketAddr) -> Vec<String>
         "--app",
         &app.to_string(),
         "--inbound",
-        ANY_PORT,
+        &inbound.to_string(),
+        "--advertise",
+        &inbound.to_string(),
         "--outbound",
         ANY_PORT,
         "--admin",
@@ -525,10 +529,11 @@ fn start_trellis(link: Link, env: &Env, app: &Backends, tag: &str) -> Result<Cha
     let sidecar = env.bin("sidecar");
     let (server, client) = match link {
         Link::Mtls => {
+            let inbound = foreign_binary_addr().map_err(io)?;
             let server = Proc::spawn(
                 &format!("{tag}-trellis-mtls-server"),
                 &sidecar,
-                &trellis_server_args(reg, app_addr),
+                &trellis_server_args(reg, app_addr, inbound),
                 env.proxy_core,
                 &env.work,
             )

@@ -261,7 +261,7 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         mesh::nginx_client_config(example(10000), example(10001), Link::Mtls, &certs, &dir),
         mesh::nginx_server_config(example(10001), example(20001), Link::Mtls, &certs, &dir),
         mesh::trellis_registry_args(Link::Mtls, &env.work.join("trellis-ca")).join(" "),
-        mesh::trellis_server_args(example(7600), example(20001)).join(" "),
+        mesh::trellis_server_args(example(7600), example(20001), example(10001)).join(" "),
         mesh::trellis_client_args(example(7600)).join(" "),
     );
     Section { title: title.into(), body: b }
