@@ -631,7 +631,10 @@ mod tests {
         let set = users.load();
         assert_eq!(set.endpoints[0].mesh_tls, Some(name("users")));
         assert_eq!(set.endpoints[0].pool_key, "127.0.0.1:1/users");
-        assert_eq!((set.endpoints[1].mesh_tls.as_ref(), set.endpoints[1].pool_key.as_str()), (None, "127.0.0.1:2"));
+        assert_eq!(
+            (set.endpoints[1].mesh_tls.as_ref(), set.endpoints[1].pool_key.as_str()),
+            (None, "127.0.0.1:2")
+        );
         // Turning mesh TLS on at the same address is a change the proxy must see.
         w.send("users", Ok(view(2, "e1", vec![mesh("a", 1), mesh("b", 2)])));
         settle().await;

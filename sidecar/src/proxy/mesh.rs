@@ -136,7 +136,9 @@ impl MeshConnector {
                         cause: "mTLS handshake: the endpoint did not agree to HTTP/2 (ALPN h2)".into(),
                     }),
                     Ok(Ok(tls)) => Ok(tls),
-                    Ok(Err(e)) => Err(MeshError { reason: MeshFailure::of(&e), cause: format!("mTLS handshake: {e}") }),
+                    Ok(Err(e)) => {
+                        Err(MeshError { reason: MeshFailure::of(&e), cause: format!("mTLS handshake: {e}") })
+                    }
                     Err(_) => Err(MeshError {
                         reason: MeshFailure::Handshake,
                         cause: format!("mTLS handshake timed out after {timeout:?}"),

@@ -113,7 +113,11 @@ impl MeshH2 {
     /// Sends `req` to the mesh endpoint `ep` over its connection, making one
     /// (TCP, mutual TLS, HTTP/2) when it has none open. A failed handshake is
     /// a [`SendError::Connect`] marked refused.
-    pub async fn send(&self, ep: &Endpoint, req: Request<ReplayBody<Incoming>>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(
+        &self,
+        ep: &Endpoint,
+        req: Request<ReplayBody<Incoming>>,
+    ) -> Result<Response<Incoming>, SendError> {
         let slot = self.slot(&ep.pool_key);
         slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         let mut tx = match slot.open() {
@@ -189,11 +193,6 @@ impl MeshH2 {
             true
         });
         self.slots.store(Arc::new(map));
-    }
-
-    #[cfg(test)]
-    fn open_count(&self) -> usize {
-        self.slots.load().values().filter(|s| s.open().is_some()).count()
     }
 }
 

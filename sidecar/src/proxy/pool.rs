@@ -200,7 +200,11 @@ impl Pool {
         self.connect_to(&ep.authority, ep.mesh_tls.as_ref()).await
     }
 
-    async fn connect_to(&self, authority: &str, mesh: Option<&ServiceName>) -> Result<Sender, (bool, String)> {
+    async fn connect_to(
+        &self,
+        authority: &str,
+        mesh: Option<&ServiceName>,
+    ) -> Result<Sender, (bool, String)> {
         let stream = tcp_connect(authority, self.connect_timeout).await?;
         match mesh {
             None => handshake(authority, stream).await,
@@ -256,7 +260,10 @@ pub(super) async fn tcp_connect(authority: &str, timeout: Duration) -> Result<Tc
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return Err((e.kind() == std::io::ErrorKind::ConnectionRefused, format!("tcp connect error: {e}")))
+            return Err((
+                e.kind() == std::io::ErrorKind::ConnectionRefused,
+                format!("tcp connect error: {e}"),
+            ))
         }
         Err(_) => return Err((false, format!("tcp connect timed out after {timeout:?}"))),
     };

@@ -26,8 +26,8 @@ use super::mesh::MeshConnector;
 use super::mesh_h2::MeshH2;
 use super::{pool, protocol, route, upgrade, ProxyConfig, ProxyContext};
 use crate::endpoints::Resolve;
-use crate::identity::MeshIdentity;
 use crate::error::ProxyError;
+use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
 
 const REJECT_SLOTS: usize = 64;
@@ -92,8 +92,12 @@ pub async fn serve_all_with_identity(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
-    let pool =
-        pool::Pool::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_endpoint, Arc::clone(&mesh));
+    let pool = pool::Pool::new(
+        config.connect_timeout,
+        config.pool_idle_timeout,
+        config.pool_max_idle_per_endpoint,
+        Arc::clone(&mesh),
+    );
     // HTTP/2 upstream connections: keepalive pings (hyper's http2 client
     // options, driven by the timer below) and the idle timeout, which is the
     // pool's: a connection with no request for `pool_idle_timeout` is closed.
