@@ -37,6 +37,11 @@ COPY target/docker/demo-client /usr/local/bin/demo-client
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-client"]
 
+FROM scratch AS mesh-intruder
+COPY target/docker/mesh-intruder /usr/local/bin/mesh-intruder
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mesh-intruder"]
+
 # ---- from source: needs internet and BuildKit; never built on the offline CI machine ----
 
 FROM rust:1-bookworm AS build
@@ -44,7 +49,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --workspace --bins \
  && mkdir -p /out \
- && for b in registry sidecar demo-app demo-client; do \
+ && for b in registry sidecar demo-app demo-client mesh-intruder; do \
       strip --strip-debug -o /out/$b target/x86_64-unknown-linux-gnu/release/$b; \
     done
 
@@ -69,3 +74,8 @@ FROM scratch AS demo-client-from-source
 COPY --from=build /out/demo-client /usr/local/bin/demo-client
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/demo-client"]
+
+FROM scratch AS mesh-intruder-from-source
+COPY --from=build /out/mesh-intruder /usr/local/bin/mesh-intruder
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mesh-intruder"]

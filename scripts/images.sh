@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the four Trellis images (trellis/{registry,sidecar,demo-app,demo-client}:$TRELLIS_TAG)
+# Builds the Trellis images (trellis/{registry,sidecar,demo-app,demo-client,mesh-intruder}:$TRELLIS_TAG)
 # without pulling anything: the release binaries, stripped of debug info, in FROM scratch images,
 # with Docker's legacy builder.
 #
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BINS=(registry sidecar demo-app demo-client)
+BINS=(registry sidecar demo-app demo-client mesh-intruder)
 TAG=${TRELLIS_TAG:-dev}
 BIN_DIR=${TRELLIS_BIN_DIR:-target/x86_64-unknown-linux-gnu/release}
 

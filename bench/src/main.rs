@@ -7,6 +7,7 @@
 //! - `procs`: child processes (pinned with taskset), readiness waits.
 //! - `procstat`: CPU time and RSS of a process tree from /proc.
 //! - `peers`: the targets (direct, Trellis sidecar, HAProxy, nginx) and their configurations.
+//! - `mesh`: the two-hop targets of the mTLS case (client-side and server-side proxy).
 //! - `cases`: the benchmark cases, one file each.
 //! - `chart`: latency-percentile SVG charts.
 //! - `footprint`: resident memory per instance in the registry's memory store.
@@ -18,6 +19,7 @@ mod chart;
 mod footprint;
 mod http1;
 mod load;
+mod mesh;
 mod peers;
 mod procs;
 mod procstat;

@@ -36,7 +36,7 @@ impl Env {
     }
 }
 
-/// The three backend instances.
+/// The backend instances (three, but for the mTLS case's one app).
 pub struct Backends {
     pub procs: Vec<Proc>,
     /// Where requests go.
@@ -47,12 +47,12 @@ pub struct Backends {
 }
 
 pub fn start_backends(env: &Env, tag: &str) -> std::io::Result<Backends> {
-    start_backends_with(env, tag, [Duration::ZERO; 3])
+    start_backends_with(env, tag, &[Duration::ZERO; 3])
 }
 
-/// [`start_backends`] where backend `i` answers requests after `delays[i]`
-/// (its health port still answers at once).
-pub fn start_backends_with(env: &Env, tag: &str, delays: [Duration; 3]) -> std::io::Result<Backends> {
+/// One backend per entry of `delays`, backend `i` answering requests after
+/// `delays[i]` (its health port still answers at once).
+pub fn start_backends_with(env: &Env, tag: &str, delays: &[Duration]) -> std::io::Result<Backends> {
     let mut b = Backends { procs: Vec::new(), traffic: Vec::new(), health: Vec::new() };
     for (i, delay) in delays.iter().enumerate() {
         let name = format!("b{}", i + 1);

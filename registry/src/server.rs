@@ -206,7 +206,8 @@ pub async fn serve<S: Store>(
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.http2_keepalive_interval)
         .keep_alive_timeout(limits.http2_keepalive_timeout);
-    let state = ApiState::new(store.clone(), config, metrics.clone(), watches).with_acl(acl).with_mesh_ca(mesh_ca);
+    let state =
+        ApiState::new(store.clone(), config, metrics.clone(), watches).with_acl(acl).with_mesh_ca(mesh_ca);
     tokio::spawn(state.activity.clone().sample(metrics.clone(), stop.child_token()));
     let shared = Arc::new(Connections {
         api: ApiService::new(state),

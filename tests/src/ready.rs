@@ -28,9 +28,9 @@ impl Ready {
         self.0[key].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no {key} in {}", self.0))
     }
 
-    /// The address under `key`, when the program bound one (`null` otherwise).
-    pub fn optional_addr(&self, key: &str) -> Option<SocketAddr> {
-        self.0[key].as_str()?.parse().ok()
+    /// The address under `key`, if the child reported one (the sidecar's `inbound`).
+    pub fn addr_if(&self, key: &str) -> Option<SocketAddr> {
+        self.0[key].as_str().and_then(|s| s.parse().ok())
     }
 
     /// The addresses of a list under `key` (the bench backend's `listen`).
@@ -131,7 +131,7 @@ pub struct SidecarProc {
     pub outbound: SocketAddr,
     /// The `--upstream` listeners, by service.
     pub upstreams: BTreeMap<String, SocketAddr>,
-    /// The inbound side (`--inbound`), when on.
+    /// The `--inbound` listener, when on.
     pub inbound: Option<SocketAddr>,
 }
 
@@ -167,7 +167,7 @@ impl SidecarProc {
             admin: ready.addr("admin"),
             outbound: ready.addr("outbound"),
             upstreams: ready.upstreams(),
-            inbound: ready.optional_addr("inbound"),
+            inbound: ready.addr_if("inbound"),
         }
     }
 }

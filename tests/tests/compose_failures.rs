@@ -846,7 +846,7 @@ fn proc_status(pid: &str, name: &str) -> Option<String> {
 fn compose_hardened() {
     let test = "compose_hardened";
     let Some((_serial, compose)) = setup(test) else { return };
-    for image in ["registry", "sidecar", "demo-app", "demo-client"] {
+    for image in ["registry", "sidecar", "demo-app", "demo-client", "mesh-intruder"] {
         let image = format!("trellis/{image}:test");
         let user = run(
             "docker",
@@ -995,4 +995,109 @@ fn compose_metrics_profile() {
         std::thread::sleep(Duration::from_millis(500));
     };
     println!("[{test}] prometheus had the 3 sidecars (found through the Consul API) and the client up after {up:?}: {last}");
+}
+
+/// One line of `mesh-intruder`'s output: a try and what it got.
+#[derive(Debug)]
+struct IntruderTry {
+    target: String,
+    name: String,
+    connected: bool,
+    handshake: String,
+    answered: bool,
+    detail: String,
+}
+
+impl IntruderTry {
+    fn parse(line: &str) -> Option<IntruderTry> {
+        let rest = line.strip_prefix("attempt ")?;
+        // `detail` is last and may hold spaces.
+        let (fields, detail) = rest.split_once(" detail=")?;
+        let field = |k: &str| {
+            fields.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')).map(String::from)
+        };
+        Some(IntruderTry {
+            target: field("target")?,
+            name: field("try")?,
+            connected: field("connected")? == "true",
+            handshake: field("handshake")?,
+            answered: field("answered")? == "true",
+            detail: detail.to_string(),
+        })
+    }
+}
+
+/// Test 9: mutual TLS in the running demo. The replicas are registered with
+/// their sidecars' inbound port and the mesh TLS mark. An intruder container
+/// on the mesh network (`mesh-intruder`, the compose profile `intruder`)
+/// reaches every replica's inbound port over TCP (the network lets it
+/// through), but gets no answer from any app: the app's own port refuses it
+/// (the app listens on its namespace's loopback), and the inbound port gives
+/// it nothing in plain text, nothing over TLS without a certificate, and
+/// nothing with a certificate for the client's identity from a CA of its own.
+/// The demo client, meanwhile, loses no request.
+#[test]
+fn compose_intruder() {
+    let test = "compose_intruder";
+    let Some((_serial, compose)) = setup(test) else { return };
+    let stack = Stack::up(test, compose);
+    let body = stack.registry.get(&format!("/v1/services/{SERVICE}")).expect("the registry answers");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("a JSON service view");
+    let instances = view["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 3, "[{test}] {body}");
+    for i in instances {
+        println!(
+            "[{test}] registered: {} at {}:{} mesh_tls={}",
+            i["id"], i["address"], i["port"], i["mesh_tls"]
+        );
+        assert_eq!(
+            i["port"], 15006,
+            "[{test}] a replica is advertised on another port than its inbound: {i}"
+        );
+        assert_eq!(i["mesh_tls"], true, "[{test}] a replica is not marked mesh TLS: {i}");
+    }
+    let base = stack.counts();
+    let started = Instant::now();
+    let out = stack.compose_ok(
+        &["--profile", "intruder", "run", "--rm", "--no-deps", "-T", "intruder"],
+        Duration::from_secs(120),
+    );
+    println!("[{test}] the intruder ran for {:.1}s:\n{out}", started.elapsed().as_secs_f64());
+    let tries: Vec<IntruderTry> = out.lines().filter_map(IntruderTry::parse).collect();
+    assert_eq!(tries.len(), 15, "[{test}] five tries for each of three replicas:\n{out}");
+    for t in &tries {
+        let what = format!("[{test}] {} {}: {t:?}", t.target, t.name);
+        assert!(!t.answered, "{what}: an app answered an intruder");
+        match t.name.as_str() {
+            // Nothing listens on the app port outside the namespace's loopback.
+            "app" => assert!(!t.connected && t.detail.contains("refused"), "{what}"),
+            // The control: the network itself lets the intruder reach the inbound port.
+            "inbound-tcp" => assert!(t.connected, "{what}"),
+            // Plain text at a TLS port: the sidecar closes it without an HTTP answer.
+            "inbound-plain" => assert!(t.connected, "{what}"),
+            // The sidecar's refusal, not a timeout: its alert or a reset ends the try.
+            "inbound-no-cert" | "inbound-forged" => {
+                assert!(t.connected, "{what}");
+                assert!(!t.detail.starts_with("no outcome within"), "{what}: neither refused nor answered");
+                assert!(
+                    t.handshake == "failed" || t.detail.contains("alert") || t.detail.contains("reset"),
+                    "{what}: the sidecar did not refuse the handshake"
+                );
+            }
+            other => panic!("[{test}] unknown try {other}"),
+        }
+    }
+    assert!(out.lines().any(|l| l == "summary attempts=15 answered=0"), "[{test}] {out}");
+    // The client's own calls go on through the same inbound ports meanwhile.
+    let mark = stack.counts();
+    let after = stack.wait_traffic(&mark, 2 * u64::from(RATE));
+    let window = stack.stop_client().since(&base);
+    println!("[{test}] client: sent={} failed={} served={:?}", window.sent, window.failed, window.served);
+    assert_no_failures(test, &window);
+    for app in ["app1", "app2", "app3"] {
+        assert!(
+            after.since(&mark).served(app) > 0,
+            "[{test}] {app} served the client nothing after the intrusion"
+        );
+    }
 }

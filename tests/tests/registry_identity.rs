@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
 use reqwest::StatusCode;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;

@@ -6,7 +6,8 @@
 //! certificate, another CA's certificate and an expired one fail at the
 //! handshake and never reach the app; past `max_concurrency` the answer is
 //! `503 overloaded` at once; the decisions are counted per caller; shutdown
-//! lets a request in flight finish.
+//! lets a request in flight finish. And the real binaries: a sidecar with
+//! `--inbound` on port 0 registers the inbound port with `mesh_tls`.
 
 mod grpc_support;
 
@@ -40,7 +41,7 @@ use trellis_sidecar::identity::{MeshIdentity, TrustDomain};
 use trellis_sidecar::inbound::{self, AllowFrom, InboundConfig};
 use trellis_sidecar::metrics::Metrics;
 use trellis_tests::mesh_pki::{Leaf, MeshCa};
-use trellis_tests::wait_for;
+use trellis_tests::{wait_for, AppProc, RegistryProc, SidecarProc};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type AppBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -240,6 +241,12 @@ async fn h2(stream: TlsStream<TcpStream>) -> H2 {
     tx
 }
 
+/// Sends on an HTTP/1.1 connection once it is ready for another request.
+async fn send(c: &mut H1, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    c.ready().await.expect("the connection is ready");
+    c.send_request(req).await.expect("an answer")
+}
+
 fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path).header("host", "users").body(Full::default()).unwrap()
 }
@@ -267,10 +274,10 @@ async fn http1_and_http2_reach_the_app_with_the_caller_named_and_a_forged_one_re
         .header("x-trellis-caller", "billing")
         .body(Full::default())
         .unwrap();
-    let (status, body) = text(c1.send_request(forged).await.unwrap()).await;
+    let (status, body) = text(send(&mut c1, forged).await).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "web;HTTP/1.1"), "the forged callers are gone");
     let post = Request::post("/echo").header("host", "users").body(Full::new(Bytes::from("ping"))).unwrap();
-    let (status, body) = text(c1.send_request(post).await.unwrap()).await;
+    let (status, body) = text(send(&mut c1, post).await).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ping"));
 
     let stream = m.connect(&web, true).await.expect("handshake as web, h2");
@@ -346,7 +353,7 @@ async fn server_sent_events_stream_event_by_event() {
     let m = mesh(app_addr, AllowFrom::Any, 64).await;
     let mut c = h1(m.connect(&m.caller("web"), false).await.unwrap()).await;
     let started = Instant::now();
-    let resp = c.send_request(get("/sse")).await.unwrap();
+    let resp = send(&mut c, get("/sse")).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -377,7 +384,7 @@ async fn a_caller_outside_allow_from_gets_403_not_allowed() {
 
     let mut web = h1(m.connect(&m.caller("web"), false).await.expect("the handshake succeeds")).await;
     for _ in 0..2 {
-        let resp = web.send_request(get("/caller")).await.unwrap();
+        let resp = send(&mut web, get("/caller")).await;
         assert_eq!(resp.headers()["x-trellis-error"], "not_allowed");
         let (status, body) = text(resp).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
@@ -391,7 +398,7 @@ async fn a_caller_outside_allow_from_gets_403_not_allowed() {
     assert_eq!(app.hits.load(Ordering::SeqCst), 0, "nothing reached the app");
 
     let mut admin = h1(m.connect(&m.caller("admin"), false).await.unwrap()).await;
-    let (status, body) = text(admin.send_request(get("/caller")).await.unwrap()).await;
+    let (status, body) = text(send(&mut admin, get("/caller")).await).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "admin;HTTP/1.1"));
 
     println!(
@@ -527,7 +534,7 @@ async fn past_max_concurrency_the_answer_is_503_overloaded_at_once() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = h1(m.connect(&web, false).await.unwrap()).await;
-        held.push(tokio::spawn(async move { text(c.send_request(get("/hold")).await.unwrap()).await }));
+        held.push(tokio::spawn(async move { text(send(&mut c, get("/hold")).await).await }));
     }
     wait_for("two requests held by the app", WITHIN, || async {
         (app.held.load(Ordering::SeqCst) == 2).then_some(())
@@ -536,7 +543,7 @@ async fn past_max_concurrency_the_answer_is_503_overloaded_at_once() {
 
     let mut c = h1(m.connect(&web, false).await.unwrap()).await;
     let asked = Instant::now();
-    let resp = c.send_request(get("/caller")).await.unwrap();
+    let resp = send(&mut c, get("/caller")).await;
     let took = asked.elapsed();
     assert_eq!(resp.headers()["x-trellis-error"], "overloaded");
     let (status, body) = text(resp).await;
@@ -551,7 +558,7 @@ async fn past_max_concurrency_the_answer_is_503_overloaded_at_once() {
         assert_eq!(h.await.unwrap(), (StatusCode::OK, "released".to_string()));
     }
     // The slots came back when the answers ended.
-    let (status, _) = text(c.send_request(get("/caller")).await.unwrap()).await;
+    let (status, _) = text(send(&mut c, get("/caller")).await).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(m.decisions("web", "overloaded"), 1);
     assert_eq!(m.decisions("web", "allowed"), 3);
@@ -562,7 +569,7 @@ async fn shutdown_stops_accepting_and_lets_a_request_in_flight_finish() {
     let (app_addr, app) = app().await;
     let mut m = mesh(app_addr, AllowFrom::Any, 64).await;
     let mut c = h1(m.connect(&m.caller("web"), false).await.unwrap()).await;
-    let in_flight = tokio::spawn(async move { text(c.send_request(get("/hold")).await.unwrap()).await });
+    let in_flight = tokio::spawn(async move { text(send(&mut c, get("/hold")).await).await });
     wait_for("the request to reach the app", WITHIN, || async {
         (app.held.load(Ordering::SeqCst) == 1).then_some(())
     })
@@ -577,4 +584,44 @@ async fn shutdown_stops_accepting_and_lets_a_request_in_flight_finish() {
     assert_eq!(in_flight.await.unwrap(), (StatusCode::OK, "released".to_string()));
     let served = tokio::time::timeout(WITHIN, &mut m.served).await.expect("serve returns once drained");
     served.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_inbound_registers_the_inbound_port_with_mesh_tls() {
+    let registry = RegistryProc::start("inbound-registry", &[]).await;
+    let app = AppProc::start("inbound-app", "users-1", &[]).await;
+    let args: Vec<String> = [
+        "--service",
+        "users",
+        "--app",
+        &app.addr.to_string(),
+        "--instance-id",
+        "users-1",
+        "--inbound",
+        "127.0.0.1:0",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "150ms",
+        "--heartbeat-interval",
+        "500ms",
+    ]
+    .map(String::from)
+    .into();
+    let sidecar = SidecarProc::start("inbound-sidecar", &registry.url(), &args, WITHIN).await;
+    let inbound = sidecar.inbound.expect("the ready file reports the inbound listener");
+    assert_ne!(inbound.port(), 0);
+    let client = trellis_shared::RegistryClient::new(
+        vec![registry.url().parse().unwrap()],
+        trellis_shared::ClientConfig::default(),
+    )
+    .unwrap();
+    let view = client.get(&name("users"), true).await.expect("the service");
+    let instance = view.instances.iter().find(|i| i.id.as_str() == "users-1").expect("the instance");
+    println!(
+        "registered {}:{} mesh_tls={} (inbound {inbound}, app {})",
+        instance.address, instance.port, instance.mesh_tls, app.addr
+    );
+    assert_eq!(instance.port, inbound.port(), "the inbound port is advertised, not the app's");
+    assert!(instance.mesh_tls);
 }

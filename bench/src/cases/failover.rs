@@ -142,7 +142,8 @@ impl Row {
 fn measure(kind: Kind, env: &Env, sizes: &Sizes, scenario: Scenario, tuning: Tuning) -> Result<Row, String> {
     let hedged = if tuning.hedge.is_some() { "-hedged" } else { "" };
     let tag = format!("fail-{}-{}{hedged}", scenario.tag(), kind.name());
-    let mut backends = peers::start_backends_with(env, &tag, scenario.delays()).map_err(|e| e.to_string())?;
+    let mut backends =
+        peers::start_backends_with(env, &tag, &scenario.delays()).map_err(|e| e.to_string())?;
     let target =
         peers::start_tuned(kind, env, &backends, &tag, Front::Http1, tuning).map_err(|e| e.to_string())?;
     let victim = backends.traffic[0];

@@ -8,12 +8,15 @@
 //!   paused (SIGSTOP), under steady load.
 //! - `security`: case 6, the registry's heartbeat CPU with tokens, with TLS
 //!   and with both, beside the plain figure.
+//! - `mtls`: case 7, two hops (client-side proxy, server-side proxy, app) in
+//!   plain text and with mutual TLS, for Trellis, HAProxy and nginx.
 //! - `heartbeat_load`: the heartbeat workload cases 4 and 6 share.
 
 mod failover;
 mod fixed_rate;
 mod heartbeat_load;
 mod http2;
+mod mtls;
 mod registry;
 mod saturation;
 mod security;
@@ -46,8 +49,8 @@ pub struct RunArgs {
     /// Do not pin processes to cores with taskset.
     #[arg(long, env = "TRELLIS_NO_PIN")]
     pub no_pin: bool,
-    /// Cases to run (1-6).
-    #[arg(long, env = "TRELLIS_CASES", value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6])]
+    /// Cases to run (1-7).
+    #[arg(long, env = "TRELLIS_CASES", value_delimiter = ',', default_values_t = [1, 2, 3, 4, 5, 6, 7])]
     pub cases: Vec<u8>,
     /// The command line to print in the report.
     #[arg(long, env = "TRELLIS_COMMAND", default_value = "scripts/bench.sh")]
@@ -67,6 +70,8 @@ pub struct Sizes {
     pub rates: Vec<f64>,
     pub rate_duration: Duration,
     pub rate_connections: usize,
+    /// Case 7's fixed rates.
+    pub mtls_rates: Vec<f64>,
     pub failover_rate: f64,
     pub failover_before_kill: Duration,
     pub failover_after_kill: Duration,
@@ -91,6 +96,7 @@ impl Sizes {
                 rates: vec![2_000.0, 10_000.0],
                 rate_duration: Duration::from_secs(1),
                 rate_connections: 16,
+                mtls_rates: vec![2_000.0],
                 failover_rate: 500.0,
                 failover_before_kill: Duration::from_secs(1),
                 failover_after_kill: Duration::from_secs(3),
@@ -112,6 +118,7 @@ impl Sizes {
                 rates: vec![2_000.0, 10_000.0],
                 rate_duration: Duration::from_secs(10),
                 rate_connections: 16,
+                mtls_rates: vec![2_000.0, 5_000.0],
                 failover_rate: 1_000.0,
                 failover_before_kill: Duration::from_secs(3),
                 failover_after_kill: Duration::from_secs(15),
@@ -172,6 +179,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             4 => registry::run(&env, &sizes, &args.charts, &charts_rel),
             5 => failover::run(&env, &sizes),
             6 => security::run(&env, &sizes),
+            7 => mtls::run(&env, &sizes),
             other => Section::error(&format!("Case {other}"), "no such case"),
         };
         eprintln!("trellis-bench: case {case} done in {:.1}s", t.elapsed().as_secs_f64());

@@ -21,8 +21,9 @@ pub enum CliError {
     /// The flags or files cannot work (a bad URL, an unreadable token or CA).
     #[error("{0}")]
     Setup(String),
+    /// Boxed: a client error is large, and every command returns this type.
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Client(Box<ClientError>),
     /// No instance of the service is registered (it is not in `registry services`).
     #[error("no service \"{0}\": no instance of it is registered")]
     UnknownService(ServiceName),
@@ -31,6 +32,12 @@ pub enum CliError {
     /// Printing failed (a closed pipe is not reported, see [`CliError::is_closed_output`]).
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::Client(Box::new(e))
+    }
 }
 
 /// What the message may say about how the command was set up.
@@ -148,7 +155,7 @@ mod tests {
                 message: "this request needs\na token".into(),
             },
         };
-        let line = CliError::Client(e).line(&context(false));
+        let line = CliError::from(e).line(&context(false));
         assert_eq!(
             line,
             "the registry at http://10.0.0.1:7600 refused the request: 401 unauthenticated: \
@@ -162,7 +169,7 @@ mod tests {
                 message: "token \"b\" may not read".into(),
             },
         };
-        let line = CliError::Client(e).line(&context(true));
+        let line = CliError::from(e).line(&context(true));
         assert_eq!(
             line,
             "the registry at https://r:7600 refused the request: 403 permission_denied: token \"b\" may not read"

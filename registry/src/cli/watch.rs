@@ -330,7 +330,7 @@ mod tests {
             diff(Some(&first), &next),
             vec![Change::Changed { before: &b, after: &b2 }, Change::Added(&c)]
         );
-        assert_eq!(diff(Some(&next), &[c.clone()])[0].event(), "removed");
+        assert_eq!(diff(Some(&next), std::slice::from_ref(&c))[0].event(), "removed");
         assert_eq!(changed_fields(&b, &b2), vec![("status", "passing".to_string(), "critical".to_string())]);
     }
 

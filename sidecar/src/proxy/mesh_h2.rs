@@ -194,11 +194,6 @@ impl MeshH2 {
         });
         self.slots.store(Arc::new(map));
     }
-
-    #[cfg(test)]
-    fn open_count(&self) -> usize {
-        self.slots.load().values().filter(|s| s.open().is_some()).count()
-    }
 }
 
 async fn sweep(h2: Weak<MeshH2>) {

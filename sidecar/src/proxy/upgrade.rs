@@ -118,7 +118,7 @@ pub(super) async fn forward(
                     .mesh
                     .handshake(tcp, service, &ep.authority, false, config.connect_timeout)
                     .await
-                    .map(Upstream::Mesh)
+                    .map(|tls| Upstream::Mesh(Box::new(tls)))
                     .map_err(|e| (true, e.cause)),
                 (Ok(tcp), None) => Ok(Upstream::Plain(tcp)),
                 (Err(e), _) => Err(e),
@@ -203,7 +203,7 @@ pub(super) async fn forward(
 /// The connection an upgrade goes out on.
 enum Upstream {
     Plain(TcpStream),
-    Mesh(tokio_rustls::client::TlsStream<TcpStream>),
+    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// HTTP/1.1 over `io`, its connection driven by a task of its own that hands

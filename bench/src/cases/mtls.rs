@@ -1,0 +1,268 @@
+//! Case 7: mTLS between sidecars. Two hops (client-side proxy, server-side
+//! proxy, app) for Trellis, HAProxy and nginx, each with the link between
+//! its hops in plain text and in mutual TLS, beside the app called directly,
+//! at fixed rates: latency added over direct, CPU per request of both hops
+//! together, and their memory. The targets are in `mesh.rs`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::{ratio, us, Sizes};
+use crate::load::{open_loop, LoadResult};
+use crate::mesh::{self, Link, PeerCerts, Proxy};
+use crate::peers::{self, Env, SERVICE};
+use crate::procstat;
+use crate::report::Section;
+
+/// Trellis's mTLS path may add at most this much p99 latency over direct.
+const ADDED_P99_TARGET_US: f64 = 1_000.0;
+
+/// What is measured: the app alone, or a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Direct,
+    Chain(Proxy, Link),
+}
+
+impl Setup {
+    fn all() -> Vec<Setup> {
+        let mut v = vec![Setup::Direct];
+        for p in Proxy::ALL {
+            v.push(Setup::Chain(p, Link::Plain));
+            v.push(Setup::Chain(p, Link::Mtls));
+        }
+        v
+    }
+
+    fn name(self) -> String {
+        match self {
+            Setup::Direct => "direct (app alone)".into(),
+            Setup::Chain(p, l) => format!("{} {}", p.name(), l.name()),
+        }
+    }
+}
+
+/// One hop's figures over the measured window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hop {
+    cpu: Duration,
+    rss_kib: u64,
+    peak_kib: u64,
+}
+
+struct Row {
+    setup: Setup,
+    rate: f64,
+    load: LoadResult,
+    /// Client side, server side; empty for direct.
+    hops: Vec<Hop>,
+    busy: Vec<f64>,
+}
+
+impl Row {
+    fn cpu_per_1k_ms(&self, cpu: Duration) -> Option<f64> {
+        (self.load.ok > 0 && !self.hops.is_empty())
+            .then(|| cpu.as_secs_f64() * 1000.0 / (self.load.ok as f64 / 1000.0))
+    }
+
+    fn total_cpu_per_1k_ms(&self) -> Option<f64> {
+        self.cpu_per_1k_ms(self.hops.iter().map(|h| h.cpu).sum())
+    }
+}
+
+fn measure(setup: Setup, env: &Env, sizes: &Sizes, certs: &PeerCerts) -> Result<Vec<Row>, String> {
+    let app = peers::start_backends_with(env, "mtls", &[Duration::ZERO]).map_err(|e| e.to_string())?;
+    let chain = match setup {
+        Setup::Direct => None,
+        Setup::Chain(p, l) => Some(mesh::start(p, l, env, &app, certs, "mtls")?),
+    };
+    let addr = match &chain {
+        Some(c) => c.addr,
+        None => *app.traffic.first().ok_or("no app")?,
+    };
+    let pids: Vec<i32> = chain.iter().flat_map(|c| [c.client.pid(), c.server.pid()]).collect();
+    let target = crate::load::Target { addrs: vec![addr], host: SERVICE.into(), path: "/".into() };
+    let mut rows = Vec::new();
+    for &rate in &sizes.mtls_rates {
+        open_loop(&target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
+        let cpu0: Vec<Duration> = pids.iter().map(|p| procstat::cpu_time(*p)).collect();
+        let j0 = procstat::cpu_jiffies();
+        let load = open_loop(&target, rate, sizes.rate_connections, Duration::ZERO, sizes.rate_duration);
+        let j1 = procstat::cpu_jiffies();
+        let hops = pids
+            .iter()
+            .zip(&cpu0)
+            .map(|(p, c0)| Hop {
+                cpu: procstat::cpu_time(*p).saturating_sub(*c0),
+                rss_kib: procstat::rss_kib(*p),
+                peak_kib: procstat::peak_rss_kib(*p),
+            })
+            .collect();
+        rows.push(Row { setup, rate, load, hops, busy: procstat::busy_percent(&j0, &j1) });
+    }
+    Ok(rows)
+}
+
+fn mib(k: u64) -> String {
+    format!("{:.1}", k as f64 / 1024.0)
+}
+
+pub fn run(env: &Env, sizes: &Sizes) -> Section {
+    let title = "Case 7: mTLS between sidecars — two hops, plain and mutual TLS";
+    let certs = match PeerCerts::generate(&env.work.join("case7")) {
+        Ok(c) => c,
+        Err(e) => return Section::error(title, &format!("cannot make the certificates: {e}")),
+    };
+    let mut errors = String::new();
+    let mut rows = Vec::new();
+    for setup in Setup::all() {
+        eprintln!("  case 7: {}", setup.name());
+        match measure(setup, env, sizes, &certs) {
+            Ok(r) => rows.extend(r),
+            Err(e) => errors.push_str(&format!("- **{}** did not run: {e}\n", setup.name())),
+        }
+    }
+    let mut b = String::new();
+    let _ = writeln!(
+        b,
+        "Load generator → client-side proxy (plain HTTP/1.1, as an app calls its sidecar) → server-side proxy → \
+         app (one bench backend). Both hops are the same proxy, each with one worker, both pinned to core 0; the \
+         app, the generator and Trellis's registry on core 1. The link between the hops is plain text or mutual \
+         TLS (TLS 1.3, ECDSA P-256 leaves, each side verifying the other's chain to the mesh CA; connections \
+         between the hops kept alive). Open loop over {} keep-alive connections, {:.0} s per rate after a {:.1} s \
+         warm-up, latency from when each request was due. **Added** is the row's percentile minus direct's at the \
+         same rate. **CPU per 1,000 requests** is both hops' user + system time over the window (client side + \
+         server side). RSS is each hop's resident memory at the end of the window (peak in parentheses).\n",
+        sizes.rate_connections,
+        sizes.rate_duration.as_secs_f64(),
+        sizes.warmup.as_secs_f64()
+    );
+    let _ = writeln!(
+        b,
+        "- **Trellis mTLS**: client sidecar `--mtls --identity {client}`, server sidecar `--service {SERVICE} \
+         --inbound ADDR` (it registers the inbound port, marked mesh TLS); both get their leaves from the registry \
+         (`POST /v1/identity/sign`, CA written by `registry init`) and keep their keys in memory; the client checks \
+         the server's SPIFFE ID `spiffe://trellis.local/svc/{SERVICE}`, the server reads the caller's from its \
+         certificate and adds `x-trellis-caller`.\n\
+         - **Trellis plain**: Trellis has no plain-text inbound side, so the second hop is a second sidecar's \
+         outbound side on a dedicated port (`--upstream bench-app=ADDR`) towards the app registered as `bench-app`, \
+         itself registered as `{SERVICE}`: the same two proxies' parsing and forwarding without TLS.\n\
+         - **HAProxy / nginx mTLS**: client side `ssl crt … verify required verifyhost {name}` / \
+         `proxy_ssl_verify on; proxy_ssl_name {name}`; server side `verify required` / `ssl_verify_client on`. \
+         They check DNS names, not SPIFFE URIs, so their leaves (made for the run with rcgen) carry the \
+         identity's DNS name `{name}`.\n",
+        client = mesh::CLIENT_SERVICE,
+        name = mesh::mesh_name(SERVICE),
+    );
+    for &rate in &sizes.mtls_rates {
+        let at: Vec<&Row> = rows.iter().filter(|r| r.rate == rate).collect();
+        let direct = at.iter().find(|r| r.setup == Setup::Direct);
+        let _ = writeln!(b, "### {rate:.0} requests/s\n");
+        let _ = writeln!(
+            b,
+            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req (client + server) | RSS MiB client / server (peak) | core 0 / core 1 busy |"
+        );
+        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        for r in &at {
+            let added = |p: f64| match direct {
+                Some(d) if r.setup != Setup::Direct => us(r.load.pct_us(p) - d.load.pct_us(p)),
+                _ => "—".into(),
+            };
+            let cpu = match (r.total_cpu_per_1k_ms(), r.hops.as_slice()) {
+                (Some(t), [c, s]) => format!(
+                    "{t:.1} ms ({:.1} + {:.1})",
+                    r.cpu_per_1k_ms(c.cpu).unwrap_or(f64::NAN),
+                    r.cpu_per_1k_ms(s.cpu).unwrap_or(f64::NAN)
+                ),
+                _ => "—".into(),
+            };
+            let rss = match r.hops.as_slice() {
+                [c, s] => format!(
+                    "{} / {} ({} / {})",
+                    mib(c.rss_kib),
+                    mib(s.rss_kib),
+                    mib(c.peak_kib),
+                    mib(s.peak_kib)
+                ),
+                _ => "—".into(),
+            };
+            let busy = |i: usize| r.busy.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
+            let _ = writeln!(
+                b,
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {rss} | {} / {} |",
+                r.setup.name(),
+                r.load.rps(),
+                us(r.load.pct_us(50.0)),
+                us(r.load.pct_us(99.0)),
+                us(r.load.pct_us(99.9)),
+                added(50.0),
+                added(99.0),
+                r.load.failed,
+                busy(0),
+                busy(1),
+            );
+        }
+        let get = |s: Setup| at.iter().find(|r| r.setup == s);
+        let _ = writeln!(b, "\nWhat mutual TLS costs each proxy over its own plain two hops (CPU per request, mTLS ÷ plain): {}", {
+            let mut s = Vec::new();
+            for p in Proxy::ALL {
+                if let (Some(m), Some(pl)) = (get(Setup::Chain(p, Link::Mtls)), get(Setup::Chain(p, Link::Plain))) {
+                    s.push(format!(
+                        "{} {}",
+                        p.name(),
+                        ratio(m.total_cpu_per_1k_ms().unwrap_or(f64::NAN), pl.total_cpu_per_1k_ms().unwrap_or(f64::NAN))
+                    ));
+                }
+            }
+            if s.is_empty() { "n/a".to_string() } else { s.join(", ") }
+        });
+        if let Some(t) = get(Setup::Chain(Proxy::Trellis, Link::Mtls)) {
+            let _ = writeln!(b, "\nTargets at {rate:.0} req/s:\n");
+            let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
+            let tc = t.total_cpu_per_1k_ms().unwrap_or(f64::NAN);
+            for peer in [Proxy::Haproxy, Proxy::Nginx] {
+                if let Some(p) = get(Setup::Chain(peer, Link::Mtls)) {
+                    let pc = p.total_cpu_per_1k_ms().unwrap_or(f64::NAN);
+                    let _ = writeln!(
+                        b,
+                        "- {} Trellis mTLS CPU per request ≤ {} mTLS's ({tc:.1} vs {pc:.1} ms per 1k, both hops; {})",
+                        mark(tc <= pc),
+                        peer.name(),
+                        ratio(tc, pc)
+                    );
+                }
+            }
+            if let Some(d) = direct {
+                let added99 = t.load.pct_us(99.0) - d.load.pct_us(99.0);
+                let verdict = if added99 < 0.0 {
+                    "⚠️ inconclusive (direct's own p99 was worse in this run, so other load on the machine set it):"
+                } else {
+                    mark(added99 < ADDED_P99_TARGET_US)
+                };
+                let _ = writeln!(b, "- {verdict} Trellis mTLS adds < 1 ms p99 over direct ({})", us(added99));
+            }
+            if t.load.failed > 0 {
+                let _ = writeln!(b, "- ❌ Trellis mTLS failed {} requests", t.load.failed);
+            }
+        }
+        b.push('\n');
+    }
+    b.push_str(&errors);
+    let example = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let dir = env.work.join("case7-nginx");
+    let _ = writeln!(
+        b,
+        "\n<details><summary>The mTLS configurations (example ports: client side 10000, server side 10001, app 20001)</summary>\n\n\
+         HAProxy client side:\n\n```haproxy\n{}```\n\nHAProxy server side:\n\n```haproxy\n{}```\n\n\
+         nginx client side:\n\n```nginx\n{}```\n\nnginx server side:\n\n```nginx\n{}```\n\n\
+         Trellis: `registry {}`; server side `sidecar {}`; client side `sidecar {}`.\n\n</details>\n",
+        mesh::haproxy_client_config(example(10000), example(10001), Link::Mtls, &certs),
+        mesh::haproxy_server_config(example(10001), example(20001), Link::Mtls, &certs),
+        mesh::nginx_client_config(example(10000), example(10001), Link::Mtls, &certs, &dir),
+        mesh::nginx_server_config(example(10001), example(20001), Link::Mtls, &certs, &dir),
+        mesh::trellis_registry_args(Link::Mtls, &env.work.join("trellis-ca")).join(" "),
+        mesh::trellis_server_args(example(7600), example(20001), example(10001)).join(" "),
+        mesh::trellis_client_args(example(7600)).join(" "),
+    );
+    Section { title: title.into(), body: b }
+}
