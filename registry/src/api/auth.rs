@@ -20,18 +20,25 @@ use crate::metrics::ReasonLabels;
 static TRELLIS_TOKEN: HeaderName = HeaderName::from_static("x-trellis-token");
 static CONSUL_TOKEN: HeaderName = HeaderName::from_static("x-consul-token");
 
-/// The secret a request presents, borrowed from its headers. An
-/// `Authorization` header of another scheme presents an empty secret, which
-/// no token has: it is refused as unknown rather than ignored.
+/// The secret a request presents, borrowed from its headers: a Bearer
+/// `Authorization` first, then `X-Trellis-Token`, then `X-Consul-Token`.
+/// Consul's clients may send an `Authorization` of another scheme beside
+/// their token header (Prometheus sends an empty Basic one), so that scheme
+/// yields to a token header; alone, it presents an empty secret, which no
+/// token has: it is refused as unknown rather than ignored.
 pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        return Some(match v.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => v[7..].trim_ascii(),
-            _ => b"",
-        });
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if let Some(v) = authorization {
+        if v.get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer ")) {
+            return Some(v[7..].trim_ascii());
+        }
     }
-    headers.get(&TRELLIS_TOKEN).or_else(|| headers.get(&CONSUL_TOKEN)).map(|v| v.as_bytes().trim_ascii())
+    let token = headers.get(&TRELLIS_TOKEN).or_else(|| headers.get(&CONSUL_TOKEN));
+    match (token, authorization) {
+        (Some(t), _) => Some(t.as_bytes().trim_ascii()),
+        (None, Some(_)) => Some(b""),
+        (None, None) => None,
+    }
 }
 
 impl<S> ApiState<S> {
@@ -91,7 +98,11 @@ mod tests {
         assert_eq!(presented(&h), Some(b"t".as_slice()));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bEaReR  b"));
         assert_eq!(presented(&h), Some(b"b".as_slice()));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
-        assert_eq!(presented(&h), Some(b"".as_slice()));
+        // Another scheme yields to a token header, and alone presents nothing valid.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Og=="));
+        assert_eq!(presented(&h), Some(b"t".as_slice()));
+        let mut basic = HeaderMap::new();
+        basic.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(presented(&basic), Some(b"".as_slice()));
     }
 }
