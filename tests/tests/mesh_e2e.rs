@@ -287,3 +287,71 @@ async fn three_rotations_under_load_fail_no_request() {
     let expiry = sum(&scrape(client.admin).await, "trellis_sidecar_identity_expiry_seconds");
     assert!(expiry > 0.0, "the client's leaf is current: {expiry}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_outlives_a_registry_outage_longer_than_a_renewal_and_renewal_resumes() {
+    // 30 s leaves renew at about 21 s; the registry is away from the start until both sidecars have
+    // failed a renewal, so the current leaves carry the traffic meanwhile, with several seconds to spare.
+    let mut mesh = Mesh::start("mesh-outage", &["users", "web"], &["--cert-ttl", "30s"]).await;
+    let app = AppProc::start("outage-users-app", "users-1", &[]).await;
+    let users = mesh.server("users", "users-1", app.addr, &[]).await;
+    let client = mesh.client("web", &[]).await;
+    let renewals = |text: &str, result: &str| {
+        sum(text, &format!("trellis_sidecar_identity_renewals_total{{result=\"{result}\""))
+    };
+    let ok_before = renewals(&scrape(client.admin).await, "ok");
+
+    let registry_addr = mesh.registry.addr;
+    mesh.registry.proc.kill9();
+    let down = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    // Traffic while the registry is gone, until the client has failed to renew at least once.
+    loop {
+        match get(client.outbound, "users", "/work").await {
+            Ok((StatusCode::OK, _)) => ok += 1,
+            other => {
+                failed += 1;
+                println!("failed: {other:?}");
+            }
+        }
+        let m = scrape(client.admin).await;
+        if renewals(&m, "failed") >= 1.0 && renewals(&scrape(users.admin).await, "failed") >= 1.0 {
+            break;
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "no renewal attempt failed in {:?}",
+            down.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outage = down.elapsed();
+    let left = sum(&scrape(client.admin).await, "trellis_sidecar_identity_expiry_seconds");
+    println!("registry down {outage:?}: {ok} requests served, {failed} failed; the client's leaf has {left:.1} s left");
+    assert_eq!(failed, 0, "the mesh keeps serving on the current leaves");
+    assert!(ok > 50, "traffic ran: {ok}");
+    assert!(left > 0.0, "the leaf is still valid: {left}");
+
+    // Back on the same port: renewal resumes, and traffic never stopped.
+    let args = {
+        let mut a = mesh.secrets.registry_args();
+        a.extend(strings(&["--cert-ttl", "30s"]));
+        a
+    };
+    mesh.registry = RegistryProc::start_on("mesh-outage-registry-2", registry_addr, &args).await;
+    let back = Instant::now();
+    loop {
+        let (status, _) = get(client.outbound, "users", "/work").await.expect("an answer");
+        assert_eq!(status, StatusCode::OK);
+        if renewals(&scrape(client.admin).await, "ok") > ok_before {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "no renewal within {:?} of the registry's return",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("renewed {:?} after the registry came back", back.elapsed());
+}
