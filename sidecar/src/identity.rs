@@ -29,8 +29,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use trellis_shared::ServiceName;
 
-/// The trust domain when none is configured.
-pub const DEFAULT_TRUST_DOMAIN: &str = "trellis.local";
+pub use trellis_shared::identity::DEFAULT_TRUST_DOMAIN;
 
 /// A trust domain: a lowercase DNS name, the authority part of every SPIFFE ID in the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -39,17 +38,10 @@ pub struct TrustDomain(String);
 impl TrustDomain {
     pub fn new(s: impl Into<String>) -> Result<Self, IdentityError> {
         let s = s.into();
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        };
-        if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
-            return Err(IdentityError::TrustDomain(s));
+        match trellis_shared::identity::check_trust_domain(&s) {
+            Ok(()) => Ok(TrustDomain(s)),
+            Err(_) => Err(IdentityError::TrustDomain(s)),
         }
-        Ok(TrustDomain(s))
     }
 
     pub fn as_str(&self) -> &str {
@@ -78,7 +70,7 @@ impl fmt::Display for TrustDomain {
 
 /// The SPIFFE ID of `service` in `td`.
 pub fn spiffe_id(td: &TrustDomain, service: &ServiceName) -> String {
-    format!("spiffe://{td}/svc/{service}")
+    trellis_shared::identity::spiffe_id(td.as_str(), service)
 }
 
 /// Why an identity could not be installed or read. Never carries key material.
