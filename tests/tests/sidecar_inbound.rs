@@ -588,7 +588,15 @@ async fn shutdown_stops_accepting_and_lets_a_request_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_with_inbound_registers_the_inbound_port_with_mesh_tls() {
-    let registry = RegistryProc::start("inbound-registry", &[]).await;
+    // `--inbound` implies a mesh identity: the registry must hold the CA (no tokens needed here).
+    let mesh = trellis_tests::mesh::MeshSecrets::generate("inbound-registry", &["users"]);
+    let ca = [
+        "--ca-cert".to_string(),
+        mesh.ca().display().to_string(),
+        "--ca-key".to_string(),
+        mesh.ca_key().display().to_string(),
+    ];
+    let registry = RegistryProc::start("inbound-registry", &ca).await;
     let app = AppProc::start("inbound-app", "users-1", &[]).await;
     let args: Vec<String> = [
         "--service",
@@ -623,5 +631,6 @@ async fn a_sidecar_with_inbound_registers_the_inbound_port_with_mesh_tls() {
         instance.address, instance.port, instance.mesh_tls, app.addr
     );
     assert_eq!(instance.port, inbound.port(), "the inbound port is advertised, not the app's");
+    assert_eq!(instance.address.as_str(), "127.0.0.1", "at the one address the inbound side binds");
     assert!(instance.mesh_tls);
 }
