@@ -300,6 +300,10 @@ async fn traffic_outlives_a_registry_outage_longer_than_a_renewal_and_renewal_re
         sum(text, &format!("trellis_sidecar_identity_renewals_total{{result=\"{result}\""))
     };
     let ok_before = renewals(&scrape(client.admin).await, "ok");
+    // The client learns `users`' endpoints while the registry is up: a discovery watch starts on first use,
+    // and what survives an outage is the last known endpoints.
+    let (status, body) = get(client.outbound, "users", "/work").await.expect("an answer");
+    assert_eq!(status, StatusCode::OK, "{body}");
 
     let registry_addr = mesh.registry.addr;
     mesh.registry.proc.kill9();
