@@ -68,6 +68,8 @@ if [ ! -f "$secrets/ca.pem" ]; then
       "trellis/registry:${TRELLIS_TAG:-dev}" init /out "${init_args[@]}"
   fi
 fi
+# The metrics profile's Prometheus reads its token from this copy of its configuration.
+scripts/prometheus-config.sh "$secrets" >/dev/null
 compose up -d
 cat <<'TXT'
 

@@ -8,6 +8,9 @@
 //! - `GET /v1/catalog/service/<name>`: every instance, whatever its health.
 //! - `GET /v1/health/service/<name>`: instances with their check, filtered by
 //!   `passing` and `tag`.
+//! - `GET /v1/health/state/<state>`: every instance's check in `any` state,
+//!   or in one (`passing`, `warning`, `critical`); what Traefik's
+//!   `consulCatalog` watches to learn that something changed.
 //!
 //! Blocking queries (`index`, `wait`) go through the registry's own
 //! [`crate::watch::Watches`]: per service for the two per-service routes, and
@@ -37,7 +40,7 @@ use axum::Router;
 use trellis_shared::{HealthStatus, ServiceName};
 
 use self::query::{Consistency, ConsulQuery, Takes, CONSUL_DEFAULT_WAIT};
-use self::shape::{AgentConfig, AgentSelf, CatalogEntry, HealthEntry, Member};
+use self::shape::{AgentConfig, AgentSelf, CatalogEntry, Check, HealthEntry, Member};
 use crate::acl::Need;
 use crate::api::{ApiState, ClientAddr};
 use crate::error::ApiError;
@@ -55,6 +58,7 @@ pub fn routes<S: Store>() -> Router<Arc<ApiState<S>>> {
         .route("/v1/catalog/services", get(catalog_services::<S>).fallback(read_only))
         .route("/v1/catalog/service/{service}", get(catalog_service::<S>).fallback(read_only))
         .route("/v1/health/service/{service}", get(health_service::<S>).fallback(read_only))
+        .route("/v1/health/state/{state}", get(health_state::<S>).fallback(read_only))
         .route("/v1/agent/service/register", any(read_only))
         .route("/v1/agent/service/deregister/{id}", any(read_only))
         .route("/v1/agent/service/maintenance/{id}", any(read_only))
@@ -250,6 +254,52 @@ async fn health_service<S: Store>(
         .map(|i| HealthEntry::new(&service, i, snap.index(), dc))
         .collect();
     Ok(answer(&st, to_json(&rows), snap.index(), q.consistency))
+}
+
+/// Every readable instance's check, across services, in the state asked
+/// (`any` for all). Its index is the registry's highest, so a blocking query
+/// returns on a change of any service.
+async fn health_state<S: Store>(
+    State(st): St<S>,
+    client: Client,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let state = path.map(|Path(s)| s).unwrap_or_default();
+    let wanted = match state.as_str() {
+        "any" => None,
+        "passing" => Some(HealthStatus::Passing),
+        "warning" => Some(HealthStatus::Warning),
+        "critical" => Some(HealthStatus::Critical),
+        other => {
+            return Err(ApiError::InvalidQuery(format!(
+                "unknown check state {:?}: use any, passing, warning or critical",
+                other.chars().take(32).collect::<String>()
+            )))
+        }
+    };
+    let takes = Takes { passing: false, tag: false };
+    let (grant, q) = prepare(&st, &headers, &client, Need::List, raw.as_deref(), takes)?;
+    if let Some(asked) = q.index.filter(|i| *i != 0) {
+        let from = wait_from(asked, *st.store.changes().borrow());
+        let wait = q.wait.unwrap_or(CONSUL_DEFAULT_WAIT.min(st.config.max_wait));
+        st.watches.wait_any(&*st.store, from, wait, ip(&client)).await;
+    }
+    // The index first, so it never runs ahead of the snapshots read after it.
+    let index = *st.store.changes().borrow();
+    let snaps: Vec<Arc<ServiceSnapshot>> =
+        st.store.snapshots().into_iter().filter(|s| grant.may_read(s.service())).collect();
+    let rows: Vec<Check<'_>> = snaps
+        .iter()
+        .flat_map(|snap| {
+            snap.instances()
+                .iter()
+                .filter(|i| wanted.is_none_or(|w| i.status == w))
+                .map(|i| Check::new(snap.service(), i, snap.index()))
+        })
+        .collect();
+    Ok(answer(&st, to_json(&rows), index, q.consistency))
 }
 
 /// Consul's write routes, and other methods on its read routes: Trellis

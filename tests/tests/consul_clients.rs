@@ -257,6 +257,10 @@ async fn py_consul_lists_filters_and_blocks_until_an_instance_registers() {
     assert_eq!(passing["checks"], serde_json::json!(["passing", "passing"]), "{passing}");
     let tagged = next(&mut lines).await;
     assert_eq!(tagged["ids"], serde_json::json!(["u2"]), "{tagged}");
+    let states = next(&mut lines).await;
+    assert_eq!(states["any"], serde_json::json!(["service:u1", "service:u2"]), "{states}");
+    assert_eq!(states["statuses"], serde_json::json!(["passing", "passing"]), "{states}");
+    assert_eq!(states["critical"], serde_json::json!([]), "{states}");
 
     let holding = next(&mut lines).await;
     assert_eq!(holding["ids"], serde_json::json!([]), "{holding}");

@@ -161,20 +161,27 @@ impl<'a> HealthEntry<'a> {
                 create_index: index,
                 modify_index: index,
             },
-            checks: [Check {
-                node: addr,
-                check_id: format!("service:{}", i.id),
-                name: format!("Service '{service}' check"),
-                status: i.status.as_str(),
-                notes: "",
-                output: &i.output,
-                service_id: i.id.as_str(),
-                service_name: service.as_str(),
-                service_tags: &i.tags,
-                r#type: "ttl",
-                create_index: index,
-                modify_index: index,
-            }],
+            checks: [Check::new(service, i, index)],
+        }
+    }
+}
+
+impl<'a> Check<'a> {
+    /// The instance's one check: the TTL its sidecar's heartbeats keep.
+    pub fn new(service: &'a ServiceName, i: &'a Instance, index: u64) -> Self {
+        Check {
+            node: i.address.as_str(),
+            check_id: format!("service:{}", i.id),
+            name: format!("Service '{service}' check"),
+            status: i.status.as_str(),
+            notes: "",
+            output: &i.output,
+            service_id: i.id.as_str(),
+            service_name: service.as_str(),
+            service_tags: &i.tags,
+            r#type: "ttl",
+            create_index: index,
+            modify_index: index,
         }
     }
 }

@@ -167,6 +167,7 @@ async fn writes_are_refused_with_405_naming_trelliss_route() {
         ),
         (Method::DELETE, "/v1/catalog/services", "GET only"),
         (Method::PUT, "/v1/health/service/users", "GET only"),
+        (Method::POST, "/v1/health/state/any", "GET only"),
     ] {
         let a = call(&api, req(method.clone(), uri)).await;
         assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
@@ -228,6 +229,45 @@ async fn blocking_queries_wait_for_their_service_or_the_catalog() {
     let a = held.await.unwrap();
     assert!(a.index() > c);
     assert_eq!(a.json["users"], serde_json::json!(["canary"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_state_lists_every_check_and_blocks_on_any_service() {
+    let (store, api) = api();
+    register(&store, "users", "u1", HealthStatus::Passing, &[]).await;
+    register(&store, "users", "u2", HealthStatus::Critical, &[]).await;
+    let last = register(&store, "billing", "b1", HealthStatus::Warning, &[]).await;
+    let checks = |a: &Answer| -> Vec<String> {
+        let rows = a.json.as_array().unwrap().iter();
+        rows.map(|c| format!("{}={}", c["CheckID"].as_str().unwrap(), c["Status"].as_str().unwrap()))
+            .collect()
+    };
+    let any = get(&api, "/v1/health/state/any").await;
+    assert_eq!(any.status, StatusCode::OK);
+    assert_eq!(any.index(), last, "the registry's highest index");
+    assert_eq!(checks(&any), ["service:b1=warning", "service:u1=passing", "service:u2=critical"]);
+    assert_eq!(any.json[0]["ServiceName"], "billing");
+    assert_eq!(checks(&get(&api, "/v1/health/state/critical").await), ["service:u2=critical"]);
+    assert_eq!(checks(&get(&api, "/v1/health/state/passing").await), ["service:u1=passing"]);
+    let bad = get(&api, "/v1/health/state/sideways").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.json);
+    assert!(bad.json["message"].as_str().unwrap().contains("any, passing"), "{}", bad.json);
+
+    // A held query returns on a change of any service.
+    let api = Arc::new(api);
+    let held = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (get(&api, &format!("/v1/health/state/any?index={last}&wait=30s")).await, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!held.is_finished());
+    let next = register(&store, "billing", "b1", HealthStatus::Passing, &[]).await;
+    let (a, waited) = held.await.unwrap();
+    assert_eq!((a.index(), waited), (next, Duration::from_secs(4)));
+    assert_eq!(checks(&a)[0], "service:b1=passing");
 }
 
 #[tokio::test]

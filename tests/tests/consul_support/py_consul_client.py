@@ -29,6 +29,11 @@ def main():
     index, nodes = c.health.service("users", tag="v2")
     say("tagged", index=index, ids=sorted(n["Service"]["ID"] for n in nodes))
 
+    index, checks = c.health.state("any")
+    _, critical = c.health.state("critical")
+    say("states", index=index, any=sorted(ch["CheckID"] for ch in checks),
+        statuses=sorted(ch["Status"] for ch in checks), critical=[ch["CheckID"] for ch in critical])
+
     index, nodes = c.health.service("orders")
     say("holding", index=index, ids=[n["Service"]["ID"] for n in nodes])
     started = time.monotonic()
