@@ -775,8 +775,12 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
          the size its gateway sustains in the time of the run. \
          **Trellis registry (etcd store) + etcd** is the registry run with `--store etcd://…` against a fresh \
          one-member etcd (data on tmpfs), both pinned to core 0, driven by exactly the Trellis workload above; \
-         a heartbeat is then one lease keep-alive from the registry to etcd (no consensus write), and expiry is \
-         etcd's (it checks leases every 500 ms). Its CPU and RSS are both processes', each shown in brackets. \
+         a heartbeat is handled in the memory of the replica that owns the instance (etcd hears nothing; it \
+         keeps one replica lease alive per second), and expiry is that replica deleting the key at the deadline. \
+         **Trellis registry (etcd store, 2 replicas) + etcd** is the same with two replicas and {} instances, \
+         all three processes on core 0 (the machine has two cores: one for the systems, one for the \
+         generator); each replica registers, so owns, and is sent the heartbeats of half the instances. \
+         CPU and RSS are every process's together, each shown in brackets. \
          **floor** is the same heartbeat load against the bench's own backend (a hand-written HTTP/1.1 \
          responder on a current-thread runtime that answers 200 to anything, no routing, no state): what one \
          HTTP request and response cost on this machine, kernel TCP included — the bound for any design that \
@@ -786,6 +790,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         sizes.watchers,
         if sizes.quick { 1 } else { 3 },
         sizes.etcd_instances,
+        sizes.etcd_store_instances,
     );
     let _ = writeln!(
         b,
