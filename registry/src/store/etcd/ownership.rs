@@ -237,7 +237,7 @@ impl Ownership {
 
     /// The owner could not delete `key` (etcd out of reach): look again in a second.
     pub fn retry(&self, key: &[u8], now: Instant) {
-        lock(&self.inner).schedule(&key, now + Duration::from_secs(1));
+        lock(&self.inner).schedule(key, now + Duration::from_secs(1));
     }
 
     /// Forgets `key` (its expiry was refused: someone else changed it).
