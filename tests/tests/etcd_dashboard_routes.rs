@@ -1,6 +1,6 @@
 //! The dashboard's read routes on the etcd store, across two replicas: each
-//! replica names itself in `/v1/status`, leases come from etcd (so a renewal
-//! through one replica shows on the other), and a blocking `/v1/overview` on
+//! replica names itself in `/v1/status`, the owner of an instance (the
+//! replica it registered and heartbeats through) knows its last renewal, and a blocking `/v1/overview` on
 //! one replica wakes for a registration made through the other.
 //!
 //! Build first: `cargo build --release -p trellis-registry -p trellis-tests --bins`.
@@ -66,10 +66,12 @@ async fn status_leases_and_overview_on_the_etcd_store() {
         "{v}"
     );
 
-    // Leases come from etcd: a renewal through B shows as fresh on A.
+    // Heartbeats stay in the memory of the replica that owns the instance (B,
+    // through which it registered): B's lease page knows the last renewal,
+    // A's shows the TTL alone.
     tokio::time::sleep(Duration::from_secs(2)).await; // the lease ages, so the renewal has something to reset
-    let before = get(&http, format!("{}/v1/services/users/leases", a.url())).await;
-    let aged = before["leases"][0]["since_renewal_ms"].as_u64().expect("etcd answered");
+    let before = get(&http, format!("{}/v1/services/users/leases", b.url())).await;
+    let aged = before["leases"][0]["since_renewal_ms"].as_u64().expect("the owner knows");
     let hb = http
         .put(format!("{}/v1/services/users/instances/u1/heartbeat", b.url()))
         .json(&json!({}))
@@ -77,15 +79,19 @@ async fn status_leases_and_overview_on_the_etcd_store() {
         .await
         .unwrap();
     assert_eq!(hb.status(), 204);
-    let after = get(&http, format!("{}/v1/services/users/leases", a.url())).await;
+    let after = get(&http, format!("{}/v1/services/users/leases", b.url())).await;
     let lease = &after["leases"][0];
-    println!("lease before the renewal {before}, after {after}");
+    println!("lease on the owner before the renewal {before}, after {after}");
     assert_eq!(lease["id"], "u1");
-    assert_eq!(lease["ttl_ms"], 10_000, "etcd grants whole seconds: {lease}");
+    assert_eq!(lease["ttl_ms"], 10_000, "{lease}");
     let (since, left) = (lease["since_renewal_ms"].as_u64().unwrap(), lease["left_ms"].as_u64().unwrap());
-    assert!(aged >= 1000, "two seconds after registering, etcd says {aged} ms since the last renewal");
-    assert!(since < aged && since <= 2000, "renewed through the other replica: {since} ms ago (was {aged})");
+    assert!(aged >= 1000, "two seconds after registering, the owner says {aged} ms since the last renewal");
+    assert!(since < aged && since <= 2000, "renewed: {since} ms ago (was {aged})");
     assert!((8000..=10_000).contains(&left), "{left} ms left of 10 s");
+    let elsewhere = get(&http, format!("{}/v1/services/users/leases", a.url())).await;
+    let lease = &elsewhere["leases"][0];
+    assert_eq!((lease["id"].as_str(), lease["ttl_ms"].as_u64()), (Some("u1"), Some(10_000)), "{elsewhere}");
+    assert!(lease["since_renewal_ms"].is_null(), "only the owner knows the last heartbeat: {elsewhere}");
 }
 
 /// Waits until replica `url` holds a blocking query (its open-watch gauge).

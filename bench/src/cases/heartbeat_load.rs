@@ -100,13 +100,23 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 
 /// Registers every instance of the fleet with a `BULK_TTL_SECS` TTL.
 pub async fn register_all(dial: &Dial, addr: SocketAddr, fleet: Arc<Fleet>) -> std::io::Result<()> {
+    register_part(dial, addr, fleet, (0, 1)).await
+}
+
+/// Registers the instances `k` of the fleet with `k % parts == part`.
+pub async fn register_part(
+    dial: &Dial,
+    addr: SocketAddr,
+    fleet: Arc<Fleet>,
+    (part, parts): (usize, usize),
+) -> std::io::Result<()> {
     let conns = REGISTER_CONNS.min(fleet.instances.max(1));
     let mut tasks = Vec::new();
     for c in 0..conns {
         let (dial, fleet) = (dial.clone(), fleet.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = dial.connect(addr).await?;
-            for k in (c..fleet.instances).step_by(conns) {
+            for k in (c..fleet.instances).step_by(conns).filter(|k| k % parts == part) {
                 let (svc, id) = (service(k, fleet.services), format!("i-{k}"));
                 let st = conn.roundtrip(&register_request(&svc, &id, BULK_TTL_SECS, fleet.token(k))).await?;
                 if !(200..300).contains(&st) {

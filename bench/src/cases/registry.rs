@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::heartbeat_load::{
-    heartbeats, register_all, register_request, service, Fleet, BULK_TTL_SECS, HEARTBEAT_CONNS,
-    HEARTBEAT_INTERVAL,
+    heartbeats, register_all, register_part, register_request, service, Fleet, BULK_TTL_SECS,
+    HEARTBEAT_CONNS, HEARTBEAT_INTERVAL,
 };
 use super::{us, Sizes};
 use crate::http1::{request, Conn, Dial};
@@ -41,6 +41,9 @@ enum System {
     /// The registry on its etcd store, in front of a fresh single etcd; the
     /// workload is Trellis's HTTP API, exactly as for `Trellis`.
     TrellisEtcd,
+    /// Two registry replicas on their etcd store in front of one etcd, each
+    /// serving (and owning) half the instances.
+    TrellisEtcdPair,
     /// etcd driven directly through its JSON gateway.
     Etcd,
     /// The bench's own backend, which answers 200 to anything: what one HTTP
@@ -54,6 +57,7 @@ impl System {
         match self {
             System::Trellis => "Trellis registry (memory store)",
             System::TrellisEtcd => "Trellis registry (etcd store) + etcd",
+            System::TrellisEtcdPair => "Trellis registry (etcd store, 2 replicas) + etcd",
             System::Etcd => "etcd (direct)",
             System::Floor => "floor: bare HTTP/1.1 responder",
         }
@@ -61,7 +65,7 @@ impl System {
 
     /// Whether the workload goes through Trellis's HTTP API.
     fn trellis_api(self) -> bool {
-        matches!(self, System::Trellis | System::TrellisEtcd | System::Floor)
+        matches!(self, System::Trellis | System::TrellisEtcd | System::TrellisEtcdPair | System::Floor)
     }
 }
 
@@ -261,7 +265,7 @@ async fn propagation(
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::connect(addr).await?;
             match sys {
-                System::Trellis | System::TrellisEtcd | System::Floor => {
+                System::Trellis | System::TrellisEtcd | System::TrellisEtcdPair | System::Floor => {
                     conn.roundtrip(&request("GET", &format!("/v1/services/{svc}"), "")).await?;
                     let mut index = view_index(conn.body()).ok_or_else(|| io_err("view without index"))?;
                     for r in 0..rounds {
@@ -348,7 +352,7 @@ async fn expiry(sys: System, addr: SocketAddr) -> Vec<f64> {
             let mut conn = Conn::connect(addr).await?;
             let ttl = Duration::from_secs(PROBE_TTL_SECS);
             match sys {
-                System::Trellis | System::TrellisEtcd | System::Floor => {
+                System::Trellis | System::TrellisEtcd | System::TrellisEtcdPair | System::Floor => {
                     // Counted from before the registration was sent: the
                     // registry's deadline can only be later, so this never
                     // understates lateness.
@@ -474,6 +478,7 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
     let (n, services) = match (sys, size) {
         (_, Some(n)) => (n, (n / 100).max(1)),
         (System::Trellis | System::Floor, None) => (sizes.registry_instances, sizes.registry_services),
+        (System::TrellisEtcdPair, None) => (sizes.etcd_store_instances, sizes.etcd_store_instances / 100),
         (System::Etcd | System::TrellisEtcd, None) => {
             (sizes.etcd_instances, (sizes.etcd_instances / 100).max(1))
         }
@@ -481,6 +486,8 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
     let mut _data_dir_guard = None;
     // Every process of the system under test, all on the proxy core; where the system listens.
     let mut procs: Vec<(&'static str, Proc)> = Vec::new();
+    // The second replica of a pair, which serves half the fleet.
+    let mut second = None;
     let addr = match sys {
         System::Trellis => {
             let (p, ready) = Proc::spawn_ready(
@@ -509,6 +516,28 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             procs.push(("etcd", etcd));
             ready.addr("listen")
         }
+        System::TrellisEtcdPair => {
+            let (etcd, guard, etcd_addr) = start_etcd(env, "reg-etcd-pair")?;
+            _data_dir_guard = Some(guard);
+            let mut addrs = Vec::new();
+            for (name, label) in
+                [("reg-registry-etcd-1", "registry 1"), ("reg-registry-etcd-2", "registry 2")]
+            {
+                let (p, ready) = Proc::spawn_ready(
+                    name,
+                    &env.bin("registry"),
+                    &registry_args(Some(etcd_addr)),
+                    env.proxy_core,
+                    &env.work,
+                )
+                .map_err(|e| e.to_string())?;
+                procs.push((label, p));
+                addrs.push(ready.addr("listen"));
+            }
+            procs.push(("etcd", etcd));
+            second = Some(addrs[1]);
+            addrs[0]
+        }
         System::Etcd => {
             let (etcd, guard, addr) = start_etcd(env, "reg-etcd")?;
             _data_dir_guard = Some(guard);
@@ -536,10 +565,17 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
     rt.block_on(async move {
         let fleet = Arc::new(Fleet::new(n, services));
         let t = Instant::now();
-        let leases = if sys == System::Etcd {
-            register_all_etcd(addr, n, services).await
-        } else {
-            register_all(&Dial::Plain, addr, fleet.clone()).await.map(|()| Vec::new())
+        let leases = match (sys, second) {
+            (System::Etcd, _) => register_all_etcd(addr, n, services).await,
+            // Each replica registers, so owns, the half it heartbeats.
+            (_, Some(second)) => {
+                let (a, b) = tokio::join!(
+                    register_part(&Dial::Plain, addr, fleet.clone(), (0, 2)),
+                    register_part(&Dial::Plain, second, fleet.clone(), (1, 2))
+                );
+                a.and(b).map(|()| Vec::new())
+            }
+            _ => register_all(&Dial::Plain, addr, fleet.clone()).await.map(|()| Vec::new()),
         }
         .map_err(|e| format!("registering: {e}"))?;
         let register_secs = t.elapsed().as_secs_f64();
@@ -547,6 +583,16 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
         let from = Instant::now() + Duration::from_secs(2);
         let to = from + window;
         let stop = to + Duration::from_secs(if sizes.quick { 12 } else { 20 });
+        let (reqs, hb2) = match second {
+            Some(second) => {
+                let (even, odd): (Vec<_>, Vec<_>) =
+                    reqs.into_iter().enumerate().partition(|(k, _)| k % 2 == 0);
+                let odd = Arc::new(odd.into_iter().map(|(_, r)| r).collect::<Vec<_>>());
+                let hb2 = tokio::spawn(heartbeats(Dial::Plain, second, odd, (from, to, stop)));
+                (even.into_iter().map(|(_, r)| r).collect(), Some(hb2))
+            }
+            None => (reqs, None),
+        };
         let reqs = Arc::new(reqs);
         let hb = tokio::spawn(heartbeats(Dial::Plain, addr, reqs.clone(), (from, to, stop)));
         let probe = std::thread::spawn(move || probe_heartbeats(addr, reqs, from, to));
@@ -578,7 +624,14 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             .map_err(|_| "watchers panicked".to_string())?
             .map_err(|e| format!("propagation: {e}"))?;
         let probe_hist = probe.join().map_err(|_| "probe panicked".to_string())?;
-        let hb = hb.await.map_err(|e| e.to_string())?;
+        let mut hb = hb.await.map_err(|e| e.to_string())?;
+        if let Some(hb2) = hb2 {
+            let hb2 = hb2.await.map_err(|e| e.to_string())?;
+            hb.ok += hb2.ok;
+            hb.failed += hb2.failed;
+            hb.connects += hb2.connects;
+            let _ = hb.hist.add(&hb2.hist);
+        }
         // The same propagation with the heartbeat load over: what the system
         // itself takes, without a busy core on either side.
         let prop_quiet_hist = if sys == System::Floor {
@@ -684,6 +737,8 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
     // The registry on its etcd store and etcd driven directly, both at etcd's
     // size; then the floor at full size.
     runs.push((System::TrellisEtcd, None));
+    // At scale, the size the etcd store is meant to carry: two replicas.
+    runs.push((System::TrellisEtcdPair, None));
     runs.push((System::Etcd, None));
     runs.push((System::Floor, None));
     for (sys, size) in runs {
@@ -720,8 +775,12 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
          the size its gateway sustains in the time of the run. \
          **Trellis registry (etcd store) + etcd** is the registry run with `--store etcd://…` against a fresh \
          one-member etcd (data on tmpfs), both pinned to core 0, driven by exactly the Trellis workload above; \
-         a heartbeat is then one lease keep-alive from the registry to etcd (no consensus write), and expiry is \
-         etcd's (it checks leases every 500 ms). Its CPU and RSS are both processes', each shown in brackets. \
+         a heartbeat is handled in the memory of the replica that owns the instance (etcd hears nothing; it \
+         keeps one replica lease alive per second), and expiry is that replica deleting the key at the deadline. \
+         **Trellis registry (etcd store, 2 replicas) + etcd** is the same with two replicas and {} instances, \
+         all three processes on core 0 (the machine has two cores: one for the systems, one for the \
+         generator); each replica registers, so owns, and is sent the heartbeats of half the instances. \
+         CPU and RSS are every process's together, each shown in brackets. \
          **floor** is the same heartbeat load against the bench's own backend (a hand-written HTTP/1.1 \
          responder on a current-thread runtime that answers 200 to anything, no routing, no state): what one \
          HTTP request and response cost on this machine, kernel TCP included — the bound for any design that \
@@ -731,6 +790,7 @@ pub fn run(env: &Env, sizes: &Sizes, charts: &Path, charts_rel: &str) -> Section
         sizes.watchers,
         if sizes.quick { 1 } else { 3 },
         sizes.etcd_instances,
+        sizes.etcd_store_instances,
     );
     let _ = writeln!(
         b,

@@ -1,11 +1,17 @@
 //! The etcd store: registry replicas share their state through an etcd cluster.
 //!
 //! Mapping: each instance is the key `<prefix>/instances/<service>/<id>`, whose
-//! value is its registration record (JSON), attached to an etcd lease of its
-//! TTL. etcd grants leases in whole seconds and raises TTLs below its minimum
+//! value is its registration record (JSON), attached to the lease of the
+//! replica that owns it: each replica holds one etcd lease per TTL and keeps it
+//! alive. etcd grants leases in whole seconds and raises TTLs below its minimum
 //! (`ceil(1.5 * election timeout)`, 2 s with etcd's defaults), so that is the
-//! effective shortest lease. A heartbeat is a lease keep-alive (no consensus
-//! write), plus a put only when the reported health changes. Each replica
+//! effective shortest lease. A heartbeat to the owner renews a deadline in its
+//! memory ([`ownership`]) and sends etcd nothing; a change of status is a put.
+//! A heartbeat to another replica adopts the instance: one transaction
+//! re-attaches the unchanged record to that replica's lease, so discovery never
+//! sees it leave. The owner deletes the key when the deadline passes; when the
+//! owner dies, etcd drops its lease one TTL later, by which time live sidecars
+//! have moved to another replica and adopted their instances. Each replica
 //! follows the prefix with a require-leader watch from the revision of its
 //! initial read and serves every read and blocking query from its [`cache`];
 //! indexes are etcd revisions and the epoch is the cluster id, so replicas agree
@@ -28,6 +34,7 @@
 //! - [`auth`]: credentials and the token etcd gives for them, kept fresh.
 //! - [`setup`]: `registry etcd-setup`, which turns etcd's auth on for the registry.
 //! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
+//! - [`ownership`]: this replica's leases and the deadlines of the instances it owns.
 //! - [`cluster_brake`]: the expiry brake across replicas (renewal tallies per replica).
 
 pub mod auth;
@@ -35,6 +42,7 @@ pub mod cache;
 pub mod client;
 pub mod cluster_brake;
 pub mod config;
+pub mod ownership;
 pub mod setup;
 pub mod tls;
 
@@ -52,6 +60,7 @@ use url::Url;
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
 use self::cluster_brake::ClusterBrake;
+use self::ownership::Ownership;
 use super::{
     Change, Heartbeat, LeaseState, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome,
 };
@@ -93,11 +102,25 @@ pub struct EtcdStore {
     watch_up: AtomicBool,
     failed_checks: AtomicU32,
     metrics: EtcdMetrics,
+    store_metrics: StoreMetrics,
     brake: ClusterBrake,
+    ownership: Ownership,
+    /// One grant at a time, so concurrent first registrations share one lease.
+    granting: tokio::sync::Mutex<()>,
 }
 
 fn unavailable(e: EtcdError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn secs(s: i64) -> Duration {
+    Duration::from_secs(u64::try_from(s).unwrap_or(0))
+}
+
+/// Period of the keep-alives of a replica lease of `granted`: often enough
+/// that a lost keep-alive or two never lets it run out.
+fn keep_alive_period(granted: Duration) -> Duration {
+    (granted / 4).clamp(Duration::from_millis(250), Duration::from_secs(1))
 }
 
 /// etcd leases are whole seconds: round up so an instance never lives shorter than asked.
@@ -144,7 +167,10 @@ impl EtcdStore {
             watch_up: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
             metrics,
-            brake: ClusterBrake::new(settings.guards, store_metrics),
+            brake: ClusterBrake::new(settings.guards, store_metrics.clone()),
+            store_metrics,
+            ownership: Ownership::default(),
+            granting: tokio::sync::Mutex::new(()),
             settings,
         })
     }
@@ -213,26 +239,197 @@ impl EtcdStore {
         }))
     }
 
-    /// Writes the instance under a lease; an unknown lease gets a new one.
-    async fn put(&self, service: &ServiceName, cached: &mut Cached) -> Result<i64, StoreError> {
+    /// The key's current record in etcd, past the cache (which may lag).
+    async fn fetch(&self, service: &ServiceName, id: &InstanceId) -> Result<Option<Cached>, StoreError> {
+        let (_, kv) = self.client.get(&self.cache.key(service, id)).await.map_err(unavailable)?;
+        Ok(kv.and_then(|kv| self.cache.decode(&kv).map(|(_, c)| c)))
+    }
+
+    /// This replica's lease for `ttl`, granted on first use.
+    async fn replica_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let want = lease_secs(ttl);
+        if let Some(l) = self.ownership.lease(want) {
+            return Ok(l);
+        }
+        let _one = self.granting.lock().await;
+        if let Some(l) = self.ownership.lease(want) {
+            return Ok(l);
+        }
+        let (lease, granted) = self.client.grant(want).await.map_err(unavailable)?;
+        info!(lease, ttl_secs = granted, "replica lease granted");
+        self.ownership.confirm(want, lease, secs(granted), tokio::time::Instant::now());
+        Ok(lease)
+    }
+
+    /// Writes the instance under this replica's lease, taking ownership: a
+    /// plain put, or with `expect`, only while the key is still at that
+    /// revision (`Ok(None)` when it is not). A lease etcd no longer has is
+    /// replaced by a new one.
+    async fn write(
+        &self,
+        service: &ServiceName,
+        cached: &mut Cached,
+        expect: Option<i64>,
+    ) -> Result<Option<i64>, StoreError> {
         let key = self.cache.key(service, &cached.instance.id);
-        if cached.lease != 0 {
-            match self.client.put(&key, &encode(service, cached), cached.lease).await {
-                Ok(h) => return Ok(h.revision),
-                Err(e) if e.is_not_found() => {}
+        for _ in 0..2 {
+            cached.lease = self.replica_lease(cached.ttl).await?;
+            let value = encode(service, cached);
+            let written = match expect {
+                None => self.client.put(&key, &value, cached.lease).await.map(|h| (h, true)),
+                Some(rev) => self.client.put_if(&key, rev, &value, cached.lease).await,
+            };
+            match written {
+                Ok((h, true)) => {
+                    cached.mod_revision = h.revision;
+                    self.ownership.claim(&key, cached.ttl, h.revision, tokio::time::Instant::now());
+                    return Ok(Some(h.revision));
+                }
+                Ok((_, false)) => return Ok(None),
+                Err(e) if e.is_not_found() => {
+                    warn!(lease = cached.lease, "etcd no longer has this replica's lease; granting another");
+                    self.ownership.lost(cached.lease);
+                }
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        let (lease, granted) = self.client.grant(lease_secs(cached.ttl)).await.map_err(unavailable)?;
-        debug!(service = %service, instance = %cached.instance.id, lease, ttl_secs = granted, "lease granted");
-        cached.lease = lease;
-        let h = self.client.put(&key, &encode(service, cached), lease).await.map_err(unavailable)?;
-        Ok(h.revision)
+        Err(StoreError::Unavailable("etcd keeps losing this replica's lease".into()))
     }
 
-    async fn revoke(&self, lease: i64) {
-        if let Err(e) = self.client.revoke(lease).await {
-            debug!(lease, error = %e, "cannot revoke a replaced lease; it will expire");
+    /// Like [`EtcdStore::write`] with a plain put: always written or an error.
+    async fn put(&self, service: &ServiceName, cached: &mut Cached) -> Result<i64, StoreError> {
+        self.write(service, cached, None)
+            .await?
+            .ok_or_else(|| StoreError::Unavailable("a plain put reported a failed comparison".into()))
+    }
+
+    /// Refuses to answer for the instances of a lease this replica could not
+    /// keep alive lately: the sidecar then moves to a replica that can, before
+    /// etcd drops the keys.
+    fn check_lease(&self, lease: i64) -> Result<(), StoreError> {
+        if self.ownership.is_fresh(lease, tokio::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable("this replica cannot keep its etcd lease alive".into()))
+    }
+
+    /// A heartbeat for an instance another replica owns (or that moved while
+    /// this one wrote): re-attaches its record, with the new status if any, to
+    /// this replica's lease if nobody changed it meanwhile. One more try on a
+    /// fresh read when someone did.
+    async fn adopt(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+        mut current: Cached,
+        hb: Heartbeat,
+    ) -> Result<WriteOutcome, StoreError> {
+        let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
+        for attempt in 0..2 {
+            if attempt > 0 {
+                current = self.fetch(service, id).await?.ok_or_else(unknown)?;
+            }
+            let previous = current.instance.status;
+            let status = hb.status.filter(|s| *s != previous);
+            let mut next = current.clone();
+            if let Some(status) = status {
+                let mut updated: Instance = (*current.instance).clone();
+                updated.status = status;
+                if let Some(o) = &hb.output {
+                    updated.output = o.clone();
+                }
+                next.instance = Arc::new(updated);
+            }
+            let Some(revision) = self.write(service, &mut next, Some(current.mod_revision)).await? else {
+                continue;
+            };
+            self.renewed(service, id, next.ttl);
+            if status.is_some() {
+                self.settle(revision).await;
+                let index = u64::try_from(revision).unwrap_or(0);
+                return Ok(WriteOutcome { change: Change::Updated, index, previous_status: Some(previous) });
+            }
+            debug!(service = %service, instance = %id, from_lease = current.lease, "instance adopted");
+            let index = self.cache.index(service);
+            return Ok(WriteOutcome { change: Change::Renewed, index, previous_status: Some(previous) });
+        }
+        Err(StoreError::Unavailable("the instance kept changing under another replica; try again".into()))
+    }
+
+    /// Keeps this replica's leases alive until `shutdown`; a lease etcd no
+    /// longer has is forgotten (its keys are gone, and the next write grants
+    /// another).
+    async fn keep_leases(&self, shutdown: &CancellationToken) {
+        let mut period = Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            period = Duration::from_secs(1);
+            for (ttl_secs, lease) in self.ownership.leases() {
+                match self.client.keep_alive(lease).await {
+                    Ok(Some(granted)) => {
+                        let granted = secs(granted);
+                        self.ownership.confirm(ttl_secs, lease, granted, tokio::time::Instant::now());
+                        period = period.min(keep_alive_period(granted));
+                    }
+                    Ok(None) => {
+                        warn!(
+                            lease,
+                            ttl_secs, "this replica's lease expired in etcd; its instances are gone"
+                        );
+                        self.ownership.lost(lease);
+                    }
+                    Err(e) => debug!(lease, error = %e, "cannot keep the replica lease alive"),
+                }
+            }
+        }
+    }
+
+    /// Deletes the owned instances whose deadline passed, unless the brake
+    /// holds; pauses while the store is stale and restarts every deadline when
+    /// it is fresh again (heartbeats were refused meanwhile).
+    async fn expire(&self, shutdown: &CancellationToken) {
+        let mut was_stale = false;
+        loop {
+            let now = tokio::time::Instant::now();
+            let next = self.ownership.next_deadline().unwrap_or(now + Duration::from_secs(1));
+            let next = next.min(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.ownership.earlier.notified() => continue,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if self.is_stale() {
+                was_stale = true;
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if std::mem::take(&mut was_stale) {
+                info!(owned = self.ownership.owned(), "etcd is back: deadlines restart from now");
+                self.ownership.extend_all(now);
+            }
+            let (expired, held) = self.ownership.due(now, self.brake.engaged());
+            if held > 0 {
+                debug!(held, "the expiry brake holds owned instances past their deadline");
+            }
+            futures_util::stream::iter(expired)
+                .for_each_concurrent(16, |e| async move {
+                    match self.client.delete_if(&e.key, e.mod_revision).await {
+                        Ok((_, true)) => {
+                            self.store_metrics.expirations.inc();
+                            debug!(key = %String::from_utf8_lossy(&e.key), "lease expired; deleted");
+                        }
+                        // Someone else wrote it since: no longer ours to expire.
+                        Ok((_, false)) => self.ownership.forget(&e.key),
+                        Err(err) => {
+                            debug!(error = %err, "cannot delete an expired instance; retrying");
+                            self.ownership.retry(&e.key, tokio::time::Instant::now());
+                        }
+                    }
+                })
+                .await;
         }
     }
 
@@ -259,7 +456,10 @@ impl EtcdStore {
                                 from, "watch fell behind a compaction; re-reading the prefix"
                             );
                             match self.client.range_prefix(&self.instances).await {
-                                Ok((h, kvs)) => self.cache.reset(h.revision, &kvs),
+                                Ok((h, kvs)) => {
+                                    self.cache.reset(h.revision, &kvs);
+                                    self.resync_ownership(&kvs);
+                                }
                                 Err(e) => warn!(error = %e, "cannot re-read the prefix"),
                             }
                             break;
@@ -282,8 +482,23 @@ impl EtcdStore {
                             let mut last = 0;
                             for ev in &r.events {
                                 match ev.kind {
-                                    EventType::Put => self.cache.apply_put(&ev.kv),
-                                    EventType::Delete => self.cache.apply_delete(&ev.kv),
+                                    EventType::Put => {
+                                        if let Some(ttl) = self.cache.apply_put(&ev.kv) {
+                                            let now = tokio::time::Instant::now();
+                                            let kv = &ev.kv;
+                                            self.ownership.observe_put(
+                                                &kv.key,
+                                                kv.lease,
+                                                ttl,
+                                                kv.mod_revision,
+                                                now,
+                                            );
+                                        }
+                                    }
+                                    EventType::Delete => {
+                                        self.cache.apply_delete(&ev.kv);
+                                        self.ownership.observe_delete(&ev.kv.key, ev.kv.mod_revision);
+                                    }
                                 }
                                 last = last.max(ev.kv.mod_revision);
                             }
@@ -312,6 +527,19 @@ impl EtcdStore {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// After re-reading the prefix: owns exactly the keys on this replica's leases.
+    fn resync_ownership(&self, kvs: &[client::KeyValue]) {
+        let now = tokio::time::Instant::now();
+        let mine: std::collections::HashSet<&[u8]> =
+            kvs.iter().filter(|kv| self.ownership.is_mine(kv.lease)).map(|kv| kv.key.as_slice()).collect();
+        self.ownership.retain(|k| mine.contains(k));
+        for kv in kvs.iter().filter(|kv| mine.contains(kv.key.as_slice())) {
+            if let Some((_, c)) = self.cache.decode(kv) {
+                self.ownership.observe_put(&kv.key, kv.lease, c.ttl, kv.mod_revision, now);
             }
         }
     }
@@ -375,30 +603,26 @@ impl Store for EtcdStore {
             // cluster-wide count would cost a consensus round per registration.
             self.cache.admit(service, &id)?;
         }
+        let key = self.cache.key(service, &id);
         if let Some((old, index)) = &existing {
             let unchanged = old.instance.same_membership(&reg.instance)
                 && old.instance.output == reg.instance.output
                 && old.ttl == reg.ttl;
-            // A repeated registration is a renewal: keep-alive, no write.
-            if unchanged && self.client.keep_alive(old.lease).await.map_err(unavailable)?.is_some() {
-                self.renewed(service, &id, old.ttl);
-                debug!(service = %service, instance = %id, "instance re-registered");
-                let previous_status = Some(old.instance.status);
-                return Ok(WriteOutcome { change: Change::Renewed, index: *index, previous_status });
+            // A repeated registration to the owner is a renewal: no write.
+            if unchanged && self.ownership.is_mine(old.lease) {
+                self.check_lease(old.lease)?;
+                if self.ownership.renew(&key, tokio::time::Instant::now()).is_some() {
+                    self.renewed(service, &id, old.ttl);
+                    debug!(service = %service, instance = %id, "instance re-registered");
+                    let previous_status = Some(old.instance.status);
+                    return Ok(WriteOutcome { change: Change::Renewed, index: *index, previous_status });
+                }
             }
         }
-        let old_lease = existing.as_ref().map(|(c, _)| c.lease);
-        // A new TTL needs a new lease; otherwise the existing one carries on.
-        let lease = match &existing {
-            Some((old, _)) if old.ttl == reg.ttl => old.lease,
-            _ => 0,
-        };
         let moved = existing.as_ref().is_none_or(|(old, _)| !old.instance.same_membership(&reg.instance));
-        let mut cached = Cached { instance: Arc::new(reg.instance), lease, ttl: reg.ttl };
+        let mut cached = Cached { instance: Arc::new(reg.instance), lease: 0, ttl: reg.ttl, mod_revision: 0 };
         let revision = self.put(service, &mut cached).await?;
-        if let Some(old) = old_lease.filter(|l| *l != 0 && *l != cached.lease) {
-            self.revoke(old).await;
-        }
+        self.renewed(service, &id, cached.ttl);
         self.settle(revision).await;
         let (change, index) = match &existing {
             None => (Change::Added, u64::try_from(revision).unwrap_or(0)),
@@ -408,6 +632,8 @@ impl Store for EtcdStore {
         Ok(WriteOutcome { change, index, previous_status: existing.map(|(c, _)| c.instance.status) })
     }
 
+    /// On the owner: a deadline renewed in memory (and a put only when the
+    /// status changes). Elsewhere: an adoption.
     async fn heartbeat(
         &self,
         service: &ServiceName,
@@ -417,9 +643,14 @@ impl Store for EtcdStore {
         self.check_writable()?;
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
         let (cached, index) = self.find(service, id).await?.ok_or_else(unknown)?;
-        if self.client.keep_alive(cached.lease).await.map_err(unavailable)?.is_none() {
-            return Err(unknown());
-        }
+        let key = self.cache.key(service, id);
+        let seen = if self.ownership.is_mine(cached.lease) {
+            self.check_lease(cached.lease)?;
+            self.ownership.renew(&key, tokio::time::Instant::now())
+        } else {
+            None
+        };
+        let Some(seen) = seen else { return self.adopt(service, id, cached, hb).await };
         self.renewed(service, id, cached.ttl);
         let previous = cached.instance.status;
         let Some(status) = hb.status.filter(|s| *s != previous) else {
@@ -429,17 +660,14 @@ impl Store for EtcdStore {
         };
         let mut updated: Instance = (*cached.instance).clone();
         updated.status = status;
-        if let Some(o) = hb.output {
+        if let Some(o) = hb.output.clone() {
             updated.output = o;
         }
-        let lease = cached.lease;
-        let mut next = Cached { instance: Arc::new(updated), ..cached };
-        let revision = self.put(service, &mut next).await?;
-        if next.lease != lease {
-            // The lease ran out between the keep-alive and the put.
-            let _ = self.client.delete(&self.cache.key(service, id)).await;
-            return Err(unknown());
-        }
+        let mut next = Cached { instance: Arc::new(updated), ..cached.clone() };
+        let Some(revision) = self.write(service, &mut next, Some(seen)).await? else {
+            // Changed by someone else since this replica last wrote it.
+            return self.adopt(service, id, cached, hb).await;
+        };
         self.settle(revision).await;
         let index = u64::try_from(revision).unwrap_or(0);
         Ok(WriteOutcome { change: Change::Updated, index, previous_status: Some(previous) })
@@ -447,15 +675,12 @@ impl Store for EtcdStore {
 
     async fn deregister(&self, service: &ServiceName, id: &InstanceId) -> Result<u64, StoreError> {
         self.check_writable()?;
-        let lease = self.cache.lookup(service, id).map(|(c, _)| c.lease);
-        let (header, deleted) =
-            self.client.delete(&self.cache.key(service, id)).await.map_err(unavailable)?;
+        let key = self.cache.key(service, id);
+        let (header, deleted) = self.client.delete(&key).await.map_err(unavailable)?;
         if deleted == 0 {
             return Err(StoreError::UnknownInstance { service: service.clone(), id: id.clone() });
         }
-        if let Some(l) = lease.filter(|l| *l != 0) {
-            self.revoke(l).await;
-        }
+        self.ownership.forget(&key);
         self.settle(header.revision).await;
         Ok(u64::try_from(header.revision).unwrap_or(0))
     }
@@ -480,27 +705,24 @@ impl Store for EtcdStore {
         Some(self.brake.replica())
     }
 
-    /// Asks etcd for each lease's time to live: any replica may have renewed
-    /// it, so this replica's own counts would not tell. A keep-alive resets a
-    /// lease to its granted TTL, so the time since the last renewal is the
-    /// granted TTL less what is left (in etcd's whole seconds).
+    /// The owner knows each instance's last heartbeat; other replicas do not
+    /// (heartbeats never reach etcd), so they show the TTL alone.
     async fn leases(&self, service: &ServiceName) -> Vec<LeaseState> {
-        let members = self.cache.members(service);
-        futures_util::stream::iter(members)
-            .map(|(id, cached)| async move {
-                let ttl = self.client.time_to_live(cached.lease).await.ok().flatten();
-                let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        let now = tokio::time::Instant::now();
+        self.cache
+            .members(service)
+            .into_iter()
+            .map(|(id, cached)| {
+                let owned = self.ownership.lease_of(&self.cache.key(service, &id), now);
                 LeaseState {
                     id,
-                    ttl: ttl.map(|(_, granted)| secs(granted)).unwrap_or(cached.ttl),
-                    since_renewal: ttl.map(|(left, granted)| secs(granted - left)),
-                    left: ttl.map(|(left, _)| secs(left)),
-                    held: false,
+                    ttl: cached.ttl,
+                    since_renewal: owned.map(|o| o.since_renewal),
+                    left: owned.map(|o| o.left),
+                    held: owned.is_some_and(|o| o.held),
                 }
             })
-            .buffered(16)
             .collect()
-            .await
     }
 
     fn stale(&self) -> bool {
@@ -533,12 +755,20 @@ impl Store for EtcdStore {
     }
 
     async fn background(self: Arc<Self>, shutdown: CancellationToken) {
-        let brake =
-            self.brake.run(&self.client, &self.cache, &self.settings.prefix, || self.is_stale(), &shutdown);
+        let brake = self.brake.run(
+            &self.client,
+            &self.cache,
+            &self.settings.prefix,
+            || self.is_stale(),
+            |k| self.ownership.owns(k),
+            &shutdown,
+        );
         tokio::join!(
             self.follow(&shutdown),
             self.check_quorum(&shutdown),
             brake,
+            self.keep_leases(&shutdown),
+            self.expire(&shutdown),
             self.client.refresh_token(&shutdown)
         );
     }

@@ -23,8 +23,11 @@ use crate::store::ServiceSnapshot;
 #[derive(Debug, Clone)]
 pub struct Cached {
     pub instance: Arc<Instance>,
+    /// The lease the key is attached to: the owning replica's lease for this TTL.
     pub lease: i64,
     pub ttl: Duration,
+    /// Revision of the key's last write, which adoption and expiry compare against.
+    pub mod_revision: i64,
 }
 
 impl Member for Cached {
@@ -98,13 +101,19 @@ impl Cache {
             warn!(service = %service, instance = %id, "ignoring an instance stored under another's key");
             return None;
         }
-        let cached = Cached { instance: Arc::new(record.instance), lease: kv.lease, ttl: record.ttl.0 };
+        let cached = Cached {
+            instance: Arc::new(record.instance),
+            lease: kv.lease,
+            ttl: record.ttl.0,
+            mod_revision: kv.mod_revision,
+        };
         Some((service, cached))
     }
 
-    /// Applies a put event.
-    pub fn apply_put(&self, kv: &KeyValue) {
-        let Some((service, cached)) = self.decode(kv) else { return };
+    /// Applies a put event; returns the instance's TTL, `None` for a value it ignored.
+    pub fn apply_put(&self, kv: &KeyValue) -> Option<Duration> {
+        let (service, cached) = self.decode(kv)?;
+        let ttl = cached.ttl;
         let entry = self.table.entry(&service);
         let mut state = entry.lock();
         let id = cached.instance.id.clone();
@@ -130,6 +139,7 @@ impl Cache {
                 }
             }
         }
+        Some(ttl)
     }
 
     /// Applies a delete event (deregistration or lease expiry).
@@ -204,18 +214,21 @@ impl Cache {
         self.parse_key(key).is_some_and(|(service, id)| self.lookup(&service, &id).is_some())
     }
 
-    /// Every cached instance's lease, the longest TTL and the instance count.
-    pub fn leases(&self) -> (Vec<i64>, Option<Duration>) {
-        let mut leases = Vec::new();
+    /// The distinct leases the cached instances are attached to (a few
+    /// replica leases), the longest TTL and the number of instances.
+    pub fn leases(&self) -> (Vec<i64>, Option<Duration>, usize) {
+        let mut leases = std::collections::BTreeSet::new();
         let mut longest = None;
+        let mut count = 0;
         for e in self.table.entries() {
             let state = e.lock();
+            count += state.instances.len();
             for c in state.instances.values() {
-                leases.push(c.lease);
+                leases.insert(c.lease);
                 longest = longest.max(Some(c.ttl));
             }
         }
-        (leases, longest)
+        (leases.into_iter().collect(), longest, count)
     }
 
     pub fn index(&self, service: &ServiceName) -> u64 {
@@ -281,7 +294,7 @@ mod tests {
         let service = ServiceName::new(service).unwrap();
         let id = InstanceId::new(id).unwrap();
         let instance = crate::store::snapshot::tests::inst(id.as_str(), status);
-        let cached = Cached { instance, lease: 7, ttl: Duration::from_secs(5) };
+        let cached = Cached { instance, lease: 7, ttl: Duration::from_secs(5), mod_revision: rev };
         KeyValue {
             key: cache.key(&service, &id),
             value: encode(&service, &cached),

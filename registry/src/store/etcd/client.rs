@@ -177,6 +177,14 @@ struct GrantResponse {
     error: String,
 }
 
+#[derive(Debug, Deserialize)]
+struct TxnResponse {
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    succeeded: bool,
+}
+
 #[derive(Deserialize)]
 struct AuthenticateResponse {
     #[serde(default)]
@@ -476,6 +484,33 @@ impl EtcdClient {
         let body = json!({"key": enc(key), "value": enc(value), "lease": lease.to_string()});
         let r: HeaderOnly = self.call("v3/kv/put", &body).await?;
         Ok(r.header)
+    }
+
+    /// Puts `value` under `lease` if `key` was last modified at `mod_revision`
+    /// (one transaction): `Ok((header, false))` when it was not.
+    pub async fn put_if(
+        &self,
+        key: &[u8],
+        mod_revision: i64,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<(Header, bool), EtcdError> {
+        let put = json!({"request_put": {"key": enc(key), "value": enc(value), "lease": lease.to_string()}});
+        self.txn_if(key, mod_revision, put).await
+    }
+
+    /// Deletes `key` if it was last modified at `mod_revision`: `false` when it was not.
+    pub async fn delete_if(&self, key: &[u8], mod_revision: i64) -> Result<(Header, bool), EtcdError> {
+        self.txn_if(key, mod_revision, json!({"request_delete_range": {"key": enc(key)}})).await
+    }
+
+    async fn txn_if(&self, key: &[u8], mod_revision: i64, then: Value) -> Result<(Header, bool), EtcdError> {
+        let body = json!({
+            "compare": [{"key": enc(key), "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision.to_string()}],
+            "success": [then],
+        });
+        let r: TxnResponse = self.call("v3/kv/txn", &body).await?;
+        Ok((r.header, r.succeeded))
     }
 
     /// Deletes `key`; the count says whether it existed.

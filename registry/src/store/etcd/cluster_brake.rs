@@ -1,15 +1,17 @@
 //! The expiry brake across replicas.
 //!
-//! etcd expires leases by itself, so the brake cannot simply skip an expiry:
-//! while it holds, every replica keeps the leases of all cached instances alive
-//! itself. The decision is cluster-wide: each replica counts the renewals it
-//! served and the renewals it expected (each instance's own heartbeat rate,
-//! integrated over time, as in the memory store), over a window of the longest
-//! TTL, and publishes both under `<prefix>/brake/<replica>` on a short lease; every
-//! replica sums all published records and engages when fewer than the threshold
-//! arrived (with at least the minimum number of instances registered), releasing
-//! at the release fraction (hysteresis, the same [`Decision`] as the memory
-//! store's brake).
+//! Each replica expires the instances it owns (their keys sit on its leases);
+//! while the brake holds, owners delete nothing, and every replica also keeps
+//! alive every lease the cached instances are attached to (a handful of
+//! replica leases), so instances of a replica that died are not lost either.
+//! The decision is cluster-wide: each replica counts the renewals it
+//! served and the renewals it expected of the instances it owns (each
+//! instance's own heartbeat rate, integrated over time, as in the memory
+//! store), over a window of the longest TTL, and publishes both under
+//! `<prefix>/brake/<replica>` on a short lease; every replica sums all
+//! published records and engages when fewer than the threshold arrived (with at
+//! least the minimum number of instances registered), releasing at the release
+//! fraction (hysteresis, the same [`Decision`] as the memory store's brake).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -87,7 +89,11 @@ impl LocalRenewals {
         if let Some(b) = self.buckets.back_mut() {
             b.actual += 1.0;
         }
-        let estimate = self.rates.entry(key.to_vec()).or_insert_with(|| RateEstimate::new(now, ttl));
+        // Looked up before inserting: a renewal of a known key allocates nothing.
+        if !self.rates.contains_key(key) {
+            self.rates.insert(key.to_vec(), RateEstimate::new(now, ttl));
+        }
+        let Some(estimate) = self.rates.get_mut(key) else { return };
         if let Some(delta) = estimate.renewed(now) {
             self.rate = (self.rate + delta).max(0.0);
         }
@@ -158,20 +164,28 @@ impl ClusterBrake {
         &self.replica
     }
 
+    /// Whether the brake holds expiry now (the owners' deletions wait).
+    pub fn engaged(&self) -> bool {
+        lock(&self.decision).engaged()
+    }
+
     /// Counts a renewal of the instance stored at `key` served by this replica.
     pub fn renewed(&self, key: &[u8], ttl: Duration) {
         lock(&self.renewals).renewed(Instant::now(), key, ttl);
     }
 
-    /// Every second: publishes this replica's renewal tally, sums every
-    /// replica's, decides, and while the brake holds keeps every cached lease
-    /// alive. Skips rounds while `stale()`. Returns when `shutdown` is cancelled.
+    /// Every second: publishes this replica's renewal tally (of the instances
+    /// it owns, by `owns`), sums every replica's, decides, and while the brake
+    /// holds keeps every lease the cached instances are attached to alive (a
+    /// dead replica's too). Skips rounds while `stale()`. Returns when
+    /// `shutdown` is cancelled.
     pub async fn run(
         &self,
         client: &EtcdClient,
         cache: &Cache,
         prefix: &str,
         stale: impl Fn() -> bool,
+        owns: impl Fn(&[u8]) -> bool,
         shutdown: &CancellationToken,
     ) {
         if !self.config.brake {
@@ -189,12 +203,13 @@ impl ClusterBrake {
             if stale() {
                 continue;
             }
-            let (leases, longest) = cache.leases();
+            let (leases, longest, instances) = cache.leases();
             let window = longest.unwrap_or(TICK);
             let now = Instant::now();
             let tally = {
                 let mut local = lock(&self.renewals);
-                local.retain(now, |k| cache.contains_key(k));
+                // An instance moved to another replica is expected there, not here.
+                local.retain(now, &owns);
                 local.tally(now, window)
             };
             if let Err(e) = publish_tally(client, &key, &mut lease, tally).await {
@@ -211,14 +226,14 @@ impl ClusterBrake {
             let total = Tally::total(&tallies);
             let (transition, engaged) = {
                 let mut d = lock(&self.decision);
-                (d.decide(total.actual, total.expected, leases.len()), d.engaged())
+                (d.decide(total.actual, total.expected, instances), d.engaged())
             };
             match transition {
                 Some(Transition::Engaged { ratio }) => {
                     self.metrics.brake_engaged.set(1);
                     warn!(
                         ratio,
-                        instances = leases.len(),
+                        instances,
                         replicas = tallies.len(),
                         "expiry brake engaged: too few renewals arrive; keeping every lease alive"
                     );
@@ -226,12 +241,12 @@ impl ClusterBrake {
                 Some(Transition::Released { ratio }) => {
                     self.metrics.brake_engaged.set(0);
                     self.metrics.brake_held.set(0);
-                    info!(ratio, instances = leases.len(), "expiry brake released: renewals recovered");
+                    info!(ratio, instances, "expiry brake released: renewals recovered");
                 }
                 None => {}
             }
             if engaged {
-                self.metrics.brake_held.set(i64::try_from(leases.len()).unwrap_or(i64::MAX));
+                self.metrics.brake_held.set(i64::try_from(instances).unwrap_or(i64::MAX));
                 futures_util::stream::iter(leases.into_iter().filter(|l| *l != 0))
                     .for_each_concurrent(16, |l| async move {
                         let _ = client.keep_alive(l).await;

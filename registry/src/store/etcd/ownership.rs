@@ -1,0 +1,350 @@
+//! What one replica owns: its leases and the deadlines of its instances.
+//!
+//! An instance's key is attached to the lease of the replica that serves its
+//! heartbeats, one lease per TTL, so ownership needs no record of its own:
+//! a replica owns the keys on its leases. Heartbeats to the owner renew a
+//! deadline here, in memory, and etcd hears nothing; the owner deletes the key
+//! when the deadline passes. The watch tells a replica when a key moved to
+//! another replica's lease, and it forgets the deadline.
+//!
+//! Deadlines sit in an [`ExpiryQueue`], as in the memory store: a renewal only
+//! moves the deadline, and a due entry is checked against it before it counts.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::expiry::ExpiryQueue;
+use crate::lock;
+
+/// How long a replica lease stays usable after its last confirmed keep-alive,
+/// as a fraction of its TTL: past it, heartbeats are refused so that sidecars
+/// move to a replica that can keep its lease, before etcd drops the keys.
+const FRESH_FRACTION: u32 = 2;
+
+/// One of this replica's leases.
+#[derive(Debug, Clone, Copy)]
+struct ReplicaLease {
+    id: i64,
+    /// As etcd granted it (it raises TTLs below its minimum).
+    granted: Duration,
+    confirmed: Instant,
+}
+
+#[derive(Debug)]
+struct Owned {
+    deadline: Instant,
+    ttl: Duration,
+    /// The key's revision as of this replica's last write or sighting: expiry
+    /// and status writes compare against it.
+    mod_revision: i64,
+    /// Passed its deadline and kept by the brake.
+    held: bool,
+    /// When its one live queue entry falls due; other entries are left over.
+    queued: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// By TTL in whole seconds.
+    leases: HashMap<i64, ReplicaLease>,
+    owned: HashMap<Vec<u8>, Owned>,
+    queue: ExpiryQueue<Vec<u8>>,
+}
+
+impl Inner {
+    fn is_mine(&self, lease: i64) -> bool {
+        lease != 0 && self.leases.values().any(|l| l.id == lease)
+    }
+
+    /// Queues `key` for `at` unless it is already queued no later; true when
+    /// `at` became the earliest deadline.
+    fn schedule(&mut self, key: &[u8], at: Instant) -> bool {
+        let Some(o) = self.owned.get_mut(key) else { return false };
+        if o.queued.is_some_and(|q| q <= at) {
+            return false;
+        }
+        o.queued = Some(at);
+        self.queue.push(at, key.to_vec())
+    }
+}
+
+/// A key whose deadline passed, to delete if it is still at `mod_revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub key: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// An owned instance's lease, for the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedLease {
+    pub since_renewal: Duration,
+    pub left: Duration,
+    pub held: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Ownership {
+    inner: Mutex<Inner>,
+    /// Wakes the expiry task when a deadline earlier than its timer was queued.
+    pub earlier: tokio::sync::Notify,
+}
+
+impl Ownership {
+    /// This replica's lease for TTLs of `secs` seconds, if it has one.
+    pub fn lease(&self, secs: i64) -> Option<i64> {
+        lock(&self.inner).leases.get(&secs).map(|l| l.id)
+    }
+
+    /// Records a lease granted (or confirmed by a keep-alive) at `now`.
+    pub fn confirm(&self, secs: i64, id: i64, granted: Duration, now: Instant) {
+        lock(&self.inner).leases.insert(secs, ReplicaLease { id, granted, confirmed: now });
+    }
+
+    /// Forgets a lease etcd no longer has (it expired: its keys are gone).
+    pub fn lost(&self, id: i64) {
+        lock(&self.inner).leases.retain(|_, l| l.id != id);
+    }
+
+    /// Every lease: TTL in seconds and id.
+    pub fn leases(&self) -> Vec<(i64, i64)> {
+        lock(&self.inner).leases.iter().map(|(s, l)| (*s, l.id)).collect()
+    }
+
+    pub fn is_mine(&self, lease: i64) -> bool {
+        lock(&self.inner).is_mine(lease)
+    }
+
+    /// Whether `lease` was confirmed recently enough to answer for its keys.
+    pub fn is_fresh(&self, lease: i64, now: Instant) -> bool {
+        lock(&self.inner)
+            .leases
+            .values()
+            .find(|l| l.id == lease)
+            .is_some_and(|l| now.saturating_duration_since(l.confirmed) < l.granted / FRESH_FRACTION)
+    }
+
+    /// A heartbeat of `key`: when this replica owns it, moves its deadline and
+    /// returns the revision the owner last saw; `None` when it does not own it.
+    pub fn renew(&self, key: &[u8], now: Instant) -> Option<i64> {
+        let mut inner = lock(&self.inner);
+        let o = inner.owned.get_mut(key)?;
+        o.deadline = now + o.ttl;
+        o.held = false;
+        Some(o.mod_revision)
+    }
+
+    /// This replica wrote `key` under its lease at `mod_revision`: it owns it,
+    /// with a deadline one TTL from `now`.
+    pub fn claim(&self, key: &[u8], ttl: Duration, mod_revision: i64, now: Instant) {
+        let deadline = now + ttl;
+        let mut inner = lock(&self.inner);
+        match inner.owned.get_mut(key) {
+            Some(o) => {
+                o.deadline = deadline;
+                o.ttl = ttl;
+                o.mod_revision = o.mod_revision.max(mod_revision);
+                o.held = false;
+            }
+            None => {
+                let o = Owned { deadline, ttl, mod_revision, held: false, queued: None };
+                inner.owned.insert(key.to_vec(), o);
+            }
+        }
+        if inner.schedule(key, deadline) {
+            self.earlier.notify_one();
+        }
+    }
+
+    /// The watch saw `key` written at `mod_revision` under `lease`. On one of
+    /// this replica's leases: it owns the key (an instance it did not know of
+    /// gets a full TTL). On another's: it moved, and is forgotten, unless this
+    /// replica's own write is newer than the event.
+    pub fn observe_put(&self, key: &[u8], lease: i64, ttl: Duration, mod_revision: i64, now: Instant) {
+        let mut inner = lock(&self.inner);
+        if inner.is_mine(lease) {
+            match inner.owned.get_mut(key) {
+                Some(o) => o.mod_revision = o.mod_revision.max(mod_revision),
+                None => {
+                    drop(inner);
+                    self.claim(key, ttl, mod_revision, now);
+                }
+            }
+        } else if inner.owned.get(key).is_some_and(|o| o.mod_revision <= mod_revision) {
+            inner.owned.remove(key);
+        }
+    }
+
+    /// The watch saw `key` deleted at `mod_revision`.
+    pub fn observe_delete(&self, key: &[u8], mod_revision: i64) {
+        let mut inner = lock(&self.inner);
+        if inner.owned.get(key).is_some_and(|o| o.mod_revision < mod_revision) {
+            inner.owned.remove(key);
+        }
+    }
+
+    /// Keeps only the owned keys `present` still holds under one of this
+    /// replica's leases (after re-reading the prefix).
+    pub fn retain(&self, mut present: impl FnMut(&[u8]) -> bool) {
+        lock(&self.inner).owned.retain(|k, _| present(k));
+    }
+
+    pub fn owns(&self, key: &[u8]) -> bool {
+        lock(&self.inner).owned.contains_key(key)
+    }
+
+    pub fn owned(&self) -> usize {
+        lock(&self.inner).owned.len()
+    }
+
+    /// The earliest deadline queued.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        lock(&self.inner).queue.next_deadline()
+    }
+
+    /// The owned keys whose deadline passed by `now`. With `hold` (the brake
+    /// holds expiry) they are kept, marked held, and looked at again a second
+    /// later; the count of held instances comes back with them.
+    pub fn due(&self, now: Instant, hold: bool) -> (Vec<Expired>, usize) {
+        let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        let mut expired = Vec::new();
+        let mut again = Vec::new();
+        while let Some((at, key)) = inner.queue.pop_due(now) {
+            let Some(o) = inner.owned.get_mut(&key) else { continue };
+            if o.queued != Some(at) {
+                continue;
+            }
+            o.queued = None;
+            if o.deadline > now {
+                again.push((o.deadline, key));
+            } else if hold {
+                o.held = true;
+                again.push((now + Duration::from_secs(1), key));
+            } else {
+                expired.push(Expired { mod_revision: o.mod_revision, key });
+            }
+        }
+        for (at, key) in again {
+            inner.schedule(&key, at);
+        }
+        let held = inner.owned.values().filter(|o| o.held).count();
+        (expired, held)
+    }
+
+    /// The owner could not delete `key` (etcd out of reach): look again in a second.
+    pub fn retry(&self, key: &[u8], now: Instant) {
+        lock(&self.inner).schedule(key, now + Duration::from_secs(1));
+    }
+
+    /// Forgets `key` (its expiry was refused: someone else changed it).
+    pub fn forget(&self, key: &[u8]) {
+        lock(&self.inner).owned.remove(key);
+    }
+
+    /// Restarts every owned deadline from `now` (quorum came back: heartbeats
+    /// were refused meanwhile, as etcd extends leases after an election).
+    pub fn extend_all(&self, now: Instant) {
+        let mut inner = lock(&self.inner);
+        for o in inner.owned.values_mut() {
+            o.deadline = o.deadline.max(now + o.ttl);
+        }
+    }
+
+    /// The state of an owned instance's lease at `now`.
+    pub fn lease_of(&self, key: &[u8], now: Instant) -> Option<OwnedLease> {
+        let inner = lock(&self.inner);
+        let o = inner.owned.get(key)?;
+        let left = o.deadline.saturating_duration_since(now);
+        Some(OwnedLease { since_renewal: o.ttl.saturating_sub(left), left, held: o.held })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(5);
+
+    fn owning(lease: i64) -> Ownership {
+        let o = Ownership::default();
+        o.confirm(5, lease, TTL, Instant::now());
+        o
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_move_the_deadline_and_silence_expires() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(o.renew(b"k", Instant::now()), Some(10));
+            assert_eq!(o.due(Instant::now(), false).0, vec![]);
+        }
+        tokio::time::advance(TTL - Duration::from_millis(1)).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![]);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![Expired { key: b"k".to_vec(), mod_revision: 10 }]);
+        assert_eq!(o.renew(b"other", Instant::now()), None, "not owned");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_brake_holds_expiry_until_it_releases() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        tokio::time::advance(TTL * 2).await;
+        let (expired, held) = o.due(Instant::now(), true);
+        assert_eq!((expired.len(), held), (0, 1));
+        assert_eq!(o.lease_of(b"k", Instant::now()).map(|l| l.held), Some(true));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(o.due(Instant::now(), false).0.len(), 1, "released: expires at the next look");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_moved_to_another_replica_is_forgotten() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        // An event older than our own write changes nothing.
+        o.observe_put(b"k", 2, TTL, 9, Instant::now());
+        assert!(o.owns(b"k"));
+        // Another replica adopted it.
+        o.observe_put(b"k", 2, TTL, 11, Instant::now());
+        assert!(!o.owns(b"k"));
+        tokio::time::advance(TTL * 2).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![], "never deleted by its old owner");
+        // Seen on one of our leases (registered here before a restart of the watch): owned.
+        o.observe_put(b"j", 1, TTL, 12, Instant::now());
+        assert!(o.owns(b"j"));
+        o.observe_delete(b"j", 13);
+        assert!(!o.owns(b"j"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_go_stale_at_half_their_ttl() {
+        let o = owning(1);
+        assert!(o.is_fresh(1, Instant::now()));
+        assert!(!o.is_fresh(2, Instant::now()), "not ours");
+        tokio::time::advance(Duration::from_millis(2499)).await;
+        assert!(o.is_fresh(1, Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!o.is_fresh(1, Instant::now()));
+        o.confirm(5, 1, TTL, Instant::now());
+        assert!(o.is_fresh(1, Instant::now()));
+        o.lost(1);
+        assert_eq!(o.lease(5), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quorum_back_restarts_the_deadlines() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        tokio::time::advance(TTL * 3).await;
+        o.extend_all(Instant::now());
+        assert_eq!(o.due(Instant::now(), false).0, vec![]);
+        tokio::time::advance(TTL).await;
+        assert_eq!(o.due(Instant::now(), false).0.len(), 1);
+    }
+}
