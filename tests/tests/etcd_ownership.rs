@@ -218,6 +218,10 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     assert_eq!((ids_after, index_after, stale), (ids_before, index_before, false));
     assert_eq!(renewed, N, "every instance keeps heartbeating after the move");
     assert!(rehomed < Duration::from_secs(5), "re-homing must finish within one TTL: {rehomed:?}");
+    // The dead replica's tally went with it and the adopter counts what it
+    // took over: the move must not look like heartbeats stopping.
+    let log = second.proc.log_text();
+    assert!(!log.contains("expiry brake engaged"), "the failover tripped the brake:\n{}", second.proc.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

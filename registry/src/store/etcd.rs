@@ -272,8 +272,12 @@ impl EtcdStore {
         expect: Option<i64>,
     ) -> Result<Option<i64>, StoreError> {
         let key = self.cache.key(service, &cached.instance.id);
+        let guard = self.ownership.begin_write(&key);
         for _ in 0..2 {
             cached.lease = self.replica_lease(cached.ttl).await?;
+            // A lease not confirmed lately may expire with what is put on it:
+            // the sidecar goes to a replica that can keep its lease.
+            self.check_lease(cached.lease)?;
             let value = encode(service, cached);
             let written = match expect {
                 None => self.client.put(&key, &value, cached.lease).await.map(|h| (h, true)),
@@ -282,7 +286,10 @@ impl EtcdStore {
             match written {
                 Ok((h, true)) => {
                     cached.mod_revision = h.revision;
-                    self.ownership.claim(&key, cached.ttl, h.revision, tokio::time::Instant::now());
+                    let now = tokio::time::Instant::now();
+                    if !self.ownership.claim_written(&guard, cached.ttl, h.revision, now) {
+                        debug!(revision = h.revision, "written, but another replica took it over since");
+                    }
                     return Ok(Some(h.revision));
                 }
                 Ok((_, false)) => return Ok(None),
@@ -344,6 +351,7 @@ impl EtcdStore {
                 continue;
             };
             self.renewed(service, id, next.ttl);
+            self.ownership.foster(current.lease, current.ttl, tokio::time::Instant::now());
             if status.is_some() {
                 self.settle(revision).await;
                 let index = u64::try_from(revision).unwrap_or(0);
@@ -367,12 +375,14 @@ impl EtcdStore {
                 _ = tokio::time::sleep(period) => {}
             }
             period = Duration::from_secs(1);
-            for (ttl_secs, lease) in self.ownership.leases() {
+            // Side by side: one slow answer must not age the other leases
+            // towards the point where their heartbeats are refused.
+            let renewals = self.ownership.leases().into_iter().map(|(ttl_secs, lease)| async move {
                 match self.client.keep_alive(lease).await {
                     Ok(Some(granted)) => {
                         let granted = secs(granted);
                         self.ownership.confirm(ttl_secs, lease, granted, tokio::time::Instant::now());
-                        period = period.min(keep_alive_period(granted));
+                        Some(keep_alive_period(granted))
                     }
                     Ok(None) => {
                         warn!(
@@ -380,20 +390,49 @@ impl EtcdStore {
                             ttl_secs, "this replica's lease expired in etcd; its instances are gone"
                         );
                         self.ownership.lost(lease);
+                        None
                     }
-                    Err(e) => debug!(lease, error = %e, "cannot keep the replica lease alive"),
+                    Err(e) => {
+                        debug!(lease, error = %e, "cannot keep the replica lease alive");
+                        None
+                    }
                 }
+            });
+            for p in futures_util::future::join_all(renewals).await.into_iter().flatten() {
+                period = period.min(p);
             }
+            let fostered =
+                self.ownership.fostered(tokio::time::Instant::now()).into_iter().map(|lease| async move {
+                    match self.client.keep_alive(lease).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => self.ownership.unfoster(lease),
+                        Err(e) => debug!(lease, error = %e, "cannot keep an adopted-from lease alive"),
+                    }
+                });
+            futures_util::future::join_all(fostered).await;
         }
     }
 
     /// Deletes the owned instances whose deadline passed, unless the brake
-    /// holds; pauses while the store is stale and restarts every deadline when
-    /// it is fresh again (heartbeats were refused meanwhile).
+    /// holds. Pauses while heartbeats are being refused for etcd's sake (the
+    /// store is stale, or a lease of this replica is not confirmed lately),
+    /// and restarts every deadline when they are taken again.
     async fn expire(&self, shutdown: &CancellationToken) {
-        let mut was_stale = false;
+        let mut was_paused = false;
         loop {
             let now = tokio::time::Instant::now();
+            if self.is_stale() || !self.ownership.leases_fresh(now) {
+                was_paused = true;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                continue;
+            }
+            if std::mem::take(&mut was_paused) {
+                info!(owned = self.ownership.owned(), "etcd is back: deadlines restart from now");
+                self.ownership.extend_all(now);
+            }
             let next = self.ownership.next_deadline().unwrap_or(now + Duration::from_secs(1));
             let next = next.min(now + Duration::from_secs(1));
             tokio::select! {
@@ -401,16 +440,12 @@ impl EtcdStore {
                 _ = self.ownership.earlier.notified() => continue,
                 _ = tokio::time::sleep_until(next) => {}
             }
-            if self.is_stale() {
-                was_stale = true;
+            let now = tokio::time::Instant::now();
+            if self.is_stale() || !self.ownership.leases_fresh(now) {
                 continue;
             }
-            let now = tokio::time::Instant::now();
-            if std::mem::take(&mut was_stale) {
-                info!(owned = self.ownership.owned(), "etcd is back: deadlines restart from now");
-                self.ownership.extend_all(now);
-            }
             let (expired, held) = self.ownership.due(now, self.brake.engaged());
+            self.store_metrics.brake_held.set(i64::try_from(held).unwrap_or(i64::MAX));
             if held > 0 {
                 debug!(held, "the expiry brake holds owned instances past their deadline");
             }
@@ -422,7 +457,7 @@ impl EtcdStore {
                             debug!(key = %String::from_utf8_lossy(&e.key), "lease expired; deleted");
                         }
                         // Someone else wrote it since: no longer ours to expire.
-                        Ok((_, false)) => self.ownership.forget(&e.key),
+                        Ok((_, false)) => self.ownership.forget_if(&e.key, e.mod_revision),
                         Err(err) => {
                             debug!(error = %err, "cannot delete an expired instance; retrying");
                             self.ownership.retry(&e.key, tokio::time::Instant::now());
@@ -644,8 +679,15 @@ impl Store for EtcdStore {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
         let (cached, index) = self.find(service, id).await?.ok_or_else(unknown)?;
         let key = self.cache.key(service, id);
-        let seen = if self.ownership.is_mine(cached.lease) {
-            self.check_lease(cached.lease)?;
+        // Ours by the cache, or adopted here already while the watch has not
+        // yet brought that write back (adopting again would cost two writes).
+        let mine =
+            self.ownership.is_mine(cached.lease) || self.ownership.holds_since(&key, cached.mod_revision);
+        let seen = if mine {
+            match self.ownership.lease(lease_secs(cached.ttl)) {
+                Some(lease) => self.check_lease(lease)?,
+                None => return self.adopt(service, id, cached, hb).await,
+            }
             self.ownership.renew(&key, tokio::time::Instant::now())
         } else {
             None
@@ -665,8 +707,12 @@ impl Store for EtcdStore {
         }
         let mut next = Cached { instance: Arc::new(updated), ..cached.clone() };
         let Some(revision) = self.write(service, &mut next, Some(seen)).await? else {
-            // Changed by someone else since this replica last wrote it.
-            return self.adopt(service, id, cached, hb).await;
+            // Another replica wrote it since (the sidecar moved there while
+            // this write waited): its copy is newer than this heartbeat's
+            // status, so taking the instance back would flap it.
+            return Err(StoreError::Unavailable(
+                "the instance moved to another replica meanwhile; send the heartbeat again".into(),
+            ));
         };
         self.settle(revision).await;
         let index = u64::try_from(revision).unwrap_or(0);

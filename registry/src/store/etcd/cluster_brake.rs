@@ -245,8 +245,8 @@ impl ClusterBrake {
                 }
                 None => {}
             }
+            // The held count is the owners' (each replica's expiry sets it).
             if engaged {
-                self.metrics.brake_held.set(i64::try_from(instances).unwrap_or(i64::MAX));
                 futures_util::stream::iter(leases.into_iter().filter(|l| *l != 0))
                     .for_each_concurrent(16, |l| async move {
                         let _ = client.keep_alive(l).await;

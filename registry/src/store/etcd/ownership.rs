@@ -46,17 +46,42 @@ struct Owned {
     queued: Option<Instant>,
 }
 
+/// Writes of one key under way on this replica, and the latest revision at
+/// which the watch saw the key leave it meanwhile (deleted, or put on another
+/// replica's lease).
+#[derive(Debug, Default)]
+struct Pending {
+    writes: u32,
+    left_at: i64,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// By TTL in whole seconds.
     leases: HashMap<i64, ReplicaLease>,
     owned: HashMap<Vec<u8>, Owned>,
     queue: ExpiryQueue<Vec<u8>>,
+    /// Only keys with a write in flight: a write that lands at a revision the
+    /// watch has already seen superseded must not bring ownership back.
+    pending: HashMap<Vec<u8>, Pending>,
+    /// Other replicas' leases this one keeps alive, until when: those it
+    /// adopted instances from lately (see [`Ownership::foster`]).
+    fostered: HashMap<i64, Instant>,
 }
 
 impl Inner {
     fn is_mine(&self, lease: i64) -> bool {
         lease != 0 && self.leases.values().any(|l| l.id == lease)
+    }
+
+    /// The watch saw `key` leave this replica at `revision`.
+    fn left(&mut self, key: &[u8], revision: i64) {
+        if let Some(p) = self.pending.get_mut(key) {
+            p.left_at = p.left_at.max(revision);
+        }
+        if self.owned.get(key).is_some_and(|o| o.mod_revision <= revision) {
+            self.owned.remove(key);
+        }
     }
 
     /// Queues `key` for `at` unless it is already queued no later; true when
@@ -84,6 +109,20 @@ pub struct OwnedLease {
     pub since_renewal: Duration,
     pub left: Duration,
     pub held: bool,
+}
+
+/// A write of one key under way; dropping it (also when the request is
+/// cancelled) ends it.
+#[derive(Debug)]
+pub struct WriteGuard<'a> {
+    ownership: &'a Ownership,
+    key: Vec<u8>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.ownership.end_write(&self.key);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +176,41 @@ impl Ownership {
         Some(o.mod_revision)
     }
 
+    /// A write of `key` under this replica's lease begins; the guard ends it.
+    pub fn begin_write(&self, key: &[u8]) -> WriteGuard<'_> {
+        lock(&self.inner).pending.entry(key.to_vec()).or_default().writes += 1;
+        WriteGuard { ownership: self, key: key.to_vec() }
+    }
+
+    /// The write `guard` stands for landed at `mod_revision`: this replica
+    /// owns the key, unless the watch has meanwhile seen it leave at a later
+    /// revision (another replica adopted it, or it was deleted). Returns
+    /// whether it claimed.
+    pub fn claim_written(
+        &self,
+        guard: &WriteGuard<'_>,
+        ttl: Duration,
+        mod_revision: i64,
+        now: Instant,
+    ) -> bool {
+        let left_at = lock(&self.inner).pending.get(&guard.key).map_or(0, |p| p.left_at);
+        if left_at > mod_revision {
+            return false;
+        }
+        self.claim(&guard.key, ttl, mod_revision, now);
+        true
+    }
+
+    fn end_write(&self, key: &[u8]) {
+        let mut inner = lock(&self.inner);
+        if let Some(p) = inner.pending.get_mut(key) {
+            p.writes = p.writes.saturating_sub(1);
+            if p.writes == 0 {
+                inner.pending.remove(key);
+            }
+        }
+    }
+
     /// This replica wrote `key` under its lease at `mod_revision`: it owns it,
     /// with a deadline one TTL from `now`.
     pub fn claim(&self, key: &[u8], ttl: Duration, mod_revision: i64, now: Instant) {
@@ -173,17 +247,14 @@ impl Ownership {
                     self.claim(key, ttl, mod_revision, now);
                 }
             }
-        } else if inner.owned.get(key).is_some_and(|o| o.mod_revision <= mod_revision) {
-            inner.owned.remove(key);
+        } else {
+            inner.left(key, mod_revision);
         }
     }
 
     /// The watch saw `key` deleted at `mod_revision`.
     pub fn observe_delete(&self, key: &[u8], mod_revision: i64) {
-        let mut inner = lock(&self.inner);
-        if inner.owned.get(key).is_some_and(|o| o.mod_revision < mod_revision) {
-            inner.owned.remove(key);
-        }
+        lock(&self.inner).left(key, mod_revision);
     }
 
     /// Keeps only the owned keys `present` still holds under one of this
@@ -240,9 +311,63 @@ impl Ownership {
         lock(&self.inner).schedule(key, now + Duration::from_secs(1));
     }
 
-    /// Forgets `key` (its expiry was refused: someone else changed it).
+    /// Forgets `key` (deregistered).
     pub fn forget(&self, key: &[u8]) {
         lock(&self.inner).owned.remove(key);
+    }
+
+    /// Forgets `key` if this replica still knows it at `mod_revision`: its
+    /// expiry was refused because someone else wrote it since. A write of its
+    /// own in the meantime (a late heartbeat's status change) keeps it owned.
+    pub fn forget_if(&self, key: &[u8], mod_revision: i64) {
+        let mut inner = lock(&self.inner);
+        if inner.owned.get(key).is_some_and(|o| o.mod_revision == mod_revision) {
+            inner.owned.remove(key);
+        }
+    }
+
+    /// Whether this replica owns `key` as of a revision at least `mod_revision`
+    /// (it adopted it, and its watch has not caught up with its own write).
+    pub fn holds_since(&self, key: &[u8], mod_revision: i64) -> bool {
+        lock(&self.inner).owned.get(key).is_some_and(|o| o.mod_revision >= mod_revision)
+    }
+
+    /// An instance was adopted from `lease`, another replica's. If that
+    /// replica died, its other instances' sidecars are failing over too, and
+    /// each adoption is one etcd transaction: at thousands of instances they
+    /// could take longer than the lease has left, and the keys not yet
+    /// adopted would vanish from discovery although their sidecars are alive.
+    /// So the adopter keeps that lease alive for one `ttl` past the latest
+    /// adoption from it; instances nobody adopts (their sidecars died too)
+    /// then expire with it, that much later.
+    pub fn foster(&self, lease: i64, ttl: Duration, now: Instant) {
+        let mut inner = lock(&self.inner);
+        if lease == 0 || inner.is_mine(lease) {
+            return;
+        }
+        let until = inner.fostered.entry(lease).or_insert(now);
+        *until = (*until).max(now + ttl);
+    }
+
+    /// The leases to keep alive for others at `now`; those past their time
+    /// are dropped.
+    pub fn fostered(&self, now: Instant) -> Vec<i64> {
+        let mut inner = lock(&self.inner);
+        inner.fostered.retain(|_, until| *until > now);
+        inner.fostered.keys().copied().collect()
+    }
+
+    /// Stops keeping `lease` alive for others (etcd no longer has it).
+    pub fn unfoster(&self, lease: i64) {
+        lock(&self.inner).fostered.remove(&lease);
+    }
+
+    /// Whether every lease of this replica was confirmed recently enough to
+    /// answer for its keys. While one is not, heartbeats to it are refused, so
+    /// its instances must not be expired for missing them.
+    pub fn leases_fresh(&self, now: Instant) -> bool {
+        let inner = lock(&self.inner);
+        inner.leases.values().all(|l| now.saturating_duration_since(l.confirmed) < l.granted / FRESH_FRACTION)
     }
 
     /// Restarts every owned deadline from `now` (quorum came back: heartbeats
@@ -346,5 +471,73 @@ mod tests {
         assert_eq!(o.due(Instant::now(), false).0, vec![]);
         tokio::time::advance(TTL).await;
         assert_eq!(o.due(Instant::now(), false).0.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_watch_saw_superseded_does_not_bring_ownership_back() {
+        let o = owning(1);
+        // Adopting at 20 while another replica adopts at 21 and its event
+        // arrives first: this replica must not think it owns the key.
+        let guard = o.begin_write(b"k");
+        o.observe_put(b"k", 2, TTL, 21, Instant::now());
+        assert!(!o.claim_written(&guard, TTL, 20, Instant::now()));
+        assert!(!o.owns(b"k"));
+        drop(guard);
+        // With no competing event the write claims it, and the bookkeeping
+        // of writes in flight is gone once the guard is.
+        let guard = o.begin_write(b"k");
+        assert!(o.claim_written(&guard, TTL, 22, Instant::now()));
+        drop(guard);
+        assert!(o.owns(b"k"));
+        assert!(lock(&o.inner).pending.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_expiry_forgets_only_the_revision_it_tried() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        tokio::time::advance(TTL).await;
+        let (expired, _) = o.due(Instant::now(), false);
+        assert_eq!(expired, vec![Expired { key: b"k".to_vec(), mod_revision: 10 }]);
+        // A late heartbeat's status change lands (revision 11) before the
+        // delete comparing 10 is refused: the key stays owned, with a deadline.
+        o.claim(b"k", TTL, 11, Instant::now());
+        o.forget_if(b"k", 10);
+        assert!(o.owns(b"k"));
+        assert!(o.holds_since(b"k", 11) && !o.holds_since(b"k", 12));
+        tokio::time::advance(TTL).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![Expired { key: b"k".to_vec(), mod_revision: 11 }]);
+        o.forget_if(b"k", 11);
+        assert!(!o.owns(b"k"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_are_fresh_for_half_their_ttl_after_a_keep_alive() {
+        let o = owning(1);
+        assert!(o.leases_fresh(Instant::now()));
+        tokio::time::advance(TTL / 2 - Duration::from_millis(1)).await;
+        assert!(o.leases_fresh(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!o.leases_fresh(Instant::now()), "expiry pauses: heartbeats are being refused");
+        o.confirm(5, 1, TTL, Instant::now());
+        assert!(o.leases_fresh(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_from_lease_is_kept_alive_one_ttl_past_the_last_adoption() {
+        let o = owning(1);
+        o.foster(1, TTL, Instant::now());
+        o.foster(0, TTL, Instant::now());
+        assert!(o.fostered(Instant::now()).is_empty(), "never its own lease, nor none");
+        o.foster(7, TTL, Instant::now());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        o.foster(7, TTL, Instant::now());
+        tokio::time::advance(TTL - Duration::from_millis(1)).await;
+        assert_eq!(o.fostered(Instant::now()), vec![7], "renewed by the later adoption");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(o.fostered(Instant::now()).is_empty());
+        o.foster(8, TTL, Instant::now());
+        o.unfoster(8);
+        assert!(o.fostered(Instant::now()).is_empty());
     }
 }
