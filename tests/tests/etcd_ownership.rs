@@ -221,7 +221,11 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     // The dead replica's tally went with it and the adopter counts what it
     // took over: the move must not look like heartbeats stopping.
     let log = second.proc.log_text();
-    assert!(!log.contains("expiry brake engaged"), "the failover tripped the brake:\n{}", second.proc.log_tail());
+    assert!(
+        !log.contains("expiry brake engaged"),
+        "the failover tripped the brake:\n{}",
+        second.proc.log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,7 +108,19 @@ pub async fn register_part(
     dial: &Dial,
     addr: SocketAddr,
     fleet: Arc<Fleet>,
+    part: (usize, usize),
+) -> std::io::Result<()> {
+    register_with_ttl(dial, addr, fleet, part, BULK_TTL_SECS).await
+}
+
+/// Registers the instances `k` of the fleet with `k % parts == part`, with a
+/// TTL of `ttl` seconds (again, for instances already registered).
+pub async fn register_with_ttl(
+    dial: &Dial,
+    addr: SocketAddr,
+    fleet: Arc<Fleet>,
     (part, parts): (usize, usize),
+    ttl: u64,
 ) -> std::io::Result<()> {
     let conns = REGISTER_CONNS.min(fleet.instances.max(1));
     let mut tasks = Vec::new();
@@ -118,7 +130,7 @@ pub async fn register_part(
             let mut conn = dial.connect(addr).await?;
             for k in (c..fleet.instances).step_by(conns).filter(|k| k % parts == part) {
                 let (svc, id) = (service(k, fleet.services), format!("i-{k}"));
-                let st = conn.roundtrip(&register_request(&svc, &id, BULK_TTL_SECS, fleet.token(k))).await?;
+                let st = conn.roundtrip(&register_request(&svc, &id, ttl, fleet.token(k))).await?;
                 if !(200..300).contains(&st) {
                     return Err(io_err(format!("register answered {st}")));
                 }
@@ -136,6 +148,10 @@ pub async fn register_part(
 pub struct HbStats {
     pub ok: u64,
     pub failed: u64,
+    /// Heartbeats answered 404 (`unknown_instance`) over the whole run, in
+    /// the window or not: instances the registry lost, which a sidecar would
+    /// register again.
+    pub unknown: u64,
     pub hist: Histogram<u64>,
     /// Connections opened over the whole run (TLS: one handshake each):
     /// one per generator connection, plus one per reconnect after an error.
@@ -147,7 +163,7 @@ pub struct HbStats {
 /// `[from, to)` are counted; sending stops at `stop`.
 pub async fn heartbeats(
     dial: Dial,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     reqs: Arc<Vec<Vec<u8>>>,
     (from, to, stop): (Instant, Instant, Instant),
 ) -> HbStats {
@@ -155,12 +171,16 @@ pub async fn heartbeats(
     let rate = n as f64 / HEARTBEAT_INTERVAL.as_secs_f64();
     let conns = HEARTBEAT_CONNS.min(n);
     let t0 = Instant::now();
+    let addrs: Arc<[SocketAddr]> = addrs.into();
     let mut tasks = Vec::new();
     for c in 0..conns {
-        let (dial, reqs) = (dial.clone(), reqs.clone());
+        let (dial, reqs, addrs) = (dial.clone(), reqs.clone(), addrs.clone());
         tasks.push(tokio::spawn(async move {
-            let mut st = HbStats { ok: 0, failed: 0, hist: new_histogram(), connects: 1 };
-            let mut conn = dial.connect(addr).await.ok();
+            let mut st = HbStats { ok: 0, failed: 0, unknown: 0, hist: new_histogram(), connects: 1 };
+            // Like a sidecar given several registry URLs: the first, and the
+            // next one whenever the current one fails.
+            let mut at = 0;
+            let mut conn = dial.connect(addrs[at]).await.ok();
             let mut j = c as u64;
             loop {
                 let due = t0 + Duration::from_secs_f64(j as f64 / rate);
@@ -185,11 +205,17 @@ pub async fn heartbeats(
                             let _ = st.hist.record(due.elapsed().as_nanos() as u64);
                         }
                     }
-                    Some(Ok(_)) => st.failed += counted as u64,
+                    Some(Ok(s)) => {
+                        st.failed += counted as u64;
+                        st.unknown += u64::from(s == 404);
+                    }
                     _ => {
                         st.failed += counted as u64;
                         st.connects += 1;
-                        conn = dial.connect(addr).await.ok();
+                        if conn.is_some() || addrs.len() > 1 {
+                            at = (at + 1) % addrs.len();
+                        }
+                        conn = dial.connect(addrs[at]).await.ok();
                     }
                 }
                 j += conns as u64;
@@ -197,11 +223,12 @@ pub async fn heartbeats(
             st
         }));
     }
-    let mut out = HbStats { ok: 0, failed: 0, hist: new_histogram(), connects: 0 };
+    let mut out = HbStats { ok: 0, failed: 0, unknown: 0, hist: new_histogram(), connects: 0 };
     for t in tasks {
         if let Ok(s) = t.await {
             out.ok += s.ok;
             out.failed += s.failed;
+            out.unknown += s.unknown;
             out.connects += s.connects;
             let _ = out.hist.add(&s.hist);
         }

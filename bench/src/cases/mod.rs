@@ -18,6 +18,7 @@ mod heartbeat_load;
 mod http2;
 mod mtls;
 mod registry;
+mod rehome;
 mod saturation;
 mod security;
 
@@ -81,6 +82,8 @@ pub struct Sizes {
     pub etcd_instances: usize,
     /// The registry on its etcd store at scale: two replicas, one etcd.
     pub etcd_store_instances: usize,
+    /// Instances owned by the replica killed in case 4's failover at scale.
+    pub rehome_instances: usize,
     pub watchers: usize,
     pub security_instances: usize,
     pub security_services: usize,
@@ -107,6 +110,7 @@ impl Sizes {
                 registry_duration: Duration::from_secs(3),
                 etcd_instances: 1_000,
                 etcd_store_instances: 4_000,
+                rehome_instances: 1_000,
                 watchers: 100,
                 security_instances: 2_000,
                 security_services: 20,
@@ -130,6 +134,7 @@ impl Sizes {
                 registry_duration: Duration::from_secs(20),
                 etcd_instances: 2_000,
                 etcd_store_instances: 50_000,
+                rehome_instances: 10_000,
                 watchers: 1_000,
                 security_instances: 20_000,
                 security_services: 200,

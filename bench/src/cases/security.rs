@@ -264,7 +264,7 @@ fn measure(setup: Setup, env: &Env, sizes: &Sizes, creds: &Credentials) -> Resul
         // the warm-up; the window counts heartbeats only.
         let from = Instant::now() + warmup;
         let to = from + window;
-        let hb = tokio::spawn(heartbeats(dial.clone(), addr, reqs, (from, to, to)));
+        let hb = tokio::spawn(heartbeats(dial.clone(), vec![addr], reqs, (from, to, to)));
         tokio::time::sleep_until(from.into()).await;
         let (cpu0, j0) = (procstat::cpu_time(pid), procstat::cpu_jiffies());
         tokio::time::sleep_until(to.into()).await;

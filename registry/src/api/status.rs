@@ -124,6 +124,9 @@ struct StatusOut<'a> {
     store: &'static str,
     /// This replica's name among those sharing an etcd store; `null` for memory.
     replica: Option<&'a str>,
+    /// The instances whose heartbeats this replica serves (it owns them) on
+    /// the etcd store; `null` for memory.
+    owned: Option<usize>,
     stale: bool,
     epoch: &'a str,
     uptime_seconds: u64,
@@ -167,6 +170,7 @@ pub async fn status<S: Store>(
             StoreSpec::Etcd { .. } => "etcd",
         },
         replica: store.replica(),
+        owned: store.owned(),
         stale: store.stale(),
         epoch: store.epoch(),
         uptime_seconds: st.activity.uptime().as_secs(),

@@ -751,6 +751,10 @@ impl Store for EtcdStore {
         Some(self.brake.replica())
     }
 
+    fn owned(&self) -> Option<usize> {
+        Some(self.ownership.owned())
+    }
+
     /// The owner knows each instance's last heartbeat; other replicas do not
     /// (heartbeats never reach etcd), so they show the TTL alone.
     async fn leases(&self, service: &ServiceName) -> Vec<LeaseState> {

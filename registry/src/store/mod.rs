@@ -239,6 +239,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// How many instances this replica answers heartbeats for, among those
+    /// sharing the store; `None` for a store of one (it owns them all).
+    fn owned(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether reads come from a copy the store cannot refresh right now (an
     /// etcd store without quorum); the API flags such answers.
     fn stale(&self) -> bool {
