@@ -126,6 +126,12 @@ fn healthy_demo_instances(port: u16) -> Option<usize> {
     v["instances"].as_array().map(|a| a.len())
 }
 
+/// How many instances the replica on `port` owns (`/v1/status`).
+fn owned(port: u16) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(&http_get(port, "/v1/status")?).ok()?;
+    v["owned"].as_u64()
+}
+
 #[test]
 fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
     let test = "compose_ha_survives_killing_a_registry_and_an_etcd_member";
@@ -200,11 +206,18 @@ fn compose_ha_survives_killing_a_registry_and_an_etcd_member() {
         assert!(!all.contains(&secrets.password(user)), "no etcd password in any container's log");
     }
 
+    println!("before the kills: registry1 owns {:?} instances, registry2 {:?}", owned(port1), owned(port2));
     let registry1 = stack.container("registry1").expect("registry1 container");
     let etcd1 = stack.container("etcd1").expect("etcd1 container");
     run("docker", &["kill", &registry1], &[]).expect("docker kill registry1");
     run("docker", &["kill", &etcd1], &[]).expect("docker kill etcd1");
     let killed = Instant::now();
+    // The sidecars that heartbeated through registry1 move to registry2,
+    // which adopts their instances (heartbeats stay in the owner's memory).
+    let rehomed = wait("registry2 to own the three replicas' instances", Duration::from_secs(30), || {
+        (owned(port2)? == 3).then(|| killed.elapsed())
+    });
+    println!("registry2 owned all three instances {:.1}s after the kill", rehomed.as_secs_f64());
 
     // Past several TTLs (5s): heartbeats must go on through registry2 and the
     // two remaining etcd members, or instances would expire.
