@@ -172,10 +172,11 @@ pub async fn heartbeats(
     let conns = HEARTBEAT_CONNS.min(n);
     let t0 = Instant::now();
     let addrs: Arc<[SocketAddr]> = addrs.into();
-    let mut tasks = Vec::new();
+    // A set, so that aborting this generator stops its connections too.
+    let mut tasks = tokio::task::JoinSet::new();
     for c in 0..conns {
         let (dial, reqs, addrs) = (dial.clone(), reqs.clone(), addrs.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut st = HbStats { ok: 0, failed: 0, unknown: 0, hist: new_histogram(), connects: 1 };
             // Like a sidecar given several registry URLs: the first, and the
             // next one whenever the current one fails.
@@ -221,11 +222,11 @@ pub async fn heartbeats(
                 j += conns as u64;
             }
             st
-        }));
+        });
     }
     let mut out = HbStats { ok: 0, failed: 0, unknown: 0, hist: new_histogram(), connects: 0 };
-    for t in tasks {
-        if let Ok(s) = t.await {
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(s) = done {
             out.ok += s.ok;
             out.failed += s.failed;
             out.unknown += s.unknown;

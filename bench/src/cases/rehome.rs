@@ -101,6 +101,7 @@ pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
         let stop = kill_at + AFTER_KILL;
         let run = tokio::spawn(heartbeats(Dial::Plain, vec![a, b], reqs, (start, stop, stop)));
         warmup.abort();
+        let _ = warmup.await;
         let mut on_b = Conn::connect(b).await.map_err(|e| e.to_string())?;
         tokio::time::sleep_until(kill_at.into()).await;
         replicas[0].0.kill9();
@@ -135,7 +136,7 @@ pub fn report(b: &mut String, r: &Rehome) {
         "\n**Failover at scale.** Two replicas on one etcd, all three on core 0; {} instances registered through \
          replica 1 (which owns them) with the sidecar's {TTL_SECS} s TTL, heartbeating once a second through it with \
          replica 2 as the fallback. Replica 1 is killed with SIGKILL; each heartbeat that finds it gone goes to \
-         replica 2, which adopts the instance (one etcd transaction) and keeps replica 1's lease alive meanwhile. \
+         replica 2, which adopts the instance (one etcd transaction) and keeps replica 1's lease alive from the first adoption on. \
          Replica 2's `/v1/status` is read every {} ms for {} s after the kill.\n",
         r.instances,
         POLL.as_millis(),

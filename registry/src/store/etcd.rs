@@ -85,6 +85,10 @@ pub struct EtcdSettings {
     pub access: config::EtcdAccess,
 }
 
+/// The shortest pause between two expiry passes of an owner: expiry may be
+/// this much late, and a pass costs the same for one due key as for many.
+const EXPIRY_PASS: Duration = Duration::from_millis(50);
+
 /// Failed health checks in a row that mark the store stale: one slow read on a
 /// busy machine is not an outage.
 const STALE_AFTER: u32 = 2;
@@ -336,6 +340,11 @@ impl EtcdStore {
             if attempt > 0 {
                 current = self.fetch(service, id).await?.ok_or_else(unknown)?;
             }
+            // Before the write, which may wait behind a crowd of others at
+            // etcd: the lease it leaves must outlive them all.
+            if self.ownership.foster(current.lease, current.ttl, tokio::time::Instant::now()) {
+                let _ = self.client.keep_alive(current.lease).await;
+            }
             let previous = current.instance.status;
             let status = hb.status.filter(|s| *s != previous);
             let mut next = current.clone();
@@ -351,7 +360,6 @@ impl EtcdStore {
                 continue;
             };
             self.renewed(service, id, next.ttl);
-            self.ownership.foster(current.lease, current.ttl, tokio::time::Instant::now());
             if status.is_some() {
                 self.settle(revision).await;
                 let index = u64::try_from(revision).unwrap_or(0);
@@ -433,8 +441,11 @@ impl EtcdStore {
                 info!(owned = self.ownership.owned(), "etcd is back: deadlines restart from now");
                 self.ownership.extend_all(now);
             }
+            // At most one pass per EXPIRY_PASS: deadlines are spread over
+            // every owned instance, and a pass per deadline would wake the
+            // loop thousands of times a second at scale.
             let next = self.ownership.next_deadline().unwrap_or(now + Duration::from_secs(1));
-            let next = next.min(now + Duration::from_secs(1));
+            let next = next.clamp(now + EXPIRY_PASS, now + Duration::from_secs(1));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.ownership.earlier.notified() => continue,

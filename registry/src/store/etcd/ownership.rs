@@ -302,7 +302,10 @@ impl Ownership {
         for (at, key) in again {
             inner.schedule(&key, at);
         }
-        let held = inner.owned.values().filter(|o| o.held).count();
+        // Without the brake nothing stays held past this pass (each held key
+        // was due, and is now expired or renewed), so the count, a walk over
+        // every owned key, is only taken while it holds.
+        let held = if hold { inner.owned.values().filter(|o| o.held).count() } else { 0 };
         (expired, held)
     }
 
@@ -340,13 +343,19 @@ impl Ownership {
     /// So the adopter keeps that lease alive for one `ttl` past the latest
     /// adoption from it; instances nobody adopts (their sidecars died too)
     /// then expire with it, that much later.
-    pub fn foster(&self, lease: i64, ttl: Duration, now: Instant) {
+    ///
+    /// Returns true when `lease` was not fostered yet: the caller keeps it
+    /// alive at once rather than at the next round, since etcd may be slow to
+    /// answer the adoptions themselves.
+    pub fn foster(&self, lease: i64, ttl: Duration, now: Instant) -> bool {
         let mut inner = lock(&self.inner);
         if lease == 0 || inner.is_mine(lease) {
-            return;
+            return false;
         }
+        let new = !inner.fostered.contains_key(&lease);
         let until = inner.fostered.entry(lease).or_insert(now);
         *until = (*until).max(now + ttl);
+        new
     }
 
     /// The leases to keep alive for others at `now`; those past their time
@@ -526,12 +535,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_adopted_from_lease_is_kept_alive_one_ttl_past_the_last_adoption() {
         let o = owning(1);
-        o.foster(1, TTL, Instant::now());
-        o.foster(0, TTL, Instant::now());
+        assert!(!o.foster(1, TTL, Instant::now()));
+        assert!(!o.foster(0, TTL, Instant::now()));
         assert!(o.fostered(Instant::now()).is_empty(), "never its own lease, nor none");
-        o.foster(7, TTL, Instant::now());
+        assert!(o.foster(7, TTL, Instant::now()), "new");
         tokio::time::advance(Duration::from_secs(3)).await;
-        o.foster(7, TTL, Instant::now());
+        assert!(!o.foster(7, TTL, Instant::now()), "extended");
         tokio::time::advance(TTL - Duration::from_millis(1)).await;
         assert_eq!(o.fostered(Instant::now()), vec![7], "renewed by the later adoption");
         tokio::time::advance(Duration::from_millis(1)).await;
