@@ -459,6 +459,31 @@ pub(super) fn start_etcd(env: &Env, name: &str) -> Result<(Proc, DirGuard, Socke
     }
 }
 
+/// Registry replicas on the etcd at `etcd`, on the proxy core, each started
+/// and answering; with where each listens.
+pub(super) fn start_replicas<const N: usize>(
+    env: &Env,
+    etcd: SocketAddr,
+    names: [&str; N],
+) -> Result<Vec<(Proc, SocketAddr)>, String> {
+    let mut replicas = Vec::new();
+    for name in names {
+        let (p, ready) = Proc::spawn_ready(
+            name,
+            &env.bin("registry"),
+            &registry_args(Some(etcd)),
+            env.proxy_core,
+            &env.work,
+        )
+        .map_err(|e| e.to_string())?;
+        let addr = ready.addr("listen");
+        wait_http_ok(name, addr, "bench", "/v1/services", Duration::from_secs(30))
+            .map_err(|e| format!("{e}; log:\n{}", p.log_tail()))?;
+        replicas.push((p, addr));
+    }
+    Ok(replicas)
+}
+
 /// The registry's command line in this case.
 pub(super) fn registry_args(store: Option<SocketAddr>) -> Vec<String> {
     // One worker, like every proxy in cases 1-3: a current-thread runtime on
@@ -520,19 +545,10 @@ fn measure(sys: System, env: &Env, sizes: &Sizes, size: Option<usize>) -> Result
             let (etcd, guard, etcd_addr) = start_etcd(env, "reg-etcd-pair")?;
             _data_dir_guard = Some(guard);
             let mut addrs = Vec::new();
-            for (name, label) in
-                [("reg-registry-etcd-1", "registry 1"), ("reg-registry-etcd-2", "registry 2")]
-            {
-                let (p, ready) = Proc::spawn_ready(
-                    name,
-                    &env.bin("registry"),
-                    &registry_args(Some(etcd_addr)),
-                    env.proxy_core,
-                    &env.work,
-                )
-                .map_err(|e| e.to_string())?;
+            let pair = start_replicas(env, etcd_addr, ["reg-registry-etcd-1", "reg-registry-etcd-2"])?;
+            for ((p, addr), label) in pair.into_iter().zip(["registry 1", "registry 2"]) {
                 procs.push((label, p));
-                addrs.push(ready.addr("listen"));
+                addrs.push(addr);
             }
             procs.push(("etcd", etcd));
             second = Some(addrs[1]);

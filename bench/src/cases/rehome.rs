@@ -9,16 +9,14 @@
 //! registering again).
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::heartbeat_load::{heartbeats, register_all, register_with_ttl, Fleet};
-use super::registry::{registry_args, start_etcd};
+use super::registry::{start_etcd, start_replicas};
 use super::Sizes;
 use crate::http1::{request, Conn, Dial};
 use crate::peers::Env;
-use crate::procs::{wait_http_ok, Proc};
 
 /// The sidecar's default TTL: the dead replica's lease runs out this long
 /// after its last keep-alive.
@@ -55,21 +53,7 @@ pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
     let n = sizes.rehome_instances;
     let services = (n / 100).max(1);
     let (_etcd, _data, etcd_addr) = start_etcd(env, "rehome-etcd")?;
-    let mut replicas: Vec<(Proc, SocketAddr)> = Vec::new();
-    for name in ["rehome-registry-1", "rehome-registry-2"] {
-        let (p, ready) = Proc::spawn_ready(
-            name,
-            &env.bin("registry"),
-            &registry_args(Some(etcd_addr)),
-            env.proxy_core,
-            &env.work,
-        )
-        .map_err(|e| e.to_string())?;
-        let addr = ready.addr("listen");
-        wait_http_ok(name, addr, "bench", "/v1/services", Duration::from_secs(30))
-            .map_err(|e| format!("{e}; log:\n{}", p.log_tail()))?;
-        replicas.push((p, addr));
-    }
+    let mut replicas = start_replicas(env, etcd_addr, ["rehome-registry-1", "rehome-registry-2"])?;
     let (a, b) = (replicas[0].1, replicas[1].1);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
