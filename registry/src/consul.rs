@@ -29,6 +29,7 @@ pub mod shape;
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -113,6 +114,17 @@ fn wait_from(asked: u64, current: u64) -> u64 {
     }
 }
 
+/// A blocking query's index to wait from and how long, or `None` to answer
+/// at once; `current` reads the index the query is about.
+fn blocking<S: Store>(
+    st: &ApiState<S>,
+    q: &ConsulQuery,
+    current: impl FnOnce() -> u64,
+) -> Option<(u64, Duration)> {
+    let asked = q.index.filter(|i| *i != 0)?;
+    Some((wait_from(asked, current()), q.wait.unwrap_or(CONSUL_DEFAULT_WAIT.min(st.config.max_wait))))
+}
+
 fn path_service(path: Result<Path<String>, PathRejection>) -> Result<ServiceName, ApiError> {
     let Path(service) = path.map_err(|_| {
         ApiError::InvalidName(trellis_shared::NameError {
@@ -178,9 +190,7 @@ async fn catalog_services<S: Store>(
 ) -> Result<Response, ApiError> {
     let takes = Takes { passing: false, tag: false };
     let (grant, q) = prepare(&st, &headers, &client, Need::List, raw.as_deref(), takes)?;
-    if let Some(asked) = q.index.filter(|i| *i != 0) {
-        let from = wait_from(asked, st.store.catalog().0);
-        let wait = q.wait.unwrap_or(CONSUL_DEFAULT_WAIT.min(st.config.max_wait));
+    if let Some((from, wait)) = blocking(&st, &q, || st.store.catalog().0) {
         st.watches.wait_catalog(&*st.store, from, wait, ip(&client)).await;
     }
     let (index, services) = st.store.catalog();
@@ -199,13 +209,9 @@ async fn snapshot<S: Store>(
     q: &ConsulQuery,
     client: &Client,
 ) -> Arc<ServiceSnapshot> {
-    match q.index.filter(|i| *i != 0) {
+    match blocking(st, q, || st.store.snapshot(service).index()) {
         None => st.store.snapshot(service),
-        Some(asked) => {
-            let from = wait_from(asked, st.store.snapshot(service).index());
-            let wait = q.wait.unwrap_or(CONSUL_DEFAULT_WAIT.min(st.config.max_wait));
-            st.watches.wait(&*st.store, service, from, wait, ip(client)).await
-        }
+        Some((from, wait)) => st.watches.wait(&*st.store, service, from, wait, ip(client)).await,
     }
 }
 
@@ -281,9 +287,7 @@ async fn health_state<S: Store>(
     };
     let takes = Takes { passing: false, tag: false };
     let (grant, q) = prepare(&st, &headers, &client, Need::List, raw.as_deref(), takes)?;
-    if let Some(asked) = q.index.filter(|i| *i != 0) {
-        let from = wait_from(asked, *st.store.changes().borrow());
-        let wait = q.wait.unwrap_or(CONSUL_DEFAULT_WAIT.min(st.config.max_wait));
+    if let Some((from, wait)) = blocking(&st, &q, || *st.store.changes().borrow()) {
         st.watches.wait_any(&*st.store, from, wait, ip(&client)).await;
     }
     // The index first, so it never runs ahead of the snapshots read after it.
