@@ -126,10 +126,11 @@ fn healthy_demo_instances(port: u16) -> Option<usize> {
     v["instances"].as_array().map(|a| a.len())
 }
 
-/// How many instances the replica on `port` owns (`/v1/status`).
+/// How many instances the replica on `port` owns with their key on its lease
+/// (`/v1/status`: those it answers for, less those whose move is queued).
 fn owned(port: u16) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_str(&http_get(port, "/v1/status")?).ok()?;
-    v["owned"].as_u64()
+    v["owned"].as_u64()?.checked_sub(v["adopting"].as_u64()?)
 }
 
 #[test]

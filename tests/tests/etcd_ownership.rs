@@ -113,6 +113,12 @@ async fn owned_by(http: &reqwest::Client, base: &str) -> Option<usize> {
     Some(v["leases"].as_array()?.iter().filter(|l| l["since_renewal_ms"].is_u64()).count())
 }
 
+/// Instances `base` answers for whose key has yet to move to its lease.
+async fn adopting(http: &reqwest::Client, base: &str) -> Option<u64> {
+    let v: Value = http.get(format!("{base}/v1/status")).send().await.ok()?.json().await.ok()?;
+    v["adopting"].as_u64()
+}
+
 /// Watches a replica's view of the fleet every 20 ms: the fewest instances and
 /// the indexes seen.
 struct Watcher {
@@ -189,8 +195,14 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
 
     first.proc.kill9();
     let killed = Instant::now();
-    let rehomed = wait_for("every instance owned by replica 2", Duration::from_secs(30), || async {
+    // Answered by replica 2 at once, and on its lease once the queued moves
+    // are written.
+    let answered = wait_for("every instance answered by replica 2", Duration::from_secs(30), || async {
         (owned_by(&http, &b).await? == N).then(|| killed.elapsed())
+    })
+    .await;
+    let rehomed = wait_for("every instance on replica 2's lease", Duration::from_secs(30), || async {
+        (adopting(&http, &b).await? == 0).then(|| killed.elapsed())
     })
     .await;
     // Past the dead replica's lease (5 s): nothing it held is lost.
@@ -203,9 +215,10 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     let renewed = fleet.renewed_since(killed + Duration::from_secs(6));
     fleet.stop().await;
     println!(
-        "owner killed: {owned_a} of {N} instances re-homed on replica 2 in {:.2}s; discovery on replica 2 \
-         looked at {looks} times showed at least {fewest} of {N}, indexes {indexes:?}; {} heartbeats failed, \
-         {reregistered} re-registrations; client requests {ok} ok, {} failed",
+        "owner killed: {owned_a} of {N} instances answered by replica 2 after {:.2}s, on its lease after \
+         {:.2}s; discovery on replica 2 looked at {looks} times showed at least {fewest} of {N}, indexes \
+         {indexes:?}; {} heartbeats failed, {reregistered} re-registrations; client requests {ok} ok, {} failed",
+        answered.as_secs_f64(),
         rehomed.as_secs_f64(),
         heartbeat_failures.len(),
         failures.len()

@@ -2,11 +2,12 @@
 //! instance registered through (so owned by) the first and heartbeating
 //! through it, the second named as the fallback, as a sidecar's
 //! `--registry A,B` does. The first is killed with SIGKILL; each heartbeat
-//! then fails over and adopts its instance on the second, one etcd
-//! transaction each. Measured: how long until the second owns them all, the
-//! fewest instances discovery showed meanwhile, and the instances lost
-//! (heartbeats answered `unknown_instance`, which a sidecar would answer by
-//! registering again).
+//! then fails over to the second, which answers for the instance at once and
+//! queues the move of its key to its own lease (written in batches).
+//! Measured: how long until the second answers for them all and until every
+//! key is on its lease, the fewest instances discovery showed meanwhile, and
+//! the instances lost (heartbeats answered `unknown_instance`, which a
+//! sidecar would answer by registering again).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -29,7 +30,9 @@ const AFTER_KILL: Duration = Duration::from_secs(4 * TTL_SECS);
 
 pub struct Rehome {
     pub instances: usize,
-    /// From the kill until the survivor owned every instance.
+    /// From the kill until the survivor answered for every instance.
+    pub answered: Option<Duration>,
+    /// From the kill until every instance's key was on the survivor's lease.
     pub rehomed: Option<Duration>,
     /// The fewest instances the survivor's discovery held after the kill.
     pub fewest: usize,
@@ -42,11 +45,22 @@ pub struct Rehome {
     pub failed: u64,
 }
 
-/// `(owned, instances)` from a replica's `/v1/status`.
-async fn status(conn: &mut Conn) -> Option<(usize, usize)> {
+/// A replica's `/v1/status`, in part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status {
+    /// Instances it answers heartbeats for.
+    owned: usize,
+    /// Of those, the ones whose key has yet to move to its lease.
+    adopting: usize,
+    /// Instances in its discovery.
+    instances: usize,
+}
+
+async fn status(conn: &mut Conn) -> Option<Status> {
     let code = conn.roundtrip(&request("GET", "/v1/status", "")).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(conn.body()).ok().filter(|_| code == 200)?;
-    Some((v["owned"].as_u64()? as usize, v["instances"].as_u64()? as usize))
+    let count = |field: &str| v[field].as_u64().map(|n| n as usize);
+    Some(Status { owned: count("owned")?, adopting: count("adopting")?, instances: count("instances")? })
 }
 
 pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
@@ -71,7 +85,8 @@ pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
             .map_err(|e| format!("registering with a {TTL_SECS} s TTL: {e}"))?;
         let mut on_a = Conn::connect(a).await.map_err(|e| e.to_string())?;
         let settled = Instant::now() + Duration::from_secs(30);
-        while status(&mut on_a).await != Some((n, n)) {
+        let all = Status { owned: n, adopting: 0, instances: n };
+        while status(&mut on_a).await != Some(all) {
             if Instant::now() > settled {
                 return Err(format!(
                     "replica 1 never owned all {n} instances: {:?}",
@@ -90,12 +105,15 @@ pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
         tokio::time::sleep_until(kill_at.into()).await;
         replicas[0].0.kill9();
         let killed = Instant::now();
-        let (mut rehomed, mut fewest, mut at_end) = (None, n, 0);
+        let (mut answered, mut rehomed, mut fewest, mut at_end) = (None, None, n, 0);
         while Instant::now() < stop {
-            if let Some((owned, instances)) = status(&mut on_b).await {
-                fewest = fewest.min(instances);
-                at_end = instances;
-                if owned == n && rehomed.is_none() {
+            if let Some(s) = status(&mut on_b).await {
+                fewest = fewest.min(s.instances);
+                at_end = s.instances;
+                if s.owned == n && answered.is_none() {
+                    answered = Some(killed.elapsed());
+                }
+                if s.owned == n && s.adopting == 0 && rehomed.is_none() {
                     rehomed = Some(killed.elapsed());
                 }
             }
@@ -104,6 +122,7 @@ pub fn measure(env: &Env, sizes: &Sizes) -> Result<Rehome, String> {
         let stats = run.await.map_err(|e| e.to_string())?;
         Ok::<_, String>(Rehome {
             instances: n,
+            answered,
             rehomed,
             fewest,
             at_end,
@@ -120,22 +139,28 @@ pub fn report(b: &mut String, r: &Rehome) {
         "\n**Failover at scale.** Two replicas on one etcd, all three on core 0; {} instances registered through \
          replica 1 (which owns them) with the sidecar's {TTL_SECS} s TTL, heartbeating once a second through it with \
          replica 2 as the fallback. Replica 1 is killed with SIGKILL; each heartbeat that finds it gone goes to \
-         replica 2, which adopts the instance (one etcd transaction) and keeps replica 1's lease alive from the first adoption on. \
+         replica 2, which answers for the instance at once and queues the move of its key to its own lease \
+         (written {} moves per etcd transaction), keeping replica 1's lease alive until the last has moved. \
          Replica 2's `/v1/status` is read every {} ms for {} s after the kill.\n",
         r.instances,
+        trellis_registry::store::etcd::adoption::BATCH,
         POLL.as_millis(),
         AFTER_KILL.as_secs()
     );
     let _ = writeln!(
         b,
-        "| instances | all owned by replica 2 after | fewest in discovery after the kill | in discovery at the end | heartbeats answered unknown (instances lost) | heartbeats without a 2xx |"
+        "| instances | all answered by replica 2 after | all on its lease after | fewest in discovery after the kill | in discovery at the end | heartbeats answered unknown (instances lost) | heartbeats without a 2xx |"
     );
-    let _ = writeln!(b, "|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(b, "|---:|---:|---:|---:|---:|---:|---:|");
+    let within = |d: Option<Duration>| {
+        d.map_or("not within the run".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
     let _ = writeln!(
         b,
-        "| {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} |",
         r.instances,
-        r.rehomed.map_or("not within the run".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+        within(r.answered),
+        within(r.rehomed),
         r.fewest,
         r.at_end,
         r.unknown,

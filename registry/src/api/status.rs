@@ -127,6 +127,9 @@ struct StatusOut<'a> {
     /// The instances whose heartbeats this replica serves (it owns them) on
     /// the etcd store; `null` for memory.
     owned: Option<usize>,
+    /// Of those, the ones whose move to this replica's lease is still queued
+    /// (their sidecar failed over here); `null` for memory.
+    adopting: Option<usize>,
     stale: bool,
     epoch: &'a str,
     uptime_seconds: u64,
@@ -170,7 +173,8 @@ pub async fn status<S: Store>(
             StoreSpec::Etcd { .. } => "etcd",
         },
         replica: store.replica(),
-        owned: store.owned(),
+        owned: store.owned().map(|o| o.owned + o.adopting),
+        adopting: store.owned().map(|o| o.adopting),
         stale: store.stale(),
         epoch: store.epoch(),
         uptime_seconds: st.activity.uptime().as_secs(),

@@ -7,9 +7,9 @@
 //! (`ceil(1.5 * election timeout)`, 2 s with etcd's defaults), so that is the
 //! effective shortest lease. A heartbeat to the owner renews a deadline in its
 //! memory ([`ownership`]) and sends etcd nothing; a change of status is a put.
-//! A heartbeat to another replica adopts the instance: one transaction
-//! re-attaches the unchanged record to that replica's lease, so discovery never
-//! sees it leave. The owner deletes the key when the deadline passes; when the
+//! A heartbeat to another replica adopts the instance: that replica answers
+//! for it at once, and a queued transaction ([`adoption`]) re-attaches the
+//! unchanged record to its lease, so discovery never sees it leave. The owner deletes the key when the deadline passes; when the
 //! owner dies, etcd drops its lease one TTL later, by which time live sidecars
 //! have moved to another replica and adopted their instances. Each replica
 //! follows the prefix with a require-leader watch from the revision of its
@@ -35,8 +35,10 @@
 //! - [`setup`]: `registry etcd-setup`, which turns etcd's auth on for the registry.
 //! - [`cache`]: the replica's local copy, per-service snapshots and indexes.
 //! - [`ownership`]: this replica's leases and the deadlines of the instances it owns.
+//! - [`adoption`]: instances that moved here, waiting for their key to follow.
 //! - [`cluster_brake`]: the expiry brake across replicas (renewal tallies per replica).
 
+pub mod adoption;
 pub mod auth;
 pub mod cache;
 pub mod client;
@@ -57,12 +59,14 @@ use trellis_shared::backoff::Backoff;
 use trellis_shared::{Instance, InstanceId, ServiceName, ServiceSummary};
 use url::Url;
 
+use self::adoption::{Adoption, Adoptions};
 use self::cache::{encode, Cache, Cached};
 use self::client::{EtcdClient, EtcdError, EventType};
 use self::cluster_brake::ClusterBrake;
-use self::ownership::Ownership;
+use self::ownership::{Beat, Ownership};
 use super::{
-    Change, Heartbeat, LeaseState, LeasedInstance, ServiceSnapshot, Store, StoreError, WriteOutcome,
+    Change, Heartbeat, LeaseState, LeasedInstance, OwnedCount, ServiceSnapshot, Store, StoreError,
+    WriteOutcome,
 };
 use crate::brake::GuardConfig;
 use crate::metrics::{EtcdMetrics, StoreMetrics};
@@ -83,6 +87,16 @@ pub struct EtcdSettings {
     pub caps: crate::store::table::Caps,
     /// TLS and credentials towards etcd.
     pub access: config::EtcdAccess,
+}
+
+/// What became of one transaction of queued adoptions.
+enum Moved {
+    /// Every key is on this replica's lease now.
+    All,
+    /// A key changed since its heartbeat: nothing was written.
+    Changed,
+    /// etcd did not answer: nothing was written; try again later.
+    Later,
 }
 
 /// The shortest pause between two expiry passes of an owner: expiry may be
@@ -109,6 +123,7 @@ pub struct EtcdStore {
     store_metrics: StoreMetrics,
     brake: ClusterBrake,
     ownership: Ownership,
+    adoptions: Adoptions,
     /// One grant at a time, so concurrent first registrations share one lease.
     granting: tokio::sync::Mutex<()>,
 }
@@ -174,6 +189,7 @@ impl EtcdStore {
             brake: ClusterBrake::new(settings.guards, store_metrics.clone()),
             store_metrics,
             ownership: Ownership::default(),
+            adoptions: Adoptions::default(),
             granting: tokio::sync::Mutex::new(()),
             settings,
         })
@@ -359,7 +375,7 @@ impl EtcdStore {
             let Some(revision) = self.write(service, &mut next, Some(current.mod_revision)).await? else {
                 continue;
             };
-            self.renewed(service, id, next.ttl);
+            self.brake.renewed(&self.cache.key(service, id), next.ttl);
             if status.is_some() {
                 self.settle(revision).await;
                 let index = u64::try_from(revision).unwrap_or(0);
@@ -438,7 +454,7 @@ impl EtcdStore {
                 continue;
             }
             if std::mem::take(&mut was_paused) {
-                info!(owned = self.ownership.owned(), "etcd is back: deadlines restart from now");
+                info!(owned = self.ownership.owned().owned, "etcd is back: deadlines restart from now");
                 self.ownership.extend_all(now);
             }
             // At most one pass per EXPIRY_PASS: deadlines are spread over
@@ -590,9 +606,153 @@ impl EtcdStore {
         }
     }
 
-    /// Counts a renewal served by this replica for the brake.
-    fn renewed(&self, service: &ServiceName, id: &InstanceId, ttl: Duration) {
-        self.brake.renewed(&self.cache.key(service, id), ttl);
+    /// A heartbeat without a change of status for `cached`, on another
+    /// replica's lease: this replica answers for the instance from now on and
+    /// queues the move of its key to its own lease, keeping the lease it is
+    /// on alive until then. A full queue writes the move on the request.
+    async fn adopt_later(
+        &self,
+        service: &ServiceName,
+        key: Vec<u8>,
+        cached: Cached,
+        index: u64,
+        hb: Heartbeat,
+    ) -> Result<WriteOutcome, StoreError> {
+        let lease = self.replica_lease(cached.ttl).await?;
+        self.check_lease(lease)?;
+        let now = tokio::time::Instant::now();
+        // At once rather than at the next round: the lease may be close to
+        // running out, its owner having died up to a TTL ago.
+        if self.ownership.foster(cached.lease, cached.ttl, now) {
+            let _ = self.client.keep_alive(cached.lease).await;
+        }
+        let previous_status = Some(cached.instance.status);
+        let ttl = cached.ttl;
+        if self.ownership.adopt_later(&key, ttl, cached.mod_revision, cached.lease, now) {
+            let adoption = Adoption { service: service.clone(), key: key.clone(), seen: cached.clone() };
+            if !self.adoptions.push(adoption) {
+                self.ownership.forget_if(&key, cached.mod_revision);
+                return self.adopt(service, &cached.instance.id.clone(), cached, hb).await;
+            }
+        }
+        self.brake.renewed(&key, ttl);
+        Ok(WriteOutcome { change: Change::Renewed, index, previous_status })
+    }
+
+    /// Writes the queued moves until `shutdown`, a few batches at a time;
+    /// waits while etcd has no quorum.
+    async fn drain_adoptions(&self, shutdown: &CancellationToken) {
+        loop {
+            if self.adoptions.is_empty() || self.is_stale() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.adoptions.queued.notified(), if !self.is_stale() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                continue;
+            }
+            let batches = self.adoptions.take();
+            let failed: Vec<Vec<Adoption>> =
+                futures_util::future::join_all(batches.into_iter().map(|b| self.adopt_batch(b))).await;
+            let failed: Vec<Adoption> = failed.into_iter().flatten().collect();
+            if !failed.is_empty() {
+                self.adoptions.retry(failed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    }
+
+    /// Moves `batch` to this replica's leases, in one transaction; returns the
+    /// moves to try again later (etcd out of reach). When a comparison fails
+    /// (some key changed since its heartbeat: another replica took it, or
+    /// its owner wrote it), each move is tried on its own, and those whose
+    /// key changed are no longer this replica's.
+    async fn adopt_batch(&self, batch: Vec<Adoption>) -> Vec<Adoption> {
+        // Those that moved meanwhile (a status write here, a deletion, a
+        // move elsewhere) are done with.
+        let batch: Vec<Adoption> = batch
+            .into_iter()
+            .filter(|a| self.ownership.adopting(&a.key) == Some(a.seen.mod_revision))
+            .collect();
+        match self.write_moves(&batch).await {
+            Moved::All => Vec::new(),
+            Moved::Changed if batch.len() == 1 => {
+                self.not_adopted(&batch[0]);
+                Vec::new()
+            }
+            Moved::Changed => {
+                let one_by_one = batch.iter().map(|a| async move {
+                    match self.write_moves(std::slice::from_ref(a)).await {
+                        Moved::All => None,
+                        Moved::Changed => {
+                            self.not_adopted(a);
+                            None
+                        }
+                        Moved::Later => Some(a.clone()),
+                    }
+                });
+                futures_util::future::join_all(one_by_one).await.into_iter().flatten().collect()
+            }
+            Moved::Later => batch,
+        }
+    }
+
+    /// The key of `a` changed before its move was written: whoever changed it
+    /// has it now.
+    fn not_adopted(&self, a: &Adoption) {
+        self.ownership.forget_if(&a.key, a.seen.mod_revision);
+        debug!(key = %String::from_utf8_lossy(&a.key), "changed before its adoption; not ours");
+    }
+
+    /// One transaction putting every move's record under this replica's lease
+    /// for its TTL, if every key is still at the revision its heartbeat saw.
+    async fn write_moves(&self, batch: &[Adoption]) -> Moved {
+        if batch.is_empty() {
+            return Moved::All;
+        }
+        let guards: Vec<_> = batch.iter().map(|a| self.ownership.begin_write(&a.key)).collect();
+        let mut writes = Vec::with_capacity(batch.len());
+        for a in batch {
+            let lease = match self.replica_lease(a.seen.ttl).await {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(error = %e, "cannot get a lease to adopt onto; retrying");
+                    return Moved::Later;
+                }
+            };
+            let record = Cached { lease, ..a.seen.clone() };
+            writes.push((a.key.as_slice(), a.seen.mod_revision, encode(&a.service, &record), lease));
+        }
+        match self.client.put_all_if(&writes).await {
+            Ok((h, true)) => {
+                let now = tokio::time::Instant::now();
+                for (a, guard) in batch.iter().zip(&guards) {
+                    if !self.ownership.adopted(guard, a.seen.ttl, h.revision, now) {
+                        debug!(revision = h.revision, "adopted, but another replica took it over since");
+                    }
+                    // Instances nobody adopts (their sidecars died too)
+                    // expire with it a TTL after the last move.
+                    self.ownership.foster(a.seen.lease, a.seen.ttl, now);
+                }
+                debug!(instances = batch.len(), revision = h.revision, "instances adopted");
+                Moved::All
+            }
+            Ok((_, false)) => Moved::Changed,
+            Err(e) if e.is_not_found() => {
+                warn!("etcd no longer has a lease this replica adopts onto; granting another");
+                for (_, _, _, lease) in &writes {
+                    self.ownership.lost(*lease);
+                }
+                Moved::Later
+            }
+            Err(e) => {
+                debug!(error = %e, moves = batch.len(), "cannot adopt now; retrying");
+                Moved::Later
+            }
+        }
     }
 
     /// Marks the store stale or fresh from a linearizable read every
@@ -658,7 +818,7 @@ impl Store for EtcdStore {
             if unchanged && self.ownership.is_mine(old.lease) {
                 self.check_lease(old.lease)?;
                 if self.ownership.renew(&key, tokio::time::Instant::now()).is_some() {
-                    self.renewed(service, &id, old.ttl);
+                    self.brake.renewed(&key, old.ttl);
                     debug!(service = %service, instance = %id, "instance re-registered");
                     let previous_status = Some(old.instance.status);
                     return Ok(WriteOutcome { change: Change::Renewed, index: *index, previous_status });
@@ -668,7 +828,7 @@ impl Store for EtcdStore {
         let moved = existing.as_ref().is_none_or(|(old, _)| !old.instance.same_membership(&reg.instance));
         let mut cached = Cached { instance: Arc::new(reg.instance), lease: 0, ttl: reg.ttl, mod_revision: 0 };
         let revision = self.put(service, &mut cached).await?;
-        self.renewed(service, &id, cached.ttl);
+        self.brake.renewed(&key, cached.ttl);
         self.settle(revision).await;
         let (change, index) = match &existing {
             None => (Change::Added, u64::try_from(revision).unwrap_or(0)),
@@ -679,7 +839,8 @@ impl Store for EtcdStore {
     }
 
     /// On the owner: a deadline renewed in memory (and a put only when the
-    /// status changes). Elsewhere: an adoption.
+    /// status changes). Elsewhere: an adoption, queued unless the status
+    /// changes too.
     async fn heartbeat(
         &self,
         service: &ServiceName,
@@ -690,21 +851,20 @@ impl Store for EtcdStore {
         let unknown = || StoreError::UnknownInstance { service: service.clone(), id: id.clone() };
         let (cached, index) = self.find(service, id).await?.ok_or_else(unknown)?;
         let key = self.cache.key(service, id);
-        // Ours by the cache, or adopted here already while the watch has not
-        // yet brought that write back (adopting again would cost two writes).
-        let mine =
-            self.ownership.is_mine(cached.lease) || self.ownership.holds_since(&key, cached.mod_revision);
-        let seen = if mine {
-            match self.ownership.lease(lease_secs(cached.ttl)) {
-                Some(lease) => self.check_lease(lease)?,
-                None => return self.adopt(service, id, cached, hb).await,
+        let now = tokio::time::Instant::now();
+        let beat =
+            self.ownership.heartbeat(&key, cached.lease, cached.mod_revision, lease_secs(cached.ttl), now);
+        let seen = match beat {
+            Beat::Renewed(seen) => seen,
+            Beat::LeaseStale => {
+                return Err(StoreError::Unavailable("this replica cannot keep its etcd lease alive".into()))
             }
-            self.ownership.renew(&key, tokio::time::Instant::now())
-        } else {
-            None
+            Beat::NotOwned | Beat::NoLease if hb.status.is_some_and(|s| s != cached.instance.status) => {
+                return self.adopt(service, id, cached, hb).await
+            }
+            Beat::NotOwned | Beat::NoLease => return self.adopt_later(service, key, cached, index, hb).await,
         };
-        let Some(seen) = seen else { return self.adopt(service, id, cached, hb).await };
-        self.renewed(service, id, cached.ttl);
+        self.brake.renewed(&key, cached.ttl);
         let previous = cached.instance.status;
         let Some(status) = hb.status.filter(|s| *s != previous) else {
             // Output text alone is not worth a consensus write: it travels
@@ -762,7 +922,7 @@ impl Store for EtcdStore {
         Some(self.brake.replica())
     }
 
-    fn owned(&self) -> Option<usize> {
+    fn owned(&self) -> Option<OwnedCount> {
         Some(self.ownership.owned())
     }
 
@@ -830,6 +990,7 @@ impl Store for EtcdStore {
             brake,
             self.keep_leases(&shutdown),
             self.expire(&shutdown),
+            self.drain_adoptions(&shutdown),
             self.client.refresh_token(&shutdown)
         );
     }

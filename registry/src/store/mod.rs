@@ -162,6 +162,16 @@ pub struct LeaseState {
     pub held: bool,
 }
 
+/// The instances one replica of a shared store answers heartbeats for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct OwnedCount {
+    /// Those on its leases.
+    pub owned: usize,
+    /// Those whose sidecar moved here and whose key has yet to follow (the
+    /// move is queued).
+    pub adopting: usize,
+}
+
 /// Storage of registrations with revision-numbered changes and watches.
 ///
 /// Writes are async because a distributed store answers over the network; reads
@@ -241,7 +251,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many instances this replica answers heartbeats for, among those
     /// sharing the store; `None` for a store of one (it owns them all).
-    fn owned(&self) -> Option<usize> {
+    fn owned(&self) -> Option<OwnedCount> {
         None
     }
 

@@ -495,8 +495,30 @@ impl EtcdClient {
         value: &[u8],
         lease: i64,
     ) -> Result<(Header, bool), EtcdError> {
-        let put = json!({"request_put": {"key": enc(key), "value": enc(value), "lease": lease.to_string()}});
-        self.txn_if(key, mod_revision, put).await
+        self.put_all_if(&[(key, mod_revision, value.to_vec(), lease)]).await
+    }
+
+    /// Puts every `(key, expected mod_revision, value, lease)` in one
+    /// transaction if every key is still at its revision, else none: `false`
+    /// when a comparison failed (the caller cannot tell which).
+    pub async fn put_all_if(
+        &self,
+        writes: &[(&[u8], i64, Vec<u8>, i64)],
+    ) -> Result<(Header, bool), EtcdError> {
+        let compare: Vec<Value> = writes
+            .iter()
+            .map(|(key, rev, _, _)| {
+                json!({"key": enc(key), "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()})
+            })
+            .collect();
+        let success: Vec<Value> = writes
+            .iter()
+            .map(|(key, _, value, lease)| {
+                json!({"request_put": {"key": enc(key), "value": enc(value), "lease": lease.to_string()}})
+            })
+            .collect();
+        let r: TxnResponse = self.call("v3/kv/txn", &json!({"compare": compare, "success": success})).await?;
+        Ok((r.header, r.succeeded))
     }
 
     /// Deletes `key` if it was last modified at `mod_revision`: `false` when it was not.

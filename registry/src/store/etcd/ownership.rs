@@ -9,6 +9,11 @@
 //!
 //! Deadlines sit in an [`ExpiryQueue`], as in the memory store: a renewal only
 //! moves the deadline, and a due entry is checked against it before it counts.
+//!
+//! An instance whose sidecar moved here from another replica is owned at once,
+//! in memory, while the write that moves its key to this replica's lease waits
+//! in the adoption queue ([`super::adoption`]): it is *adopting* until then,
+//! and the lease it comes from is kept alive meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::expiry::ExpiryQueue;
 use crate::lock;
+use crate::store::OwnedCount;
 
 /// How long a replica lease stays usable after its last confirmed keep-alive,
 /// as a fraction of its TTL: past it, heartbeats are refused so that sidecars
@@ -34,7 +40,7 @@ struct ReplicaLease {
 }
 
 #[derive(Debug)]
-struct Owned {
+struct Entry {
     deadline: Instant,
     ttl: Duration,
     /// The key's revision as of this replica's last write or sighting: expiry
@@ -44,6 +50,8 @@ struct Owned {
     held: bool,
     /// When its one live queue entry falls due; other entries are left over.
     queued: Option<Instant>,
+    /// Still on this other replica's lease: its move here is queued.
+    adopting_from: Option<i64>,
 }
 
 /// Writes of one key under way on this replica, and the latest revision at
@@ -59,7 +67,7 @@ struct Pending {
 struct Inner {
     /// By TTL in whole seconds.
     leases: HashMap<i64, ReplicaLease>,
-    owned: HashMap<Vec<u8>, Owned>,
+    owned: HashMap<Vec<u8>, Entry>,
     queue: ExpiryQueue<Vec<u8>>,
     /// Only keys with a write in flight: a write that lands at a revision the
     /// watch has already seen superseded must not bring ownership back.
@@ -67,11 +75,36 @@ struct Inner {
     /// Other replicas' leases this one keeps alive, until when: those it
     /// adopted instances from lately (see [`Ownership::foster`]).
     fostered: HashMap<i64, Instant>,
+    /// Owned instances still adopting, by the lease they are still on.
+    adopting: HashMap<i64, usize>,
+}
+
+impl ReplicaLease {
+    fn is_fresh(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.confirmed) < self.granted / FRESH_FRACTION
+    }
 }
 
 impl Inner {
     fn is_mine(&self, lease: i64) -> bool {
         lease != 0 && self.leases.values().any(|l| l.id == lease)
+    }
+
+    /// Stops counting `from` as a lease an owned instance is still on.
+    fn adopted_from(&mut self, from: Option<i64>) {
+        let Some(from) = from else { return };
+        if let Some(n) = self.adopting.get_mut(&from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.adopting.remove(&from);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if let Some(o) = self.owned.remove(key) {
+            self.adopted_from(o.adopting_from);
+        }
     }
 
     /// The watch saw `key` leave this replica at `revision`.
@@ -80,7 +113,7 @@ impl Inner {
             p.left_at = p.left_at.max(revision);
         }
         if self.owned.get(key).is_some_and(|o| o.mod_revision <= revision) {
-            self.owned.remove(key);
+            self.remove(key);
         }
     }
 
@@ -101,6 +134,22 @@ impl Inner {
 pub struct Expired {
     pub key: Vec<u8>,
     pub mod_revision: i64,
+}
+
+/// What a heartbeat finds in this replica's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Owned: the deadline moved; the revision the owner last saw, which a
+    /// status write compares against.
+    Renewed(i64),
+    /// Another replica's, or not known here yet.
+    NotOwned,
+    /// Owned by the cache's account, but this replica has no lease for its
+    /// TTL (etcd dropped it).
+    NoLease,
+    /// Owned, but its lease was not confirmed lately: answering would risk a
+    /// key etcd is about to drop.
+    LeaseStale,
 }
 
 /// An owned instance's lease, for the dashboard.
@@ -159,11 +208,81 @@ impl Ownership {
 
     /// Whether `lease` was confirmed recently enough to answer for its keys.
     pub fn is_fresh(&self, lease: i64, now: Instant) -> bool {
-        lock(&self.inner)
-            .leases
-            .values()
-            .find(|l| l.id == lease)
-            .is_some_and(|l| now.saturating_duration_since(l.confirmed) < l.granted / FRESH_FRACTION)
+        lock(&self.inner).leases.values().find(|l| l.id == lease).is_some_and(|l| l.is_fresh(now))
+    }
+
+    /// A heartbeat of `key`, cached on `lease` at `mod_revision` with a TTL
+    /// of `ttl_secs`: renews its deadline if this replica owns it. Owned means
+    /// on one of its leases, or written or adopted here as of a revision at
+    /// least the cache's (the watch has not caught up with that write yet).
+    pub fn heartbeat(&self, key: &[u8], lease: i64, mod_revision: i64, ttl_secs: i64, now: Instant) -> Beat {
+        let mut inner = lock(&self.inner);
+        let mine =
+            inner.is_mine(lease) || inner.owned.get(key).is_some_and(|o| o.mod_revision >= mod_revision);
+        if !mine {
+            return Beat::NotOwned;
+        }
+        match inner.leases.get(&ttl_secs) {
+            None => return Beat::NoLease,
+            Some(l) if !l.is_fresh(now) => return Beat::LeaseStale,
+            Some(_) => {}
+        }
+        let Some(o) = inner.owned.get_mut(key) else { return Beat::NotOwned };
+        o.deadline = now + o.ttl;
+        o.held = false;
+        Beat::Renewed(o.mod_revision)
+    }
+
+    /// A heartbeat of `key`, which is on `from`, another replica's lease, at
+    /// `mod_revision`: this replica owns it from now on, with a deadline one
+    /// `ttl` away, and its move here is to be queued. True when it was not
+    /// owned yet (the caller queues the move); false when a concurrent
+    /// heartbeat got here first (only the deadline moved).
+    pub fn adopt_later(&self, key: &[u8], ttl: Duration, mod_revision: i64, from: i64, now: Instant) -> bool {
+        let mut inner = lock(&self.inner);
+        let deadline = now + ttl;
+        if let Some(o) = inner.owned.get_mut(key) {
+            o.deadline = o.deadline.max(deadline);
+            o.held = false;
+            return false;
+        }
+        let entry =
+            Entry { deadline, ttl, mod_revision, held: false, queued: None, adopting_from: Some(from) };
+        inner.owned.insert(key.to_vec(), entry);
+        *inner.adopting.entry(from).or_default() += 1;
+        if inner.schedule(key, deadline) {
+            self.earlier.notify_one();
+        }
+        true
+    }
+
+    /// The revision `key` is to be moved from, while it is still adopting
+    /// here; `None` once it moved, was written here meanwhile, or left.
+    pub fn adopting(&self, key: &[u8]) -> Option<i64> {
+        lock(&self.inner).owned.get(key).filter(|o| o.adopting_from.is_some()).map(|o| o.mod_revision)
+    }
+
+    /// The queued move `guard` stands for landed at `mod_revision`: the key
+    /// is on this replica's lease now, and its deadline (set by its
+    /// heartbeats meanwhile) stays. False, and the key is not claimed, when
+    /// the watch saw it leave at a later revision.
+    pub fn adopted(&self, guard: &WriteGuard<'_>, ttl: Duration, mod_revision: i64, now: Instant) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.pending.get(&guard.key).is_some_and(|p| p.left_at > mod_revision) {
+            return false;
+        }
+        match inner.owned.get_mut(&guard.key) {
+            Some(o) => {
+                o.mod_revision = o.mod_revision.max(mod_revision);
+                let from = o.adopting_from.take();
+                inner.adopted_from(from);
+            }
+            None => {
+                drop(inner);
+                self.claim(&guard.key, ttl, mod_revision, now);
+            }
+        }
+        true
     }
 
     /// A heartbeat of `key`: when this replica owns it, moves its deadline and
@@ -222,9 +341,11 @@ impl Ownership {
                 o.ttl = ttl;
                 o.mod_revision = o.mod_revision.max(mod_revision);
                 o.held = false;
+                let from = o.adopting_from.take();
+                inner.adopted_from(from);
             }
             None => {
-                let o = Owned { deadline, ttl, mod_revision, held: false, queued: None };
+                let o = Entry { deadline, ttl, mod_revision, held: false, queued: None, adopting_from: None };
                 inner.owned.insert(key.to_vec(), o);
             }
         }
@@ -260,15 +381,21 @@ impl Ownership {
     /// Keeps only the owned keys `present` still holds under one of this
     /// replica's leases (after re-reading the prefix).
     pub fn retain(&self, mut present: impl FnMut(&[u8]) -> bool) {
-        lock(&self.inner).owned.retain(|k, _| present(k));
+        let mut inner = lock(&self.inner);
+        let gone: Vec<Vec<u8>> = inner.owned.keys().filter(|k| !present(k)).cloned().collect();
+        for key in gone {
+            inner.remove(&key);
+        }
     }
 
     pub fn owns(&self, key: &[u8]) -> bool {
         lock(&self.inner).owned.contains_key(key)
     }
 
-    pub fn owned(&self) -> usize {
-        lock(&self.inner).owned.len()
+    pub fn owned(&self) -> OwnedCount {
+        let inner = lock(&self.inner);
+        let adopting = inner.adopting.values().sum::<usize>();
+        OwnedCount { owned: inner.owned.len().saturating_sub(adopting), adopting }
     }
 
     /// The earliest deadline queued.
@@ -316,7 +443,7 @@ impl Ownership {
 
     /// Forgets `key` (deregistered).
     pub fn forget(&self, key: &[u8]) {
-        lock(&self.inner).owned.remove(key);
+        lock(&self.inner).remove(key);
     }
 
     /// Forgets `key` if this replica still knows it at `mod_revision`: its
@@ -325,14 +452,8 @@ impl Ownership {
     pub fn forget_if(&self, key: &[u8], mod_revision: i64) {
         let mut inner = lock(&self.inner);
         if inner.owned.get(key).is_some_and(|o| o.mod_revision == mod_revision) {
-            inner.owned.remove(key);
+            inner.remove(key);
         }
-    }
-
-    /// Whether this replica owns `key` as of a revision at least `mod_revision`
-    /// (it adopted it, and its watch has not caught up with its own write).
-    pub fn holds_since(&self, key: &[u8], mod_revision: i64) -> bool {
-        lock(&self.inner).owned.get(key).is_some_and(|o| o.mod_revision >= mod_revision)
     }
 
     /// An instance was adopted from `lease`, another replica's. If that
@@ -358,12 +479,17 @@ impl Ownership {
         new
     }
 
-    /// The leases to keep alive for others at `now`; those past their time
-    /// are dropped.
+    /// The leases to keep alive for others at `now`: those adopted from in
+    /// the last TTL, and those owned instances are still on while their
+    /// move waits in the queue, however long that takes. The others are
+    /// dropped.
     pub fn fostered(&self, now: Instant) -> Vec<i64> {
         let mut inner = lock(&self.inner);
         inner.fostered.retain(|_, until| *until > now);
-        inner.fostered.keys().copied().collect()
+        let mut leases: Vec<i64> = inner.fostered.keys().chain(inner.adopting.keys()).copied().collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases
     }
 
     /// Stops keeping `lease` alive for others (etcd no longer has it).
@@ -375,8 +501,7 @@ impl Ownership {
     /// answer for its keys. While one is not, heartbeats to it are refused, so
     /// its instances must not be expired for missing them.
     pub fn leases_fresh(&self, now: Instant) -> bool {
-        let inner = lock(&self.inner);
-        inner.leases.values().all(|l| now.saturating_duration_since(l.confirmed) < l.granted / FRESH_FRACTION)
+        lock(&self.inner).leases.values().all(|l| l.is_fresh(now))
     }
 
     /// Restarts every owned deadline from `now` (quorum came back: heartbeats
@@ -513,7 +638,11 @@ mod tests {
         o.claim(b"k", TTL, 11, Instant::now());
         o.forget_if(b"k", 10);
         assert!(o.owns(b"k"));
-        assert!(o.holds_since(b"k", 11) && !o.holds_since(b"k", 12));
+        // Seen by the cache on another replica's lease at 11: ours (the watch
+        // is behind our write); at 12: someone wrote it after us.
+        o.confirm(5, 1, TTL, Instant::now());
+        assert_eq!(o.heartbeat(b"k", 2, 11, 5, Instant::now()), Beat::Renewed(11));
+        assert_eq!(o.heartbeat(b"k", 2, 12, 5, Instant::now()), Beat::NotOwned);
         tokio::time::advance(TTL).await;
         assert_eq!(o.due(Instant::now(), false).0, vec![Expired { key: b"k".to_vec(), mod_revision: 11 }]);
         o.forget_if(b"k", 11);
@@ -548,5 +677,64 @@ mod tests {
         o.foster(8, TTL, Instant::now());
         o.unfoster(8);
         assert!(o.fostered(Instant::now()).is_empty());
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_finds_owned_stale_and_foreign_instances() {
+        let o = owning(1);
+        o.claim(b"k", TTL, 10, Instant::now());
+        assert_eq!(o.heartbeat(b"k", 1, 10, 5, Instant::now()), Beat::Renewed(10));
+        assert_eq!(o.heartbeat(b"j", 2, 10, 5, Instant::now()), Beat::NotOwned);
+        assert_eq!(o.heartbeat(b"k", 1, 10, 7, Instant::now()), Beat::NoLease, "no lease for a 7 s TTL");
+        tokio::time::advance(TTL / 2).await;
+        assert_eq!(o.heartbeat(b"k", 1, 10, 5, Instant::now()), Beat::LeaseStale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopting_instance_is_answered_here_and_its_lease_kept_until_it_moved() {
+        let o = owning(1);
+        assert!(o.adopt_later(b"k", TTL, 10, 7, Instant::now()), "queued once");
+        assert!(!o.adopt_later(b"k", TTL, 10, 7, Instant::now()), "a second heartbeat queues nothing");
+        assert_eq!(o.owned(), OwnedCount { owned: 0, adopting: 1 });
+        assert_eq!(o.adopting(b"k"), Some(10));
+        // Its next heartbeats are renewals in memory, though the cache still
+        // shows it on lease 7.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(o.heartbeat(b"k", 7, 10, 5, Instant::now()), Beat::Renewed(10));
+        // The queue is slow: the lease it is on is kept alive however long
+        // the move waits.
+        tokio::time::advance(TTL * 3).await;
+        o.renew(b"k", Instant::now());
+        assert_eq!(o.fostered(Instant::now()), vec![7]);
+        let guard = o.begin_write(b"k");
+        assert!(o.adopted(&guard, TTL, 20, Instant::now()));
+        drop(guard);
+        assert_eq!(o.owned(), OwnedCount { owned: 1, adopting: 0 });
+        assert_eq!(o.adopting(b"k"), None);
+        assert!(o.fostered(Instant::now()).is_empty(), "moved, and nothing was fostered by time");
+        // The deadline set by the last heartbeat stays: no extra TTL for the move.
+        tokio::time::advance(TTL).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![Expired { key: b"k".to_vec(), mod_revision: 20 }]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopting_instance_taken_by_another_replica_is_let_go() {
+        let o = owning(1);
+        o.adopt_later(b"k", TTL, 10, 7, Instant::now());
+        let guard = o.begin_write(b"k");
+        // Another replica moved it at 21 and the watch said so before our
+        // move's answer (at 20) came back.
+        o.observe_put(b"k", 2, TTL, 21, Instant::now());
+        assert!(!o.adopted(&guard, TTL, 20, Instant::now()));
+        drop(guard);
+        assert!(!o.owns(b"k"));
+        assert_eq!(o.owned(), OwnedCount::default());
+        assert!(o.fostered(Instant::now()).is_empty());
+        // One that stops heartbeating before its move expires from the
+        // revision it was seen at, like any owned instance.
+        o.adopt_later(b"j", TTL, 30, 7, Instant::now());
+        tokio::time::advance(TTL).await;
+        assert_eq!(o.due(Instant::now(), false).0, vec![Expired { key: b"j".to_vec(), mod_revision: 30 }]);
+        o.observe_delete(b"j", 31);
+        assert_eq!(o.owned(), OwnedCount::default());
     }
 }
