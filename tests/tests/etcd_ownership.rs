@@ -3,10 +3,11 @@
 //! A fleet of simulated sidecars (each its own `RegistryClient` given both
 //! replica URLs, registering once and heartbeating every second with a 5 s
 //! TTL, as the sidecar does) keeps most of its instances on one replica.
-//! Killing that replica under client load fails no request, drops no instance
-//! from discovery, moves no service index, and every instance is re-homed on
-//! the other replica (its lease page there shows the last heartbeat) well
-//! within one TTL. etcd losing a member changes nothing; losing quorum flags
+//! Killing that replica under client load, or freezing it (SIGSTOP) for
+//! longer than its lease, fails no request, drops no instance from discovery,
+//! moves no service index, and every instance is re-homed on the other replica
+//! (its lease page there shows the last heartbeat) well within one TTL; the
+//! frozen one, thawed, lets go of what moved and takes nothing back. etcd losing a member changes nothing; losing quorum flags
 //! discovery stale and refuses heartbeats, and when quorum returns no
 //! instance expires for the heartbeats refused meanwhile.
 //!
@@ -156,9 +157,30 @@ impl Watcher {
     }
 }
 
+/// How the owner of most instances fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnerFailure {
+    /// SIGKILL: connections are refused at once.
+    Killed,
+    /// SIGSTOP for this long, then SIGCONT: requests hang until the
+    /// sidecars' 2 s timeout, and its etcd lease runs out meanwhile.
+    Frozen(Duration),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_replica_that_owns_most_instances_loses_none() {
     let Some(bin) = etcd_or_skip("killing_the_replica_that_owns_most_instances_loses_none") else { return };
+    owner_fails(bin, OwnerFailure::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freezing_the_replica_that_owns_most_instances_loses_none() {
+    let Some(bin) = etcd_or_skip("freezing_the_replica_that_owns_most_instances_loses_none") else { return };
+    // Twice the 5 s TTL: its lease is gone in etcd when it thaws.
+    owner_fails(bin, OwnerFailure::Frozen(Duration::from_secs(10))).await;
+}
+
+async fn owner_fails(bin: std::path::PathBuf, how: OwnerFailure) {
     const N: usize = 200;
     let etcd = Etcd::start(bin, 3).await;
     let store = etcd.store_flag("/ownership");
@@ -193,7 +215,10 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     load.wait_more(50, Duration::from_secs(30)).await;
     let watcher = Watcher::start(b.clone());
 
-    first.proc.kill9();
+    match how {
+        OwnerFailure::Killed => first.proc.kill9(),
+        OwnerFailure::Frozen(_) => first.proc.signal(libc::SIGSTOP),
+    }
     let killed = Instant::now();
     // Answered by replica 2 at once, and on its lease once the queued moves
     // are written.
@@ -206,7 +231,29 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     })
     .await;
     // Past the dead replica's lease (5 s): nothing it held is lost.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let past_lease = Duration::from_secs(8);
+    let thawed = match how {
+        OwnerFailure::Killed => {
+            tokio::time::sleep(past_lease).await;
+            None
+        }
+        OwnerFailure::Frozen(frozen) => {
+            tokio::time::sleep_until((killed + frozen.max(past_lease)).into()).await;
+            first.proc.signal(libc::SIGCONT);
+            let thawed = Instant::now();
+            // Thawed, it learns from its watch that every instance moved (and
+            // that its lease is gone): it lets them go and deletes none.
+            let let_go = wait_for("the thawed replica to let go", Duration::from_secs(30), || async {
+                (owned_by(&http, &a).await? == 0).then(|| thawed.elapsed())
+            })
+            .await;
+            let (ids, _, stale) = fleet_view(&http, &a).await.expect("the thawed replica answers");
+            assert_eq!((ids.len(), stale), (N, false), "the thawed replica's discovery");
+            // A few heartbeats later, still nothing taken back or lost.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Some(let_go)
+        }
+    };
     let (fewest, indexes, looks) = watcher.stop().await;
     let (ids_after, index_after, stale) = fleet_view(&http, &b).await.unwrap();
     let (ok, failures) = load.stop().await;
@@ -214,8 +261,12 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     let reregistered = fleet.reregistered.load(Ordering::Relaxed);
     let renewed = fleet.renewed_since(killed + Duration::from_secs(6));
     fleet.stop().await;
+    if let Some(let_go) = thawed {
+        println!("the frozen replica, thawed, owned nothing any more after {:.2}s", let_go.as_secs_f64());
+        assert_eq!(owned_by(&http, &a).await, Some(0), "the thawed replica took instances back");
+    }
     println!(
-        "owner killed: {owned_a} of {N} instances answered by replica 2 after {:.2}s, on its lease after \
+        "owner {how:?}: {owned_a} of {N} instances answered by replica 2 after {:.2}s, on its lease after \
          {:.2}s; discovery on replica 2 looked at {looks} times showed at least {fewest} of {N}, indexes \
          {indexes:?}; {} heartbeats failed, {reregistered} re-registrations; client requests {ok} ok, {} failed",
         answered.as_secs_f64(),
@@ -230,15 +281,21 @@ async fn killing_the_replica_that_owns_most_instances_loses_none() {
     assert_eq!(indexes, vec![index_before], "re-homing must not move the service's index");
     assert_eq!((ids_after, index_after, stale), (ids_before, index_before, false));
     assert_eq!(renewed, N, "every instance keeps heartbeating after the move");
-    assert!(rehomed < Duration::from_secs(5), "re-homing must finish within one TTL: {rehomed:?}");
+    // Within one TTL of the sidecars reaching replica 2: at once when the
+    // owner refuses connections, after their 2 s request timeout when it hangs.
+    let reached = if how == OwnerFailure::Killed { Duration::ZERO } else { Duration::from_secs(2) };
+    assert!(rehomed < reached + Duration::from_secs(5), "re-homing must finish within one TTL: {rehomed:?}");
     // The dead replica's tally went with it and the adopter counts what it
     // took over: the move must not look like heartbeats stopping.
-    let log = second.proc.log_text();
-    assert!(
-        !log.contains("expiry brake engaged"),
-        "the failover tripped the brake:\n{}",
-        second.proc.log_tail()
-    );
+    // Nor, thawed, may the frozen replica's first tally count the time it
+    // did not run as renewals missed.
+    for replica in [&second, &first] {
+        assert!(
+            !replica.proc.log_text().contains("expiry brake engaged"),
+            "the failover tripped the brake:\n{}",
+            replica.proc.log_tail()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

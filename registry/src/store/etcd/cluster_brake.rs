@@ -35,6 +35,11 @@ const BUCKET: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_secs(1);
 /// Lease of a replica's published tally: a dead replica's tally soon stops counting.
 const TALLY_LEASE_SECS: i64 = 5;
+/// The tally advances at least every [`TICK`]; a longer gap than this means
+/// the replica itself did not run (frozen, starved, or skipping rounds while
+/// etcd had no quorum and heartbeats were refused), not that instances fell
+/// silent, so the gap is expected of nobody.
+const STALLED: Duration = Duration::from_secs(3);
 
 /// What one replica publishes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -71,7 +76,12 @@ impl LocalRenewals {
     }
 
     fn advance(&mut self, now: Instant) {
-        if now > self.last {
+        if now.saturating_duration_since(self.last) > STALLED {
+            // What was counted before the stall is as old as the window, and
+            // its renewals went to other replicas meanwhile: start afresh.
+            self.buckets.clear();
+            self.last = now;
+        } else if now > self.last {
             let dt = (now - self.last).as_secs_f64();
             if let Some(b) = self.buckets.back_mut() {
                 b.expected += self.rate * dt;
@@ -344,5 +354,30 @@ mod tests {
         // Once it left the cache, it is no longer expected.
         local.retain(Instant::now(), |k| k != b"k0");
         assert_eq!(local.rates.len(), 9);
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_did_not_run_expects_nothing_of_the_gap() {
+        let ttl = Duration::from_secs(5);
+        let mut local = LocalRenewals::new(Instant::now());
+        let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("k{i}").into_bytes()).collect();
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            for k in &keys {
+                local.renewed(Instant::now(), k, ttl);
+            }
+            local.tally(Instant::now(), ttl);
+        }
+        // Frozen for 10 s (SIGSTOP): its sidecars went elsewhere. Thawed, its
+        // first tally must not publish 10 s of renewals expected and missed.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let thawed = local.tally(Instant::now(), ttl);
+        assert_eq!(thawed, Tally::default(), "{thawed:?}");
+        // Instances silent while it runs still count against the ratio.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            local.tally(Instant::now(), ttl);
+        }
+        let silent = local.tally(Instant::now(), ttl);
+        assert!(silent.expected >= 40.0 && silent.actual == 0.0, "{silent:?}");
     }
 }
