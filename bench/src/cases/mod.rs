@@ -12,6 +12,7 @@
 //!   plain text and with mutual TLS, for Trellis, HAProxy and nginx.
 //! - `heartbeat_load`: the heartbeat workload cases 4 and 6 share.
 
+mod etcd_grpc;
 mod failover;
 mod fixed_rate;
 mod heartbeat_load;

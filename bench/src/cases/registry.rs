@@ -158,7 +158,11 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 
 /// Registers every bulk instance in etcd, each under a lease of its own;
 /// returns the lease of each.
-async fn register_all_etcd(addr: SocketAddr, n: usize, services: usize) -> std::io::Result<Vec<String>> {
+pub(super) async fn register_all_etcd(
+    addr: SocketAddr,
+    n: usize,
+    services: usize,
+) -> std::io::Result<Vec<String>> {
     let conns = 64.min(n.max(1));
     let mut tasks = Vec::new();
     for c in 0..conns {
@@ -1027,6 +1031,14 @@ Targets of the etcd store (two replicas and etcd together):
 - **Failover at scale** did not complete: {e}
 "
             );
+        }
+    }
+    eprintln!("  case 4: etcd keep-alives over a gRPC stream");
+    let gateway_ms = figs.iter().find(|f| f.system == System::Etcd).map(|f| f.cpu_per_1k_ms);
+    match super::etcd_grpc::measure(env, sizes) {
+        Ok(g) => super::etcd_grpc::report(&mut b, &g, gateway_ms),
+        Err(e) => {
+            let _ = writeln!(b, "\n- **etcd keep-alives over a gRPC stream** did not complete: {e}\n");
         }
     }
     for (what, file, pick) in [
