@@ -120,11 +120,11 @@ async fn adopting(http: &reqwest::Client, base: &str) -> Option<u64> {
     v["adopting"].as_u64()
 }
 
-/// Watches a replica's view of the fleet every 20 ms: the fewest instances and
-/// the indexes seen.
+/// Watches a replica's view of the fleet every 20 ms: the fewest instances,
+/// the indexes seen, how many looks, and how many views showed an instance twice.
 struct Watcher {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<u64>, u64)>,
+    task: tokio::task::JoinHandle<(usize, Vec<u64>, u64, u64)>,
 }
 
 impl Watcher {
@@ -134,10 +134,14 @@ impl Watcher {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let http = http();
-                let (mut fewest, mut indexes, mut looks) = (usize::MAX, Vec::new(), 0u64);
+                let (mut fewest, mut indexes, mut looks, mut doubled) = (usize::MAX, Vec::new(), 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
                     if let Some((ids, index, _)) = fleet_view(&http, &base).await {
                         fewest = fewest.min(ids.len());
+                        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+                        if distinct.len() != ids.len() {
+                            doubled += 1;
+                        }
                         if indexes.last() != Some(&index) {
                             indexes.push(index);
                         }
@@ -145,13 +149,13 @@ impl Watcher {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                (fewest, indexes, looks)
+                (fewest, indexes, looks, doubled)
             })
         };
         Watcher { stop, task }
     }
 
-    async fn stop(self) -> (usize, Vec<u64>, u64) {
+    async fn stop(self) -> (usize, Vec<u64>, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap()
     }
@@ -254,7 +258,7 @@ async fn owner_fails(bin: std::path::PathBuf, how: OwnerFailure) {
             Some(let_go)
         }
     };
-    let (fewest, indexes, looks) = watcher.stop().await;
+    let (fewest, indexes, looks, doubled) = watcher.stop().await;
     let (ids_after, index_after, stale) = fleet_view(&http, &b).await.unwrap();
     let (ok, failures) = load.stop().await;
     let heartbeat_failures = fleet.failures();
@@ -267,8 +271,8 @@ async fn owner_fails(bin: std::path::PathBuf, how: OwnerFailure) {
     }
     println!(
         "owner {how:?}: {owned_a} of {N} instances answered by replica 2 after {:.2}s, on its lease after \
-         {:.2}s; discovery on replica 2 looked at {looks} times showed at least {fewest} of {N}, indexes \
-         {indexes:?}; {} heartbeats failed, {reregistered} re-registrations; client requests {ok} ok, {} failed",
+         {:.2}s; discovery on replica 2 looked at {looks} times showed at least {fewest} of {N} ({doubled} \
+         views with an instance twice), indexes {indexes:?}; {} heartbeats failed, {reregistered} re-registrations; client requests {ok} ok, {} failed",
         answered.as_secs_f64(),
         rehomed.as_secs_f64(),
         heartbeat_failures.len(),
@@ -278,6 +282,7 @@ async fn owner_fails(bin: std::path::PathBuf, how: OwnerFailure) {
     assert!(heartbeat_failures.is_empty(), "failed heartbeats: {heartbeat_failures:?}");
     assert_eq!(reregistered, 0, "no instance may be lost and registered again");
     assert_eq!(fewest, N, "an instance disappeared from discovery during the move");
+    assert_eq!(doubled, 0, "an instance was shown twice during the move");
     assert_eq!(indexes, vec![index_before], "re-homing must not move the service's index");
     assert_eq!((ids_after, index_after, stale), (ids_before, index_before, false));
     assert_eq!(renewed, N, "every instance keeps heartbeating after the move");

@@ -85,7 +85,8 @@ pub(super) async fn handle(ctx: &Context, caller: &Caller, req: Request<Incoming
     }
     caller.counters.allowed.inc();
     let result = if upgrade::is_upgrade(&req) {
-        upgrade::forward(ctx, caller, req, guard).await
+        // Boxed: an upgrade's state is not carried by every request.
+        Box::pin(upgrade::forward(ctx, caller, req, guard)).await
     } else {
         forward(ctx, caller, req, guard).await
     };
@@ -143,7 +144,10 @@ async fn forward(
         let (tx, reused) = match ctx.pool.checkout(&app.authority) {
             Some(tx) => (tx, true),
             None => (
-                ctx.pool.connect_plain(&app.authority).await.map_err(|(_, cause)| ctx.app_failed(cause))?,
+                // Boxed: a new connection's state is not carried by every request.
+                Box::pin(ctx.pool.connect_plain(&app.authority))
+                    .await
+                    .map_err(|(_, cause)| ctx.app_failed(cause))?,
                 false,
             ),
         };
@@ -162,4 +166,22 @@ pub(super) fn relay(resp: Response<Incoming>, guard: InFlight, conn: Option<Chec
     let mut resp = resp.map(|b| ResponseBody::upstream(b, guard, conn));
     headers::strip_hop_by_hop(resp.headers_mut());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// As on the outbound side: hyper moves the future per request, so the
+    /// rare paths are boxed where they start (5,100 bytes before, 2,100 after).
+    #[test]
+    fn a_request_future_stays_small() {
+        let size = returned_size::<&'static Context, &'static Caller, Request<Incoming>, _>(handle);
+        println!("inbound request future: {size} bytes");
+        assert!(size <= 4 * 1024, "{size} bytes");
+    }
 }

@@ -73,6 +73,19 @@ pub(super) async fn connect<'a>(
     if let Some(tx) = ctx.pool.checkout(&pick.endpoint.pool_key) {
         return Ok(Connected { pick, guard, tx, reused: true });
     }
+    // A new connection (TCP and TLS handshakes, hedges) is the rare path: its
+    // state lives on the heap, so a request served from the pool does not
+    // carry it (see `route`'s test of the request future's size).
+    Box::pin(connect_new(ctx, attempts, pick, guard, deadline)).await
+}
+
+async fn connect_new<'a>(
+    ctx: &ProxyContext,
+    attempts: Option<&mut Attempts<'a>>,
+    pick: Pick<'a>,
+    guard: InFlight,
+    deadline: Instant,
+) -> Result<Connected<'a>, NotConnected<'a>> {
     let delay = ctx.config.connect_hedge;
     let first = ctx.pool.connect(pick.endpoint);
     tokio::pin!(first);

@@ -125,7 +125,10 @@ pub(super) async fn forward(
                 .filter(|_| idempotent && body.is_empty() && attempts.has_more());
             match hedge_after {
                 None => send_h1(ctx, Some(&mut attempts), pick, guard, up, attempt_end).await,
-                Some(after) => hedged(ctx, &mut attempts, pick, guard, up, attempt_end, after).await,
+                // Boxed: two attempts' state, carried only by hedged requests.
+                Some(after) => {
+                    Box::pin(hedged(ctx, &mut attempts, pick, guard, up, attempt_end, after)).await
+                }
             }
         };
         // A hedged connect may have moved the attempt to another endpoint.

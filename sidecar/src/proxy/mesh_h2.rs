@@ -122,7 +122,8 @@ impl MeshH2 {
         slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         let mut tx = match slot.open() {
             Some(tx) => tx,
-            None => self.connect(&slot, ep).await?,
+            // Boxed: a handshake's state is not carried by every request.
+            None => Box::pin(self.connect(&slot, ep)).await?,
         };
         match tx.try_send_request(req).await {
             Ok(resp) => Ok(resp),
@@ -131,7 +132,7 @@ impl MeshH2 {
                 // connection takes it (once; a second failure is the endpoint's).
                 Some(back) => {
                     debug!(endpoint = %ep.authority, error = %e.error(), "mesh h2 connection was closed; reconnecting");
-                    let mut tx = self.connect(&slot, ep).await?;
+                    let mut tx = Box::pin(self.connect(&slot, ep)).await?;
                     tx.send_request(back).await.map_err(|e| SendError::Send(Box::new(e)))
                 }
                 None => Err(SendError::Send(Box::new(e.into_error()))),
