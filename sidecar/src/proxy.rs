@@ -259,3 +259,10 @@ impl ProxyContext {
         ep.begin_timed(self.config.balance.zone.routing_zone().is_some())
     }
 }
+
+/// The size of what `f` returns, without calling it: for the tests that keep
+/// per-request futures small.
+#[cfg(test)]
+pub(crate) fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+    std::mem::size_of::<R>()
+}

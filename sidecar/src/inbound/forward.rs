@@ -171,10 +171,7 @@ pub(super) fn relay(resp: Response<Incoming>, guard: InFlight, conn: Option<Chec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
+    use crate::proxy::returned_size;
 
     /// As on the outbound side: hyper moves the future per request, so the
     /// rare paths are boxed where they start (5,100 bytes before, 2,100 after).
