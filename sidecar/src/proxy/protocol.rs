@@ -9,11 +9,15 @@
 //! closing. An endpoint that cannot be reached or does not answer in time is
 //! not remembered and gets HTTP/1.1 this time; connecting fails the same way
 //! for the request itself, which the retry rules then handle.
+//!
+//! Every HTTP/2 request reads the map, and a write happens once per endpoint:
+//! readers load an `ArcSwap` without a lock, and a writer swaps in a copy.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -28,29 +32,26 @@ const SETTINGS: u8 = 0x4;
 
 #[derive(Debug, Default)]
 pub struct Protocols {
-    known: Mutex<HashMap<String, bool>>,
+    known: ArcSwap<HashMap<String, bool>>,
 }
 
 impl Protocols {
     /// Whether the endpoint at `authority` speaks HTTP/2 with prior knowledge.
     pub async fn speaks_h2(&self, authority: &str, timeout: Duration) -> bool {
-        if let Some(&h2) = self.lock().get(authority) {
+        if let Some(&h2) = self.known.load().get(authority) {
             return h2;
         }
         let Ok(Some(h2)) = tokio::time::timeout(timeout, probe(authority)).await else {
             return false;
         };
         debug!(%authority, h2, "endpoint protocol probed");
-        let mut known = self.lock();
-        if known.len() >= MAX_REMEMBERED {
-            known.clear();
-        }
-        known.insert(authority.to_string(), h2);
+        self.known.rcu(|known| {
+            let mut known =
+                if known.len() >= MAX_REMEMBERED { HashMap::new() } else { HashMap::clone(known) };
+            known.insert(authority.to_string(), h2);
+            Arc::new(known)
+        });
         h2
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -95,10 +96,10 @@ mod tests {
         assert!(p.speaks_h2(&h2, t).await);
         assert!(!p.speaks_h2(&h1, t).await);
         assert!(!p.speaks_h2(&closes, t).await);
-        assert_eq!(p.lock().len(), 3);
+        assert_eq!(p.known.load().len(), 3);
         // Unreachable: HTTP/1.1 this time, not remembered.
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().to_string();
         assert!(!p.speaks_h2(&gone, t).await);
-        assert_eq!(p.lock().len(), 3);
+        assert_eq!(p.known.load().len(), 3);
     }
 }
