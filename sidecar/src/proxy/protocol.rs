@@ -10,7 +10,7 @@
 //! not remembered and gets HTTP/1.1 this time; connecting fails the same way
 //! for the request itself, which the retry rules then handle.
 //!
-//! Every HTTP/2 request reads the map, and a write happens once per endpoint:
+//! Every such request reads the map, and a write happens once per endpoint:
 //! readers load an `ArcSwap` without a lock, and a writer swaps in a copy.
 
 use std::collections::HashMap;
