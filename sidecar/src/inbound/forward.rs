@@ -141,8 +141,8 @@ async fn forward(
     *up.uri_mut() = Uri::from(path);
     *up.version_mut() = Version::HTTP_11;
     loop {
-        let (conn, reused) = match ctx.pool.checkout(&app.authority) {
-            Some(conn) => (conn, true),
+        let (tx, reused) = match ctx.pool.checkout(&app.authority) {
+            Some(tx) => (tx, true),
             None => (
                 // Boxed: a new connection's state is not carried by every request.
                 Box::pin(ctx.pool.connect_plain(&app.authority))
@@ -151,7 +151,7 @@ async fn forward(
                 false,
             ),
         };
-        match ctx.pool.send_on(&app.authority, conn, reused, up).await {
+        match ctx.pool.send_on(&app.authority, tx, reused, up).await {
             Ok((resp, checkin)) => return Ok(relay(resp, guard, Some(checkin))),
             // A pooled connection the app had closed: the request was not sent.
             Err(SendOnError::Stale(back)) => up = *back,

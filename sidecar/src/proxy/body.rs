@@ -293,10 +293,6 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ResponseBodyProj::Upstream { mut body, guard, grpc, conn } => {
-                // The bytes arrive only while the connection is polled: it has no task of its own.
-                if let Some(c) = conn.as_mut() {
-                    c.drive(cx);
-                }
                 let res = ready!(body.as_mut().poll_frame(cx));
                 match &res {
                     Some(Ok(frame)) => {

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::attempts::Attempts;
-use super::pool::Conn;
+use super::pool::Sender;
 use super::ProxyContext;
 use crate::balance::Pick;
 use crate::endpoints::InFlight;
@@ -35,7 +35,7 @@ use crate::outlier::Outcome;
 pub(super) struct Connected<'a> {
     pub pick: Pick<'a>,
     pub guard: InFlight,
-    pub conn: Conn,
+    pub tx: Sender,
     /// It came from the idle pool (and may turn out to be closed).
     pub reused: bool,
 }
@@ -51,7 +51,7 @@ pub(super) struct NotConnected<'a> {
     pub timed_out: bool,
 }
 
-type ConnectResult = Result<Conn, (bool, String)>;
+type ConnectResult = Result<Sender, (bool, String)>;
 
 /// Most connects one attempt has pending at once: the first and its hedges.
 const MAX_CONNECTS: usize = 4;
@@ -70,8 +70,8 @@ pub(super) async fn connect<'a>(
     guard: InFlight,
     deadline: Instant,
 ) -> Result<Connected<'a>, NotConnected<'a>> {
-    if let Some(conn) = ctx.pool.checkout(&pick.endpoint.pool_key) {
-        return Ok(Connected { pick, guard, conn, reused: true });
+    if let Some(tx) = ctx.pool.checkout(&pick.endpoint.pool_key) {
+        return Ok(Connected { pick, guard, tx, reused: true });
     }
     // A new connection (TCP and TLS handshakes, hedges) is the rare path: its
     // state lives on the heap, so a request served from the pool does not
@@ -111,20 +111,20 @@ async fn connect_new<'a>(
         let may_hedge = launched < MAX_CONNECTS && first_failed.is_none() && next_hedge < deadline;
         tokio::select! {
             r = &mut first, if first_failed.is_none() => match r {
-                Ok(conn) => return Ok(Connected { pick, guard, conn, reused: false }),
+                Ok(tx) => return Ok(Connected { pick, guard, tx, reused: false }),
                 Err(e) => first_failed = Some(e),
             },
             Some((slot, r)) = racing.next(), if !racing.is_empty() => match (slot, r) {
                 // The same endpoint, on a later SYN.
-                (None, Ok(conn)) => return Ok(Connected { pick, guard, conn, reused: false }),
+                (None, Ok(tx)) => return Ok(Connected { pick, guard, tx, reused: false }),
                 (None, Err(_)) => {}
-                (Some(i), Ok(conn)) => {
+                (Some(i), Ok(tx)) => {
                     if let Some((won, won_guard)) = others.get_mut(i).and_then(Option::take) {
                         let mut lost = pick;
                         if let (Some((refused, _)), Some(a)) = (&first_failed, attempts.as_deref()) {
                             a.failed(&mut lost, outcome(*refused));
                         }
-                        return Ok(Connected { pick: won, guard: won_guard, conn, reused: false });
+                        return Ok(Connected { pick: won, guard: won_guard, tx, reused: false });
                     }
                 }
                 (Some(i), Err((refused, cause))) => {
@@ -176,7 +176,7 @@ fn settle<'a>(
     guard: InFlight,
 ) -> Result<Connected<'a>, NotConnected<'a>> {
     match r {
-        Ok(Ok(conn)) => Ok(Connected { pick, guard, conn, reused: false }),
+        Ok(Ok(tx)) => Ok(Connected { pick, guard, tx, reused: false }),
         Ok(Err((refused, cause))) => Err(NotConnected { pick, guard, refused, cause, timed_out: false }),
         Err(_) => Err(NotConnected { pick, guard, refused: false, cause: too_late(), timed_out: true }),
     }

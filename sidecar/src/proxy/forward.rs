@@ -8,8 +8,6 @@
 //! timeout or a gateway status may be re-sent only for idempotent methods with
 //! a replayable body; a client abandoning its own upload is its own fault.
 
-use std::future::Future;
-
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -270,7 +268,7 @@ async fn send_h1<'a>(
     end: Instant,
 ) -> (Pick<'a>, InFlight, Result<Sent, TimedOut>) {
     loop {
-        let Connected { pick: on, guard: held, conn, reused } =
+        let Connected { pick: on, guard: held, tx, reused } =
             match connect::connect(ctx, attempts.as_deref_mut(), pick, guard, end).await {
                 Ok(c) => c,
                 Err(NotConnected { pick, guard, timed_out: true, .. }) => {
@@ -283,7 +281,7 @@ async fn send_h1<'a>(
                 }
             };
         let sent =
-            tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.pool_key, conn, reused, up)).await;
+            tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.pool_key, tx, reused, up)).await;
         match sent {
             Err(_) => return (on, held, Err(TimedOut)),
             Ok(Ok((resp, checkin))) => return (on, held, Ok(Ok((resp, Some(checkin))))),
@@ -413,23 +411,15 @@ fn is_small(resp: &Response<Incoming>, limit: usize) -> bool {
         && !grpc::is_grpc(resp.headers())
 }
 
-/// Reads `resp`'s body to the end (by `end`), polling its connection, and
-/// returns the answer to relay, hop-by-hop headers dropped; the connection
-/// goes back to the pool at once.
+/// Reads `resp`'s body to the end (by `end`) and returns the answer to relay,
+/// hop-by-hop headers dropped; the connection goes back to the pool at once.
 async fn read_whole(
     resp: Response<Incoming>,
-    mut checkin: Option<Checkin>,
+    checkin: Option<Checkin>,
     end: Instant,
 ) -> Result<ProxyResponse, String> {
     let (mut parts, incoming) = resp.into_parts();
-    let mut collect = std::pin::pin!(incoming.collect());
-    let read = std::future::poll_fn(|cx| {
-        if let Some(c) = checkin.as_mut() {
-            c.drive(cx);
-        }
-        collect.as_mut().poll(cx)
-    });
-    let data = match tokio::time::timeout_at(end, read).await {
+    let data = match tokio::time::timeout_at(end, incoming.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => return Err(format!("the answer's body failed: {}", cause::chain(&e))),
         Err(_) => return Err("the answer's body did not arrive in time".into()),
