@@ -1,5 +1,5 @@
-//! An HTTP/1.1 connection for one attempt: an idle pooled one when there is
-//! one, else a new one, hedged.
+//! A new HTTP/1.1 connection for one attempt (when the pool has no idle one),
+//! hedged.
 //!
 //! Why hedge a connect: a backend whose accept queue is full drops the SYN,
 //! and the kernel sends it again only after a second. A connect that has not
@@ -30,14 +30,12 @@ use crate::balance::Pick;
 use crate::endpoints::InFlight;
 use crate::outlier::Outcome;
 
-/// A connection for the attempt, on `pick`'s endpoint (which may be the
+/// A new connection for the attempt, on `pick`'s endpoint (which may be the
 /// hedge's rather than the one first chosen).
 pub(super) struct Connected<'a> {
     pub pick: Pick<'a>,
     pub guard: InFlight,
     pub tx: Sender,
-    /// It came from the idle pool (and may turn out to be closed).
-    pub reused: bool,
 }
 
 /// No connection: the failure of `pick`'s endpoint (any hedge's failure was
@@ -70,22 +68,6 @@ pub(super) async fn connect<'a>(
     guard: InFlight,
     deadline: Instant,
 ) -> Result<Connected<'a>, NotConnected<'a>> {
-    if let Some(tx) = ctx.pool.checkout(&pick.endpoint.pool_key) {
-        return Ok(Connected { pick, guard, tx, reused: true });
-    }
-    // A new connection (TCP and TLS handshakes, hedges) is the rare path: its
-    // state lives on the heap, so a request served from the pool does not
-    // carry it (see `route`'s test of the request future's size).
-    Box::pin(connect_new(ctx, attempts, pick, guard, deadline)).await
-}
-
-async fn connect_new<'a>(
-    ctx: &ProxyContext,
-    attempts: Option<&mut Attempts<'a>>,
-    pick: Pick<'a>,
-    guard: InFlight,
-    deadline: Instant,
-) -> Result<Connected<'a>, NotConnected<'a>> {
     let delay = ctx.config.connect_hedge;
     let first = ctx.pool.connect(pick.endpoint);
     tokio::pin!(first);
@@ -111,12 +93,12 @@ async fn connect_new<'a>(
         let may_hedge = launched < MAX_CONNECTS && first_failed.is_none() && next_hedge < deadline;
         tokio::select! {
             r = &mut first, if first_failed.is_none() => match r {
-                Ok(tx) => return Ok(Connected { pick, guard, tx, reused: false }),
+                Ok(tx) => return Ok(Connected { pick, guard, tx}),
                 Err(e) => first_failed = Some(e),
             },
             Some((slot, r)) = racing.next(), if !racing.is_empty() => match (slot, r) {
                 // The same endpoint, on a later SYN.
-                (None, Ok(tx)) => return Ok(Connected { pick, guard, tx, reused: false }),
+                (None, Ok(tx)) => return Ok(Connected { pick, guard, tx}),
                 (None, Err(_)) => {}
                 (Some(i), Ok(tx)) => {
                     if let Some((won, won_guard)) = others.get_mut(i).and_then(Option::take) {
@@ -124,7 +106,7 @@ async fn connect_new<'a>(
                         if let (Some((refused, _)), Some(a)) = (&first_failed, attempts.as_deref()) {
                             a.failed(&mut lost, outcome(*refused));
                         }
-                        return Ok(Connected { pick: won, guard: won_guard, tx, reused: false });
+                        return Ok(Connected { pick: won, guard: won_guard, tx});
                     }
                 }
                 (Some(i), Err((refused, cause))) => {
@@ -176,7 +158,7 @@ fn settle<'a>(
     guard: InFlight,
 ) -> Result<Connected<'a>, NotConnected<'a>> {
     match r {
-        Ok(Ok(tx)) => Ok(Connected { pick, guard, tx, reused: false }),
+        Ok(Ok(tx)) => Ok(Connected { pick, guard, tx }),
         Ok(Err((refused, cause))) => Err(NotConnected { pick, guard, refused, cause, timed_out: false }),
         Err(_) => Err(NotConnected { pick, guard, refused: false, cause: too_late(), timed_out: true }),
     }

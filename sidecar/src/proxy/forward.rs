@@ -255,10 +255,10 @@ async fn send_h2(ctx: &ProxyContext, ep: &Endpoint, up: Request<ReplayBody<Incom
     }
 }
 
-/// Sends one attempt over HTTP/1.1 on a connection from [`connect`] (which
-/// may hedge to another endpoint: the pick and guard returned are the ones
-/// the attempt ended on), until `end`. An idle connection found closed is
-/// replaced, since the request never left on it.
+/// Sends one attempt over HTTP/1.1 on an idle pooled connection, else a new
+/// one from [`connect`] (which may hedge to another endpoint: the pick and
+/// guard returned are the ones the attempt ended on), until `end`. An idle
+/// connection found closed is replaced, since the request never left on it.
 async fn send_h1<'a>(
     ctx: &ProxyContext,
     mut attempts: Option<&mut Attempts<'a>>,
@@ -268,9 +268,13 @@ async fn send_h1<'a>(
     end: Instant,
 ) -> (Pick<'a>, InFlight, Result<Sent, TimedOut>) {
     loop {
-        let Connected { pick: on, guard: held, tx, reused } =
-            match connect::connect(ctx, attempts.as_deref_mut(), pick, guard, end).await {
-                Ok(c) => c,
+        let (on, held, tx, reused) = match ctx.pool.checkout(&pick.endpoint.pool_key) {
+            Some(tx) => (pick, guard, tx, true),
+            // A new connection (TCP and TLS handshakes, hedges) is the rare
+            // path: boxed, so a request served from the pool does not carry
+            // its state (see `route`'s test of the request future's size).
+            None => match Box::pin(connect::connect(ctx, attempts.as_deref_mut(), pick, guard, end)).await {
+                Ok(Connected { pick, guard, tx }) => (pick, guard, tx, false),
                 Err(NotConnected { pick, guard, timed_out: true, .. }) => {
                     return (pick, guard, Err(TimedOut))
                 }
@@ -279,7 +283,8 @@ async fn send_h1<'a>(
                     let headers = Some(up.into_parts().0.headers);
                     return (pick, guard, Ok(Err(SendError::Connect { refused, cause, headers })));
                 }
-            };
+            },
+        };
         let sent =
             tokio::time::timeout_at(end, ctx.pool.send_on(&on.endpoint.pool_key, tx, reused, up)).await;
         match sent {
