@@ -6,8 +6,8 @@
 //! - `GET /metrics`: Prometheus text; endpoint gauges are refreshed from the
 //!   directory at scrape time.
 //! - `GET /endpoints`: JSON, every known upstream endpoint with its zone,
-//!   in-flight count, outlier state and ejection count, and per service
-//!   whether zone-aware routing sends its requests to other zones
+//!   in-flight count, outlier state, ejection count and registry health, and
+//!   per service whether too few instances are healthy (`health_panic`) and whether zone-aware routing sends its requests to other zones
 //!   (`remote_zones_in_use`, with `zone_routing` saying why; absent while
 //!   zone-aware routing does not apply).
 
@@ -122,6 +122,8 @@ struct ServiceBody {
     resolved: bool,
     index: u64,
     epoch: String,
+    /// Too few instances are healthy: critical ones are routed to as well.
+    health_panic: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_zones_in_use: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,6 +142,8 @@ struct EndpointBody {
     in_flight: usize,
     state: &'static str,
     ejections: u32,
+    /// The registry's word: `passing`, `warning` or (in a health panic only) `critical`.
+    health: &'static str,
     /// Reached over mutual TLS, proving the service's identity.
     mesh_tls: bool,
 }
@@ -166,6 +170,7 @@ impl<W: Watcher> Admin<W> {
                             in_flight: e.state.in_flight(),
                             state,
                             ejections,
+                            health: e.health.as_str(),
                             mesh_tls: e.mesh_tls.is_some(),
                         }
                     })
@@ -179,6 +184,7 @@ impl<W: Watcher> Admin<W> {
                     resolved: s.is_resolved(),
                     index: set.index,
                     epoch: set.epoch.clone(),
+                    health_panic: set.health_panic,
                     endpoints,
                 }
             })
@@ -204,6 +210,7 @@ impl<W: Watcher> Admin<W> {
             for (state, n) in counts {
                 self.metrics.set_endpoints(s.name.as_str(), state, n);
             }
+            self.metrics.set_health_panic(s.name.as_str(), set.health_panic);
         }
         self.metrics.encode()
     }

@@ -312,7 +312,7 @@ mod tests {
 
     fn set(n: usize) -> EndpointSet {
         let endpoints = (0..n).map(|i| ep(&format!("e{i}"), 1)).collect();
-        EndpointSet { endpoints, index: 1, epoch: "e".into() }
+        EndpointSet { endpoints, index: 1, epoch: "e".into(), health_panic: false }
     }
 
     fn eject(set: &EndpointSet, i: usize) {
@@ -425,7 +425,7 @@ mod tests {
         // A third instance appears: its state is new.
         let mut endpoints = old.endpoints.clone();
         endpoints.push(ep("new", 1));
-        let s = EndpointSet { endpoints, index: 2, epoch: "e".into() };
+        let s = EndpointSet { endpoints, index: 2, epoch: "e".into(), health_panic: false };
         // The share of 300 concurrent requests each endpoint ends up with.
         let share_of_new = || {
             let mut held = Vec::new();
@@ -460,7 +460,7 @@ mod tests {
             ))
         };
         let endpoints = vec![ep("a1", "a"), ep("a2", "a"), ep("b1", "b"), ep("b2", "b")];
-        EndpointSet { endpoints, index: 1, epoch: "e".into() }
+        EndpointSet { endpoints, index: 1, epoch: "e".into(), health_panic: false }
     }
 
     #[tokio::test(start_paused = true)]
@@ -518,7 +518,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         let mut endpoints = old.endpoints.clone();
         endpoints.push(ep("new", 1));
-        let s = EndpointSet { endpoints, index: 2, epoch: "e".into() };
+        let s = EndpointSet { endpoints, index: 2, epoch: "e".into(), health_panic: false };
         // Nothing in flight: every pick is a tie, broken by the weights 1 : 1 : 1 : 0.1.
         let picks = 20_000;
         let new = (0..picks)

@@ -167,6 +167,10 @@ pub struct RunArgs {
     /// A service not called for this long stops being watched.
     #[arg(long, env = "TRELLIS_UPSTREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub upstream_idle_timeout: Duration,
+    /// Below this share of healthy instances (0-1), route to every instance of a service, critical
+    /// ones too (Envoy's panic threshold); 0 turns it off.
+    #[arg(long, env = "TRELLIS_PANIC_THRESHOLD", default_value_t = crate::health_panic::DEFAULT_THRESHOLD)]
+    pub panic_threshold: f64,
 
     // ---- Proxy.
     #[command(flatten)]
@@ -342,6 +346,9 @@ impl RunArgs {
         if self.upstream_idle_timeout.is_zero() {
             return Err(bad("--upstream-idle-timeout must be above zero"));
         }
+        if !(0.0..=1.0).contains(&self.panic_threshold) {
+            return Err(bad("--panic-threshold must lie between 0 and 1"));
+        }
         self.proxy.check()?;
         let proxy = {
             let mut proxy = ProxyConfig { hedges: self.proxy.hedges()?, ..self.proxy.proxy_config() };
@@ -363,6 +370,7 @@ impl RunArgs {
                 max_services: self.max_upstream_services,
                 idle_timeout: self.upstream_idle_timeout,
                 restart_retention: self.ttl,
+                panic_threshold: self.panic_threshold,
             },
             upstream_services,
             upstream_ports,
@@ -478,8 +486,21 @@ mod tests {
         assert_eq!(s.outbound, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(s.admin, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(s.discovery.max_services, 256);
+        assert_eq!(s.discovery.panic_threshold, 0.5);
         assert_eq!(s.client.backoff_cap, Duration::from_secs(1));
         assert_eq!(s.shutdown.drain, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn panic_threshold_is_a_share() {
+        let with = |v: &str| parse(&["--registry", "http://r:1", &format!("--panic-threshold={v}")]);
+        assert_eq!(with("0").unwrap().discovery.panic_threshold, 0.0);
+        assert_eq!(with("1").unwrap().discovery.panic_threshold, 1.0);
+        for v in ["1.5", "-0.1", "NaN"] {
+            let e = with(v).unwrap_err();
+            assert!(e.contains("--panic-threshold"), "{v}: {e}");
+        }
+        assert!(with("half").is_err());
     }
 
     #[test]

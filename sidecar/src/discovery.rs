@@ -15,6 +15,9 @@
 //!   watched services through `ArcSwap`; only a miss (a service seen for the
 //!   first time) or an eviction takes the writers' mutex and publishes a new
 //!   map. At most `max_services` entries, so copying it on a change is cheap.
+//! - Every instance is watched, critical ones too (`all=true`); only
+//!   healthy ones enter a set unless too few are healthy, when
+//!   [`crate::health_panic`] routes to all of them.
 //! - Endpoints [`crate::refuse`] refuses (the sidecar's own listeners,
 //!   unspecified, multicast and link-local addresses) never enter a set; each
 //!   is logged and counted once per service and address.
@@ -37,6 +40,7 @@ use tracing::{debug, info, warn};
 use trellis_shared::{ClientError, Instance, RegistryClient, ServiceName, ServiceView, Watch};
 
 use crate::endpoints::{Endpoint, EndpointSet, EndpointState, Resolve, ServiceEndpoints};
+use crate::health_panic;
 use crate::refuse::{EndpointFilter, RefuseReason};
 
 /// A service used within this long is never evicted to make room for another.
@@ -71,8 +75,9 @@ pub trait Watcher: Send + Sync + 'static {
 
 impl Watcher for RegistryClient {
     type Source = Watch;
+    /// Critical instances included: a health panic routes to them.
     fn watch(&self, service: ServiceName) -> Watch {
-        RegistryClient::watch(self, service)
+        Watch::new(self.clone(), service, true)
     }
 }
 
@@ -86,6 +91,9 @@ pub struct DiscoveryConfig {
     /// After a registry restart, how long instances that have not re-registered
     /// are kept. Default: the TTL.
     pub restart_retention: Duration,
+    /// Below this share of healthy instances, route to every instance of the
+    /// service (see [`crate::health_panic`]); 0 turns it off. Default 0.5.
+    pub panic_threshold: f64,
 }
 
 impl Default for DiscoveryConfig {
@@ -94,6 +102,7 @@ impl Default for DiscoveryConfig {
             max_services: 256,
             idle_timeout: Duration::from_secs(300),
             restart_retention: Duration::from_secs(5),
+            panic_threshold: health_panic::DEFAULT_THRESHOLD,
         }
     }
 }
@@ -159,16 +168,19 @@ fn build_set(
     service: &ServiceName,
     current: &EndpointSet,
     instances: &[&Instance],
+    health_panic: bool,
     index: u64,
     epoch: &str,
 ) -> Option<EndpointSet> {
-    let unchanged = current.endpoints.len() == instances.len()
+    let unchanged = current.health_panic == health_panic
+        && current.endpoints.len() == instances.len()
         && current.endpoints.iter().zip(instances).all(|(e, i)| {
             e.same_target(&i.id, &i.address, i.port)
                 && e.weight == i.weight.max(1)
                 && e.zone == i.zone
                 && e.metadata == i.metadata
                 && e.mesh_tls.is_some() == i.mesh_tls
+                && e.health == i.status
         });
     if unchanged {
         return None;
@@ -190,11 +202,12 @@ fn build_set(
                 i.zone.clone(),
                 i.metadata.clone(),
                 state,
-            );
+            )
+            .with_health(i.status);
             Arc::new(if i.mesh_tls { endpoint.with_mesh_tls(service.clone()) } else { endpoint })
         })
         .collect();
-    Some(EndpointSet { endpoints, index, epoch: epoch.to_string() })
+    Some(EndpointSet { endpoints, index, epoch: epoch.to_string(), health_panic })
 }
 
 /// The watch task of one service: runs until `cancel`.
@@ -202,6 +215,7 @@ async fn run_watch<S: WatchSource>(
     mut source: S,
     endpoints: Arc<ServiceEndpoints>,
     retention: Duration,
+    panic_threshold: f64,
     sink: Arc<dyn ConnectivitySink>,
     filter: Arc<EndpointFilter>,
     cancel: CancellationToken,
@@ -249,8 +263,16 @@ async fn run_watch<S: WatchSource>(
             }
             false
         });
+        let total = instances.len();
+        let (instances, panic) = health_panic::routable(&instances, panic_threshold);
+        if panic && !current.health_panic {
+            let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
+            warn!(service = %name, healthy, total, threshold = panic_threshold, "too few healthy instances: routing to every instance, critical ones too (health panic)");
+        } else if !panic && current.health_panic {
+            info!(service = %name, healthy = instances.len(), total, "enough healthy instances again: leaving health panic");
+        }
         let epoch = tracker.epoch.as_deref().unwrap_or_default();
-        match build_set(&name, &current, &instances, tracker.index, epoch) {
+        match build_set(&name, &current, &instances, panic, tracker.index, epoch) {
             Some(set) => {
                 info!(service = %name, endpoints = set.endpoints.len(), index = set.index, "endpoints updated");
                 endpoints.publish(set);
@@ -261,6 +283,7 @@ async fn run_watch<S: WatchSource>(
                     endpoints: Vec::new(),
                     index: tracker.index,
                     epoch: epoch.to_string(),
+                    health_panic: panic,
                 });
             }
             None => debug!(service = %name, index = tracker.index, "unchanged update"),
@@ -356,6 +379,7 @@ impl<W: Watcher> Directory<W> {
             self.watcher.watch(name.clone()),
             Arc::clone(&endpoints),
             self.config.restart_retention,
+            self.config.panic_threshold,
             Arc::clone(&self.sink),
             Arc::clone(&self.filter),
             cancel.clone(),
@@ -600,6 +624,48 @@ mod tests {
         w.send("users", Ok(view(4, "e1", vec![inst("a", 9), inst("c", 3)])));
         settle().await;
         assert!(!Arc::ptr_eq(&second.endpoints[0].state, &users.load().endpoints[0].state));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn critical_instances_are_routed_to_only_in_health_panic() {
+        let with = |id: &str, port, status| Instance { status, ..inst(id, port) };
+        let (p, c) = (HealthStatus::Passing, HealthStatus::Critical);
+        let (d, w, _) = directory(DiscoveryConfig::default());
+        let users = d.resolve(&name("users")).unwrap();
+        // Two of three healthy: the critical one stays out.
+        w.send("users", Ok(view(1, "e1", vec![with("a", 1, c), with("b", 2, p), with("c", 3, p)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        let normal = users.load();
+        assert_eq!((ids(&normal), normal.health_panic), (vec!["b".into(), "c".into()], false));
+        let guard = normal.endpoints[0].begin();
+
+        // One of three: every instance, flagged, the survivors' state carried over.
+        w.send("users", Ok(view(2, "e1", vec![with("a", 1, c), with("b", 2, p), with("c", 3, c)])));
+        settle().await;
+        let panic = users.load();
+        assert_eq!((ids(&panic), panic.health_panic), (vec!["a".into(), "b".into(), "c".into()], true));
+        assert_eq!(panic.endpoints[1].state.in_flight(), 1);
+        assert_eq!(panic.endpoints[0].health, c);
+        drop(guard);
+
+        // Still panic, but a health change is published (the admin page shows it).
+        w.send("users", Ok(view(3, "e1", vec![with("a", 1, c), with("b", 2, c), with("c", 3, c)])));
+        settle().await;
+        assert!(users.load().health_panic);
+        assert!(users.load().endpoints.iter().all(|e| e.health == c));
+
+        // Back to two of three: normal again.
+        w.send("users", Ok(view(4, "e1", vec![with("a", 1, p), with("b", 2, c), with("c", 3, p)])));
+        settle().await;
+        let back = users.load();
+        assert_eq!((ids(&back), back.health_panic), (vec!["a".into(), "c".into()], false));
+
+        // Turned off: nobody healthy means nobody to call.
+        let (d, w, _) = directory(DiscoveryConfig { panic_threshold: 0.0, ..Default::default() });
+        let users = d.resolve(&name("users")).unwrap();
+        w.send("users", Ok(view(1, "e1", vec![with("a", 1, c), with("b", 2, c)])));
+        assert!(users.wait_resolved(Duration::from_secs(1)).await);
+        assert_eq!((users.load().endpoints.len(), users.load().health_panic), (0, false));
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use trellis_shared::{Address, InstanceId, ServiceName, Zone};
+use trellis_shared::{Address, HealthStatus, InstanceId, ServiceName, Zone};
 
 use crate::hedge::Hedge;
 use crate::metrics::ServiceMetrics;
@@ -63,6 +63,9 @@ pub struct Endpoint {
     /// The service whose identity the endpoint must prove over mutual TLS,
     /// when it registered `mesh_tls` (see [`Endpoint::with_mesh_tls`]).
     pub mesh_tls: Option<ServiceName>,
+    /// What the registry last said of its health. Only a health panic routes to a
+    /// critical endpoint (see [`crate::health_panic`]); shown in `/endpoints`.
+    pub health: HealthStatus,
     /// What its pooled connections are kept under: `authority`, and for a
     /// mesh endpoint the service too, so a connection verified as one
     /// service is never lent to a request for another.
@@ -98,6 +101,7 @@ impl Endpoint {
             metadata,
             state,
             mesh_tls: None,
+            health: HealthStatus::Passing,
             uri_authority,
         }
     }
@@ -106,6 +110,12 @@ impl Endpoint {
     pub fn with_mesh_tls(mut self, service: ServiceName) -> Self {
         self.pool_key = format!("{}/{service}", self.authority);
         self.mesh_tls = Some(service);
+        self
+    }
+
+    /// The endpoint with the health the registry reported.
+    pub fn with_health(mut self, health: HealthStatus) -> Self {
+        self.health = health;
         self
     }
 
@@ -162,6 +172,9 @@ pub struct EndpointSet {
     /// Registry index and epoch this snapshot reflects.
     pub index: u64,
     pub epoch: String,
+    /// Too few instances are healthy, so the critical ones are in the set too
+    /// (see [`crate::health_panic`]).
+    pub health_panic: bool,
 }
 
 /// The published endpoints of one upstream service.
@@ -286,7 +299,12 @@ mod tests {
         assert!(!s.wait_resolved(Duration::from_millis(10)).await);
         let s2 = Arc::clone(&s);
         tokio::spawn(async move {
-            s2.publish(EndpointSet { endpoints: vec![ep("a")], index: 1, epoch: "e".into() })
+            s2.publish(EndpointSet {
+                endpoints: vec![ep("a")],
+                index: 1,
+                epoch: "e".into(),
+                health_panic: false,
+            })
         });
         assert!(s.wait_resolved(Duration::from_secs(1)).await);
         assert_eq!(s.load().endpoints.len(), 1);

@@ -10,6 +10,7 @@
 //! - [`registration`]: registers the app once healthy and heartbeats its status.
 //! - [`discovery`]: one watch per upstream service, publishing [`endpoints::EndpointSet`]s;
 //!   the capped, idle-evicting `Directory` that implements [`endpoints::Resolve`].
+//! - [`health_panic`]: below a share of healthy instances, route to every instance (Envoy's panic threshold).
 //! - [`refuse`]: endpoints never connected to (own listeners, unspecified, multicast, link-local).
 //! - [`endpoints`]: endpoint and snapshot types, read lock-free by the proxy.
 //! - [`balance`]: least-connections selection, a pure data structure.
@@ -32,6 +33,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod health_panic;
 pub mod hedge;
 pub mod host;
 pub mod identity;

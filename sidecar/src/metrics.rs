@@ -122,6 +122,7 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
+    health_panic: Family<ServiceLabels, Gauge>,
     registry_up: Gauge,
     registry_errors: Counter,
     registry_auth_failures: Counter,
@@ -158,6 +159,7 @@ impl Metrics {
         let ejections = Family::<ServiceLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let endpoints = Family::<EndpointLabels, Gauge>::default();
+        let health_panic = Family::<ServiceLabels, Gauge>::default();
         let registry_up = Gauge::default();
         let registry_errors = Counter::default();
         let registry_auth_failures = Counter::default();
@@ -210,6 +212,12 @@ impl Metrics {
             errors.clone(),
         );
         registry.register("endpoints", "Known upstream endpoints by state", endpoints.clone());
+        registry.register(
+            "health_panic",
+            "1 while too few of the service's instances are healthy and every instance is routed to, \
+             critical ones too (--panic-threshold)",
+            health_panic.clone(),
+        );
         registry.register("registry_up", "1 when the last registry call succeeded", registry_up.clone());
         registry.register("registry_errors", "Failed registry calls", registry_errors.clone());
         registry.register(
@@ -269,6 +277,7 @@ impl Metrics {
             ejections,
             errors,
             endpoints,
+            health_panic,
             registry_up,
             registry_errors,
             registry_auth_failures,
@@ -300,10 +309,15 @@ impl Metrics {
             .set(n);
     }
 
-    /// Forgets every endpoint gauge, so services no longer watched disappear
-    /// before the control plane sets the current ones again.
+    pub fn set_health_panic(&self, service: &str, on: bool) {
+        self.health_panic.get_or_create(&ServiceLabels { service: service.to_string() }).set(i64::from(on));
+    }
+
+    /// Forgets every endpoint and health-panic gauge, so services no longer
+    /// watched disappear before the admin handler sets the current ones again.
     pub fn clear_endpoints(&self) {
         self.endpoints.clear();
+        self.health_panic.clear();
     }
 
     pub fn set_registry_up(&self, up: bool) {

@@ -75,7 +75,12 @@ fn h2c_service(name: &str, addr: SocketAddr) -> Arc<ServiceEndpoints> {
         metadata,
         Arc::default(),
     );
-    svc.publish(EndpointSet { endpoints: vec![Arc::new(ep)], index: 1, epoch: "test".into() });
+    svc.publish(EndpointSet {
+        endpoints: vec![Arc::new(ep)],
+        index: 1,
+        epoch: "test".into(),
+        health_panic: false,
+    });
     svc
 }
 

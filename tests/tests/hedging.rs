@@ -197,19 +197,13 @@ async fn frozen_run(
         p99: quantile(&took, 0.99),
         max: took.last().copied().unwrap_or_default(),
         waited_out: took.iter().filter(|t| **t >= TRY_TIMEOUT).count(),
-        counters: ClientCounters {
-            ejections: after.ejections - before.ejections,
-            retries: after.retries - before.retries,
-            retries_refused_by_budget: after.retries_refused_by_budget - before.retries_refused_by_budget,
-            hedges: after.hedges - before.hedges,
-            responses_5xx: after.responses_5xx - before.responses_5xx,
-        },
+        counters: after - before,
     };
     let c = &run.counters;
     println!(
         "{label}: {method} x{CONCURRENCY} for {load_for:?}, b1 frozen from {freeze_at:?}: {} requests, {} failed, \
          p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} took the per-try timeout ({TRY_TIMEOUT:?}) or \
-         more; client sidecar: hedges {}, retries {}, retries refused by budget {}, ejections {}, 5xx answered {}",
+         more; client sidecar: hedges {}, retries {}, retries refused by budget {}, ejections {}, 4xx answered {}, 5xx answered {}, sidecar-made errors {}",
         run.requests,
         run.failed,
         ms(run.p50),
@@ -220,7 +214,9 @@ async fn frozen_run(
         c.retries,
         c.retries_refused_by_budget,
         c.ejections,
+        c.responses_4xx,
         c.responses_5xx,
+        c.proxy_errors,
     );
     run
 }

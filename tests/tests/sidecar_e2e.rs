@@ -620,6 +620,115 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 }
 
 // ---------------------------------------------------------------------------
+// Most instances failing their checks while still serving: a health panic.
+
+/// Waits until the client's view of the service is (or is not) in panic mode,
+/// and returns its endpoints as (id, health).
+async fn wait_panic(client: &Sidecar, on: bool) -> Vec<(String, String)> {
+    wait_for(&format!("panic mode {}", if on { "on" } else { "off" }), Duration::from_secs(20), || async {
+        let svc = trellis_tests::admin::service_endpoints(client.admin, SERVICE).await;
+        (svc["health_panic"].as_bool() == Some(on)).then(|| {
+            let list = svc["endpoints"].as_array().cloned().unwrap_or_default();
+            list.iter()
+                .map(|e| {
+                    let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                    (field("id"), field("health"))
+                })
+                .collect()
+        })
+    })
+    .await
+}
+
+async fn panic_gauge(client: &Sidecar) -> Option<i64> {
+    let text = reqwest::get(format!("http://{}/metrics", client.admin)).await.ok()?.text().await.ok()?;
+    let line = format!(r#"trellis_sidecar_health_panic{{service="{SERVICE}"}} "#);
+    text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_nothing() {
+    let _serial = SERIAL.lock().await;
+    let registry = start_registry().await;
+    let registry_url = registry.url();
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        backends.push(
+            Backend::start(&format!("api-{i}"), &registry_url, &[], &["--health", "http:/health"]).await,
+        );
+    }
+    let api = RegistryClient::from_list(&registry_url).unwrap();
+    let timeout = Duration::from_secs(20);
+    wait_registry_ids(&api, false, &["api-0", "api-1", "api-2"], timeout).await;
+    let client =
+        Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
+    client.wait_endpoints(SERVICE, 3, timeout).await;
+    assert_eq!(panic_gauge(&client).await, Some(0));
+    let load = Load::start(client.outbound, Mode::HostHeader, 4, Duration::from_millis(2));
+
+    // Two of three fail their checks (as overloaded apps do) but still serve:
+    // 33 % healthy, below the default threshold of 50 %.
+    backends[0].control("/control/health?ok=false").await;
+    backends[1].control("/control/health?ok=false").await;
+    wait_registry_ids(&api, false, &["api-2"], timeout).await;
+    let seen = wait_panic(&client, true).await;
+    let critical: Vec<&str> =
+        seen.iter().filter(|(_, h)| h == "critical").map(|(id, _)| id.as_str()).collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(critical, ["api-0", "api-1"], "{seen:?}");
+    assert_eq!(panic_gauge(&client).await, Some(1));
+
+    // The last one fails its checks too: the registry lists no healthy instance.
+    backends[2].control("/control/health?ok=false").await;
+    wait_registry_ids(&api, false, &[], timeout).await;
+    let served_before = load.tally.by_instance();
+    // A second failure on top: one of the critical instances dies.
+    backends[0].app.kill9();
+    let total = load.tally.total();
+    load.wait_total(total + 300, timeout).await;
+    let served_after = load.tally.by_instance();
+    let gained =
+        |id: &str| served_after.get(id).copied().unwrap_or(0) - served_before.get(id).copied().unwrap_or(0);
+
+    // A sidecar with panic mode off has nobody to call meanwhile.
+    let strict = Sidecar::start(
+        "strict-sidecar",
+        &registry_url,
+        &strings(&["--upstream-service", SERVICE, "--panic-threshold", "0"]),
+    )
+    .await;
+    let (status, headers, _) =
+        Caller::new(strict.outbound, Mode::HostHeader).call(SERVICE, "/work").await.unwrap();
+    let code = headers.get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!((status.as_u16(), code.as_str()), (503, "no_endpoints"));
+
+    // Two pass again (the dead one stays critical): 67 % healthy, panic ends.
+    backends[1].control("/control/health?ok=true").await;
+    backends[2].control("/control/health?ok=true").await;
+    let seen = wait_panic(&client, false).await;
+    assert_eq!(
+        seen,
+        [("api-1".to_string(), "passing".to_string()), ("api-2".to_string(), "passing".to_string())]
+    );
+    let tally = load.stop().await;
+    let endpoints = client.endpoints_of(SERVICE).await;
+    println!(
+        "health panic: {} requests, {} failed; served while every instance was critical and api-0 dead: \
+         api-1 {}, api-2 {}; by instance {:?}; client endpoints after {endpoints:?}",
+        tally.total(),
+        tally.failed(),
+        gained("api-1"),
+        gained("api-2"),
+        tally.by_instance()
+    );
+    assert_no_failures("health panic", &tally);
+    assert!(
+        gained("api-1") > 0 && gained("api-2") > 0,
+        "critical instances served nothing: {served_after:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Thousands of distinct Host names: errors, and memory stays bounded.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,7 +234,7 @@ fn endpoints(service: &str, addrs: &[(SocketAddr, bool)]) -> Arc<ServiceEndpoint
             Arc::new(if *mesh { ep.with_mesh_tls(name(service)) } else { ep })
         })
         .collect();
-    svc.publish(EndpointSet { endpoints, index: 1, epoch: "test".into() });
+    svc.publish(EndpointSet { endpoints, index: 1, epoch: "test".into(), health_panic: false });
     svc
 }
 

@@ -66,7 +66,7 @@ pub fn service(name: &str, addrs: &[SocketAddr]) -> Arc<ServiceEndpoints> {
             ))
         })
         .collect();
-    svc.publish(EndpointSet { endpoints, index: 1, epoch: "test".into() });
+    svc.publish(EndpointSet { endpoints, index: 1, epoch: "test".into(), health_panic: false });
     svc
 }
 

@@ -123,7 +123,13 @@ pub struct ClientCounters {
     pub retries: f64,
     pub retries_refused_by_budget: f64,
     pub hedges: f64,
+    /// Answers by class as the per-service metric counts them (the
+    /// upstream's own and the sidecar's once a service is resolved).
+    pub responses_4xx: f64,
     pub responses_5xx: f64,
+    /// Every answer the sidecar made up itself, also those refused before a
+    /// service was resolved (no endpoints, too many pending requests).
+    pub proxy_errors: f64,
 }
 
 /// Sum of every sample of `name` (any labels) in Prometheus text.
@@ -136,23 +142,44 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
+/// What changed between two readings.
+impl std::ops::Sub for ClientCounters {
+    type Output = ClientCounters;
+
+    fn sub(self, before: ClientCounters) -> ClientCounters {
+        ClientCounters {
+            ejections: self.ejections - before.ejections,
+            retries: self.retries - before.retries,
+            retries_refused_by_budget: self.retries_refused_by_budget - before.retries_refused_by_budget,
+            hedges: self.hedges - before.hedges,
+            responses_4xx: self.responses_4xx - before.responses_4xx,
+            responses_5xx: self.responses_5xx - before.responses_5xx,
+            proxy_errors: self.proxy_errors - before.proxy_errors,
+        }
+    }
+}
+
 impl Client {
     pub async fn counters(&self) -> ClientCounters {
         let text = match reqwest::get(format!("http://{}/metrics", self.admin)).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(e) => panic!("client sidecar /metrics: {e}"),
         };
-        let class_5xx = text
-            .lines()
-            .filter(|l| l.starts_with("trellis_sidecar_requests_total{") && l.contains(r#"class="5xx""#))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |a, b| a + b);
+        let class = |class: &str| {
+            let label = format!(r#"class="{class}""#);
+            text.lines()
+                .filter(|l| l.starts_with("trellis_sidecar_requests_total{") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .fold(0.0, |a, b| a + b)
+        };
         ClientCounters {
             ejections: metric_sum(&text, "trellis_sidecar_ejections_total"),
             retries: metric_sum(&text, "trellis_sidecar_retries_total"),
             retries_refused_by_budget: metric_sum(&text, "trellis_sidecar_retries_refused_by_budget_total"),
             hedges: metric_sum(&text, "trellis_sidecar_hedges_total"),
-            responses_5xx: class_5xx,
+            responses_4xx: class("4xx"),
+            responses_5xx: class("5xx"),
+            proxy_errors: metric_sum(&text, "trellis_sidecar_proxy_errors_total"),
         }
     }
 }
