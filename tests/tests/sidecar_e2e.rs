@@ -622,10 +622,10 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 // ---------------------------------------------------------------------------
 // Most instances failing their checks while still serving: a health panic.
 
-/// Waits until the client's view of the service is (or is not) in panic mode,
+/// Waits until the client's view of the service is (or is not) in a health panic,
 /// and returns its endpoints as (id, health).
 async fn wait_panic(client: &Sidecar, on: bool) -> Vec<(String, String)> {
-    wait_for(&format!("panic mode {}", if on { "on" } else { "off" }), Duration::from_secs(20), || async {
+    wait_for(&format!("health panic {}", if on { "on" } else { "off" }), Duration::from_secs(20), || async {
         let svc = trellis_tests::admin::service_endpoints(client.admin, SERVICE).await;
         (svc["health_panic"].as_bool() == Some(on)).then(|| {
             let list = svc["endpoints"].as_array().cloned().unwrap_or_default();
@@ -690,7 +690,7 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
     let gained =
         |id: &str| served_after.get(id).copied().unwrap_or(0) - served_before.get(id).copied().unwrap_or(0);
 
-    // A sidecar with panic mode off has nobody to call meanwhile.
+    // A sidecar with the health panic off has nobody to call meanwhile.
     let strict = Sidecar::start(
         "strict-sidecar",
         &registry_url,
