@@ -174,7 +174,8 @@ impl Metrics {
         let mtls_handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "requests",
-            "Proxied requests by upstream service and response status class",
+            "Proxied requests by upstream service and response status class (the sidecar's own answers too, \
+             `no_endpoints` once the service has had endpoints)",
             requests.clone(),
         );
         registry.register(

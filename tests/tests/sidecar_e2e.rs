@@ -646,6 +646,13 @@ async fn panic_gauge(client: &Sidecar) -> Option<i64> {
     text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.trim().parse().ok())
 }
 
+/// `trellis_sidecar_requests_total` of the service for one status class.
+async fn requests_of_class(sidecar: &Sidecar, class: &str) -> Option<i64> {
+    let text = reqwest::get(format!("http://{}/metrics", sidecar.admin)).await.ok()?.text().await.ok()?;
+    let line = format!(r#"trellis_sidecar_requests_total{{service="{SERVICE}",class="{class}"}} "#);
+    text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.trim().parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_nothing() {
     let _serial = SERIAL.lock().await;
@@ -664,6 +671,17 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
         Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
     client.wait_endpoints(SERVICE, 3, timeout).await;
     assert_eq!(panic_gauge(&client).await, Some(0));
+    // A sidecar with the health panic off, for comparison.
+    let strict = Sidecar::start(
+        "strict-sidecar",
+        &registry_url,
+        &strings(&["--upstream-service", SERVICE, "--panic-threshold", "0"]),
+    )
+    .await;
+    strict.wait_endpoints(SERVICE, 3, timeout).await;
+    let mut strict_caller = Caller::new(strict.outbound, Mode::HostHeader);
+    let (status, _, _) = strict_caller.call(SERVICE, "/work").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
     let load = Load::start(client.outbound, Mode::HostHeader, 4, Duration::from_millis(2));
 
     // Two of three fail their checks (as overloaded apps do) but still serve:
@@ -690,17 +708,14 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
     let gained =
         |id: &str| served_after.get(id).copied().unwrap_or(0) - served_before.get(id).copied().unwrap_or(0);
 
-    // A sidecar with the health panic off has nobody to call meanwhile.
-    let strict = Sidecar::start(
-        "strict-sidecar",
-        &registry_url,
-        &strings(&["--upstream-service", SERVICE, "--panic-threshold", "0"]),
-    )
-    .await;
-    let (status, headers, _) =
-        Caller::new(strict.outbound, Mode::HostHeader).call(SERVICE, "/work").await.unwrap();
+    // The sidecar with the health panic off has nobody to call meanwhile, and
+    // its request metrics count the outage.
+    strict.wait_endpoints(SERVICE, 0, timeout).await;
+    let (status, headers, _) = strict_caller.call(SERVICE, "/work").await.unwrap();
     let code = headers.get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     assert_eq!((status.as_u16(), code.as_str()), (503, "no_endpoints"));
+    let strict_5xx = requests_of_class(&strict, "5xx").await;
+    assert_eq!((requests_of_class(&strict, "2xx").await, strict_5xx), (Some(1), Some(1)));
 
     // Two pass again (the dead one stays critical): 67 % healthy, panic ends.
     backends[1].control("/control/health?ok=true").await;

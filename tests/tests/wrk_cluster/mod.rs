@@ -124,11 +124,11 @@ pub struct ClientCounters {
     pub retries_refused_by_budget: f64,
     pub hedges: f64,
     /// Answers by class as the per-service metric counts them (the
-    /// upstream's own and the sidecar's once a service is resolved).
+    /// upstream's own and the sidecar's once the service has had endpoints).
     pub responses_4xx: f64,
     pub responses_5xx: f64,
-    /// Every answer the sidecar made up itself, also those refused before a
-    /// service was resolved (no endpoints, too many pending requests).
+    /// Every answer the sidecar made up itself, also those the per-service
+    /// metric cannot count (too many pending requests, no target service).
     pub proxy_errors: f64,
 }
 
