@@ -210,7 +210,10 @@ impl<W: Watcher> Admin<W> {
             for (state, n) in counts {
                 self.metrics.set_endpoints(s.name.as_str(), state, n);
             }
-            self.metrics.set_health_panic(s.name.as_str(), set.health_panic);
+            // Services that resolved to nothing (junk Host names among them) get no series.
+            if !set.endpoints.is_empty() {
+                self.metrics.set_health_panic(s.name.as_str(), set.health_panic);
+            }
         }
         self.metrics.encode()
     }

@@ -161,7 +161,9 @@ pub fn choose<'a>(
     zones: &ZoneState,
 ) -> Option<Pick<'a>> {
     let eps = &set.endpoints;
-    let near_only = zones.near_only(eps, &config.zone, now);
+    // As in Envoy, no zone-aware routing in a health panic: the near zone's
+    // endpoints may be the critical ones, and the panic is about capacity.
+    let near_only = if set.health_panic { None } else { zones.near_only(eps, &config.zone, now) };
     let pick = choose_among(eps, tried, now, config, near_only)?;
     zones.count(pick.endpoint, config.zone.local.as_ref());
     Some(pick)
@@ -502,12 +504,19 @@ mod tests {
             assert!(p.index < 2, "went remote");
         }
         assert_eq!((counters.local.get(), counters.remote.get()), (100, 0));
+        // In a health panic zones do not count: least-loaded over all four.
+        let panicked = EndpointSet { health_panic: true, ..zoned_set() };
+        let remote = (0..400)
+            .filter(|_| choose(&panicked, &[], Instant::now(), &config, &zones).unwrap().index >= 2)
+            .count();
+        assert!((120..280).contains(&remote), "{remote} of 400 went remote in a health panic");
+        let remote_before = counters.remote.get();
         // Turned off: least-loaded over all four.
         config.zone.enabled = false;
         for _ in 0..400 {
             choose(&s, &[], Instant::now(), &config, &zones).unwrap();
         }
-        let remote = counters.remote.get();
+        let remote = counters.remote.get() - remote_before;
         assert!((120..280).contains(&remote), "{remote} of 400 went remote");
     }
 

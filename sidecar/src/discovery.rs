@@ -162,11 +162,28 @@ impl Tracker {
     }
 }
 
-/// Builds the next snapshot, carrying each endpoint's shared state over from
-/// `current`; `None` when nothing the proxy uses changed.
+/// Where an endpoint's shared state lives between sets: an instance a health
+/// panic brings in and takes out again keeps its in-flight count, its
+/// ejection and its slow-start progress. Holds every instance the watch
+/// tracks, routed to or not.
+type States = HashMap<(trellis_shared::InstanceId, trellis_shared::Address, u16), Arc<EndpointState>>;
+
+/// Keeps the states of `instances` (creating new ones) and forgets the rest.
+fn track_states(states: &mut States, instances: &[&Instance]) {
+    let key = |i: &Instance| (i.id.clone(), i.address.clone(), i.port);
+    let keep: std::collections::HashSet<_> = instances.iter().map(|i| key(i)).collect();
+    states.retain(|k, _| keep.contains(k));
+    for k in keep {
+        states.entry(k).or_default();
+    }
+}
+
+/// Builds the next snapshot with each endpoint's state from `states`; `None`
+/// when nothing the proxy uses changed.
 fn build_set(
     service: &ServiceName,
     current: &EndpointSet,
+    states: &States,
     instances: &[&Instance],
     health_panic: bool,
     index: u64,
@@ -188,11 +205,9 @@ fn build_set(
     let endpoints = instances
         .iter()
         .map(|i| {
-            let state = current
-                .endpoints
-                .iter()
-                .find(|e| e.same_target(&i.id, &i.address, i.port))
-                .map(|e| Arc::clone(&e.state))
+            let state = states
+                .get(&(i.id.clone(), i.address.clone(), i.port))
+                .map(Arc::clone)
                 .unwrap_or_else(|| Arc::new(EndpointState::default()));
             let endpoint = Endpoint::new(
                 i.id.clone(),
@@ -225,6 +240,7 @@ async fn run_watch<S: WatchSource>(
     let mut failing = false;
     // Refused addresses already reported, so each is logged and counted once.
     let mut refused: std::collections::HashSet<(trellis_shared::Address, u16)> = Default::default();
+    let mut states = States::new();
     loop {
         let expiry = tracker.next_expiry();
         tokio::select! {
@@ -263,16 +279,19 @@ async fn run_watch<S: WatchSource>(
             }
             false
         });
+        track_states(&mut states, &instances);
         let total = instances.len();
         let (instances, panic) = health_panic::routable(&instances, panic_threshold);
         if panic && !current.health_panic {
             let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
             warn!(service = %name, healthy, total, threshold = panic_threshold, "too few healthy instances: routing to every instance, critical ones too (health panic)");
+        } else if !panic && current.health_panic && total == 0 {
+            info!(service = %name, "every instance is gone: the health panic ends with nobody to route to");
         } else if !panic && current.health_panic {
             info!(service = %name, healthy = instances.len(), total, "enough healthy instances again: leaving health panic");
         }
         let epoch = tracker.epoch.as_deref().unwrap_or_default();
-        match build_set(&name, &current, &instances, panic, tracker.index, epoch) {
+        match build_set(&name, &current, &states, &instances, panic, tracker.index, epoch) {
             Some(set) => {
                 info!(service = %name, endpoints = set.endpoints.len(), index = set.index, "endpoints updated");
                 endpoints.publish(set);
@@ -655,10 +674,21 @@ mod tests {
         assert!(users.load().endpoints.iter().all(|e| e.health == c));
 
         // Back to two of three: normal again.
+        let a_state = Arc::clone(&panic.endpoints[0].state);
+        let b_state = Arc::clone(&panic.endpoints[1].state);
         w.send("users", Ok(view(4, "e1", vec![with("a", 1, p), with("b", 2, c), with("c", 3, p)])));
         settle().await;
         let back = users.load();
         assert_eq!((ids(&back), back.health_panic), (vec!["a".into(), "c".into()], false));
+        assert!(Arc::ptr_eq(&a_state, &back.endpoints[0].state), "a's state was not carried into the set");
+
+        // b left the set but not the service: when the next panic brings it
+        // back, it still has its state (in-flight count, ejection, warm-up).
+        w.send("users", Ok(view(5, "e1", vec![with("a", 1, c), with("b", 2, c), with("c", 3, p)])));
+        settle().await;
+        let again = users.load();
+        assert!(again.health_panic);
+        assert!(Arc::ptr_eq(&b_state, &again.endpoints[1].state), "b came back with a fresh state");
 
         // Turned off: nobody healthy means nobody to call.
         let (d, w, _) = directory(DiscoveryConfig { panic_threshold: 0.0, ..Default::default() });

@@ -113,7 +113,8 @@ impl Endpoint {
         self
     }
 
-    /// The endpoint with the health the registry reported.
+    /// The endpoint with the health the registry reported (a builder step, as
+    /// `with_mesh_tls`, so the many places that build endpoints in tests stay short).
     pub fn with_health(mut self, health: HealthStatus) -> Self {
         self.health = health;
         self

@@ -24,7 +24,10 @@
 //! outlier detection, see [`crate::balance`]), which works inside whatever set
 //! this module chose. In a health panic, outlier detection and retries work as
 //! always: an instance that is really gone refuses connections and is ejected
-//! whatever the ejected-share bound; one that hangs meets the per-try timeout.
+//! whatever the ejected-share bound (behind a live inbound sidecar it answers
+//! `502`s instead, ejected after consecutive failures); one that hangs meets
+//! the per-try timeout. Zone-aware routing stands aside (as in Envoy), and
+//! endpoints keep their state while a panic moves them in and out of the set.
 //! A health panic never reaches an app that has not started: the sidecar
 //! registers its app only after a first passing check. A threshold of 0 turns
 //! it off.
@@ -42,7 +45,9 @@ pub const DEFAULT_THRESHOLD: f64 = 0.5;
 pub fn routable<'a>(instances: &[&'a Instance], threshold: f64) -> (Vec<&'a Instance>, bool) {
     let healthy = instances.iter().filter(|i| i.status.is_healthy()).count();
     let total = instances.len();
-    if healthy < total && (healthy as f64) < threshold * total as f64 {
+    // The share itself, not `healthy < threshold * total`: 0.55 * 100 is
+    // 55.000000000000007 in floating point, which would make 55 of 100 a panic.
+    if healthy < total && (healthy as f64 / total as f64) < threshold {
         return (instances.to_vec(), true);
     }
     (instances.iter().copied().filter(|i| i.status.is_healthy()).collect(), false)
@@ -97,6 +102,11 @@ mod tests {
         assert!(pick(&[C, C], 0.5).1);
         // A higher threshold panics earlier: two of three is below 80 %.
         assert!(pick(&[P, C, P], 0.8).1);
+        // Exactly at a threshold that is not a binary fraction: no panic.
+        let mut hundred = vec![P; 55];
+        hundred.extend([C; 45]);
+        assert!(!pick(&hundred, 0.55).1);
+        assert!(pick(&hundred[1..], 0.55).1, "54 of 99 is below 55 %");
     }
 
     #[test]

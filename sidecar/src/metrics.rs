@@ -175,7 +175,7 @@ impl Metrics {
         registry.register(
             "requests",
             "Proxied requests by upstream service and response status class (the sidecar's own answers too, \
-             `no_endpoints` once the service has had endpoints)",
+             `no_endpoints` once a request has found the service's endpoints)",
             requests.clone(),
         );
         registry.register(
@@ -310,6 +310,8 @@ impl Metrics {
             .set(n);
     }
 
+    /// Set at scrape time from the endpoint sets, like the endpoint gauges, so
+    /// the discovery tasks need no handle on the metrics.
     pub fn set_health_panic(&self, service: &str, on: bool) {
         self.health_panic.get_or_create(&ServiceLabels { service: service.to_string() }).set(i64::from(on));
     }

@@ -87,12 +87,27 @@ impl Sidecar {
         .await
     }
 
+    /// The value of the metric sample `name_and_labels` (`None`: absent or no answer).
+    async fn metric(&self, name_and_labels: &str) -> Option<i64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin)).await.ok()?.text().await.ok()?;
+        let prefix = format!("{name_and_labels} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
+    }
+
     /// The `trellis_sidecar_registry_up` gauge.
     async fn registry_up(&self) -> Option<i64> {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin)).await.ok()?.text().await.ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("trellis_sidecar_registry_up "))
-            .and_then(|v| v.trim().parse().ok())
+        self.metric("trellis_sidecar_registry_up").await
+    }
+
+    /// `trellis_sidecar_health_panic` of [`SERVICE`].
+    async fn health_panic(&self) -> Option<i64> {
+        self.metric(&format!(r#"trellis_sidecar_health_panic{{service="{SERVICE}"}}"#)).await
+    }
+
+    /// `trellis_sidecar_requests_total` of [`SERVICE`] for one status class.
+    async fn requests_of_class(&self, class: &str) -> Option<i64> {
+        self.metric(&format!(r#"trellis_sidecar_requests_total{{service="{SERVICE}",class="{class}"}}"#))
+            .await
     }
 
     fn rss_kib(&self) -> u64 {
@@ -577,19 +592,28 @@ async fn sigterm_of_a_backend_sidecar_deregisters_drains_and_exits_0() {
 // ---------------------------------------------------------------------------
 // An app that turns unhealthy is hidden, then returns.
 
+/// A registry and `n` backends `api-0`... checked over HTTP (`/health`, which
+/// a test turns off and on), once the registry lists them all healthy.
+async fn start_http_checked(n: usize) -> (RegistryProc, Vec<Backend>, RegistryClient) {
+    let registry = start_registry().await;
+    let mut backends = Vec::new();
+    for i in 0..n {
+        backends.push(
+            Backend::start(&format!("api-{i}"), &registry.url(), &[], &["--health", "http:/health"]).await,
+        );
+    }
+    let api = RegistryClient::from_list(&registry.url()).unwrap();
+    let ids: Vec<String> = (0..n).map(|i| format!("api-{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    wait_registry_ids(&api, false, &ids, Duration::from_secs(20)).await;
+    (registry, backends, api)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_app_is_hidden_then_returns() {
     let _serial = SERIAL.lock().await;
-    let registry = start_registry().await;
+    let (registry, backends, api) = start_http_checked(2).await;
     let registry_url = registry.url();
-    let mut backends = Vec::new();
-    for i in 0..2 {
-        backends.push(
-            Backend::start(&format!("api-{i}"), &registry_url, &[], &["--health", "http:/health"]).await,
-        );
-    }
-    let api = RegistryClient::from_list(&registry_url).unwrap();
-    wait_registry_ids(&api, false, &["api-0", "api-1"], Duration::from_secs(20)).await;
     let client =
         Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
     client.wait_endpoints(SERVICE, 2, Duration::from_secs(20)).await;
@@ -640,37 +664,16 @@ async fn wait_panic(client: &Sidecar, on: bool) -> Vec<(String, String)> {
     .await
 }
 
-async fn panic_gauge(client: &Sidecar) -> Option<i64> {
-    let text = reqwest::get(format!("http://{}/metrics", client.admin)).await.ok()?.text().await.ok()?;
-    let line = format!(r#"trellis_sidecar_health_panic{{service="{SERVICE}"}} "#);
-    text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.trim().parse().ok())
-}
-
-/// `trellis_sidecar_requests_total` of the service for one status class.
-async fn requests_of_class(sidecar: &Sidecar, class: &str) -> Option<i64> {
-    let text = reqwest::get(format!("http://{}/metrics", sidecar.admin)).await.ok()?.text().await.ok()?;
-    let line = format!(r#"trellis_sidecar_requests_total{{service="{SERVICE}",class="{class}"}} "#);
-    text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_nothing() {
     let _serial = SERIAL.lock().await;
-    let registry = start_registry().await;
+    let (registry, mut backends, api) = start_http_checked(3).await;
     let registry_url = registry.url();
-    let mut backends = Vec::new();
-    for i in 0..3 {
-        backends.push(
-            Backend::start(&format!("api-{i}"), &registry_url, &[], &["--health", "http:/health"]).await,
-        );
-    }
-    let api = RegistryClient::from_list(&registry_url).unwrap();
     let timeout = Duration::from_secs(20);
-    wait_registry_ids(&api, false, &["api-0", "api-1", "api-2"], timeout).await;
     let client =
         Sidecar::start("client-sidecar", &registry_url, &strings(&["--upstream-service", SERVICE])).await;
     client.wait_endpoints(SERVICE, 3, timeout).await;
-    assert_eq!(panic_gauge(&client).await, Some(0));
+    assert_eq!(client.health_panic().await, Some(0));
     // A sidecar with the health panic off, for comparison.
     let strict = Sidecar::start(
         "strict-sidecar",
@@ -694,11 +697,16 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
         seen.iter().filter(|(_, h)| h == "critical").map(|(id, _)| id.as_str()).collect();
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(critical, ["api-0", "api-1"], "{seen:?}");
-    assert_eq!(panic_gauge(&client).await, Some(1));
+    assert_eq!(client.health_panic().await, Some(1));
 
     // The last one fails its checks too: the registry lists no healthy instance.
     backends[2].control("/control/health?ok=false").await;
     wait_registry_ids(&api, false, &[], timeout).await;
+    wait_for("the client to see three critical endpoints", timeout, || async {
+        let seen = wait_panic(&client, true).await;
+        (seen.len() == 3 && seen.iter().all(|(_, h)| h == "critical")).then_some(())
+    })
+    .await;
     let served_before = load.tally.by_instance();
     // A second failure on top: one of the critical instances dies.
     backends[0].app.kill9();
@@ -714,8 +722,8 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
     let (status, headers, _) = strict_caller.call(SERVICE, "/work").await.unwrap();
     let code = headers.get("x-trellis-error").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     assert_eq!((status.as_u16(), code.as_str()), (503, "no_endpoints"));
-    let strict_5xx = requests_of_class(&strict, "5xx").await;
-    assert_eq!((requests_of_class(&strict, "2xx").await, strict_5xx), (Some(1), Some(1)));
+    let strict_5xx = strict.requests_of_class("5xx").await;
+    assert_eq!((strict.requests_of_class("2xx").await, strict_5xx), (Some(1), Some(1)));
 
     // Two pass again (the dead one stays critical): 67 % healthy, panic ends.
     backends[1].control("/control/health?ok=true").await;

@@ -2,8 +2,8 @@
 //! headers, the target service (dedicated port, absolute URI, `:authority` or
 //! Host), its endpoints (waiting for a first discovery answer at most
 //! `discovery_wait`), then [`forward`] or [`upgrade`], and the per-service
-//! request metrics (every answer once the service has had endpoints, its own
-//! `no_endpoints` included). Every sidecar-made answer leaves through
+//! request metrics (every answer once a request has found the service's
+//! endpoints, its own `no_endpoints` included). Every sidecar-made answer leaves through
 //! [`ProxyContext::error`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,9 +91,9 @@ async fn route(
     }
     let set = svc.load();
     if set.endpoints.is_empty() {
-        // A service that had endpoints and lost them all is an outage its
-        // request metrics must show; one that never had any (a junk Host, a
-        // service not deployed yet) gets no series of its own.
+        // A service whose endpoints a request once found, and that lost them
+        // all, is in an outage its request metrics must show; one that never
+        // had any (a junk Host, a service not deployed yet) gets no series.
         let e = ProxyError::NoEndpoints(name);
         if let Some(policy) = svc.policy_if_made() {
             policy.metrics.request(e.status().as_u16(), start.elapsed().as_secs_f64());
