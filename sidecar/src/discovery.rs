@@ -507,13 +507,14 @@ impl<W: Watcher> Resolve for Directory<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use tokio::sync::mpsc;
     use trellis_shared::{Address, HealthStatus, InstanceId};
 
-    fn inst(id: &str, port: u16) -> Instance {
+    /// A passing instance on 127.0.0.1 (also used by `health_panic`'s tests).
+    pub(crate) fn inst(id: &str, port: u16) -> Instance {
         Instance {
             id: InstanceId::new(id).unwrap(),
             address: Address::new("127.0.0.1").unwrap(),

@@ -56,27 +56,15 @@ pub fn routable<'a>(instances: &[&'a Instance], threshold: f64) -> (Vec<&'a Inst
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-    use trellis_shared::{Address, HealthStatus, InstanceId};
-
-    fn inst(id: &str, status: HealthStatus) -> Instance {
-        Instance {
-            id: InstanceId::new(id).unwrap(),
-            address: Address::new("127.0.0.1").unwrap(),
-            port: 1,
-            zone: None,
-            weight: 100,
-            metadata: BTreeMap::new(),
-            status,
-            output: String::new(),
-            tags: Vec::new(),
-            mesh_tls: false,
-        }
-    }
+    use crate::discovery::tests::inst;
+    use trellis_shared::HealthStatus;
 
     fn pick(statuses: &[HealthStatus], threshold: f64) -> (Vec<String>, bool) {
-        let all: Vec<Instance> =
-            statuses.iter().enumerate().map(|(n, s)| inst(&format!("i{n}"), *s)).collect();
+        let all: Vec<Instance> = statuses
+            .iter()
+            .enumerate()
+            .map(|(n, s)| Instance { status: *s, ..inst(&format!("i{n}"), 1) })
+            .collect();
         let refs: Vec<&Instance> = all.iter().collect();
         let (chosen, panic) = routable(&refs, threshold);
         (chosen.iter().map(|i| i.id.to_string()).collect(), panic)
