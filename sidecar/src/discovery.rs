@@ -189,8 +189,9 @@ fn build_set(
     index: u64,
     epoch: &str,
 ) -> Option<EndpointSet> {
-    let unchanged = current.health_panic == health_panic
-        && current.endpoints.len() == instances.len()
+    // The panic flag follows from the endpoints' health (a panic is exactly a
+    // set holding a critical endpoint), so comparing health covers it.
+    let unchanged = current.endpoints.len() == instances.len()
         && current.endpoints.iter().zip(instances).all(|(e, i)| {
             e.same_target(&i.id, &i.address, i.port)
                 && e.weight == i.weight.max(1)

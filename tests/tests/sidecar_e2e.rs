@@ -646,20 +646,27 @@ async fn an_unhealthy_app_is_hidden_then_returns() {
 // ---------------------------------------------------------------------------
 // Most instances failing their checks while still serving: a health panic.
 
-/// Waits until the client's view of the service is (or is not) in a health panic,
-/// and returns its endpoints as (id, health).
+/// The client's view of the service: whether it is in a health panic, and its
+/// endpoints as (id, health).
+async fn panic_view(client: &Sidecar) -> (Option<bool>, Vec<(String, String)>) {
+    let svc = trellis_tests::admin::service_endpoints(client.admin, SERVICE).await;
+    let list = svc["endpoints"].as_array().cloned().unwrap_or_default();
+    let seen = list
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (field("id"), field("health"))
+        })
+        .collect();
+    (svc["health_panic"].as_bool(), seen)
+}
+
+/// Waits until the client's view of the service is (or is not) in a health
+/// panic, and returns its endpoints as (id, health).
 async fn wait_panic(client: &Sidecar, on: bool) -> Vec<(String, String)> {
     wait_for(&format!("health panic {}", if on { "on" } else { "off" }), Duration::from_secs(20), || async {
-        let svc = trellis_tests::admin::service_endpoints(client.admin, SERVICE).await;
-        (svc["health_panic"].as_bool() == Some(on)).then(|| {
-            let list = svc["endpoints"].as_array().cloned().unwrap_or_default();
-            list.iter()
-                .map(|e| {
-                    let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
-                    (field("id"), field("health"))
-                })
-                .collect()
-        })
+        let (panic, seen) = panic_view(client).await;
+        (panic == Some(on)).then_some(seen)
     })
     .await
 }
@@ -702,9 +709,9 @@ async fn when_most_instances_fail_their_checks_all_serve_and_a_dead_one_costs_no
     // The last one fails its checks too: the registry lists no healthy instance.
     backends[2].control("/control/health?ok=false").await;
     wait_registry_ids(&api, false, &[], timeout).await;
-    wait_for("the client to see three critical endpoints", timeout, || async {
-        let seen = wait_panic(&client, true).await;
-        (seen.len() == 3 && seen.iter().all(|(_, h)| h == "critical")).then_some(())
+    wait_for("the client to see three critical endpoints in a health panic", timeout, || async {
+        let (panic, seen) = panic_view(&client).await;
+        (panic == Some(true) && seen.len() == 3 && seen.iter().all(|(_, h)| h == "critical")).then_some(())
     })
     .await;
     let served_before = load.tally.by_instance();

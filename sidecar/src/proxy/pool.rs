@@ -250,27 +250,12 @@ impl Pool {
     /// their endpoint, and forgets endpoints without any.
     fn sweep_once(&self) {
         let timeout = self.idle_timeout;
-        // Dropped after the lock is released: closing is the connections' business.
-        let mut closed = Vec::new();
-        {
-            let mut idle = self.lock();
-            idle.retain(|_, list| {
-                while list.front().is_some_and(|c| c.since.elapsed() >= timeout) {
-                    closed.extend(list.pop_front());
-                }
-                // Closed by the endpoint: wherever it is in the list.
-                let mut i = 0;
-                while i < list.len() {
-                    if list[i].tx.is_ready() {
-                        i += 1;
-                    } else {
-                        closed.extend(list.remove(i));
-                    }
-                }
-                !list.is_empty()
-            });
-        }
-        drop(closed);
+        // One pass: past the idle timeout, or closed by the endpoint wherever
+        // it is in the list (dropping a sender only closes a channel).
+        self.lock().retain(|_, list| {
+            list.retain(|c| c.since.elapsed() < timeout && c.tx.is_ready());
+            !list.is_empty()
+        });
     }
 
     #[cfg(test)]
