@@ -306,8 +306,9 @@ async fn traffic_stays_in_the_callers_zone_spills_over_when_it_cannot_carry_it_a
     let replaced = load.measure(600).await;
     report("a-2 replaces a-0", replaced);
 
-    let (local, remote) = zone_metrics(admin).await;
+    // Stopped first: an answer that lands after the scrape would otherwise be in the tally but not the counters.
     let tally = load.stop().await;
+    let (local, remote) = zone_metrics(admin).await;
     let all = tally.counts();
     report("whole run", all);
     println!("client sidecar zone_requests: local {local}, remote {remote}");
