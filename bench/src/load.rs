@@ -54,6 +54,11 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Nothing measured yet: the start of a sum over several windows.
+    pub fn empty() -> LoadResult {
+        LoadResult { ok: 0, failed: 0, elapsed: Duration::ZERO, hist: new_histogram(), failures_at: Vec::new() }
+    }
+
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -65,7 +70,7 @@ impl LoadResult {
 }
 
 fn merge(parts: Vec<(u64, u64, Histogram<u64>, Vec<Duration>)>, elapsed: Duration) -> LoadResult {
-    let mut out = LoadResult { ok: 0, failed: 0, elapsed, hist: new_histogram(), failures_at: Vec::new() };
+    let mut out = LoadResult { elapsed, ..LoadResult::empty() };
     for (ok, failed, h, f) in parts {
         out.ok += ok;
         out.failed += failed;

@@ -74,6 +74,9 @@ pub struct Sizes {
     pub rate_connections: usize,
     /// Case 7's fixed rates.
     pub mtls_rates: Vec<f64>,
+    /// Case 7 measures every setup this many times, interleaved; the windows
+    /// together last `rate_duration` per setup and rate.
+    pub mtls_rounds: usize,
     pub failover_rate: f64,
     pub failover_before_kill: Duration,
     pub failover_after_kill: Duration,
@@ -103,6 +106,7 @@ impl Sizes {
                 rate_duration: Duration::from_secs(1),
                 rate_connections: 16,
                 mtls_rates: vec![2_000.0],
+                mtls_rounds: 1,
                 failover_rate: 500.0,
                 failover_before_kill: Duration::from_secs(1),
                 failover_after_kill: Duration::from_secs(3),
@@ -127,6 +131,7 @@ impl Sizes {
                 rate_duration: Duration::from_secs(10),
                 rate_connections: 16,
                 mtls_rates: vec![2_000.0, 5_000.0],
+                mtls_rounds: 3,
                 failover_rate: 1_000.0,
                 failover_before_kill: Duration::from_secs(3),
                 failover_after_kill: Duration::from_secs(15),
@@ -142,6 +147,11 @@ impl Sizes {
                 security_duration: Duration::from_secs(20),
             }
         }
+    }
+
+    /// One of case 7's measured windows.
+    pub fn mtls_window(&self) -> Duration {
+        self.rate_duration / self.mtls_rounds.max(1) as u32
     }
 }
 

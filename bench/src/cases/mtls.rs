@@ -42,7 +42,7 @@ impl Setup {
     }
 }
 
-/// One hop's figures over the measured window.
+/// One hop's figures over the measured windows.
 #[derive(Debug, Clone, Copy, Default)]
 struct Hop {
     cpu: Duration,
@@ -50,27 +50,86 @@ struct Hop {
     peak_kib: u64,
 }
 
+/// One setup at one rate: its windows of every round together.
 struct Row {
     setup: Setup,
     rate: f64,
+    /// Every window's answers merged.
     load: LoadResult,
     /// Client side, server side; empty for direct.
     hops: Vec<Hop>,
-    busy: Vec<f64>,
+    /// Busy and total jiffies per core, summed over the windows.
+    jiffies: Vec<(u64, u64)>,
+    /// Each round's own figures, to show how far the machine moved them.
+    rounds: Vec<Round>,
+}
+
+/// One window's figures.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    cpu_per_1k_ms: Option<f64>,
+    p99_us: f64,
+}
+
+fn per_1k_ms(cpu: Duration, ok: u64) -> Option<f64> {
+    (ok > 0).then(|| cpu.as_secs_f64() * 1000.0 / (ok as f64 / 1000.0))
 }
 
 impl Row {
     fn cpu_per_1k_ms(&self, cpu: Duration) -> Option<f64> {
-        (self.load.ok > 0 && !self.hops.is_empty())
-            .then(|| cpu.as_secs_f64() * 1000.0 / (self.load.ok as f64 / 1000.0))
+        if self.hops.is_empty() {
+            return None;
+        }
+        per_1k_ms(cpu, self.load.ok)
     }
 
     fn total_cpu_per_1k_ms(&self) -> Option<f64> {
         self.cpu_per_1k_ms(self.hops.iter().map(|h| h.cpu).sum())
     }
+
+    fn busy(&self) -> Vec<f64> {
+        let zero = vec![(0, 0); self.jiffies.len()];
+        procstat::busy_percent(&zero, &self.jiffies)
+    }
+
+    /// Adds one window.
+    fn add(&mut self, load: LoadResult, hops: Vec<Hop>, jiffies: Vec<(u64, u64)>) {
+        let cpu: Duration = hops.iter().map(|h| h.cpu).sum();
+        self.rounds.push(Round {
+            cpu_per_1k_ms: if hops.is_empty() { None } else { per_1k_ms(cpu, load.ok) },
+            p99_us: load.pct_us(99.0),
+        });
+        self.load.ok += load.ok;
+        self.load.failed += load.failed;
+        self.load.elapsed += load.elapsed;
+        let _ = self.load.hist.add(&load.hist);
+        if self.hops.is_empty() {
+            self.hops = hops;
+        } else {
+            for (sum, h) in self.hops.iter_mut().zip(hops) {
+                *sum = Hop { cpu: sum.cpu + h.cpu, ..h };
+            }
+        }
+        if self.jiffies.is_empty() {
+            self.jiffies = jiffies;
+        } else {
+            for (sum, (b, t)) in self.jiffies.iter_mut().zip(jiffies) {
+                *sum = (sum.0 + b, sum.1 + t);
+            }
+        }
+    }
 }
 
-fn measure(setup: Setup, env: &Env, sizes: &Sizes, certs: &PeerCerts) -> Result<Vec<Row>, String> {
+/// A setup started once and kept running through every round.
+struct Running {
+    setup: Setup,
+    target: crate::load::Target,
+    pids: Vec<i32>,
+    _chain: Option<mesh::Chain>,
+    _app: peers::Backends,
+}
+
+fn start(setup: Setup, env: &Env, certs: &PeerCerts) -> Result<Running, String> {
     let app = peers::start_backends_with(env, "mtls", &[Duration::ZERO]).map_err(|e| e.to_string())?;
     let chain = match setup {
         Setup::Direct => None,
@@ -80,27 +139,70 @@ fn measure(setup: Setup, env: &Env, sizes: &Sizes, certs: &PeerCerts) -> Result<
         Some(c) => c.addr,
         None => *app.traffic.first().ok_or("no app")?,
     };
-    let pids: Vec<i32> = chain.iter().flat_map(|c| [c.client.pid(), c.server.pid()]).collect();
+    let pids = chain.iter().flat_map(|c| [c.client.pid(), c.server.pid()]).collect();
     let target = crate::load::Target { addrs: vec![addr], host: SERVICE.into(), path: "/".into() };
-    let mut rows = Vec::new();
-    for &rate in &sizes.mtls_rates {
-        open_loop(&target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
-        let cpu0: Vec<Duration> = pids.iter().map(|p| procstat::cpu_time(*p)).collect();
-        let j0 = procstat::cpu_jiffies();
-        let load = open_loop(&target, rate, sizes.rate_connections, Duration::ZERO, sizes.rate_duration);
-        let j1 = procstat::cpu_jiffies();
-        let hops = pids
-            .iter()
-            .zip(&cpu0)
-            .map(|(p, c0)| Hop {
-                cpu: procstat::cpu_time(*p).saturating_sub(*c0),
-                rss_kib: procstat::rss_kib(*p),
-                peak_kib: procstat::peak_rss_kib(*p),
-            })
-            .collect();
-        rows.push(Row { setup, rate, load, hops, busy: procstat::busy_percent(&j0, &j1) });
+    Ok(Running { setup, target, pids, _chain: chain, _app: app })
+}
+
+/// One window on one setup: its answers, both hops' CPU and the cores' jiffies.
+fn window(run: &Running, rate: f64, sizes: &Sizes, warmup: Duration) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
+    open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, warmup);
+    let cpu0: Vec<Duration> = run.pids.iter().map(|p| procstat::cpu_time(*p)).collect();
+    let j0 = procstat::cpu_jiffies();
+    let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.mtls_window());
+    let j1 = procstat::cpu_jiffies();
+    let hops = run
+        .pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| Hop {
+            cpu: procstat::cpu_time(*p).saturating_sub(*c0),
+            rss_kib: procstat::rss_kib(*p),
+            peak_kib: procstat::peak_rss_kib(*p),
+        })
+        .collect();
+    let jiffies = j0.iter().zip(&j1).map(|((b0, t0), (b1, t1))| (b1.saturating_sub(*b0), t1.saturating_sub(*t0))).collect();
+    (load, hops, jiffies)
+}
+
+/// Every setup runs side by side; each round measures each of them once per
+/// rate, in an order rotated every round, so that a stretch of noise on the
+/// shared machine lands on several setups rather than all on one.
+fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for round in 0..sizes.mtls_rounds {
+        // The first window of each setup also fills its hops' connection pools.
+        let warmup = if round == 0 { sizes.warmup } else { sizes.warmup / 2 };
+        for &rate in &sizes.mtls_rates {
+            let n = running.len();
+            for i in 0..n {
+                let run = &running[(i + round) % n];
+                eprintln!("  case 7: round {} of {}, {:.0}/s, {}", round + 1, sizes.mtls_rounds, rate, run.setup.name());
+                let (load, hops, jiffies) = window(run, rate, sizes, warmup);
+                let pos = rows.iter().position(|r| r.setup == run.setup && r.rate == rate);
+                let row = match pos {
+                    Some(p) => &mut rows[p],
+                    None => {
+                        rows.push(Row {
+                            setup: run.setup,
+                            rate,
+                            load: LoadResult::empty(),
+                            hops: Vec::new(),
+                            jiffies: Vec::new(),
+                            rounds: Vec::new(),
+                        });
+                        let last = rows.len() - 1;
+                        &mut rows[last]
+                    }
+                };
+                row.add(load, hops, jiffies);
+            }
+        }
     }
-    Ok(rows)
+    // Reported in the order the setups are listed, whatever order they ran in.
+    let order = |s: Setup| Setup::all().iter().position(|x| *x == s).unwrap_or(usize::MAX);
+    rows.sort_by_key(|r| order(r.setup));
+    rows
 }
 
 fn mib(k: u64) -> String {
@@ -114,14 +216,16 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         Err(e) => return Section::error(title, &format!("cannot make the certificates: {e}")),
     };
     let mut errors = String::new();
-    let mut rows = Vec::new();
+    let mut running = Vec::new();
     for setup in Setup::all() {
-        eprintln!("  case 7: {}", setup.name());
-        match measure(setup, env, sizes, &certs) {
-            Ok(r) => rows.extend(r),
+        eprintln!("  case 7: starting {}", setup.name());
+        match start(setup, env, &certs) {
+            Ok(r) => running.push(r),
             Err(e) => errors.push_str(&format!("- **{}** did not run: {e}\n", setup.name())),
         }
     }
+    let rows = measure(&running, sizes);
+    drop(running);
     let mut b = String::new();
     let _ = writeln!(
         b,
@@ -129,13 +233,20 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          app (one bench backend). Both hops are the same proxy, each with one worker, both pinned to core 0; the \
          app, the generator and Trellis's registry on core 1. The link between the hops is plain text or mutual \
          TLS (TLS 1.3, ECDSA P-256 leaves, each side verifying the other's chain to the mesh CA; connections \
-         between the hops kept alive). Open loop over {} keep-alive connections, {:.0} s per rate after a {:.1} s \
-         warm-up, latency from when each request was due. **Added** is the row's percentile minus direct's at the \
-         same rate. **CPU per 1,000 requests** is both hops' user + system time over the window (client side + \
-         server side). RSS is each hop's resident memory at the end of the window (peak in parentheses).\n",
+         between the hops kept alive). Every setup runs side by side, idle but for the one measured. Open loop over \
+         {} keep-alive connections, latency from when each request was due, in {} round(s): each round measures \
+         every setup for {:.1} s per rate, after a warm-up ({:.1} s in the first round, {:.1} s later), in an order \
+         rotated from round to round, so a stretch of noise on the shared machine falls on several setups instead \
+         of one. The main table is over all rounds ({:.0} s per setup and rate: latencies merged, CPU summed); the \
+         table under it gives each round on its own. **Added** is the row's percentile minus direct's at the same \
+         rate. **CPU per 1,000 requests** is both hops' user + system time over the windows (client side + server \
+         side). RSS is each hop's resident memory at the end of its last window (peak in parentheses).\n",
         sizes.rate_connections,
+        sizes.mtls_rounds,
+        sizes.mtls_window().as_secs_f64(),
+        sizes.warmup.as_secs_f64(),
+        (sizes.warmup / 2).as_secs_f64(),
         sizes.rate_duration.as_secs_f64(),
-        sizes.warmup.as_secs_f64()
     );
     let _ = writeln!(
         b,
@@ -186,7 +297,8 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 ),
                 _ => "—".into(),
             };
-            let busy = |i: usize| r.busy.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
+            let busy_all = r.busy();
+            let busy = |i: usize| busy_all.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
             let _ = writeln!(
                 b,
                 "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {rss} | {} / {} |",
@@ -216,19 +328,57 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             }
             if s.is_empty() { "n/a".to_string() } else { s.join(", ") }
         });
+        let mtls: Vec<(Proxy, &Row)> =
+            Proxy::ALL.iter().filter_map(|&p| get(Setup::Chain(p, Link::Mtls)).map(|r| (p, *r))).collect();
+        // A window's p99 over direct's in the same round.
+        let added_in = |r: &Row, i: usize| match (direct, r.rounds.get(i)) {
+            (Some(d), Some(x)) => d.rounds.get(i).map(|dr| x.p99_us - dr.p99_us),
+            _ => None,
+        };
+        if sizes.mtls_rounds > 1 && !mtls.is_empty() {
+            let names: Vec<&str> = mtls.iter().map(|(p, _)| p.name()).collect();
+            let _ = writeln!(
+                b,
+                "\nEach round on its own (mTLS rows):\n\n| round | {} | {} |\n|---|{}",
+                names.iter().map(|n| format!("{n} CPU per 1k")).collect::<Vec<_>>().join(" | "),
+                names.iter().map(|n| format!("{n} added p99")).collect::<Vec<_>>().join(" | "),
+                "---:|".repeat(2 * names.len())
+            );
+            for i in 0..sizes.mtls_rounds {
+                let cpu = mtls.iter().map(|(_, r)| {
+                    r.rounds.get(i).and_then(|x| x.cpu_per_1k_ms).map_or("—".into(), |c| format!("{c:.1} ms"))
+                });
+                let p99 = mtls.iter().map(|(_, r)| added_in(r, i).map_or("—".into(), us));
+                let _ = writeln!(b, "| {} | {} |", i + 1, cpu.chain(p99).collect::<Vec<_>>().join(" | "));
+            }
+        }
         if let Some(t) = get(Setup::Chain(Proxy::Trellis, Link::Mtls)) {
             let _ = writeln!(b, "\nTargets at {rate:.0} req/s:\n");
+            let rounds = t.rounds.len();
+            // How many rounds `ok` held in, when there was more than one.
+            let held = |ok: &dyn Fn(usize) -> bool| {
+                if rounds > 1 {
+                    format!("; in {} of {rounds} rounds", (0..rounds).filter(|&i| ok(i)).count())
+                } else {
+                    String::new()
+                }
+            };
             let mark = |ok: bool| if ok { "✅ met:" } else { "❌ not met:" };
             let tc = t.total_cpu_per_1k_ms().unwrap_or(f64::NAN);
             for peer in [Proxy::Haproxy, Proxy::Nginx] {
                 if let Some(p) = get(Setup::Chain(peer, Link::Mtls)) {
                     let pc = p.total_cpu_per_1k_ms().unwrap_or(f64::NAN);
+                    let below = |i: usize| {
+                        let at = |r: &Row| r.rounds.get(i).and_then(|x| x.cpu_per_1k_ms);
+                        matches!((at(t), at(p)), (Some(a), Some(b)) if a <= b)
+                    };
                     let _ = writeln!(
                         b,
-                        "- {} Trellis mTLS CPU per request ≤ {} mTLS's ({tc:.1} vs {pc:.1} ms per 1k, both hops; {})",
+                        "- {} Trellis mTLS CPU per request ≤ {} mTLS's ({tc:.1} vs {pc:.1} ms per 1k, both hops; {}{})",
                         mark(tc <= pc),
                         peer.name(),
-                        ratio(tc, pc)
+                        ratio(tc, pc),
+                        held(&below)
                     );
                 }
             }
@@ -239,7 +389,13 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 } else {
                     mark(added99 < ADDED_P99_TARGET_US)
                 };
-                let _ = writeln!(b, "- {verdict} Trellis mTLS adds < 1 ms p99 over direct ({})", us(added99));
+                let under = |i: usize| added_in(t, i).is_some_and(|a| a < ADDED_P99_TARGET_US);
+                let _ = writeln!(
+                    b,
+                    "- {verdict} Trellis mTLS adds < 1 ms p99 over direct ({}{})",
+                    us(added99),
+                    held(&under)
+                );
             }
             if t.load.failed > 0 {
                 let _ = writeln!(b, "- ❌ Trellis mTLS failed {} requests", t.load.failed);
