@@ -56,7 +56,13 @@ pub struct LoadResult {
 impl LoadResult {
     /// Nothing measured yet: the start of a sum over several windows.
     pub fn empty() -> LoadResult {
-        LoadResult { ok: 0, failed: 0, elapsed: Duration::ZERO, hist: new_histogram(), failures_at: Vec::new() }
+        LoadResult {
+            ok: 0,
+            failed: 0,
+            elapsed: Duration::ZERO,
+            hist: new_histogram(),
+            failures_at: Vec::new(),
+        }
     }
 
     pub fn rps(&self) -> f64 {

@@ -130,7 +130,12 @@ struct Running {
 }
 
 fn start(setup: Setup, env: &Env, certs: &PeerCerts) -> Result<Running, String> {
-    let app = peers::start_backends_with(env, "mtls", &[Duration::ZERO]).map_err(|e| e.to_string())?;
+    // Every setup's app runs at once, so each gets its own log.
+    let tag = match setup {
+        Setup::Direct => "mtls-direct".to_string(),
+        Setup::Chain(p, l) => format!("mtls-{}-{}", p.name(), l.name().to_lowercase()),
+    };
+    let app = peers::start_backends_with(env, &tag, &[Duration::ZERO]).map_err(|e| e.to_string())?;
     let chain = match setup {
         Setup::Direct => None,
         Setup::Chain(p, l) => Some(mesh::start(p, l, env, &app, certs, "mtls")?),
@@ -145,7 +150,12 @@ fn start(setup: Setup, env: &Env, certs: &PeerCerts) -> Result<Running, String> 
 }
 
 /// One window on one setup: its answers, both hops' CPU and the cores' jiffies.
-fn window(run: &Running, rate: f64, sizes: &Sizes, warmup: Duration) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
+fn window(
+    run: &Running,
+    rate: f64,
+    sizes: &Sizes,
+    warmup: Duration,
+) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
     open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, warmup);
     let cpu0: Vec<Duration> = run.pids.iter().map(|p| procstat::cpu_time(*p)).collect();
     let j0 = procstat::cpu_jiffies();
@@ -161,7 +171,11 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, warmup: Duration) -> (LoadRes
             peak_kib: procstat::peak_rss_kib(*p),
         })
         .collect();
-    let jiffies = j0.iter().zip(&j1).map(|((b0, t0), (b1, t1))| (b1.saturating_sub(*b0), t1.saturating_sub(*t0))).collect();
+    let jiffies = j0
+        .iter()
+        .zip(&j1)
+        .map(|((b0, t0), (b1, t1))| (b1.saturating_sub(*b0), t1.saturating_sub(*t0)))
+        .collect();
     (load, hops, jiffies)
 }
 
@@ -177,7 +191,13 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
             let n = running.len();
             for i in 0..n {
                 let run = &running[(i + round) % n];
-                eprintln!("  case 7: round {} of {}, {:.0}/s, {}", round + 1, sizes.mtls_rounds, rate, run.setup.name());
+                eprintln!(
+                    "  case 7: round {} of {}, {:.0}/s, {}",
+                    round + 1,
+                    sizes.mtls_rounds,
+                    rate,
+                    run.setup.name()
+                );
                 let (load, hops, jiffies) = window(run, rate, sizes, warmup);
                 let pos = rows.iter().position(|r| r.setup == run.setup && r.rate == rate);
                 let row = match pos {
@@ -346,7 +366,10 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             );
             for i in 0..sizes.mtls_rounds {
                 let cpu = mtls.iter().map(|(_, r)| {
-                    r.rounds.get(i).and_then(|x| x.cpu_per_1k_ms).map_or("—".into(), |c| format!("{c:.1} ms"))
+                    r.rounds
+                        .get(i)
+                        .and_then(|x| x.cpu_per_1k_ms)
+                        .map_or("—".into(), |c| format!("{c:.1} ms"))
                 });
                 let p99 = mtls.iter().map(|(_, r)| added_in(r, i).map_or("—".into(), us));
                 let _ = writeln!(b, "| {} | {} |", i + 1, cpu.chain(p99).collect::<Vec<_>>().join(" | "));
