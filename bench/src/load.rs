@@ -65,6 +65,17 @@ impl LoadResult {
         }
     }
 
+    /// Appends a later window: its failure times count from the end of this
+    /// one's measured time, so they stay in order.
+    pub fn append(&mut self, later: LoadResult) {
+        let offset = self.elapsed;
+        self.ok += later.ok;
+        self.failed += later.failed;
+        self.elapsed += later.elapsed;
+        let _ = self.hist.add(&later.hist);
+        self.failures_at.extend(later.failures_at.into_iter().map(|f| offset + f));
+    }
+
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

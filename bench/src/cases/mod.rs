@@ -151,7 +151,7 @@ impl Sizes {
 
     /// One of case 7's measured windows.
     pub fn mtls_window(&self) -> Duration {
-        self.rate_duration / self.mtls_rounds.max(1) as u32
+        self.rate_duration / u32::try_from(self.mtls_rounds).unwrap_or(u32::MAX).max(1)
     }
 }
 
