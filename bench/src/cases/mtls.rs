@@ -191,7 +191,13 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
             for i in 0..n {
                 let k = (i + round) % n;
                 let run = &running[if round % 2 == 1 { n - 1 - k } else { k }];
-                eprintln!("  case 7: round {} of {}, {:.0}/s, {}", round + 1, sizes.mtls_rounds, rate, run.setup.name());
+                eprintln!(
+                    "  case 7: round {} of {}, {:.0}/s, {}",
+                    round + 1,
+                    sizes.mtls_rounds,
+                    rate,
+                    run.setup.name()
+                );
                 // A full warm-up every time: a setup waits through the others'
                 // windows, long enough for its hops' idle connections to expire.
                 let warmup = sizes.warmup;
@@ -421,7 +427,8 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                     mark(added99 < ADDED_P99_TARGET_US)
                 };
                 // A round where direct's own p99 was the worse one is no pass.
-                let under = |i: usize| added_in(t, i).is_some_and(|a| (0.0..ADDED_P99_TARGET_US).contains(&a));
+                let under =
+                    |i: usize| added_in(t, i).is_some_and(|a| (0.0..ADDED_P99_TARGET_US).contains(&a));
                 let inconclusive = (0..rounds).filter(|&i| added_in(t, i).is_some_and(|a| a < 0.0)).count();
                 let _ = writeln!(
                     b,
