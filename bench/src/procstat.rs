@@ -15,23 +15,52 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// utime + stime in ticks, from /proc/<pid>/stat.
-fn cpu_ticks(pid: i32) -> Option<u64> {
+/// (utime, stime) in ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: i32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 use trellis_tests::process::tree;
 
+/// CPU time used so far by a process tree, split by mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub user: Duration,
+    /// The kernel's share: system calls, and on loopback much of the network
+    /// stack, which runs in the sender's system time.
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    pub fn since(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// CPU time used so far by the tree of `pid`, by mode.
+pub fn cpu_times(pid: i32) -> CpuTimes {
+    let (u, s) =
+        tree(pid).iter().filter_map(|p| cpu_ticks(*p)).fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps));
+    let secs = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks());
+    CpuTimes { user: secs(u), system: secs(s) }
+}
+
 /// CPU time (user + system) used so far by the tree of `pid`.
 pub fn cpu_time(pid: i32) -> Duration {
-    let ticks: u64 = tree(pid).iter().filter_map(|p| cpu_ticks(*p)).sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+    cpu_times(pid).total()
 }
 
 fn status_kib(pid: i32, field: &str) -> Option<u64> {

@@ -46,6 +46,8 @@ impl Setup {
 #[derive(Debug, Clone, Copy, Default)]
 struct Hop {
     cpu: Duration,
+    /// The part of `cpu` spent in the kernel.
+    system: Duration,
     rss_kib: u64,
     peak_kib: u64,
 }
@@ -106,7 +108,7 @@ impl Row {
         } else {
             // Memory is what the last window left (and the peak since start).
             for (sum, h) in self.hops.iter_mut().zip(hops) {
-                *sum = Hop { cpu: sum.cpu + h.cpu, ..h };
+                *sum = Hop { cpu: sum.cpu + h.cpu, system: sum.system + h.system, ..h };
             }
         }
         if self.jiffies.is_empty() {
@@ -156,7 +158,7 @@ fn window(
     warmup: Duration,
 ) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
     open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, warmup);
-    let cpu0: Vec<Duration> = run.pids.iter().map(|p| procstat::cpu_time(*p)).collect();
+    let cpu0: Vec<procstat::CpuTimes> = run.pids.iter().map(|p| procstat::cpu_times(*p)).collect();
     let j0 = procstat::cpu_jiffies();
     let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.mtls_window());
     let j1 = procstat::cpu_jiffies();
@@ -164,10 +166,14 @@ fn window(
         .pids
         .iter()
         .zip(&cpu0)
-        .map(|(p, c0)| Hop {
-            cpu: procstat::cpu_time(*p).saturating_sub(*c0),
-            rss_kib: procstat::rss_kib(*p),
-            peak_kib: procstat::peak_rss_kib(*p),
+        .map(|(p, c0)| {
+            let used = procstat::cpu_times(*p).since(*c0);
+            Hop {
+                cpu: used.total(),
+                system: used.system,
+                rss_kib: procstat::rss_kib(*p),
+                peak_kib: procstat::peak_rss_kib(*p),
+            }
         })
         .collect();
     let jiffies = j0
@@ -276,7 +282,9 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          chains still heartbeat to their registries and check their apps' health, once a second). Open loop over \
          {} keep-alive connections, latency from when each request was due; {} **Added** is the row's percentile \
          minus direct's at the same rate. **CPU per 1,000 requests** is both hops' user + system time over the \
-         measured time (client side + server side). RSS is each hop's resident memory at the end of its last \
+         measured time (client side + server side); **of it in the kernel** is the system time's share (on \
+         loopback the sender's system time also carries most of the delivery to the receiving socket). RSS is each \
+         hop's resident memory at the end of its last \
          window, and in parentheses its peak since it started, at whichever rate it came. The cores' busy shares include \
          the idle setups.\n",
         sizes.rate_connections,
@@ -305,9 +313,9 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         let _ = writeln!(b, "### {rate:.0} requests/s\n");
         let _ = writeln!(
             b,
-            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req (client + server) | RSS MiB client / server (peak) | core 0 / core 1 busy |"
+            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req (client + server) | of it in the kernel | RSS MiB client / server (peak) | core 0 / core 1 busy |"
         );
-        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
         for r in &at {
             let added = |p: f64| match direct {
                 Some(d) if r.setup != Setup::Direct => us(r.load.pct_us(p) - d.load.pct_us(p)),
@@ -320,6 +328,13 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                     r.cpu_per_1k_ms(s.cpu).unwrap_or(f64::NAN)
                 ),
                 _ => "—".into(),
+            };
+            let (all, kernel) =
+                r.hops.iter().fold((Duration::ZERO, Duration::ZERO), |(a, k), h| (a + h.cpu, k + h.system));
+            let kernel = if all.is_zero() {
+                "—".to_string()
+            } else {
+                format!("{:.0} %", 100.0 * kernel.as_secs_f64() / all.as_secs_f64())
             };
             let rss = match r.hops.as_slice() {
                 [c, s] => format!(
@@ -335,7 +350,7 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             let busy = |i: usize| busy_all.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
             let _ = writeln!(
                 b,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {rss} | {} / {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {kernel} | {rss} | {} / {} |",
                 r.setup.name(),
                 r.load.rps(),
                 us(r.load.pct_us(50.0)),
