@@ -151,13 +151,10 @@ fn start(setup: Setup, env: &Env, certs: &PeerCerts) -> Result<Running, String> 
 }
 
 /// One window on one setup: its answers, both hops' CPU and the cores' jiffies.
-fn window(
-    run: &Running,
-    rate: f64,
-    sizes: &Sizes,
-    warmup: Duration,
-) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
-    open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, warmup);
+fn window(run: &Running, rate: f64, sizes: &Sizes) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
+    // A full warm-up every time: a setup waits through the others' windows,
+    // long enough for its hops' idle connections to expire.
+    open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
     let cpu0: Vec<procstat::CpuTimes> = run.pids.iter().map(|p| procstat::cpu_times(*p)).collect();
     let j0 = procstat::cpu_jiffies();
     let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.mtls_window());
@@ -204,10 +201,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                     rate,
                     run.setup.name()
                 );
-                // A full warm-up every time: a setup waits through the others'
-                // windows, long enough for its hops' idle connections to expire.
-                let warmup = sizes.warmup;
-                let (load, hops, jiffies) = window(run, rate, sizes, warmup);
+                let (load, hops, jiffies) = window(run, rate, sizes);
                 let pos = rows.iter().position(|r| r.setup == run.setup && r.rate == rate);
                 let row = match pos {
                     Some(p) => &mut rows[p],
@@ -284,9 +278,8 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          minus direct's at the same rate. **CPU per 1,000 requests** is both hops' user + system time over the \
          measured time (client side + server side); **of it in the kernel** is the system time's share (on \
          loopback the sender's system time also carries most of the delivery to the receiving socket). RSS is each \
-         hop's resident memory at the end of its last \
-         window, and in parentheses its peak since it started, at whichever rate it came. The cores' busy shares include \
-         the idle setups.\n",
+         hop's resident memory at the end of its last window, and in parentheses its peak since it started, at \
+         whichever rate it came. The cores' busy shares include the idle setups.\n",
         sizes.rate_connections,
         rounds_text(sizes),
     );
