@@ -330,3 +330,34 @@ fn open_conn(
     }
     (ok, failed, hist, failures)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(ok: u64, latencies_ns: &[u64], elapsed_s: u64, failures_s: &[f64]) -> LoadResult {
+        let mut r = LoadResult::empty();
+        for l in latencies_ns {
+            r.hist.record(*l).expect("within the bounds");
+        }
+        r.ok = ok;
+        r.failed = failures_s.len() as u64;
+        r.elapsed = Duration::from_secs(elapsed_s);
+        r.failures_at = failures_s.iter().map(|s| Duration::from_secs_f64(*s)).collect();
+        r
+    }
+
+    #[test]
+    fn appending_windows_sums_them_and_keeps_failure_times_in_order() {
+        let mut all = LoadResult::empty();
+        all.append(window(2, &[1_000, 3_000], 3, &[1.0]));
+        all.append(window(1, &[2_000], 3, &[0.5, 2.0]));
+        assert_eq!((all.ok, all.failed), (3, 3));
+        assert_eq!(all.elapsed, Duration::from_secs(6));
+        assert_eq!(all.hist.len(), 3);
+        assert!(all.hist.equivalent(all.hist.max(), 3_000), "max {}", all.hist.max());
+        let at: Vec<f64> = all.failures_at.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(at, vec![1.0, 3.5, 5.0]);
+        assert!((all.rps() - 0.5).abs() < 1e-9);
+    }
+}

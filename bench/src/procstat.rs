@@ -121,4 +121,15 @@ mod tests {
         assert!(cpu_time(me) > Duration::ZERO);
         assert!(!cpu_jiffies().is_empty());
     }
+
+    #[test]
+    fn times_since_an_earlier_reading_split_by_mode() {
+        let s = |ms| Duration::from_millis(ms);
+        let before = CpuTimes { user: s(100), system: s(300) };
+        let after = CpuTimes { user: s(150), system: s(420) };
+        assert_eq!(after.since(before), CpuTimes { user: s(50), system: s(120) });
+        assert_eq!(after.since(before).total(), s(170));
+        // A process tree that lost a child reads lower: no underflow.
+        assert_eq!(before.since(after), CpuTimes::default());
+    }
 }
