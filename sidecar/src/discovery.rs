@@ -168,14 +168,19 @@ impl Tracker {
 /// tracks, routed to or not.
 type States = HashMap<(trellis_shared::InstanceId, trellis_shared::Address, u16), Arc<EndpointState>>;
 
+fn state_key(i: &Instance) -> (trellis_shared::InstanceId, trellis_shared::Address, u16) {
+    (i.id.clone(), i.address.clone(), i.port)
+}
+
 /// Keeps the states of `instances` (creating new ones) and forgets the rest.
 fn track_states(states: &mut States, instances: &[&Instance]) {
-    let key = |i: &Instance| (i.id.clone(), i.address.clone(), i.port);
-    let keep: std::collections::HashSet<_> = instances.iter().map(|i| key(i)).collect();
-    states.retain(|k, _| keep.contains(k));
-    for k in keep {
-        states.entry(k).or_default();
+    let mut kept = States::with_capacity(instances.len());
+    for i in instances {
+        let key = state_key(i);
+        let state = states.remove(&key).unwrap_or_default();
+        kept.insert(key, state);
     }
+    *states = kept;
 }
 
 /// Builds the next snapshot with each endpoint's state from `states`; `None`
@@ -206,10 +211,8 @@ fn build_set(
     let endpoints = instances
         .iter()
         .map(|i| {
-            let state = states
-                .get(&(i.id.clone(), i.address.clone(), i.port))
-                .map(Arc::clone)
-                .unwrap_or_else(|| Arc::new(EndpointState::default()));
+            // Every routable instance is tracked; the default only keeps this total.
+            let state = states.get(&state_key(i)).cloned().unwrap_or_default();
             let endpoint = Endpoint::new(
                 i.id.clone(),
                 i.address.clone(),

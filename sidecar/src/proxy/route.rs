@@ -90,33 +90,34 @@ async fn route(
         return Err(ProxyError::NoEndpoints(name));
     }
     let set = svc.load();
-    if set.endpoints.is_empty() {
-        // A service whose endpoints a request once found, and that lost them
-        // all, is in an outage its request metrics must show; one that never
-        // had any (a junk Host, a service not deployed yet) gets no series.
-        let e = ProxyError::NoEndpoints(name);
-        if let Some(policy) = svc.policy_if_made() {
-            policy.metrics.request(e.status().as_u16(), start.elapsed().as_secs_f64());
-        }
-        return Err(e);
-    }
-    let policy = svc.policy(|| {
-        let metrics = ctx.metrics.service(svc.name.as_str());
-        let zone = ZoneState::new(svc.name.clone(), metrics.zone.clone());
-        let hedge = ctx.config.hedges.iter().find(|(name, _)| *name == svc.name).map(|(_, d)| Hedge::new(*d));
-        ServicePolicy { budget: RetryBudget::new(&ctx.config.retry), metrics, zone, hedge }
-    });
-    let result = if upgrade::is_upgrade(&req) {
-        // Boxed: an upgrade's state (its own connection) is not carried by every request.
-        Box::pin(upgrade::forward(ctx, &svc, policy, &set, req, start)).await
+    let result = if set.endpoints.is_empty() {
+        Err(ProxyError::NoEndpoints(name))
     } else {
-        forward::forward(ctx, &svc, policy, &set, req, start).await
+        let policy = svc.policy(|| {
+            let metrics = ctx.metrics.service(svc.name.as_str());
+            let zone = ZoneState::new(svc.name.clone(), metrics.zone.clone());
+            let hedge =
+                ctx.config.hedges.iter().find(|(name, _)| *name == svc.name).map(|(_, d)| Hedge::new(*d));
+            ServicePolicy { budget: RetryBudget::new(&ctx.config.retry), metrics, zone, hedge }
+        });
+        if upgrade::is_upgrade(&req) {
+            // Boxed: an upgrade's state (its own connection) is not carried by every request.
+            Box::pin(upgrade::forward(ctx, &svc, policy, &set, req, start)).await
+        } else {
+            forward::forward(ctx, &svc, policy, &set, req, start).await
+        }
     };
-    let status = match &result {
-        Ok(resp) => resp.status(),
-        Err(e) => e.status(),
-    };
-    policy.metrics.request(status.as_u16(), start.elapsed().as_secs_f64());
+    // The policy exists once a request has found the service's endpoints: a
+    // service that lost them all is in an outage its request metrics must
+    // show; one that never had any (a junk Host, a service not deployed yet)
+    // gets no series.
+    if let Some(policy) = svc.policy_if_made() {
+        let status = match &result {
+            Ok(resp) => resp.status(),
+            Err(e) => e.status(),
+        };
+        policy.metrics.request(status.as_u16(), start.elapsed().as_secs_f64());
+    }
     result
 }
 
