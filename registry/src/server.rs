@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use trellis_shared::accept;
 
 use self::limits::ConnectionLimits;
 use self::per_ip::PerIp;
@@ -221,19 +222,7 @@ pub async fn serve<S: Store>(
     info!(%addr, epoch = store.epoch(), tls = tls.is_some(), "registry listening");
 
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning on the error.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = accept::next(&listener, &mut shutdown, "registry").await {
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             debug!(%peer, "connection refused: connection cap reached");

@@ -1,8 +1,10 @@
 //! Trellis shared crate: the registry's wire types and the async registry client.
 //!
 //! Both the registry and the sidecar depend on this crate and never on each other.
-//! It holds no server runtime beyond [`watchdog`], the connection deadlines both servers share.
+//! It holds no server runtime beyond [`accept`] and [`watchdog`], the accept step and the connection
+//! deadlines both servers share.
 //!
+//! - [`accept`]: the next connection off a listener, stopping on shutdown and pausing after errors.
 //! - [`names`]: validated service names, instance ids, zones and addresses.
 //! - [`duration`]: durations on the wire as strings like `500ms`, `5s`, `1m`.
 //! - [`types`]: instance records, health status, service views, request bodies, limits.
@@ -16,6 +18,7 @@
 //! - [`watchdog`]: a server connection's header and idle deadlines (the registry's listener,
 //!   the sidecar's inbound side); the one piece of server plumbing kept here, so it is written once.
 
+pub mod accept;
 pub mod backoff;
 pub mod client;
 pub mod duration;

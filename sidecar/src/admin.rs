@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-use trellis_shared::{ErrorBody, ErrorCode};
+use trellis_shared::{accept, ErrorBody, ErrorCode};
 
 use crate::discovery::{ConnectivitySink, Directory, Watcher};
 use crate::identity::MeshIdentity;
@@ -274,17 +274,8 @@ pub async fn serve<W: Watcher>(listener: TcpListener, admin: Arc<Admin<W>>, shut
                 Err(_) => return,
             },
         };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept::next(&listener, shutdown.cancelled(), "admin").await else {
+            return;
         };
         let admin = Arc::clone(&admin);
         let shutdown = shutdown.clone();

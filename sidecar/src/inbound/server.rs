@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Version};
 use hyper::body::Incoming;
@@ -20,9 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use trellis_shared::watchdog::{Activity, Verdict, Watched};
-use trellis_shared::InstanceId;
+use trellis_shared::{accept, InstanceId};
 
 use super::caller::Caller;
 use super::forward::{self, Context};
@@ -94,21 +93,7 @@ pub async fn serve(
     let local = listener.local_addr()?;
     info!(addr = %local, app = %ctx.app.authority, allow_from = ?ctx.config.allow_from, "inbound listening");
     let tracker = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: pause instead of spinning.
-                warn!(error = %e, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = accept::next(&listener, shutdown.cancelled(), "inbound").await {
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             ctx.metrics.inbound_closed("over_limit");
             debug!(%peer, "inbound connection over the cap; closed");

@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
-use trellis_shared::{ErrorCode, ServiceName};
+use tracing::{debug, info};
+use trellis_shared::{accept, ErrorCode, ServiceName};
 
 use super::mesh::MeshConnector;
 use super::mesh_h2::MeshH2;
@@ -166,21 +166,7 @@ async fn accept_loop(
         Some(s) => info!(addr = %local, service = %s, "dedicated upstream port listening"),
         None => info!(addr = %local, "outbound proxy listening"),
     }
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: pause instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = accept::next(&listener, shutdown.cancelled(), "outbound").await {
         let _ = stream.set_nodelay(true);
         match Arc::clone(connections).try_acquire_owned() {
             Ok(permit) => {
