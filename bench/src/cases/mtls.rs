@@ -17,6 +17,15 @@ use crate::report::Section;
 /// Trellis's mTLS path may add at most this much p99 latency over direct.
 const ADDED_P99_TARGET_US: f64 = 1_000.0;
 
+/// While a chain is measured, the app is also called directly at this rate
+/// (or the chain's, if lower), on connections of its own: a baseline that
+/// lives through the same stretch of the machine as the chain's window. A
+/// pause of the virtual machine then lengthens both tails, instead of only
+/// the one whose window it fell in. It is a fraction of the chain's rate so
+/// that it adds little to core 1.
+const PAIRED_RATE: f64 = 1_000.0;
+const PAIRED_CONNECTIONS: usize = 4;
+
 /// What is measured: the app alone, or a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -58,6 +67,8 @@ struct Row {
     rate: f64,
     /// Every window's answers merged.
     load: LoadResult,
+    /// The direct calls made during those same windows; empty for direct.
+    paired: LoadResult,
     /// Client side, server side; empty for direct.
     hops: Vec<Hop>,
     /// Busy and total jiffies per core, summed over the windows.
@@ -73,6 +84,12 @@ struct Round {
     /// `None` when nothing was answered: an empty histogram's p99 of 0 would
     /// read as the best latency of the run.
     p99_us: Option<f64>,
+    /// p99 over the direct calls made during this window.
+    paired_p99_us: Option<f64>,
+}
+
+fn p99_of(load: &LoadResult) -> Option<f64> {
+    (load.ok > 0).then(|| load.pct_us(99.0))
 }
 
 fn per_1k_ms(cpu: Duration, ok: u64) -> Option<f64> {
@@ -96,13 +113,18 @@ impl Row {
         procstat::busy_percent(&zero, &self.jiffies)
     }
 
-    fn add(&mut self, load: LoadResult, hops: Vec<Hop>, jiffies: Vec<(u64, u64)>) {
+    fn add(&mut self, w: Window) {
+        let Window { load, paired, hops, jiffies } = w;
         let cpu: Duration = hops.iter().map(|h| h.cpu).sum();
         self.rounds.push(Round {
             cpu_per_1k_ms: if hops.is_empty() { None } else { per_1k_ms(cpu, load.ok) },
-            p99_us: (load.ok > 0).then(|| load.pct_us(99.0)),
+            p99_us: p99_of(&load),
+            paired_p99_us: paired.as_ref().and_then(p99_of),
         });
         self.load.append(load);
+        if let Some(p) = paired {
+            self.paired.append(p);
+        }
         if self.hops.is_empty() {
             self.hops = hops;
         } else {
@@ -150,14 +172,34 @@ fn start(setup: Setup, env: &Env, certs: &PeerCerts) -> Result<Running, String> 
     Ok(Running { setup, target, pids, _chain: chain, _app: app })
 }
 
-/// One window on one setup: its answers, both hops' CPU and the cores' jiffies.
-fn window(run: &Running, rate: f64, sizes: &Sizes) -> (LoadResult, Vec<Hop>, Vec<(u64, u64)>) {
+/// One window on one setup.
+struct Window {
+    load: LoadResult,
+    /// The direct calls made at the same time, if any.
+    paired: Option<LoadResult>,
+    /// Both hops' CPU and memory.
+    hops: Vec<Hop>,
+    /// Busy and total jiffies per core.
+    jiffies: Vec<(u64, u64)>,
+}
+
+/// One window on one setup, with the app called directly beside it when
+/// `direct` is given.
+fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::Target>) -> Window {
     // A full warm-up every time: a setup waits through the others' windows,
     // long enough for its hops' idle connections to expire.
     open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
     let cpu0: Vec<procstat::CpuTimes> = run.pids.iter().map(|p| procstat::cpu_times(*p)).collect();
     let j0 = procstat::cpu_jiffies();
-    let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.mtls_window());
+    let span = sizes.mtls_window();
+    let probe = direct.map(|d| {
+        let d = d.clone();
+        let probe_rate = rate.min(PAIRED_RATE);
+        std::thread::spawn(move || open_loop(&d, probe_rate, PAIRED_CONNECTIONS, Duration::ZERO, span))
+    });
+    let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, span);
+    // A probe thread that panicked measured nothing; the window has no pair.
+    let paired = probe.and_then(|t| t.join().ok());
     let j1 = procstat::cpu_jiffies();
     let hops = run
         .pids
@@ -178,7 +220,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes) -> (LoadResult, Vec<Hop>, Vec
         .zip(&j1)
         .map(|((b0, t0), (b1, t1))| (b1.saturating_sub(*b0), t1.saturating_sub(*t0)))
         .collect();
-    (load, hops, jiffies)
+    Window { load, paired, hops, jiffies }
 }
 
 /// Every setup runs side by side; each round measures each of them once per
@@ -189,6 +231,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes) -> (LoadResult, Vec<Hop>, Vec
 fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let n = running.len();
+    let direct = running.iter().find(|r| r.setup == Setup::Direct).map(|r| &r.target);
     for round in 0..sizes.mtls_rounds {
         for &rate in &sizes.mtls_rates {
             for i in 0..n {
@@ -201,7 +244,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                     rate,
                     run.setup.name()
                 );
-                let (load, hops, jiffies) = window(run, rate, sizes);
+                let w = window(run, rate, sizes, if run.setup == Setup::Direct { None } else { direct });
                 let pos = rows.iter().position(|r| r.setup == run.setup && r.rate == rate);
                 let row = match pos {
                     Some(p) => &mut rows[p],
@@ -210,6 +253,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                             setup: run.setup,
                             rate,
                             load: LoadResult::empty(),
+                            paired: LoadResult::empty(),
                             hops: Vec::new(),
                             jiffies: Vec::new(),
                             rounds: Vec::new(),
@@ -218,7 +262,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                         &mut rows[last]
                     }
                 };
-                row.add(load, hops, jiffies);
+                row.add(w);
             }
         }
     }
@@ -275,13 +319,18 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          between the hops kept alive). Every setup runs side by side, idle but for the one under load (idle Trellis \
          chains still heartbeat to their registries and check their apps' health, once a second). Open loop over \
          {} keep-alive connections, latency from when each request was due; {} **Added** is the row's percentile \
-         minus direct's at the same rate. **CPU per 1,000 requests** is both hops' user + system time over the \
+         minus direct's at the same rate, direct measured in its own windows; **added p99, same windows** is the row's p99 \
+         minus that of the direct calls made at the same time as the row's own ({paired_rate:.0}/s or the row's \
+         rate if lower, on {paired_conns} connections of their own), so that a pause of the machine lengthens both. \
+         **CPU per 1,000 requests** is both hops' user + system time over the \
          measured time (client side + server side); **of it in the kernel** is the system time's share (on \
          loopback the sender's system time also carries most of the delivery to the receiving socket). RSS is each \
          hop's resident memory at the end of its last window, and in parentheses its peak since it started, at \
          whichever rate it came. The cores' busy shares include the idle setups.\n",
         sizes.rate_connections,
         rounds_text(sizes),
+        paired_rate = PAIRED_RATE,
+        paired_conns = PAIRED_CONNECTIONS,
     );
     let _ = writeln!(
         b,
@@ -306,12 +355,16 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         let _ = writeln!(b, "### {rate:.0} requests/s\n");
         let _ = writeln!(
             b,
-            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed | CPU per 1k req (client + server) | of it in the kernel | RSS MiB client / server (peak) | core 0 / core 1 busy |"
+            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | added p99, same windows | failed | CPU per 1k req (client + server) | of it in the kernel | RSS MiB client / server (peak) | core 0 / core 1 busy |"
         );
-        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
         for r in &at {
             let added = |p: f64| match direct {
                 Some(d) if r.setup != Setup::Direct => us(r.load.pct_us(p) - d.load.pct_us(p)),
+                _ => "—".into(),
+            };
+            let paired = match (p99_of(&r.load), p99_of(&r.paired)) {
+                (Some(a), Some(d)) => us(a - d),
                 _ => "—".into(),
             };
             let cpu = match (r.total_cpu_per_1k_ms(), r.hops.as_slice()) {
@@ -343,7 +396,7 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             let busy = |i: usize| busy_all.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
             let _ = writeln!(
                 b,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {cpu} | {kernel} | {rss} | {} / {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {paired} | {} | {cpu} | {kernel} | {rss} | {} / {} |",
                 r.setup.name(),
                 r.load.rps(),
                 us(r.load.pct_us(50.0)),
@@ -378,14 +431,20 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             let p99 = |r: &Row| r.rounds.get(i).and_then(|x| x.p99_us);
             Some(p99(r)? - p99(direct?)?)
         };
+        // Paired within the window itself: the direct calls made beside it.
+        let paired_in = |r: &Row, i: usize| {
+            let x = r.rounds.get(i)?;
+            Some(x.p99_us? - x.paired_p99_us?)
+        };
         if sizes.mtls_rounds > 1 && !mtls.is_empty() {
             let names: Vec<&str> = mtls.iter().map(|(p, _)| p.name()).collect();
             let _ = writeln!(
                 b,
-                "\nEach round on its own (mTLS rows):\n\n| round | {} | {} |\n|---|{}",
+                "\nEach round on its own (mTLS rows):\n\n| round | {} | {} | {} |\n|---|{}",
                 names.iter().map(|n| format!("{n} CPU per 1k")).collect::<Vec<_>>().join(" | "),
                 names.iter().map(|n| format!("{n} added p99")).collect::<Vec<_>>().join(" | "),
-                "---:|".repeat(2 * names.len())
+                names.iter().map(|n| format!("{n} added p99, same window")).collect::<Vec<_>>().join(" | "),
+                "---:|".repeat(3 * names.len())
             );
             for i in 0..sizes.mtls_rounds {
                 let cpu = mtls.iter().map(|(_, r)| {
@@ -395,7 +454,13 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                         .map_or("—".into(), |c| format!("{c:.1} ms"))
                 });
                 let p99 = mtls.iter().map(|(_, r)| added_in(r, i).map_or("—".into(), us));
-                let _ = writeln!(b, "| {} | {} |", i + 1, cpu.chain(p99).collect::<Vec<_>>().join(" | "));
+                let same = mtls.iter().map(|(_, r)| paired_in(r, i).map_or("—".into(), us));
+                let _ = writeln!(
+                    b,
+                    "| {} | {} |",
+                    i + 1,
+                    cpu.chain(p99).chain(same).collect::<Vec<_>>().join(" | ")
+                );
             }
         }
         if let Some(t) = get(Setup::Chain(Proxy::Trellis, Link::Mtls)) {
@@ -427,24 +492,28 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                     );
                 }
             }
-            if let Some(d) = direct {
-                let added99 = t.load.pct_us(99.0) - d.load.pct_us(99.0);
+            // A round where direct's own p99 was the worse one is no pass.
+            let p99_line = |added99: f64, per_round: &dyn Fn(usize) -> Option<f64>, against: &str| {
                 let verdict = if added99 < 0.0 {
-                    "⚠️ inconclusive (direct's own p99 was worse in this run, so other load on the machine set it):"
+                    "⚠️ inconclusive (direct's own p99 was the worse one, so other load on the machine set it):"
                 } else {
                     mark(added99 < ADDED_P99_TARGET_US)
                 };
-                // A round where direct's own p99 was the worse one is no pass.
-                let under =
-                    |i: usize| added_in(t, i).is_some_and(|a| (0.0..ADDED_P99_TARGET_US).contains(&a));
-                let inconclusive = (0..rounds).filter(|&i| added_in(t, i).is_some_and(|a| a < 0.0)).count();
-                let _ = writeln!(
-                    b,
-                    "- {verdict} Trellis mTLS adds < 1 ms p99 over direct ({}{}{})",
+                let under = |i: usize| per_round(i).is_some_and(|a| (0.0..ADDED_P99_TARGET_US).contains(&a));
+                let inconclusive = (0..rounds).filter(|&i| per_round(i).is_some_and(|a| a < 0.0)).count();
+                format!(
+                    "- {verdict} Trellis mTLS adds < 1 ms p99 over direct {against} ({}{}{})\n",
                     us(added99),
                     held(&under),
                     if inconclusive > 0 { format!(", {inconclusive} inconclusive") } else { String::new() }
-                );
+                )
+            };
+            if let Some(d) = direct {
+                let added99 = t.load.pct_us(99.0) - d.load.pct_us(99.0);
+                b.push_str(&p99_line(added99, &|i| added_in(t, i), "measured in its own windows"));
+            }
+            if let (Some(a), Some(d)) = (p99_of(&t.load), p99_of(&t.paired)) {
+                b.push_str(&p99_line(a - d, &|i| paired_in(t, i), "called at the same time"));
             }
             if t.load.failed > 0 {
                 let _ = writeln!(b, "- ❌ Trellis mTLS failed {} requests", t.load.failed);
@@ -470,4 +539,63 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         mesh::trellis_client_args(example(7600)).join(" "),
     );
     Section { title: title.into(), body: b }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(latencies_us: &[u64]) -> LoadResult {
+        let mut r = LoadResult::empty();
+        for l in latencies_us {
+            r.hist.record(l * 1_000).expect("within the bounds");
+        }
+        r.ok = latencies_us.len() as u64;
+        r.elapsed = Duration::from_secs(1);
+        r
+    }
+
+    fn row() -> Row {
+        Row {
+            setup: Setup::Chain(Proxy::Trellis, Link::Mtls),
+            rate: 1.0,
+            load: LoadResult::empty(),
+            paired: LoadResult::empty(),
+            hops: Vec::new(),
+            jiffies: Vec::new(),
+            rounds: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_round_keeps_its_own_pair_and_the_row_merges_them() {
+        let mut r = row();
+        let hop = Hop { cpu: Duration::from_millis(10), ..Hop::default() };
+        r.add(Window {
+            load: answered(&[300, 5_000]),
+            paired: Some(answered(&[100, 4_000])),
+            hops: vec![hop, hop],
+            jiffies: vec![],
+        });
+        // A window whose direct calls all failed has no pair, not a p99 of 0.
+        r.add(Window {
+            load: answered(&[400]),
+            paired: Some(LoadResult::empty()),
+            hops: vec![hop, hop],
+            jiffies: vec![],
+        });
+        r.add(Window { load: LoadResult::empty(), paired: None, hops: vec![hop, hop], jiffies: vec![] });
+
+        // The histogram keeps three significant digits.
+        let near = |x: Option<f64>, v: f64| x.is_some_and(|x| (x - v).abs() <= v / 100.0);
+        assert!(near(r.rounds[0].p99_us, 5_000.0), "{:?}", r.rounds[0].p99_us);
+        assert!(near(r.rounds[0].paired_p99_us, 4_000.0), "{:?}", r.rounds[0].paired_p99_us);
+        assert_eq!(r.rounds[1].paired_p99_us, None);
+        assert_eq!((r.rounds[2].p99_us, r.rounds[2].paired_p99_us), (None, None));
+        assert_eq!((r.load.ok, r.paired.ok), (3, 2));
+        // 20 ms of both hops over 2 answers in the first window.
+        assert_eq!(r.rounds[0].cpu_per_1k_ms.map(f64::round), Some(10_000.0));
+        assert_eq!(r.rounds[2].cpu_per_1k_ms, None);
+        assert_eq!(r.hops[0].cpu, Duration::from_millis(30));
+    }
 }
