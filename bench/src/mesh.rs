@@ -198,6 +198,12 @@ backend app
     )
 }
 
+// `http-reuse always`: HAProxy's default (`safe`) sends the first request of
+// every new client connection over a server connection of its own, which
+// across mutual TLS is a handshake at the start of each measured window (the
+// generator opens new connections every window). nginx's upstream keepalive
+// and Trellis's pool reuse an idle connection for any request, and so does
+// `always`; the link between two hops never drops connections it just idled.
 fn haproxy_common() -> &'static str {
     "global
     nbthread 1
@@ -210,7 +216,7 @@ defaults
     timeout server 30s
     timeout http-keep-alive 30s
     option http-keep-alive
-    http-reuse safe
+    http-reuse always
 "
 }
 
