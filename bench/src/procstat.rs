@@ -81,14 +81,37 @@ pub fn peak_rss_kib(pid: i32) -> u64 {
 
 /// Busy and total jiffies per CPU, from /proc/stat.
 pub fn cpu_jiffies() -> Vec<(u64, u64)> {
-    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return Vec::new() };
-    s.lines()
+    per_cpu(&read_stat()).iter().map(|c| (c.total.saturating_sub(c.idle), c.total)).collect()
+}
+
+/// Jiffies each CPU had stolen by the hypervisor so far: time this virtual
+/// machine's CPU wanted to run and the host ran something else. It counts as
+/// busy in [`cpu_jiffies`]; nothing in the machine can see it otherwise, and
+/// a process under test stands still while it lasts.
+pub fn cpu_steal() -> Vec<u64> {
+    per_cpu(&read_stat()).iter().map(|c| c.steal).collect()
+}
+
+fn read_stat() -> String {
+    std::fs::read_to_string("/proc/stat").unwrap_or_default()
+}
+
+/// One `cpuN` line of `/proc/stat`, in jiffies.
+struct CpuLine {
+    /// user, nice, system, idle, iowait, irq, softirq and steal together.
+    total: u64,
+    /// idle and iowait.
+    idle: u64,
+    steal: u64,
+}
+
+fn per_cpu(stat: &str) -> Vec<CpuLine> {
+    stat.lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(|b| b.is_ascii_digit()))
         .map(|l| {
             let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-            let total: u64 = v.iter().take(8).sum();
-            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-            (total - idle, total)
+            let at = |i: usize| v.get(i).copied().unwrap_or(0);
+            CpuLine { total: v.iter().take(8).sum(), idle: at(3) + at(4), steal: at(7) }
         })
         .collect()
 }
@@ -120,6 +143,19 @@ mod tests {
         while cpu_time(me) == Duration::ZERO && spin.elapsed() < Duration::from_secs(10) {}
         assert!(cpu_time(me) > Duration::ZERO);
         assert!(!cpu_jiffies().is_empty());
+        assert_eq!(cpu_steal().len(), cpu_jiffies().len());
+    }
+
+    #[test]
+    fn reads_each_cpu_line_with_its_steal() {
+        let stat = "cpu  30 0 20 400 5 1 2 12 0 0\n\
+                    cpu0 10 0 5 200 1 0 1 7 0 0\n\
+                    cpu1 20 0 15 200 4 1 1 5 0 0\n\
+                    intr 12345\n";
+        let cpus = per_cpu(stat);
+        assert_eq!(cpus.len(), 2, "the summary line is not a CPU");
+        assert_eq!((cpus[0].total, cpus[0].idle, cpus[0].steal), (224, 201, 7));
+        assert_eq!((cpus[1].total, cpus[1].idle, cpus[1].steal), (246, 204, 5));
     }
 
     #[test]

@@ -73,12 +73,14 @@ struct Row {
     hops: Vec<Hop>,
     /// Busy and total jiffies per core, summed over the windows.
     jiffies: Vec<(u64, u64)>,
+    /// Jiffies stolen by the hypervisor per core (part of busy), summed.
+    steal: Vec<u64>,
     /// Each round's own figures, to show how far the machine moved them.
     rounds: Vec<Round>,
 }
 
 /// One window's figures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Round {
     cpu_per_1k_ms: Option<f64>,
     /// `None` when nothing was answered: an empty histogram's p99 of 0 would
@@ -86,6 +88,20 @@ struct Round {
     p99_us: Option<f64>,
     /// p99 over the direct calls made during this window.
     paired_p99_us: Option<f64>,
+    /// Share of each core's time the hypervisor took during this window, in percent.
+    stolen_pct: Vec<f64>,
+}
+
+/// Stolen jiffies as a share of each core's jiffies, in percent.
+fn stolen_percent(steal: &[u64], jiffies: &[(u64, u64)]) -> Vec<f64> {
+    steal.iter().zip(jiffies).map(|(s, (_, t))| 100.0 * *s as f64 / (*t).max(1) as f64).collect()
+}
+
+fn percents(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "—".into();
+    }
+    v.iter().map(|p| format!("{p:.0}%")).collect::<Vec<_>>().join(" / ")
 }
 
 fn p99_of(load: &LoadResult) -> Option<f64> {
@@ -114,13 +130,21 @@ impl Row {
     }
 
     fn add(&mut self, w: Window) {
-        let Window { load, paired, hops, jiffies } = w;
+        let Window { load, paired, hops, jiffies, steal } = w;
         let cpu: Duration = hops.iter().map(|h| h.cpu).sum();
         self.rounds.push(Round {
             cpu_per_1k_ms: if hops.is_empty() { None } else { per_1k_ms(cpu, load.ok) },
             p99_us: p99_of(&load),
             paired_p99_us: paired.as_ref().and_then(p99_of),
+            stolen_pct: stolen_percent(&steal, &jiffies),
         });
+        if self.steal.is_empty() {
+            self.steal = steal;
+        } else {
+            for (sum, s) in self.steal.iter_mut().zip(steal) {
+                *sum += s;
+            }
+        }
         self.load.append(load);
         if let Some(p) = paired {
             self.paired.append(p);
@@ -181,6 +205,8 @@ struct Window {
     hops: Vec<Hop>,
     /// Busy and total jiffies per core.
     jiffies: Vec<(u64, u64)>,
+    /// Jiffies stolen by the hypervisor per core.
+    steal: Vec<u64>,
 }
 
 /// One window on one setup, with the app called directly beside it when
@@ -190,7 +216,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::
     // long enough for its hops' idle connections to expire.
     open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
     let cpu0: Vec<procstat::CpuTimes> = run.pids.iter().map(|p| procstat::cpu_times(*p)).collect();
-    let j0 = procstat::cpu_jiffies();
+    let (j0, s0) = (procstat::cpu_jiffies(), procstat::cpu_steal());
     let span = sizes.mtls_window();
     let probe = direct.map(|d| {
         let d = d.clone();
@@ -200,7 +226,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::
     let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, span);
     // A probe thread that panicked measured nothing; the window has no pair.
     let paired = probe.and_then(|t| t.join().ok());
-    let j1 = procstat::cpu_jiffies();
+    let (j1, s1) = (procstat::cpu_jiffies(), procstat::cpu_steal());
     let hops = run
         .pids
         .iter()
@@ -220,7 +246,8 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::
         .zip(&j1)
         .map(|((b0, t0), (b1, t1))| (b1.saturating_sub(*b0), t1.saturating_sub(*t0)))
         .collect();
-    Window { load, paired, hops, jiffies }
+    let steal = s0.iter().zip(&s1).map(|(a, b)| b.saturating_sub(*a)).collect();
+    Window { load, paired, hops, jiffies, steal }
 }
 
 /// Every setup runs side by side; each round measures each of them once per
@@ -256,6 +283,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                             paired: LoadResult::empty(),
                             hops: Vec::new(),
                             jiffies: Vec::new(),
+                            steal: Vec::new(),
                             rounds: Vec::new(),
                         });
                         let last = rows.len() - 1;
@@ -326,7 +354,10 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
          measured time (client side + server side); **of it in the kernel** is the system time's share (on \
          loopback the sender's system time also carries most of the delivery to the receiving socket). RSS is each \
          hop's resident memory at the end of its last window, and in parentheses its peak since it started, at \
-         whichever rate it came. The cores' busy shares include the idle setups.\n",
+         whichever rate it came. The cores' busy shares include the idle setups, and the time the hypervisor \
+         took from this virtual machine's cores (**of it stolen**: the `steal` column of `/proc/stat`), during \
+         which every process on that core stands still; a window with much of it stolen has a long tail whatever \
+         the proxy.\n",
         sizes.rate_connections,
         rounds_text(sizes),
         paired_rate = PAIRED_RATE,
@@ -355,9 +386,9 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
         let _ = writeln!(b, "### {rate:.0} requests/s\n");
         let _ = writeln!(
             b,
-            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | added p99, same windows | failed | CPU per 1k req (client + server) | of it in the kernel | RSS MiB client / server (peak) | core 0 / core 1 busy |"
+            "| target | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | added p99, same windows | failed | CPU per 1k req (client + server) | of it in the kernel | RSS MiB client / server (peak) | core 0 / core 1 busy | of it stolen |"
         );
-        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        let _ = writeln!(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
         for r in &at {
             let added = |p: f64| match direct {
                 Some(d) if r.setup != Setup::Direct => us(r.load.pct_us(p) - d.load.pct_us(p)),
@@ -392,11 +423,11 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 ),
                 _ => "—".into(),
             };
-            let busy_all = r.busy();
-            let busy = |i: usize| busy_all.get(i).map_or("—".into(), |v| format!("{v:.0}%"));
+            let busy = percents(&r.busy());
+            let stolen = percents(&stolen_percent(&r.steal, &r.jiffies));
             let _ = writeln!(
                 b,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {paired} | {} | {cpu} | {kernel} | {rss} | {} / {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {paired} | {} | {cpu} | {kernel} | {rss} | {busy} | {stolen} |",
                 r.setup.name(),
                 r.load.rps(),
                 us(r.load.pct_us(50.0)),
@@ -405,8 +436,6 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 added(50.0),
                 added(99.0),
                 r.load.failed,
-                busy(0),
-                busy(1),
             );
         }
         let get = |s: Setup| at.iter().find(|r| r.setup == s);
@@ -440,11 +469,16 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
             let names: Vec<&str> = mtls.iter().map(|(p, _)| p.name()).collect();
             let _ = writeln!(
                 b,
-                "\nEach round on its own (mTLS rows):\n\n| round | {} | {} | {} |\n|---|{}",
+                "\nEach round on its own (mTLS rows):\n\n| round | {} | {} | {} | {} |\n|---|{}",
                 names.iter().map(|n| format!("{n} CPU per 1k")).collect::<Vec<_>>().join(" | "),
                 names.iter().map(|n| format!("{n} added p99")).collect::<Vec<_>>().join(" | "),
                 names.iter().map(|n| format!("{n} added p99, same window")).collect::<Vec<_>>().join(" | "),
-                "---:|".repeat(3 * names.len())
+                names
+                    .iter()
+                    .map(|n| format!("stolen in {n}'s window, core 0 / 1"))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                "---:|".repeat(4 * names.len())
             );
             for i in 0..sizes.mtls_rounds {
                 let cpu = mtls.iter().map(|(_, r)| {
@@ -455,11 +489,14 @@ pub fn run(env: &Env, sizes: &Sizes) -> Section {
                 });
                 let p99 = mtls.iter().map(|(_, r)| added_in(r, i).map_or("—".into(), us));
                 let same = mtls.iter().map(|(_, r)| paired_in(r, i).map_or("—".into(), us));
+                let stolen = mtls
+                    .iter()
+                    .map(|(_, r)| r.rounds.get(i).map_or("—".into(), |x| percents(&x.stolen_pct)));
                 let _ = writeln!(
                     b,
                     "| {} | {} |",
                     i + 1,
-                    cpu.chain(p99).chain(same).collect::<Vec<_>>().join(" | ")
+                    cpu.chain(p99).chain(same).chain(stolen).collect::<Vec<_>>().join(" | ")
                 );
             }
         }
@@ -563,6 +600,7 @@ mod tests {
             paired: LoadResult::empty(),
             hops: Vec::new(),
             jiffies: Vec::new(),
+            steal: Vec::new(),
             rounds: Vec::new(),
         }
     }
@@ -575,16 +613,24 @@ mod tests {
             load: answered(&[300, 5_000]),
             paired: Some(answered(&[100, 4_000])),
             hops: vec![hop, hop],
-            jiffies: vec![],
+            jiffies: vec![(150, 200), (50, 200)],
+            steal: vec![20, 0],
         });
         // A window whose direct calls all failed has no pair, not a p99 of 0.
         r.add(Window {
             load: answered(&[400]),
             paired: Some(LoadResult::empty()),
             hops: vec![hop, hop],
-            jiffies: vec![],
+            jiffies: vec![(100, 200), (100, 200)],
+            steal: vec![60, 10],
         });
-        r.add(Window { load: LoadResult::empty(), paired: None, hops: vec![hop, hop], jiffies: vec![] });
+        r.add(Window {
+            load: LoadResult::empty(),
+            paired: None,
+            hops: vec![hop, hop],
+            jiffies: vec![(0, 100), (0, 100)],
+            steal: vec![0, 0],
+        });
 
         // The histogram keeps three significant digits.
         let near = |x: Option<f64>, v: f64| x.is_some_and(|x| (x - v).abs() <= v / 100.0);
@@ -597,5 +643,10 @@ mod tests {
         assert_eq!(r.rounds[0].cpu_per_1k_ms.map(f64::round), Some(10_000.0));
         assert_eq!(r.rounds[2].cpu_per_1k_ms, None);
         assert_eq!(r.hops[0].cpu, Duration::from_millis(30));
+        // Each round's stolen share is its own; the row's is over all its windows.
+        assert_eq!(r.rounds[0].stolen_pct, vec![10.0, 0.0]);
+        assert_eq!(r.rounds[1].stolen_pct, vec![30.0, 5.0]);
+        assert_eq!(stolen_percent(&r.steal, &r.jiffies), vec![16.0, 2.0]);
+        assert_eq!(percents(&r.rounds[1].stolen_pct), "30% / 5%");
     }
 }
