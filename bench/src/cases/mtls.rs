@@ -113,6 +113,20 @@ fn per_1k_ms(cpu: Duration, ok: u64) -> Option<f64> {
 }
 
 impl Row {
+    /// A setup at a rate, before its first window.
+    fn new(setup: Setup, rate: f64) -> Row {
+        Row {
+            setup,
+            rate,
+            load: LoadResult::empty(),
+            paired: LoadResult::empty(),
+            hops: Vec::new(),
+            jiffies: Vec::new(),
+            steal: Vec::new(),
+            rounds: Vec::new(),
+        }
+    }
+
     fn cpu_per_1k_ms(&self, cpu: Duration) -> Option<f64> {
         if self.hops.is_empty() {
             return None;
@@ -276,16 +290,7 @@ fn measure(running: &[Running], sizes: &Sizes) -> Vec<Row> {
                 let row = match pos {
                     Some(p) => &mut rows[p],
                     None => {
-                        rows.push(Row {
-                            setup: run.setup,
-                            rate,
-                            load: LoadResult::empty(),
-                            paired: LoadResult::empty(),
-                            hops: Vec::new(),
-                            jiffies: Vec::new(),
-                            steal: Vec::new(),
-                            rounds: Vec::new(),
-                        });
+                        rows.push(Row::new(run.setup, rate));
                         let last = rows.len() - 1;
                         &mut rows[last]
                     }
@@ -592,22 +597,9 @@ mod tests {
         r
     }
 
-    fn row() -> Row {
-        Row {
-            setup: Setup::Chain(Proxy::Trellis, Link::Mtls),
-            rate: 1.0,
-            load: LoadResult::empty(),
-            paired: LoadResult::empty(),
-            hops: Vec::new(),
-            jiffies: Vec::new(),
-            steal: Vec::new(),
-            rounds: Vec::new(),
-        }
-    }
-
     #[test]
     fn each_round_keeps_its_own_pair_and_the_row_merges_them() {
-        let mut r = row();
+        let mut r = Row::new(Setup::Chain(Proxy::Trellis, Link::Mtls), 1.0);
         let hop = Hop { cpu: Duration::from_millis(10), ..Hop::default() };
         r.add(Window {
             load: answered(&[300, 5_000]),
