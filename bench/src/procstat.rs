@@ -81,15 +81,20 @@ pub fn peak_rss_kib(pid: i32) -> u64 {
 
 /// Busy and total jiffies per CPU, from /proc/stat.
 pub fn cpu_jiffies() -> Vec<(u64, u64)> {
-    per_cpu(&read_stat()).iter().map(|c| (c.total.saturating_sub(c.idle), c.total)).collect()
+    cpu_jiffies_and_steal().0
 }
 
-/// Jiffies each CPU had stolen by the hypervisor so far: time this virtual
-/// machine's CPU wanted to run and the host ran something else. It counts as
-/// busy in [`cpu_jiffies`]; nothing in the machine can see it otherwise, and
-/// a process under test stands still while it lasts.
-pub fn cpu_steal() -> Vec<u64> {
-    per_cpu(&read_stat()).iter().map(|c| c.steal).collect()
+/// [`cpu_jiffies`] and, from the same reading, the jiffies each CPU had
+/// stolen by the hypervisor so far: time this virtual machine's CPU wanted to
+/// run and the host ran something else. Steal counts as busy in the first;
+/// nothing in the machine can see it otherwise, and a process under test
+/// stands still while it lasts.
+pub fn cpu_jiffies_and_steal() -> (Vec<(u64, u64)>, Vec<u64>) {
+    let cpus = per_cpu(&read_stat());
+    (
+        cpus.iter().map(|c| (c.total.saturating_sub(c.idle), c.total)).collect(),
+        cpus.iter().map(|c| c.steal).collect(),
+    )
 }
 
 fn read_stat() -> String {
@@ -143,7 +148,8 @@ mod tests {
         while cpu_time(me) == Duration::ZERO && spin.elapsed() < Duration::from_secs(10) {}
         assert!(cpu_time(me) > Duration::ZERO);
         assert!(!cpu_jiffies().is_empty());
-        assert_eq!(cpu_steal().len(), cpu_jiffies().len());
+        let (jiffies, steal) = cpu_jiffies_and_steal();
+        assert_eq!(steal.len(), jiffies.len());
     }
 
     #[test]

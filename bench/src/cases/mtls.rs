@@ -230,7 +230,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::
     // long enough for its hops' idle connections to expire.
     open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, sizes.warmup);
     let cpu0: Vec<procstat::CpuTimes> = run.pids.iter().map(|p| procstat::cpu_times(*p)).collect();
-    let (j0, s0) = (procstat::cpu_jiffies(), procstat::cpu_steal());
+    let (j0, s0) = procstat::cpu_jiffies_and_steal();
     let span = sizes.mtls_window();
     let probe = direct.map(|d| {
         let d = d.clone();
@@ -240,7 +240,7 @@ fn window(run: &Running, rate: f64, sizes: &Sizes, direct: Option<&crate::load::
     let load = open_loop(&run.target, rate, sizes.rate_connections, Duration::ZERO, span);
     // A probe thread that panicked measured nothing; the window has no pair.
     let paired = probe.and_then(|t| t.join().ok());
-    let (j1, s1) = (procstat::cpu_jiffies(), procstat::cpu_steal());
+    let (j1, s1) = procstat::cpu_jiffies_and_steal();
     let hops = run
         .pids
         .iter()
